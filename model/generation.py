@@ -1,0 +1,181 @@
+"""Chunked prefill and a streaming token iterator over a model state."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .qwen3_next import LanguageModel
+from .sampling import Sampler, SamplingParams
+from .state import ModelState
+
+DEFAULT_PREFILL_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.tokens_per_s
+        return (self.total - self.done) / rate if rate > 0 else None
+
+
+class Cancelled(Exception):
+    """Raised inside prefill when the caller's cancel event is set."""
+
+
+def prefill(lm: LanguageModel, state: ModelState, token_ids: Sequence[int] | torch.Tensor, *,
+            chunk_size: int = DEFAULT_PREFILL_CHUNK,
+            progress: Callable[[PrefillProgress], None] | None = None,
+            cancel: threading.Event | None = None) -> torch.Tensor:
+    """Feed a batch-1 prompt in chunks; returns the last position's logits `[vocab]`.
+
+    Memory stays bounded by the chunk: logits exist only for one position and attention
+    never sees more than `chunk_size` queries at once.
+    """
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1)
+    total = ids.shape[1]
+    if total == 0:
+        raise ValueError("prefill needs at least one token")
+    started = time.perf_counter()
+    logits = None
+    for start in range(0, total, chunk_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        logits = lm.forward(ids[:, start:start + chunk_size], state, last_only=True)
+        if progress is not None:
+            progress(PrefillProgress(min(start + chunk_size, total), total, time.perf_counter() - started))
+    return logits[0, -1]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of streamed text; `channel` is "answer" or "reasoning" (Thinking checkpoints)."""
+
+    text: str
+    channel: str
+    token_id: int
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = 512
+    stop_strings: tuple[str, ...] = ()
+    thinking: bool = False
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+
+class Generation:
+    """Iterate to stream `TextDelta`s; `result` is complete once iteration ends.
+
+    The state is advanced in place by the prompt and by every generated token except the
+    final stop token (which is sampled but never fed), so `state.seen_tokens` tells the
+    caller exactly what the state contains.
+    """
+
+    def __init__(self, lm: LanguageModel, state: ModelState, prompt_ids: Sequence[int],
+                 settings: GenerationSettings = GenerationSettings(), *,
+                 progress: Callable[[PrefillProgress], None] | None = None,
+                 cancel: threading.Event | None = None):
+        self.lm, self.state, self.prompt_ids = lm, state, list(prompt_ids)
+        self.settings, self.progress = settings, progress
+        self.cancel = cancel or threading.Event()
+        self.result = GenerationResult(prompt_tokens=len(self.prompt_ids))
+
+    def __iter__(self) -> Iterator[TextDelta]:
+        lm, settings, result = self.lm, self.settings, self.result
+        tokenizer = lm.tokenizer
+        stop_ids = set(tokenizer.eos_ids) | set(lm.config.eos_token_id)
+        think_start, think_end = tokenizer.think_start_id, tokenizer.think_end_id
+        sampler = Sampler(settings.sampling, lm.device)
+        decoder = tokenizer.stream_decoder()
+        channel = "reasoning" if settings.thinking else "answer"
+        started = time.perf_counter()
+        try:
+            logits = prefill(lm, self.state, self.prompt_ids, chunk_size=settings.prefill_chunk,
+                             progress=self.progress, cancel=self.cancel)
+        except Cancelled:
+            result.finish_reason = "cancelled"
+            return
+        history = torch.tensor(self.prompt_ids, dtype=torch.long)
+        first_token_at = None
+        while True:
+            token = sampler.sample(logits, history if settings.sampling.repetition_penalty != 1.0 else None)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+                result.time_to_first_token_s = first_token_at - started
+            result.token_ids.append(token)
+            if token in stop_ids:
+                result.finish_reason = "stop"
+                break
+            if token == think_start:
+                channel = "reasoning"
+            elif token == think_end:
+                channel = "answer"
+            else:
+                text = decoder.add(token)
+                if text:
+                    delta = self._append(text, channel, token)
+                    if delta is not None and delta.text:
+                        yield delta
+                    if result.finish_reason:
+                        break
+            if len(result.token_ids) >= settings.max_new_tokens:
+                result.finish_reason = "length"
+                break
+            if self.cancel.is_set():
+                result.finish_reason = "cancelled"
+                break
+            if settings.sampling.repetition_penalty != 1.0:
+                history = torch.cat([history, torch.tensor([token])])
+            logits = lm.forward(torch.tensor([[token]]), self.state, last_only=True)[0, -1]
+        generated = len(result.token_ids)
+        decode_time = time.perf_counter() - (first_token_at or started)
+        if generated > 1 and decode_time > 0:
+            result.decode_tokens_per_s = (generated - 1) / decode_time
+
+    def _append(self, text: str, channel: str, token: int) -> TextDelta | None:
+        """Add streamed text to the result, cutting the answer at the first stop string."""
+        result = self.result
+        if channel == "reasoning":
+            result.reasoning += text
+            return TextDelta(text, channel, token)
+        before = len(result.text)
+        combined = result.text + text
+        for stop in self.settings.stop_strings:
+            at = combined.find(stop, max(0, before - len(stop) + 1))
+            if at != -1:
+                result.text = combined[:at]
+                result.finish_reason = "stop"
+                return TextDelta(result.text[before:], channel, token)
+        result.text = combined
+        return TextDelta(text, channel, token)
+
+    def run(self) -> GenerationResult:
+        for _ in self:
+            pass
+        return self.result

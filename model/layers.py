@@ -1,0 +1,231 @@
+"""Qwen3-Next building blocks. Parameter names follow the published checkpoint."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import causal_attention
+from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from kernels.gated_delta_rule import gated_delta_rule
+from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
+
+from .config import ModelConfig
+from .rope import apply_rotary
+from .state import AttentionLayerState, LinearLayerState
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    """RMSNorm scaled by `1 + weight` (weights are stored around zero)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, zero_centered=True)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm with a plain weight (stored around one), multiplied by `silu(z)`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(x, z, self.weight, self.eps)
+
+
+class GatedAttention(nn.Module):
+    """Softmax attention whose output is gated per channel by `sigmoid(gate)` from `q_proj`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim * 2, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], state: AttentionLayerState,
+                past: int) -> torch.Tensor:
+        """x `[B, T, hidden]`; appends this chunk's K/V to `state` after `past` positions."""
+        batch, length, _ = x.shape
+        query, gate = self.q_proj(x).view(batch, length, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        gate = gate.reshape(batch, length, -1)
+        query = self.q_norm(query)
+        key = self.k_norm(self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim))
+        value = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        cos, sin = rope
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+        total = past + length
+        state.ensure_capacity(total)
+        state.key[:, :, past:total] = key.transpose(1, 2)
+        state.value[:, :, past:total] = value.transpose(1, 2)
+        attn = causal_attention(query, state.key[:, :, :total], state.value[:, :, :total], self.head_dim**-0.5)
+        return self.o_proj(attn.reshape(batch, length, -1) * torch.sigmoid(gate))
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule; state size independent of length."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.key_heads = config.linear_num_key_heads
+        self.value_heads = config.linear_num_value_heads
+        self.key_dim = config.linear_key_head_dim
+        self.value_dim = config.linear_value_head_dim
+        self.group = self.value_heads // self.key_heads
+        conv_dim = config.linear_conv_dim
+        qkvz = 2 * self.key_heads * self.key_dim + 2 * self.value_heads * self.value_dim
+        self.in_proj_qkvz = nn.Linear(config.hidden_size, qkvz, bias=False)
+        self.in_proj_ba = nn.Linear(config.hidden_size, 2 * self.value_heads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.linear_conv_kernel_dim, groups=conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.value_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.value_heads))
+        self.norm = GatedRMSNorm(self.value_dim, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_heads * self.value_dim, config.hidden_size, bias=False)
+
+    def _split_projections(self, x: torch.Tensor):
+        """The projections are grouped per key head: `[q | k | v(group) | z(group)]` and `[b | a]`."""
+        batch, length, _ = x.shape
+        group_v = self.group * self.value_dim
+        mixed = self.in_proj_qkvz(x).view(batch, length, self.key_heads, -1)
+        query, key, value, z = mixed.split([self.key_dim, self.key_dim, group_v, group_v], dim=-1)
+        b, a = self.in_proj_ba(x).view(batch, length, self.key_heads, -1).split([self.group, self.group], dim=-1)
+        qkv = torch.cat([t.reshape(batch, length, -1) for t in (query, key, value)], dim=-1)
+        z = z.reshape(batch, length, self.value_heads, self.value_dim)
+        return qkv, z, b.reshape(batch, length, -1), a.reshape(batch, length, -1)
+
+    def forward(self, x: torch.Tensor, state: LinearLayerState) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv, z, b, a = self._split_projections(x)
+        weight = self.conv1d.weight.squeeze(1)
+        if length == 1:
+            mixed = causal_conv1d_update(qkv[:, 0], state.conv, weight)[:, None]
+        else:
+            conv_out, state.conv = causal_conv1d(qkv.transpose(1, 2), weight, conv_state=state.conv)
+            mixed = conv_out.transpose(1, 2)
+        key_width = self.key_heads * self.key_dim
+        query, key, value = mixed.split([key_width, key_width, self.value_heads * self.value_dim], dim=-1)
+        query = query.reshape(batch, length, self.key_heads, self.key_dim)
+        key = key.reshape(batch, length, self.key_heads, self.key_dim)
+        value = value.reshape(batch, length, self.value_heads, self.value_dim)
+
+        beta = b.sigmoid()
+        decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        out, state.recurrent = gated_delta_rule(
+            query, key, value, decay, beta, initial_state=state.recurrent, use_qk_l2norm=True
+        )
+        out = self.norm(out, z)
+        return self.out_proj(out.reshape(batch, length, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.top_k = config.num_experts_per_tok
+        self.normalize = config.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[N, hidden]` -> (weights `[N, k]` in x.dtype, expert ids `[N, k]`)."""
+        probs = F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+
+class Experts(nn.Module):
+    """All routed experts' SwiGLU weights, stacked: gate and up fused as `[E, 2I, hidden]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(config.num_experts, 2 * width, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size, width))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Runs each expert once on the tokens routed to it; experts nobody chose cost nothing."""
+        top_k = experts.shape[1]
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_index = order // top_k
+        gathered = x[token_index]
+        slot_weights = weights.flatten()[order, None]
+        outputs = torch.empty_like(gathered)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            gate, up = F.linear(gathered[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs[start:end] = F.linear(F.silu(gate) * up, self.down_proj[expert]) * slot_weights[start:end]
+            start = end
+        result = torch.zeros_like(x)
+        result.index_add_(0, token_index, outputs)
+        return result
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, experts = self.gate(flat)
+        routed = self.experts(flat, weights, experts)
+        shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return (routed + shared).view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.is_linear = config.layer_types[index] == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = GatedAttention(config)
+        if config.is_moe_layer(index):
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope, state, past: int) -> torch.Tensor:
+        normed = self.input_layernorm(x)
+        if self.is_linear:
+            x = x + self.linear_attn(normed, state)
+        else:
+            x = x + self.self_attn(normed, rope, state, past)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,185 @@
+"""Load a Hugging Face Qwen3-Next checkpoint folder tensor by tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+from .qwen3_next import LanguageModel, Qwen3NextForCausalLM
+
+_EXPERT_TENSOR = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FINGERPRINT_SAMPLE = 1 << 16
+
+
+class LoadError(RuntimeError):
+    """A checkpoint folder this runtime cannot load; the message says why, for a person."""
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 where the hardware multiplies bf16 natively, fp32 otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
+def shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LoadError(f"The shard index {index} is unreadable: {exc}") from exc
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").is_file():
+        shards = [folder / "model.safetensors"]
+    else:
+        raise LoadError(f"No weights in {folder}: expected model.safetensors or model.safetensors.index.json.")
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise LoadError(f"Weight shards listed in the index are missing: {', '.join(missing[:5])}.")
+    return shards
+
+
+def weights_identity(shards: list[Path]) -> str:
+    """Cheap identity of the weight files: headers, sizes and sampled bytes (not a full hash)."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        size = shard.stat().st_size
+        digest.update(f"{shard.name}:{size}".encode())
+        with shard.open("rb") as handle:
+            for offset in (0, max(0, size // 2 - _FINGERPRINT_SAMPLE // 2), max(0, size - _FINGERPRINT_SAMPLE)):
+                handle.seek(offset)
+                digest.update(handle.read(_FINGERPRINT_SAMPLE))
+    return digest.hexdigest()
+
+
+@dataclass
+class _Target:
+    """Where checkpoint tensors land: a parameter, filled whole or one expert slice at a time."""
+
+    shape: tuple[int, ...]
+    tensor: torch.Tensor | None = None
+    filled: set = field(default_factory=set)
+    expected_parts: int = 1
+
+
+def _targets(module: nn.Module, config: ModelConfig) -> dict[str, _Target]:
+    targets = {name: _Target(tuple(p.shape)) for name, p in module.named_parameters()}
+    for name, target in targets.items():
+        if name.endswith("experts.gate_up_proj"):
+            target.expected_parts = 2 * config.num_experts
+        elif name.endswith("experts.down_proj"):
+            target.expected_parts = config.num_experts
+    return targets
+
+
+def _place(name: str, config: ModelConfig) -> tuple[str, tuple, object]:
+    """Checkpoint name -> (parameter name, index into it, part id)."""
+    match = _EXPERT_TENSOR.match(name)
+    if not match:
+        return name, (), "whole"
+    prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
+    width = config.moe_intermediate_size
+    if proj == "down_proj":
+        return f"{prefix}.down_proj", (expert,), (expert, proj)
+    rows = slice(0, width) if proj == "gate_proj" else slice(width, 2 * width)
+    return f"{prefix}.gate_up_proj", (expert, rows), (expert, proj)
+
+
+def _copy_tensor(name, value, targets, config, dtype, device) -> None:
+    param_name, index, part = _place(name, config)
+    target = targets.get(param_name)
+    if target is None:
+        raise LoadError(f"The checkpoint has a tensor this model does not expect: {name}.")
+    if target.tensor is None:
+        target.tensor = torch.empty(target.shape, dtype=dtype, device=device)
+    destination = target.tensor[index] if index else target.tensor
+    if tuple(value.shape) != tuple(destination.shape):
+        raise LoadError(
+            f"Tensor {name} has shape {list(value.shape)} but the config implies {list(destination.shape)}."
+        )
+    destination.copy_(value)
+    target.filled.add(part)
+
+
+def _install(module: nn.Module, targets: dict[str, _Target], config: ModelConfig) -> None:
+    if config.tie_word_embeddings and targets["lm_head.weight"].tensor is None:
+        targets["lm_head.weight"] = targets["model.embed_tokens.weight"]
+    missing = [name for name, t in targets.items() if t.tensor is None or len(t.filled) < t.expected_parts]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LoadError(f"The checkpoint is missing tensors: {shown}.")
+    for name, target in targets.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        setattr(owner, leaf, nn.Parameter(target.tensor, requires_grad=False))
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> LanguageModel:
+    """Load a Qwen3-Next checkpoint folder (single file or sharded safetensors)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoadError(f"Model folder {folder} does not exist.")
+    if not (folder / "config.json").is_file():
+        raise LoadError(f"No config.json in {folder}: this is not a Hugging Face model folder.")
+    try:
+        config = ModelConfig.from_file(folder / "config.json")
+    except ConfigError as exc:
+        raise LoadError(str(exc)) from exc
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    shards = shard_files(folder)
+
+    with torch.device("meta"):
+        module = Qwen3NextForCausalLM(config)
+    targets = _targets(module, config)
+    extra: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    value = handle.get_tensor(name)
+                    if name.startswith("mtp."):
+                        extra[name] = value.to(device=device, dtype=dtype)
+                    else:
+                        _copy_tensor(name, value, targets, config, dtype, device)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            if isinstance(exc, LoadError):
+                raise
+            raise LoadError(f"The weight file {shard.name} is damaged or truncated ({exc}).") from exc
+    _install(module, targets, config)
+    fingerprint = hashlib.sha256(
+        f"{config.digest()}|{weights_identity(shards)}|{dtype}".encode()
+    ).hexdigest()
+    return LanguageModel(config, module, fingerprint, path=folder, extra_tensors=extra)
+
+
+def checkpoint_tensors(module: Qwen3NextForCausalLM, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The module's weights under hub names (experts split per expert), for writing checkpoints."""
+    tensors: dict[str, torch.Tensor] = {}
+    width = config.moe_intermediate_size
+    for name, param in module.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "gate_up_proj":
+            for expert in range(param.shape[0]):
+                tensors[f"{prefix}.{expert}.gate_proj.weight"] = param[expert, :width].contiguous()
+                tensors[f"{prefix}.{expert}.up_proj.weight"] = param[expert, width:].contiguous()
+        elif leaf == "down_proj" and prefix.endswith("experts"):
+            for expert in range(param.shape[0]):
+                tensors[f"{prefix}.{expert}.down_proj.weight"] = param[expert].contiguous()
+        else:
+            tensors[name] = param.detach().contiguous()
+    return tensors

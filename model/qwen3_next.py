@@ -1,0 +1,105 @@
+"""The Qwen3-Next decoder and the `LanguageModel` runtime object around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DecoderLayer, ZeroCenteredRMSNorm
+from .rope import RotaryEmbedding
+from .state import LinearLayerState, ModelState, empty_kv
+
+
+class Qwen3NextBackbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    """Module tree whose parameter names match the checkpoint (`model.layers.N...`, `lm_head`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.model = Qwen3NextBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class LanguageModel:
+    """A loaded model: forward over token ids and a state, nothing about scheduling or sampling."""
+
+    def __init__(self, config: ModelConfig, module: Qwen3NextForCausalLM, fingerprint: str,
+                 path: Path | None = None, extra_tensors: dict[str, torch.Tensor] | None = None):
+        self.config = config
+        self.module = module.eval()
+        self.fingerprint = fingerprint
+        self.path = path
+        self.extra_tensors = extra_tensors or {}
+        weight = module.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.rotary = RotaryEmbedding(config, self.device)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The checkpoint folder's tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise ValueError("This model was not loaded from a folder, so it has no tokenizer.")
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_folder(self.path)
+        return self._tokenizer
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def new_state(self, batch_size: int = 1) -> ModelState:
+        cfg = self.config
+        layers = []
+        for layer_type in cfg.layer_types:
+            if layer_type == "linear_attention":
+                conv = torch.zeros(batch_size, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1,
+                                   dtype=self.dtype, device=self.device)
+                recurrent = torch.zeros(batch_size, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                        cfg.linear_value_head_dim, dtype=torch.float32, device=self.device)
+                layers.append(LinearLayerState(conv, recurrent))
+            else:
+                layers.append(empty_kv(batch_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device))
+        return ModelState(layers, self.fingerprint)
+
+    def load_state(self, path: str | Path) -> ModelState:
+        return ModelState.load(path, self.fingerprint, self.device)
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
+        """Final-normed hidden states `[B, T, hidden]`; advances `state` by T tokens."""
+        if state.fingerprint != self.fingerprint:
+            raise ValueError("This state belongs to a different model.")
+        input_ids = input_ids.to(self.device)
+        batch, length = input_ids.shape
+        if batch != state.batch_size:
+            raise ValueError(f"input batch {batch} does not match the state's batch {state.batch_size}.")
+        past = state.seen_tokens
+        positions = torch.arange(past, past + length, device=self.device)
+        rope = self.rotary.cos_sin(positions, self.dtype)
+        x = self.module.model.embed_tokens(input_ids)
+        for layer, layer_state in zip(self.module.model.layers, state.layers, strict=True):
+            x = layer(x, rope, layer_state, past)
+        state.seen_tokens = past + length
+        return x
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, state: ModelState, last_only: bool = False) -> torch.Tensor:
+        """input_ids `[B, T]` -> logits `[B, T, vocab]` (or `[B, 1, vocab]` with `last_only`)."""
+        hidden = self.hidden_states(input_ids, state)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.module.lm_head(self.module.model.norm(hidden))
+
+    __call__ = forward
