@@ -137,7 +137,7 @@ class Generation:
             elif token == think_end:
                 channel = "answer"
             else:
-                text = decoder.add(token)
+                text = decoder.push(token)
                 if text:
                     delta = self._append(text, channel, token)
                     if delta is not None and delta.text:

@@ -1,0 +1,122 @@
+"""Loader: sharded checkpoints, and a clear message for each kind of bad folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import LoadError, load_model
+
+
+def copy_demo(demo_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(demo_checkpoint, folder)
+    return folder
+
+
+def test_sharded_checkpoint_loads_like_single_file(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, shard_names in halves.items():
+        save_file({n: tensors[n] for n in shard_names}, str(folder / shard))
+        weight_map.update({n: shard for n in shard_names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    sharded = load_model(folder, dtype=torch.float32)
+    single = load_model(demo_checkpoint, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(sharded.forward(ids, sharded.new_state()), single.forward(ids, single.new_state()))
+
+
+def test_mtp_tensors_are_kept_aside(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.zeros(128, 256, dtype=torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    lm = load_model(folder, dtype=torch.float32)
+    assert set(lm.extra_tensors) == {"mtp.fc.weight"}
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(LoadError, match="No config.json"):
+        load_model(tmp_path)
+
+
+def test_other_model_type(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(LoadError, match="qwen3_next.*llama"):
+        load_model(folder)
+
+
+def test_missing_weights_file(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match="No weights"):
+        load_model(folder)
+
+
+def test_missing_tensor(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.linear_attn.A_log"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match="missing tensors: model.layers.1.linear_attn.A_log"):
+        load_model(folder)
+
+
+def test_missing_expert_slice(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match="missing tensors: model.layers.0.mlp.experts.gate_up_proj"):
+        load_model(folder)
+
+
+def test_misshaped_tensor(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = torch.zeros(7, dtype=torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match=r"model.norm.weight has shape \[7\] but the config implies \[128\]"):
+        load_model(folder)
+
+
+def test_truncated_weights(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="damaged or truncated"):
+        load_model(folder)
+
+
+def test_unexpected_tensor(demo_checkpoint, tmp_path):
+    folder = copy_demo(demo_checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.linear_attn.in_proj_qkvz.weight_scale_inv"] = torch.zeros(2, 2)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match="does not expect"):
+        load_model(folder)
+
+
+def test_default_dtype_and_fingerprint(demo_checkpoint):
+    a = load_model(demo_checkpoint, dtype=torch.float32)
+    b = load_model(demo_checkpoint, dtype=torch.bfloat16)
+    assert a.fingerprint != b.fingerprint
+    assert a.fingerprint == load_model(demo_checkpoint, dtype=torch.float32).fingerprint

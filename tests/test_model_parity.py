@@ -1,0 +1,65 @@
+"""The runtime against transformers' Qwen3-Next on random weights, loaded through our loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import load_model
+from tests.oracle import CONFIGS, rewrite_config_old_spelling, write_oracle_checkpoint
+
+# fp32: both sides compute the same function; differences are summation order only.
+FP32_REL_TOL = 1e-4
+# bf16 weights and activations against the fp32 oracle: bf16 keeps 8 mantissa bits (~4e-3 per
+# rounding) and errors add over layers; 5e-2 of the logit scale is the bound we hold to.
+BF16_REL_TOL = 5e-2
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def oracle(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = write_oracle_checkpoint(folder, request.param)
+    return request.param, folder, reference
+
+
+def reference_logits(reference, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(ids).logits
+
+
+@pytest.mark.parametrize("length", [1, 37, 130], ids=lambda t: f"T{t}")
+def test_fp32_logits_match_transformers(oracle, length):
+    name, folder, reference = oracle
+    lm = load_model(folder, dtype=torch.float32)
+    vocab = lm.config.vocab_size
+    ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(length))
+    ours = lm.forward(ids, lm.new_state(batch_size=2))
+    assert ours.shape == (2, length, vocab)
+    assert relative_error(ours, reference_logits(reference, ids)) < FP32_REL_TOL
+
+
+def test_bf16_stays_close(oracle):
+    name, folder, reference = oracle
+    lm = load_model(folder, dtype=torch.bfloat16)
+    ids = torch.randint(0, lm.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(7))
+    ours = lm.forward(ids, lm.new_state(), last_only=True)
+    assert ours.dtype == torch.bfloat16
+    assert relative_error(ours[:, -1], reference_logits(reference, ids)[:, -1]) < BF16_REL_TOL
+
+
+def test_old_config_spelling_loads_the_same_model(oracle, tmp_path):
+    name, folder, reference = oracle
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(folder, copy)
+    rewrite_config_old_spelling(copy)
+    new = load_model(folder, dtype=torch.float32)
+    old = load_model(copy, dtype=torch.float32)
+    assert old.config.rope == new.config.rope
+    ids = torch.randint(0, new.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(old.forward(ids, old.new_state()), new.forward(ids, new.new_state()))

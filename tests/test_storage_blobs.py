@@ -1,0 +1,158 @@
+"""Model state checkpoints: atomic writes, verified reads, LRU budget, cleanup."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from storage import BlobStore, BlobWriteError, Storage
+from storage.models import StateCheckpoint
+from tests.test_storage_support import BACKENDS, backend_for, open_storage, write_bytes
+
+
+@pytest.fixture(params=BACKENDS)
+def storage(request: pytest.FixtureRequest, tmp_path: Path):
+    for backend in backend_for(request.param, tmp_path):
+        opened = open_storage(backend, budget=300)
+        yield opened
+        opened.close()
+
+
+def folder_names(blobs: BlobStore) -> set[str]:
+    return {p.name for p in blobs.folder.iterdir()} if blobs.folder.exists() else set()
+
+
+def row_count(storage: Storage) -> int:
+    with storage.db.session(readonly=True) as session:
+        return session.scalar(select(func.count()).select_from(StateCheckpoint))
+
+
+def test_put_and_get_round_trip(storage: Storage) -> None:
+    key = "doc:abc/prefix:../../etc/passwd"
+    info = storage.blobs.put(key, "fp-1", 1234, write_bytes(b"state" * 10), depends_on=["s2", "s1", "s2"])
+    assert info is not None
+    assert (info.size_bytes, info.token_count, info.depends_on) == (50, 1234, ("s1", "s2"))
+    assert info.checksum == hashlib.sha256(b"state" * 10).hexdigest()
+    assert folder_names(storage.blobs) == {info.path.name}
+    assert "passwd" not in info.path.name and info.path.parent == storage.blobs.folder
+    path = storage.blobs.get(key, "fp-1")
+    assert path == info.path and path.read_bytes() == b"state" * 10
+    assert storage.blobs.info(key).last_used_at >= info.last_used_at
+    assert storage.blobs.get("unknown", "fp-1") is None
+    stats = storage.blobs.stats()
+    assert (stats.count, stats.bytes, stats.budget_bytes) == (1, 50, 300)
+
+
+def test_writer_failure_leaves_no_file_and_no_row(storage: Storage) -> None:
+    def crash(path: Path) -> None:
+        with path.open("wb") as handle:
+            handle.write(b"half a state")
+            raise RuntimeError("out of GPU memory")
+
+    with pytest.raises(RuntimeError, match="GPU"):
+        storage.blobs.put("k", "fp", 1, crash)
+    assert folder_names(storage.blobs) == set()
+    assert row_count(storage) == 0
+
+    storage.blobs.put("k", "fp", 1, write_bytes(b"good"))
+    with pytest.raises(RuntimeError):
+        storage.blobs.put("k", "fp", 2, crash)
+    assert storage.blobs.get("k", "fp").read_bytes() == b"good"
+    assert len(folder_names(storage.blobs)) == 1
+
+
+def test_disk_full_is_reported_readably(storage: Storage) -> None:
+    def disk_full(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with pytest.raises(BlobWriteError, match="disk space"):
+        storage.blobs.put("k", "fp", 1, disk_full)
+    assert folder_names(storage.blobs) == set() and row_count(storage) == 0
+
+
+def test_replacing_a_key_removes_the_old_file(storage: Storage) -> None:
+    old = storage.blobs.put("k", "fp-old", 1, write_bytes(b"old"))
+    new = storage.blobs.put("k", "fp-new", 2, write_bytes(b"new"))
+    assert not old.path.exists() and folder_names(storage.blobs) == {new.path.name}
+    assert storage.blobs.get("k", "fp-old") is None
+    assert storage.blobs.get("k", "fp-new").read_bytes() == b"new"
+    assert row_count(storage) == 1
+
+
+def test_corrupt_blob_is_discarded(storage: Storage) -> None:
+    info = storage.blobs.put("k", "fp", 1, write_bytes(b"0123456789"))
+    data = bytearray(info.path.read_bytes())
+    data[3] ^= 0xFF
+    info.path.write_bytes(bytes(data))
+    assert storage.blobs.get("k", "fp") is None
+    assert not info.path.exists() and row_count(storage) == 0
+
+
+def test_missing_blob_is_discarded(storage: Storage) -> None:
+    info = storage.blobs.put("k", "fp", 1, write_bytes(b"0123456789"))
+    info.path.unlink()
+    assert storage.blobs.get("k", "fp") is None
+    assert row_count(storage) == 0
+
+
+def test_fingerprint_mismatch_is_ignored_but_kept(storage: Storage) -> None:
+    info = storage.blobs.put("k", "model-a", 1, write_bytes(b"state"))
+    assert storage.blobs.get("k", "model-b") is None
+    assert info.path.exists() and row_count(storage) == 1
+    assert storage.blobs.get("k", "model-a") == info.path
+
+
+def test_lru_eviction_with_small_budget(storage: Storage) -> None:
+    for key in ("a", "b", "c"):
+        storage.blobs.put(key, "fp", 1, write_bytes(key.encode() * 100))
+    assert storage.blobs.get("a", "fp") is not None
+    storage.blobs.put("d", "fp", 1, write_bytes(b"d" * 100))
+    assert [c.key for c in storage.blobs.list_checkpoints()] == ["d", "a", "c"]
+    storage.blobs.put("e", "fp", 1, write_bytes(b"e" * 150))
+    assert [c.key for c in storage.blobs.list_checkpoints()] == ["e", "d"]
+    assert storage.blobs.stats().bytes == 250
+    assert len(folder_names(storage.blobs)) == 2
+
+
+def test_blob_larger_than_budget_is_not_kept(storage: Storage) -> None:
+    storage.blobs.put("small", "fp", 1, write_bytes(b"s" * 100))
+    assert storage.blobs.put("huge", "fp", 1, write_bytes(b"h" * 301)) is None
+    assert [c.key for c in storage.blobs.list_checkpoints()] == ["small"]
+    assert len(folder_names(storage.blobs)) == 1
+
+
+def test_delete_for_documents_clear_and_sweep(storage: Storage) -> None:
+    storage.blobs.put("x", "fp", 1, write_bytes(b"x"), depends_on=["doc1"])
+    storage.blobs.put("y", "fp", 1, write_bytes(b"y"), depends_on=["doc1", "doc2"])
+    storage.blobs.put("z", "fp", 1, write_bytes(b"z"), depends_on=["doc3"])
+    assert storage.blobs.delete_for_documents(["doc2"]) == 1
+    assert {c.key for c in storage.blobs.list_checkpoints()} == {"x", "z"}
+    assert storage.blobs.delete("x") is True and storage.blobs.delete("x") is False
+
+    stale = storage.blobs.folder / ".writing-crashed.part"
+    stale.write_bytes(b"partial")
+    fresh_orphan = storage.blobs.folder / f"{'0' * 40}-{'1' * 16}.state"
+    fresh_orphan.write_bytes(b"orphan")
+    unrelated = storage.blobs.folder / "notes.txt"
+    unrelated.write_text("keep me")
+    hour_ago = time.time() - 7200
+    os.utime(stale, (hour_ago, hour_ago))
+    assert storage.blobs.sweep() == 1
+    assert not stale.exists() and fresh_orphan.exists()
+
+    assert storage.blobs.clear() == 1
+    assert folder_names(storage.blobs) == {"notes.txt"}
+    assert storage.blobs.stats().count == 0
+
+
+def test_key_validation(storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        storage.blobs.put("", "fp", 1, write_bytes(b"x"))
+    with pytest.raises(ValueError):
+        storage.blobs.put("k" * 513, "fp", 1, write_bytes(b"x"))
