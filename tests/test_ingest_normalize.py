@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from ingest.errors import IngestError
@@ -113,7 +115,5 @@ def test_ingest_error_reasons_are_checked() -> None:
 
 
 def test_ingest_error_survives_pickling() -> None:
-    import pickle
-
     error = pickle.loads(pickle.dumps(IngestError("timeout", "took too long")))
     assert (error.reason, error.message, str(error)) == ("timeout", "took too long", "took too long")

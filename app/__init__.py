@@ -1,0 +1,1 @@
+"""The Streamlit document analyst: pages, services and settings."""

@@ -1,0 +1,239 @@
+"""Questions and summaries over documents, reusing cached model states for every prefix."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from model import Generation, GenerationSettings, ModelState, PrefillProgress, SamplingParams, prefill
+from model.demo import DEMO_NOTICE, is_demo_checkpoint
+from model.generation import Cancelled as PrefillCancelled
+from storage.dto import MessageInfo, MessageStats, SummaryInfo
+
+from .citations import parse_and_verify
+from .engine import Cancelled, FifoLock
+from .prompting import (
+    SUMMARY_REQUEST, DocumentForPrompt, Segment, answer_segment, chain_keys, document_segment,
+    question_segment, system_segment, unit_marker,
+)
+from .state_cache import CacheStats, StateCache
+
+
+class ContextTooLong(ValueError):
+    """The prompt would not fit the model's context; raised before any prefill."""
+
+    def __init__(self, tokens: int, limit: int):
+        self.tokens, self.limit = tokens, limit
+        super().__init__(
+            f"The selected documents and conversation take {tokens:,} tokens, more than the model's "
+            f"context of {limit:,}. Select fewer or shorter documents, or start a new chat session."
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    is_demo: bool
+    notice: str
+    device: str
+    dtype: str
+    parameter_bytes: int
+    context_limit: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class AnswerEvent:
+    kind: str  # "delta" | "done"
+    text: str = ""
+    channel: str = "answer"
+    message: MessageInfo | None = None
+    summary: SummaryInfo | None = None
+
+
+@dataclass
+class RunReport:
+    """What one answer cost: tokens reused from cache, tokens prefilled, timings."""
+
+    cached_tokens: int = 0
+    prefill_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    tokens_per_s: float = 0.0
+    status: str = "error"
+    answer_ids: list[int] = field(default_factory=list)
+
+
+class AnalysisService:
+    def __init__(self, lm, documents, sessions, summaries, blobs=None, *, context_limit: int = 0,
+                 memory_budget_bytes: int = 2 << 30, prefill_chunk: int = 4096, max_new_tokens: int = 1024,
+                 sampling: SamplingParams = SamplingParams()):
+        self.lm, self.documents, self.sessions, self.summaries = lm, documents, sessions, summaries
+        self.tokenizer = lm.tokenizer
+        self.cache = StateCache(lm, blobs, memory_budget_bytes)
+        self.context_limit = context_limit or lm.config.context_limit
+        self.prefill_chunk, self.max_new_tokens, self.sampling = prefill_chunk, max_new_tokens, sampling
+        self.queue = FifoLock()
+        self._segments: dict[int, Segment] = {}
+        self._segments_lock = threading.Lock()
+
+    def model_info(self) -> ModelInfo:
+        demo = self.lm.path is not None and is_demo_checkpoint(self.lm.path)
+        return ModelInfo(str(self.lm.path), demo, DEMO_NOTICE if demo else "", str(self.lm.device),
+                         str(self.lm.dtype).removeprefix("torch."), self.lm.parameter_bytes(), self.context_limit,
+                         self.lm.fingerprint)
+
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def document_segment(self, document_id: int) -> Segment:
+        with self._segments_lock:
+            cached = self._segments.get(document_id)
+        if cached is not None:
+            return cached
+        info = self.documents.get_document(document_id)
+        if info is None:
+            raise ValueError(f"Document {document_id} is no longer in the library.")
+        units = [(unit_marker(info.kind, u.number, u.label), u.text) for u in self.documents.get_units(document_id)]
+        segment = document_segment(self.tokenizer, DocumentForPrompt(document_id, info.title, units))
+        with self._segments_lock:
+            self._segments[document_id] = segment
+        return segment
+
+    def selection_tokens(self, document_ids: Sequence[int]) -> int:
+        return sum(len(self.document_segment(d).ids) for d in document_ids)
+
+    def _conversation_segments(self, session_id: int) -> tuple[list[int], list[Segment]]:
+        selection = [d.document_id for d in self.sessions.get_documents(session_id) if d.document_id is not None]
+        segments = [system_segment(self.tokenizer)] + [self.document_segment(d) for d in selection]
+        for message in self.sessions.list_messages(session_id):
+            if message.role == "user":
+                segments.append(question_segment(self.tokenizer, message.text))
+            elif message.role == "assistant" and message.status != "streaming":
+                segments.append(answer_segment(self.tokenizer, message.text))
+        return selection, segments
+
+    def ask(self, session_id: int, question: str, *, progress: Callable[[PrefillProgress], None] | None = None,
+            cancel: threading.Event | None = None) -> Iterator[AnswerEvent]:
+        """Stream an answer to `question` in a chat session; saves both messages."""
+        selection, segments = self._conversation_segments(session_id)
+        segments.append(question_segment(self.tokenizer, question))
+        self._check_fits(segments)
+        self.sessions.append_message(session_id, "user", question)
+        reply = self.sessions.append_message(session_id, "assistant", "", status="streaming")
+        report, text, reasoning, status = RunReport(), "", "", "error"
+        try:
+            for delta in self._answer(segments, self._depends_on(selection), report, progress, cancel):
+                if delta.channel == "reasoning":
+                    reasoning += delta.text
+                else:
+                    text += delta.text
+                yield AnswerEvent("delta", delta.text, delta.channel)
+            status = report.status
+        except GeneratorExit:
+            status = "cancelled"
+            raise
+        finally:
+            citations = parse_and_verify(text, self._units_by_title(selection))
+            message = self.sessions.update_message(
+                reply.id, text=text, reasoning=reasoning or None, citations=citations, status=status,
+                stats=MessageStats(report.prefill_tokens, report.cached_tokens, report.time_to_first_token_s,
+                                   report.tokens_per_s),
+            )
+        yield AnswerEvent("done", message=message)
+
+    def summarize(self, document_ids: Sequence[int], *, progress=None, cancel=None) -> Iterator[AnswerEvent]:
+        segments = [system_segment(self.tokenizer)] + [self.document_segment(d) for d in document_ids]
+        segments.append(question_segment(self.tokenizer, SUMMARY_REQUEST))
+        self._check_fits(segments)
+        report, text = RunReport(), ""
+        for delta in self._answer(segments, self._depends_on(document_ids), report, progress, cancel):
+            if delta.channel == "answer":
+                text += delta.text
+                yield AnswerEvent("delta", delta.text)
+        citations = parse_and_verify(text, self._units_by_title(document_ids))
+        infos = [self.documents.get_document(d) for d in document_ids]
+        summary = self.summaries.add_summary([i for i in infos if i is not None], text, citations=citations,
+                                             model_name=self.model_info().path)
+        yield AnswerEvent("done", summary=summary)
+
+    def _check_fits(self, segments: list[Segment]) -> None:
+        total = sum(len(s.ids) for s in segments) + len(self.tokenizer.generation_prompt())
+        if total + 1 > self.context_limit:
+            raise ContextTooLong(total, self.context_limit)
+
+    def _depends_on(self, document_ids: Sequence[int]) -> tuple[str, ...]:
+        infos = [self.documents.get_document(d) for d in document_ids]
+        return tuple(i.sha256 for i in infos if i is not None)
+
+    def _units_by_title(self, document_ids: Sequence[int]) -> dict:
+        result = {}
+        for document_id in document_ids:
+            info = self.documents.get_document(document_id)
+            if info is not None:
+                result[info.title] = (document_id, self.documents.get_units(document_id))
+        return result
+
+    def _answer(self, segments, depends_on, report, progress, cancel):
+        """Restore the longest cached prefix, prefill the rest segment by segment, generate.
+
+        Prefill always stops at segment boundaries, so an answer computed from a restored
+        checkpoint runs exactly the same operations as one computed from scratch.
+        """
+        cancel = cancel or threading.Event()
+        keys = chain_keys(self.lm.fingerprint, segments)
+        try:
+            with self.queue.turn(cancel):
+                yield from self._answer_locked(segments, keys, depends_on, report, progress, cancel)
+        except (Cancelled, PrefillCancelled):
+            report.status = "cancelled"
+
+    def _answer_locked(self, segments, keys, depends_on, report, progress, cancel):
+        covered, state = self.cache.longest_prefix(keys)
+        state = state or self.lm.new_state()
+        report.cached_tokens = state.seen_tokens
+        remaining = sum(len(s.ids) for s in segments[covered:])
+        report.prefill_tokens = remaining
+        done_before = 0
+        for index in range(covered, len(segments)):
+            segment = segments[index]
+
+            def segment_progress(p: PrefillProgress, offset=done_before):
+                if progress is not None:
+                    progress(PrefillProgress(offset + p.done, remaining, p.elapsed_s))
+
+            prefill(self.lm, state, segment.ids, chunk_size=self.prefill_chunk, progress=segment_progress,
+                    cancel=cancel)
+            done_before += len(segment.ids)
+            if segment.kind != "question" or index < len(segments) - 1:
+                self.cache.put(keys[index], state, depends_on)
+        before_answer = state.clone()
+        settings = GenerationSettings(sampling=self.sampling, max_new_tokens=self.max_new_tokens,
+                                      prefill_chunk=self.prefill_chunk)
+        generation = Generation(self.lm, state, self.tokenizer.generation_prompt(), settings, cancel=cancel)
+        yield from generation
+        result = generation.result
+        report.time_to_first_token_s, report.tokens_per_s = result.time_to_first_token_s, result.decode_tokens_per_s
+        report.status = "complete" if result.finish_reason in ("stop", "length") else result.finish_reason
+        report.answer_ids = result.token_ids
+        self._checkpoint_turn(segments, before_answer, state, result, depends_on)
+
+    def _checkpoint_turn(self, segments, before_answer: ModelState, state: ModelState, result, depends_on):
+        """Cache the state after this turn in its canonical form, so a follow-up starts from it."""
+        canonical = answer_segment(self.tokenizer, result.text)
+        generated = list(result.token_ids)
+        if generated and generated[-1] in self.tokenizer.eos_ids:
+            generated.pop()
+        prompt_len = len(self.tokenizer.generation_prompt())
+        fed = state.seen_tokens - before_answer.seen_tokens - prompt_len
+        canonical_answer = list(canonical.ids[prompt_len:])
+        if canonical_answer[: len(generated)] == generated and fed <= len(generated):
+            rest = canonical_answer[fed:]
+        else:
+            state, rest = before_answer, list(canonical.ids)
+        if rest:
+            prefill(self.lm, state, rest, chunk_size=self.prefill_chunk)
+        self.cache.put(chain_keys(self.lm.fingerprint, [*segments, canonical])[-1], state, depends_on)

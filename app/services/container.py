@@ -1,0 +1,69 @@
+"""Wire settings, storage, model and services together, once per process."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from model import load_model
+from storage.repository import Storage
+
+from ..settings import Settings
+from .analysis import AnalysisService
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+_lock = threading.Lock()
+_instances: dict[Settings, Services] = {}
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    storage: Storage
+    analysis: AnalysisService
+
+    @property
+    def db(self):
+        return self.storage.db
+
+    @property
+    def documents(self):
+        return self.storage.documents
+
+    @property
+    def sessions(self):
+        return self.storage.chats
+
+    @property
+    def summaries(self):
+        return self.storage.summaries
+
+    @property
+    def blobs(self):
+        return self.storage.blobs
+
+
+def build_services(settings: Settings) -> Services:
+    from ..launch import ensure_model
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    ensure_model(settings)
+    storage = Storage.open(settings.data_path, settings.database_url or None,
+                           blob_budget_bytes=settings.disk_cache_mb * 1024 * 1024)
+    lm = load_model(settings.model_path, device=settings.device, dtype=_DTYPES.get(settings.dtype.lower()))
+    analysis = AnalysisService(
+        lm, storage.documents, storage.chats, storage.summaries, storage.blobs,
+        context_limit=settings.context_limit, memory_budget_bytes=settings.memory_cache_mb * 1024 * 1024,
+        prefill_chunk=settings.prefill_chunk, max_new_tokens=settings.max_new_tokens,
+    )
+    return Services(settings, storage, analysis)
+
+
+def get_services(settings: Settings) -> Services:
+    """One set of services per distinct settings, shared by every caller in the process."""
+    with _lock:
+        if settings not in _instances:
+            _instances[settings] = build_services(settings)
+        return _instances[settings]
