@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from storage import BlobStore, BlobWriteError, Storage
+from storage import BlobStore, BlobWriteError, Storage, StorageError
 from storage.models import StateCheckpoint
 from tests.test_storage_support import BACKENDS, backend_for, open_storage, write_bytes
 
@@ -73,6 +73,14 @@ def test_disk_full_is_reported_readably(storage: Storage) -> None:
 
     with pytest.raises(BlobWriteError, match="disk space"):
         storage.blobs.put("k", "fp", 1, disk_full)
+    assert folder_names(storage.blobs) == set() and row_count(storage) == 0
+
+
+def test_writer_that_writes_nothing_is_rejected(storage: Storage) -> None:
+    with pytest.raises(StorageError, match="did not write"):
+        storage.blobs.put("k", "fp", 1, lambda path: None)
+    with pytest.raises(StorageError, match="did not write"):
+        storage.blobs.put("k", "fp", 1, lambda path: path.unlink())
     assert folder_names(storage.blobs) == set() and row_count(storage) == 0
 
 

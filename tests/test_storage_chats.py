@@ -54,7 +54,11 @@ def test_ordered_document_selection(storage: Storage) -> None:
     assert [e.document_id for e in storage.chats.get_documents(chat.id)] == [c, a]
 
     selection = storage.chats.set_documents(chat.id, [b, c, b, a])
-    assert [(e.position, e.document_id, e.title) for e in selection] == [(0, b, "B"), (1, c, "C"), (2, a, "A")]
+    assert [(e.position, e.document_id, e.title) for e in selection] == [
+        (0, b, "B"),
+        (1, c, "C"),
+        (2, a, "A"),
+    ]
     with pytest.raises(NotFoundError, match="999"):
         storage.chats.set_documents(chat.id, [a, 999])
     assert [e.document_id for e in storage.chats.get_documents(chat.id)] == [b, c, a]
@@ -78,7 +82,12 @@ def test_messages_append_update_and_list(storage: Storage) -> None:
     stats = MessageStats(prefill_tokens=5000, cached_tokens=4000, time_to_first_token_s=0.25, tokens_per_s=31.5)
     citations = [{"document": "abc", "unit": 2, "quote": "x"}]
     final = storage.chats.update_message(
-        draft.id, text="It says x.", reasoning="look at page 2", citations=citations, stats=stats, status="complete"
+        draft.id,
+        text="It says x.",
+        reasoning="look at page 2",
+        citations=citations,
+        stats=stats,
+        status="complete",
     )
     assert (final.text, final.reasoning, final.citations, final.stats, final.status) == (
         "It says x.",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def run_workers(backend: Backend, tmp_path: Path, *, chat_id: int | None, migrat
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
-    for worker, (out, err) in zip(workers, outputs, strict=True):
+    for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
@@ -133,6 +134,24 @@ def test_two_processes_write_the_same_store(backend: Backend, tmp_path: Path) ->
     assert {c.key for c in storage.blobs.list_checkpoints()} == {f"state-{i}" for i in range(0, ROUNDS, 10)}
     assert all(storage.blobs.get(f"state-{i}", "fp") is not None for i in range(0, ROUNDS, 10))
     assert len(list(storage.blobs.folder.iterdir())) == shared
+    storage.close()
+
+
+def test_threads_share_one_storage(backend: Backend) -> None:
+    """Streamlit serves each browser tab from its own thread, all using one Storage."""
+    storage = open_storage(backend)
+    chat = storage.chats.create_session("threads")
+
+    def talk(name: str) -> None:
+        for i in range(20):
+            storage.chats.append_message(chat.id, "user", f"{name}-{i}")
+            storage.chats.list_messages(chat.id)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(talk, ["a", "b", "c", "d"]))
+    messages = storage.chats.list_messages(chat.id)
+    assert [m.position for m in messages] == list(range(80))
+    assert sorted(m.text for m in messages) == sorted(f"{n}-{i}" for n in "abcd" for i in range(20))
     storage.close()
 
 

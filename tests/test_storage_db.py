@@ -129,6 +129,13 @@ def test_unreachable_or_missing_driver_hides_password() -> None:
             db.dispose()
 
 
+def test_unmigrated_database_gives_readable_error(backend: Backend) -> None:
+    db = Database(backend.url, backend.data_dir)
+    with pytest.raises(StorageError, match="missing tables"):
+        SessionStore(db).list_sessions()
+    db.dispose()
+
+
 def test_invalid_url_gives_readable_error() -> None:
     with pytest.raises(DatabaseUnavailableError, match="not valid"):
         Database("not a url", Path("."))

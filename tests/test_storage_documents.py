@@ -92,7 +92,8 @@ def test_search_reports_document_unit_and_offsets(storage: Storage) -> None:
 
 def test_search_phrases_unicode_and_literal_wildcards(storage: Storage) -> None:
     info, _ = storage.documents.add_document(
-        make_document("Mixed", ["a phrase broken\nacross lines", "Über große Straße", "100% sure, a_b"]), "m.md"
+        make_document("Mixed", ["a phrase broken\nacross lines", "Über große Straße", "100% sure, a_b"]),
+        "m.md",
     )
     assert [h.unit_number for h in storage.documents.search("broken   across")] == [1]
     assert [h.unit_number for h in storage.documents.search("über")] == [2]
