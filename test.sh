@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
 # Set up everything (with test tools) and run the whole test suite.
+# The storage tests also run against a throwaway PostgreSQL when its server is installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh dev
-exec .venv/bin/python -m pytest "$@"
+if [ -z "${DOCANALYST_TEST_POSTGRES_URL:-}" ]; then
+    pgdir=$(mktemp -d /tmp/docanalyst-pg.XXXXXX)
+    trap 'scripts/postgres.sh stop "$pgdir"' EXIT
+    if url=$(scripts/postgres.sh start "$pgdir" 2>/dev/null); then
+        export DOCANALYST_TEST_POSTGRES_URL=$url
+    else
+        echo "PostgreSQL server not installed: PostgreSQL storage tests will be skipped."
+    fi
+fi
+.venv/bin/python -m pytest "$@"

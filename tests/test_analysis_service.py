@@ -43,9 +43,9 @@ def _units(pages):
     return tuple(units), text
 
 
-@pytest.fixture(scope="module")
-def lm(demo_checkpoint):
-    return load_model(demo_checkpoint, dtype=torch.float32)
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def lm(request, demo_checkpoint):
+    return load_model(demo_checkpoint, dtype=request.param)
 
 
 @pytest.fixture()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -192,6 +193,7 @@ class AnalysisService:
             report.status = "cancelled"
 
     def _answer_locked(self, segments, keys, depends_on, report, progress, cancel):
+        started = time.perf_counter()
         covered, state = self.cache.longest_prefix(keys)
         state = state or self.lm.new_state()
         report.cached_tokens = state.seen_tokens
@@ -214,26 +216,22 @@ class AnalysisService:
         settings = GenerationSettings(sampling=self.sampling, max_new_tokens=self.max_new_tokens,
                                       prefill_chunk=self.prefill_chunk)
         generation = Generation(self.lm, state, self.tokenizer.generation_prompt(), settings, cancel=cancel)
+        generation_started = time.perf_counter()
         yield from generation
         result = generation.result
-        report.time_to_first_token_s, report.tokens_per_s = result.time_to_first_token_s, result.decode_tokens_per_s
+        report.time_to_first_token_s = generation_started - started + result.time_to_first_token_s
+        report.tokens_per_s = result.decode_tokens_per_s
         report.status = "complete" if result.finish_reason in ("stop", "length") else result.finish_reason
         report.answer_ids = result.token_ids
-        self._checkpoint_turn(segments, before_answer, state, result, depends_on)
+        self._checkpoint_turn(segments, before_answer, depends_on, result.text)
 
-    def _checkpoint_turn(self, segments, before_answer: ModelState, state: ModelState, result, depends_on):
-        """Cache the state after this turn in its canonical form, so a follow-up starts from it."""
-        canonical = answer_segment(self.tokenizer, result.text)
-        generated = list(result.token_ids)
-        if generated and generated[-1] in self.tokenizer.eos_ids:
-            generated.pop()
-        prompt_len = len(self.tokenizer.generation_prompt())
-        fed = state.seen_tokens - before_answer.seen_tokens - prompt_len
-        canonical_answer = list(canonical.ids[prompt_len:])
-        if canonical_answer[: len(generated)] == generated and fed <= len(generated):
-            rest = canonical_answer[fed:]
-        else:
-            state, rest = before_answer, list(canonical.ids)
-        if rest:
-            prefill(self.lm, state, rest, chunk_size=self.prefill_chunk)
-        self.cache.put(chain_keys(self.lm.fingerprint, [*segments, canonical])[-1], state, depends_on)
+    def _checkpoint_turn(self, segments, before_answer: ModelState, depends_on, answer_text: str):
+        """Cache the state after this turn in its canonical form, so a follow-up starts from it.
+
+        The answer segment is prefilled from the state before the answer, exactly as a
+        from-scratch run would, rather than continued from the decode steps: decode and
+        chunked prefill round differently, and a cached state must equal a recomputed one.
+        """
+        canonical = answer_segment(self.tokenizer, answer_text)
+        prefill(self.lm, before_answer, canonical.ids, chunk_size=self.prefill_chunk)
+        self.cache.put(chain_keys(self.lm.fingerprint, [*segments, canonical])[-1], before_answer, depends_on)
