@@ -1,0 +1,143 @@
+"""This runtime against transformers' Qwen3-Next on the same random weights, on CPU.
+
+    python bench/runtime.py [--lengths 4096 16384 32768] [--decode-after 4096] [--dtype bf16]
+
+Both sides load the model in ../shared/reference/bench-config.json from one checkpoint folder
+and are measured in one process, alternating: prefill time (one forward, last position's logits
+only), decode tokens/s after a prompt, and the peak resident memory above the loaded model
+during each prefill (sampled from /proc every 5 ms). Prints JSON with both sides and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import load_model, prefill  # noqa: E402
+from model.demo import write_demo_checkpoint  # noqa: E402
+
+BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Highest RSS seen while the block runs, sampled by a background thread."""
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def ours_prefill(lm, ids: torch.Tensor) -> float:
+    state = lm.new_state()
+    started = time.perf_counter()
+    prefill(lm, state, ids[0], chunk_size=ids.shape[1])
+    return time.perf_counter() - started
+
+
+def reference_prefill(hf, ids: torch.Tensor) -> float:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        hf(ids, logits_to_keep=1, use_cache=True)
+    return time.perf_counter() - started
+
+
+def ours_decode(lm, ids: torch.Tensor, steps: int) -> float:
+    state = lm.new_state()
+    logits = prefill(lm, state, ids[0])
+    token = int(logits.argmax())
+    started = time.perf_counter()
+    for _ in range(steps):
+        token = int(lm.forward(torch.tensor([[token]]), state, last_only=True)[0, -1].argmax())
+    return steps / (time.perf_counter() - started)
+
+
+def reference_decode(hf, ids: torch.Tensor, steps: int) -> float:
+    with torch.inference_mode():
+        out = hf(ids, logits_to_keep=1, use_cache=True)
+        cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = hf(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+    return steps / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--decode-after", type=int, default=4096)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-reference", action="store_true", help="measure this runtime only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_demo_checkpoint(Path(tmp) / "bench", config_overrides=json.loads(BENCH_CONFIG.read_text()))
+        lm = load_model(folder, dtype=dtype)
+        hf = None
+        if not args.skip_reference:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        weights = lm.parameter_bytes()
+        generator = torch.Generator().manual_seed(0)
+        results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                   "dtype": args.dtype, "weights_bytes": weights, "prefill": [], "decode": {}}
+        for length in args.lengths:
+            ids = torch.randint(0, 151000, (1, length), generator=generator)
+            row = {"tokens": length}
+            with PeakMemory() as memory:
+                row["ours_s"] = round(ours_prefill(lm, ids), 2)
+            row["ours_peak_extra_bytes"] = memory.peak - memory.start
+            if hf is not None:
+                with PeakMemory() as memory:
+                    row["reference_s"] = round(reference_prefill(hf, ids), 2)
+                row["reference_peak_extra_bytes"] = memory.peak - memory.start
+                row["speedup"] = round(row["reference_s"] / row["ours_s"], 2)
+            row["ours_tokens_per_s"] = round(length / row["ours_s"])
+            results["prefill"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        ids = torch.randint(0, 151000, (1, args.decode_after), generator=generator)
+        results["decode"]["ours_tokens_per_s"] = round(ours_decode(lm, ids, args.decode_steps), 1)
+        if hf is not None:
+            results["decode"]["reference_tokens_per_s"] = round(reference_decode(hf, ids, args.decode_steps), 1)
+            results["decode"]["speedup"] = round(
+                results["decode"]["ours_tokens_per_s"] / results["decode"]["reference_tokens_per_s"], 2)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
