@@ -136,3 +136,25 @@ def test_repetition_penalty_demotes_seen_tokens():
     sampler = Sampler(SamplingParams(repetition_penalty=2.0))
     logits = torch.tensor([1.0, 0.9, -1.0])
     assert sampler.sample(logits, torch.tensor([0])) == 1
+
+
+def test_command_line_streams_a_completion(demo_checkpoint, tmp_path, capsys):
+    from model.generate import main as generate_main
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Summarise the contract.", encoding="utf-8")
+    code = generate_main(["--model", str(demo_checkpoint), "--prompt-file", str(prompt_file),
+                          "--max-new-tokens", "5", "--dtype", "fp32"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "5 generated" in captured.err and "tokens/s" in captured.err
+    assert DEMO_NOTICE in captured.err
+
+
+def test_command_line_reports_a_bad_folder(tmp_path, capsys):
+    from model.generate import main as generate_main
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("x", encoding="utf-8")
+    assert generate_main(["--model", str(tmp_path), "--prompt-file", str(prompt_file)]) == 2
+    assert "No config.json" in capsys.readouterr().err
