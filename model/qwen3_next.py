@@ -78,7 +78,7 @@ class LanguageModel:
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
-        """Final-normed hidden states `[B, T, hidden]`; advances `state` by T tokens."""
+        """Hidden states before the final norm `[B, T, hidden]`; advances `state` by T tokens."""
         if state.fingerprint != self.fingerprint:
             raise ValueError("This state belongs to a different model.")
         input_ids = input_ids.to(self.device)

@@ -15,8 +15,15 @@ from storage.dto import MessageInfo, MessageStats, SummaryInfo
 from .citations import parse_and_verify
 from .engine import Cancelled, FifoLock
 from .prompting import (
-    SUMMARY_REQUEST, DocumentForPrompt, Segment, answer_segment, chain_keys, document_segment,
-    question_segment, system_segment, unit_marker,
+    SUMMARY_REQUEST,
+    DocumentForPrompt,
+    Segment,
+    answer_segment,
+    chain_keys,
+    document_segment,
+    question_segment,
+    system_segment,
+    unit_marker,
 )
 from .state_cache import CacheStats, StateCache
 
@@ -68,12 +75,13 @@ class RunReport:
 class AnalysisService:
     def __init__(self, lm, documents, sessions, summaries, blobs=None, *, context_limit: int = 0,
                  memory_budget_bytes: int = 2 << 30, prefill_chunk: int = 4096, max_new_tokens: int = 1024,
-                 sampling: SamplingParams = SamplingParams()):
+                 sampling: SamplingParams | None = None):
         self.lm, self.documents, self.sessions, self.summaries = lm, documents, sessions, summaries
         self.tokenizer = lm.tokenizer
         self.cache = StateCache(lm, blobs, memory_budget_bytes)
         self.context_limit = context_limit or lm.config.context_limit
-        self.prefill_chunk, self.max_new_tokens, self.sampling = prefill_chunk, max_new_tokens, sampling
+        self.prefill_chunk, self.max_new_tokens = prefill_chunk, max_new_tokens
+        self.sampling = sampling or SamplingParams()
         self.queue = FifoLock()
         self._segments: dict[int, Segment] = {}
         self._segments_lock = threading.Lock()

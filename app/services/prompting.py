@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 SYSTEM_PROMPT = """You are a careful analyst of long documents. Answer only from the documents provided.
-When you use a document, cite it right after the claim as [doc: "<document title>", page <number>, "<short verbatim quote>"].
+When you use a document, cite it right after the claim as
+[doc: "<document title>", page <number>, "<short verbatim quote>"].
 Quote the document's words exactly (at most 20 words). If the documents do not contain the answer, say so."""
 
 SUMMARY_REQUEST = (
