@@ -168,3 +168,12 @@ def test_summary_uses_document_checkpoints(lm, storage):
     assert summary is not None and [d.title for d in summary.documents] == list(PAGES)
     keys = chain_keys(lm.fingerprint, [system_segment(lm.tokenizer)])
     assert svc.cache.get(keys[0]) is not None
+
+
+def test_reused_document_id_never_serves_the_old_text(lm, storage):
+    svc = service(lm, storage)
+    first, _ = storage.documents.add_document(Extracted("Short memo", ["Tiny."]), "memo.pdf")
+    short = svc.selection_tokens([first.id])
+    storage.documents.delete_document(first.id)
+    second, _ = storage.documents.add_document(Extracted("Long memo", ["Much longer text. " * 50]), "long.pdf")
+    assert svc.selection_tokens([second.id]) > short

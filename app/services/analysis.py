@@ -83,8 +83,12 @@ class AnalysisService:
         self.prefill_chunk, self.max_new_tokens = prefill_chunk, max_new_tokens
         self.sampling = sampling or SamplingParams()
         self.queue = FifoLock()
-        self._segments: dict[int, Segment] = {}
+        self._segments: dict[str, Segment] = {}
         self._segments_lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        return self.lm.path.name if self.lm.path is not None else "model"
 
     def model_info(self) -> ModelInfo:
         demo = self.lm.path is not None and is_demo_checkpoint(self.lm.path)
@@ -99,17 +103,18 @@ class AnalysisService:
         return len(self.tokenizer.encode(text))
 
     def document_segment(self, document_id: int) -> Segment:
-        with self._segments_lock:
-            cached = self._segments.get(document_id)
-        if cached is not None:
-            return cached
+        """The document's prompt segment, cached by content hash (ids can be reused after a delete)."""
         info = self.documents.get_document(document_id)
         if info is None:
             raise ValueError(f"Document {document_id} is no longer in the library.")
+        with self._segments_lock:
+            cached = self._segments.get(info.sha256)
+        if cached is not None and cached.document_id == document_id:
+            return cached
         units = [(unit_marker(info.kind, u.number, u.label), u.text) for u in self.documents.get_units(document_id)]
         segment = document_segment(self.tokenizer, DocumentForPrompt(document_id, info.title, units))
         with self._segments_lock:
-            self._segments[document_id] = segment
+            self._segments[info.sha256] = segment
         return segment
 
     def selection_tokens(self, document_ids: Sequence[int]) -> int:
@@ -166,7 +171,7 @@ class AnalysisService:
         citations = parse_and_verify(text, self._units_by_title(document_ids))
         infos = [self.documents.get_document(d) for d in document_ids]
         summary = self.summaries.add_summary([i for i in infos if i is not None], text, citations=citations,
-                                             model_name=self.model_info().path)
+                                             model_name=self.model_name)
         yield AnswerEvent("done", summary=summary)
 
     def _check_fits(self, segments: list[Segment]) -> None:

@@ -1,0 +1,143 @@
+"""Library page parts: upload, the document table, search, the page reader and deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import streamlit as st
+
+from app.services.library import Library, UploadResult
+from app.ui import pickers, state
+from app.ui.citations import unit_word
+from app.ui.text import escape, find_spans, human_bytes, number, plural, to_markdown, when
+from storage import DocumentInfo, DocumentStore
+
+FILE_TYPES = ["pdf", "docx", "txt", "md", "markdown"]
+RESULTS = "upload_results"
+READER_DOC, READER_PAGE, CONFIRM_DELETE = "reader_document", "reader_page", "confirm_delete"
+SEARCH_LIMIT = 200
+SNIPPETS_PER_PAGE = 3
+READER_HEIGHT = 520
+
+
+def upload_panel(library: Library, limit_mb: int) -> None:
+    """Add every newly chosen file once, then show what happened to each file in the picker."""
+    files = st.file_uploader(
+        "Add documents: PDF, Word (.docx), text or Markdown", type=FILE_TYPES,
+        accept_multiple_files=True, key="uploader", max_upload_size=limit_mb,
+    )
+    results: dict[str, UploadResult] = st.session_state.setdefault(RESULTS, {})
+    for file in files or []:
+        if file.file_id not in results:
+            with st.spinner(f"Reading {escape(file.name)}…"):
+                results[file.file_id] = library.add(file.getvalue(), file.name)
+    for file in files or []:
+        show_result(results[file.file_id])
+
+
+def show_result(result: UploadResult) -> None:
+    name = f"**{escape(result.filename)}**"
+    document = result.document
+    if result.status == "added" and document is not None:
+        st.success(
+            f"{name}: added · {plural(document.page_count, unit_word(document.kind))} · "
+            f"{number(document.token_count)} tokens",
+            icon=":material/check_circle:",
+        )
+        for warning in result.warnings:
+            st.caption(escape(warning))
+    elif result.status == "duplicate" and document is not None:
+        st.info(f"{name}: already in the library as “{escape(document.title)}”.", icon=":material/content_copy:")
+    else:
+        st.error(f"{name}: {escape(result.message)}", icon=":material/error:")
+
+
+def document_table(documents: Sequence[DocumentInfo]) -> None:
+    rows = [
+        {
+            "Title": d.title, "File": d.filename, "Type": d.kind.upper(), "Size": human_bytes(d.size_bytes),
+            "Pages": d.page_count, "Tokens": d.token_count, "Added": when(d.created_at),
+        }
+        for d in documents
+    ]
+    st.dataframe(rows, hide_index=True, width="stretch")
+
+
+def open_page(document_id: int, page: int) -> None:
+    st.session_state[READER_DOC] = document_id
+    st.session_state[READER_PAGE] = page
+
+
+def search_panel(library: Library) -> str:
+    """Search box and hits by document and page; returns the query so the reader can mark it."""
+    query = st.text_input("Search the library", key="library_search", placeholder="A word or a phrase")
+    if not query.strip():
+        return ""
+    groups = library.search(query, limit=SEARCH_LIMIT)
+    total = sum(group.count for group in groups)
+    if not groups:
+        st.info("No matches.")
+        return query
+    more = " (showing the first ones)" if total >= SEARCH_LIMIT else ""
+    st.caption(f"{plural(total, 'match', 'matches')} in {plural(len(groups), 'document')}{more}")
+    for group in groups:
+        heading = f"{escape(group.title)} · {plural(group.count, 'match', 'matches')}"
+        with st.expander(heading, expanded=len(groups) <= 3):
+            for page, hits in group.pages.items():
+                label = hits[0].unit_label if len(hits[0].unit_label) <= 40 else f"{hits[0].unit_label[:39]}…"
+                st.button(
+                    f"Open {label} ({len(hits)})", key=f"hit:{group.document_id}:{page}", type="tertiary",
+                    on_click=open_page, args=(group.document_id, page),
+                )
+                for hit in hits[:SNIPPETS_PER_PAGE]:
+                    st.markdown(to_markdown(hit.snippet, find_spans(hit.snippet, query)))
+    return query
+
+
+def _step(numbers: list[int], offset: int) -> None:
+    at = numbers.index(st.session_state[READER_PAGE]) + offset
+    st.session_state[READER_PAGE] = numbers[max(0, min(at, len(numbers) - 1))]
+
+
+def reader(store: DocumentStore, documents: Sequence[DocumentInfo], query: str = "") -> DocumentInfo:
+    """Read a document page by page (sections for Word and text files); returns the one shown."""
+    by_id = {d.id: d for d in documents}
+    document = by_id[pickers.pick("Document", {d.id: d.title for d in documents}, READER_DOC)]
+    units = {u.number: u for u in store.get_units(document.id)}
+    numbers = list(units)
+    if not numbers:
+        st.info("This document has no text.")
+        return document
+    labels = {n: f"{units[n].label} ({position} of {len(numbers)})" for position, n in enumerate(numbers, 1)}
+    choose, back, forward = st.columns([4, 1, 1], vertical_alignment="bottom")
+    with choose:
+        unit = units[pickers.pick(unit_word(document.kind).capitalize(), labels, READER_PAGE)]
+    back.button("Previous", on_click=_step, args=(numbers, -1), width="stretch")
+    forward.button("Next", on_click=_step, args=(numbers, 1), width="stretch")
+    with st.container(border=True, height=READER_HEIGHT):
+        st.markdown(to_markdown(unit.text, find_spans(unit.text, query)))
+    return document
+
+
+def _delete(store: DocumentStore, document: DocumentInfo) -> None:
+    store.delete_document(document.id)
+    st.session_state.pop(CONFIRM_DELETE, None)
+    st.session_state.pop(READER_DOC, None)
+    state.flash("success", f"Deleted “{escape(document.title)}”.")
+
+
+def delete_control(store: DocumentStore, document: DocumentInfo) -> None:
+    """Delete behind a confirmation, because chat sessions and summaries lose the document."""
+    if st.session_state.get(CONFIRM_DELETE) != document.id:
+        st.button(
+            "Delete this document…", icon=":material/delete:",
+            on_click=lambda: st.session_state.update({CONFIRM_DELETE: document.id}),
+        )
+        return
+    st.warning(
+        f"Delete “{escape(document.title)}” from the library? Chat sessions and summaries keep their "
+        "text, but the document can no longer be read or asked about."
+    )
+    yes, no = st.columns(2)
+    yes.button("Delete", type="primary", on_click=_delete, args=(store, document), width="stretch")
+    no.button("Cancel", on_click=lambda: st.session_state.pop(CONFIRM_DELETE, None), width="stretch")

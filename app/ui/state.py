@@ -1,0 +1,53 @@
+"""Per-tab UI state kept in ``st.session_state``; nothing here is shared between tabs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from app.services.jobs import StreamJob
+
+CHAT_ID = "chat_session_id"
+_JOBS = "stream_jobs"
+_FLASH = "flash_messages"
+
+
+def current_chat_id() -> int | None:
+    return st.session_state.get(CHAT_ID)
+
+
+def set_current_chat(chat_id: int | None) -> None:
+    st.session_state[CHAT_ID] = chat_id
+
+
+def _jobs() -> dict[str, StreamJob]:
+    return st.session_state.setdefault(_JOBS, {})
+
+
+def job(key: str) -> StreamJob | None:
+    return _jobs().get(key)
+
+
+def start_job(key: str, new_job: StreamJob) -> StreamJob:
+    _jobs()[key] = new_job
+    return new_job
+
+
+def forget_job(key: str) -> None:
+    _jobs().pop(key, None)
+
+
+def flash(kind: str, text: str) -> None:
+    """Queue a message to show after the next rerun (e.g. after a delete)."""
+    st.session_state.setdefault(_FLASH, []).append((kind, text))
+
+
+def show_flashes() -> None:
+    for kind, text in st.session_state.pop(_FLASH, []):
+        getattr(st, kind, st.info)(text)
+
+
+def toggle(key: str, value: Any) -> None:
+    """Open ``value`` under ``key``, or close it when it is already open."""
+    st.session_state[key] = None if st.session_state.get(key) == value else value

@@ -1,0 +1,108 @@
+"""Summaries page parts: choosing documents, writing a summary, browsing and exporting them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import streamlit as st
+
+from app.services.analysis import AnalysisService
+from app.services.exports import summary_report, summary_title
+from app.services.jobs import StreamJob
+from app.ui import citations, downloads, pickers, state
+from app.ui.text import escape, unique_labels, when
+from storage import DocumentInfo, SessionStore, SummaryInfo, SummaryStore
+
+JOB = "summary"
+PICKED, CHOSEN, CONFIRM = "summary_documents", "summary_chosen", "summary_confirm_delete"
+
+
+def document_picker(sessions: SessionStore, documents: Sequence[DocumentInfo]) -> list[int]:
+    """Start from the current chat session's selection; one document is just as fine."""
+    by_id = {d.id: d for d in documents}
+    names = unique_labels({d.id: d.title for d in documents})
+    if PICKED not in st.session_state:
+        chat_id = state.current_chat_id()
+        selection = sessions.get_documents(chat_id) if chat_id is not None else []
+        st.session_state[PICKED] = [e.document_id for e in selection if e.document_id is not None]
+    st.session_state[PICKED] = [i for i in st.session_state[PICKED] if i in by_id]
+    st.multiselect(
+        "Documents to summarise", list(by_id), key=PICKED, format_func=names.__getitem__,
+        help="Starts with the documents of the chat session open on the Ask page.",
+        placeholder="Choose one or more documents",
+    )
+    return list(st.session_state[PICKED])
+
+
+def start(analysis: AnalysisService, document_ids: Sequence[int]) -> StreamJob:
+    ids = list(document_ids)
+    job = StreamJob(lambda progress, cancel: analysis.summarize(ids, progress=progress, cancel=cancel))
+    return state.start_job(JOB, job)
+
+
+def running_job() -> StreamJob | None:
+    """The summary being written; a finished one is dropped, its result chosen or its error shown."""
+    job = state.job(JOB)
+    if job is None or not job.done:
+        return job
+    state.forget_job(JOB)
+    snap = job.snapshot()
+    if snap.error:
+        st.error(escape(snap.error))
+    elif snap.summary is not None:
+        st.session_state[CHOSEN] = snap.summary.id
+    return None
+
+
+def label(summary: SummaryInfo) -> str:
+    return f"{when(summary.created_at)} · {summary_title(summary)}"
+
+
+def summary_table(summaries: Sequence[SummaryInfo]) -> None:
+    rows = [
+        {
+            "Written": when(s.created_at), "Documents": "; ".join(r.title for r in s.documents),
+            "Model": s.model_name, "Citations": len(s.citations),
+        }
+        for s in summaries
+    ]
+    st.dataframe(rows, hide_index=True, width="stretch")
+
+
+def choose(summaries: Sequence[SummaryInfo]) -> SummaryInfo:
+    by_id = {s.id: s for s in summaries}
+    return by_id[pickers.pick("Summary", {s.id: label(s) for s in summaries}, CHOSEN)]
+
+
+def show(store: SummaryStore, documents_store, summary: SummaryInfo) -> None:
+    with st.container(border=True):
+        st.markdown(f"#### {escape(summary_title(summary))}")
+        st.caption(
+            f"{when(summary.created_at)} · model {escape(summary.model_name)} · "
+            + "; ".join(escape(r.title) for r in summary.documents)
+        )
+        st.markdown(summary.text or "*(empty)*")
+        citations.show(documents_store, f"s{summary.id}", summary.citations)
+    st.caption("Export")
+    downloads.export_buttons(lambda: summary_report(summary), summary_title(summary), f"summary{summary.id}")
+    _delete_control(store, summary)
+
+
+def _delete(store: SummaryStore, summary_id: int) -> None:
+    store.delete_summary(summary_id)
+    st.session_state.pop(CONFIRM, None)
+    st.session_state.pop(CHOSEN, None)
+    state.flash("success", "Summary deleted.")
+
+
+def _delete_control(store: SummaryStore, summary: SummaryInfo) -> None:
+    if st.session_state.get(CONFIRM) != summary.id:
+        st.button(
+            "Delete this summary…", icon=":material/delete:",
+            on_click=lambda: st.session_state.update({CONFIRM: summary.id}),
+        )
+        return
+    st.warning("Delete this summary? This cannot be undone.")
+    yes, no = st.columns(2)
+    yes.button("Delete", type="primary", on_click=_delete, args=(store, summary.id), width="stretch")
+    no.button("Cancel", on_click=lambda: st.session_state.pop(CONFIRM, None), width="stretch")

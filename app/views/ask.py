@@ -1,0 +1,47 @@
+"""Ask: question the documents chosen for a chat session and watch the answer arrive."""
+
+import streamlit as st
+
+from app.ui import chat as chat_ui
+from app.ui import context, messages, state, streaming
+
+services = context.services()
+analysis, sessions = services.analysis, services.sessions
+model = analysis.model_info()
+
+st.title("Ask")
+if model.is_demo:
+    st.info(
+        "Demo checkpoint: the model has random weights, so its answers are meaningless. "
+        "The Model page explains how to use a real one.",
+        icon=":material/science:",
+    )
+state.show_flashes()
+
+chat = chat_ui.current_chat(sessions)
+chat_ui.chat_picker(sessions, chat)
+
+documents = services.documents.list_documents()
+if not documents:
+    st.info("The library is empty. Add documents first.")
+    st.page_link("views/library.py", label="Go to the library", icon=":material/library_books:")
+selected = chat_ui.document_picker(sessions, documents, chat)
+share = chat_ui.context_budget(analysis, selected, model.context_limit)
+
+job = chat_ui.finished_job_cleared(chat.id)
+question = st.chat_input(
+    "Ask about the selected documents" if selected else "Choose documents above to ask about them",
+    disabled=job is not None or not selected or share > 1,
+)
+if question and job is None:
+    job = chat_ui.start_ask(analysis, sessions, chat, question)
+
+for message in chat_ui.visible_messages(sessions.list_messages(chat.id), job):
+    messages.show(services.documents, message)
+
+if job is not None:
+    with st.chat_message("user"):
+        st.markdown(job.label)
+    with st.chat_message("assistant"):
+        streaming.follow(job)
+    st.rerun()

@@ -1,0 +1,37 @@
+"""Model: which checkpoint answers, where it runs, what it costs in memory, how well caching works."""
+
+import streamlit as st
+
+from app.ui import context
+from app.ui.text import human_bytes, number
+
+services = context.services()
+info = services.analysis.model_info()
+cache = services.analysis.cache_stats()
+
+st.title("Model")
+if info.is_demo:
+    st.warning(
+        f"**The demo checkpoint is in use: its answers are meaningless.** {info.notice}\n\n"
+        "Set the environment variable `DOCANALYST_MODEL` to a Qwen3-Next checkpoint folder, or put "
+        f'`model = "/path/to/checkpoint"` in the settings file (`{context.settings_file()}`), '
+        "then restart the app.",
+        icon=":material/warning:",
+    )
+
+st.subheader("Checkpoint")
+st.code(info.path, language=None)
+device, dtype, weights, context_limit = st.columns(4)
+device.metric("Device", info.device)
+dtype.metric("Precision", info.dtype)
+weights.metric("Weights in memory", human_bytes(info.parameter_bytes))
+context_limit.metric("Context (tokens)", number(info.context_limit))
+st.caption(f"Fingerprint {info.fingerprint}")
+
+st.subheader("Model state cache")
+st.caption("Documents already read are kept as model states, so later questions skip re-reading them.")
+memory, disk, hit_rate = st.columns(3)
+quiet = {"delta_color": "off", "delta_arrow": "off"}
+memory.metric("In memory", human_bytes(cache.memory_bytes), f"{cache.memory_entries} states", **quiet)
+disk.metric("On disk", human_bytes(cache.disk_bytes), f"{cache.disk_entries} states", **quiet)
+hit_rate.metric("Hit rate", f"{cache.hit_rate:.0%}", f"{cache.hits} hits · {cache.misses} misses", **quiet)

@@ -1,0 +1,315 @@
+"""Every page of the Streamlit app, driven by AppTest against the real services and the demo checkpoint.
+
+All tests share one data folder (one model load); each creates the documents and chat
+sessions it needs, with text no other test uses, so the order of the tests does not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app" / "streamlit_app.py"
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def services(demo_checkpoint, tmp_path_factory):
+    from app.services.container import get_services
+    from app.settings import load_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("DOCANALYST_")]:
+            patch.delenv(name)
+        patch.setenv("DOCANALYST_DATA_DIR", str(tmp_path_factory.mktemp("app-data")))
+        patch.setenv("DOCANALYST_MODEL", str(demo_checkpoint))
+        patch.setenv("DOCANALYST_MAX_NEW_TOKENS", "4")
+        yield get_services(load_settings())
+
+
+def open_app(page: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def add_document(services, name: str, text: str):
+    from app.services.library import Library
+
+    library = Library(services.documents, count_tokens=services.analysis.count_tokens, tokenizer_id="test")
+    result = library.add(text.encode(), name)
+    assert result.ok, result.message
+    return result.document
+
+
+def word() -> str:
+    return "w" + uuid.uuid4().hex[:10]
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_library_uploads_several_files_with_a_status_each(services):
+    marker = word()
+    text = f"Upload test {marker}.\n\nThe deposit is two months of rent."
+    at = open_app("views/library.py")
+    at.file_uploader[0].set_value([
+        (f"{marker}.txt", text.encode(), "text/plain"),
+        (f"{marker}-copy.txt", text.encode(), "text/plain"),
+        (f"{marker}.md", f"# Heading {marker}\n\nБюджет на год.".encode(), "text/markdown"),
+        ("broken.pdf", b"%PDF-1.4 not really a pdf", "application/pdf"),
+    ]).run()
+    assert not at.exception, at.exception
+    added = texts(at.success)
+    assert f"{marker}\\.txt**: added" in added and f"{marker}\\.md**: added" in added and "tokens" in added
+    assert f"{marker}\\-copy\\.txt**: already in the library" in texts(at.info)
+    assert "broken\\.pdf**: " in texts(at.error)
+    table = at.dataframe[0].value
+    assert f"{marker}.md" in set(table["File"])
+    stored = services.documents.get_by_sha256(hashlib.sha256(text.encode()).hexdigest())
+    assert stored is not None and stored.token_count and stored.filename == f"{marker}.txt"
+
+
+def test_library_search_groups_hits_and_opens_the_page(services):
+    marker = word()
+    document = add_document(services, f"{marker}.md", f"# First\n\nNothing here.\n\n# Second\n\nThe {marker} clause.")
+    at = open_app("views/library.py")
+    at.text_input(key="library_search").set_value(marker).run()
+    assert any(document.title in e.label for e in at.expander)
+    assert any(f":orange-background[{marker}]" in str(m.value) for m in at.markdown)
+    button(at, "Open Second (1)").click().run()
+    assert not at.exception, at.exception
+    page_picker = next(s for s in at.selectbox if s.label == "Section")
+    assert page_picker.value == 2
+    assert next(s for s in at.selectbox if s.label == "Document").value == document.id
+
+
+def test_library_reader_escapes_document_text(services):
+    marker = word()
+    document = add_document(services, f"{marker}.txt", f"{marker} <b>bold</b> [link](http://x) $x$")
+    at = open_app("views/library.py", reader_document=document.id)
+    shown = texts(at.markdown)
+    assert "\\<b\\>bold\\<\\/b\\>" in shown and "\\[link\\]\\(http\\:\\/\\/x\\) \\$x\\$" in shown
+
+
+def test_library_delete_asks_for_confirmation(services):
+    document = add_document(services, f"{word()}.txt", "A document that will be deleted.")
+    at = open_app("views/library.py", reader_document=document.id)
+    button(at, "Delete this document…").click().run()
+    assert services.documents.get_document(document.id) is not None
+    assert "Delete “" in texts(at.warning)
+    button(at, "Delete").click().run()
+    assert not at.exception, at.exception
+    assert services.documents.get_document(document.id) is None
+    assert "Deleted" in texts(at.success)
+
+
+def test_ask_streams_an_answer_with_stats_across_two_documents(services):
+    first = add_document(services, f"{word()}.txt", "The lease starts in May.")
+    second = add_document(services, f"{word()}.md", "# Repairs\n\nThe landlord repairs the heating.")
+    chat_id = services.sessions.create_session("New chat").id
+    at = open_app(chat_session_id=chat_id)
+    assert "Demo checkpoint" in texts(at.info)
+    assert next(b for b in at.button if b.label == "New chat session").disabled
+    picker = next(m for m in at.multiselect if m.label == "Documents for this chat session")
+    picker.set_value([first.id, second.id]).run()
+    assert [d.document_id for d in services.sessions.get_documents(chat_id)] == [first.id, second.id]
+    assert "Context:" in at.get("progress")[0].proto.text
+
+    at.chat_input[0].set_value("When does the lease start?").run()
+    assert not at.exception, at.exception
+    messages = services.sessions.list_messages(chat_id)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[1].status == "complete"
+    answer = at.chat_message[-1]
+    assert answer.name == "assistant"
+    caption = texts(answer.caption)
+    assert "tokens from cache" in caption and "time to first token" in caption and "tok/s" in caption
+    assert services.sessions.get_session(chat_id).name == "When does the lease start?"
+
+    button(at, "New chat session").click().run()
+    fresh = at.session_state["chat_session_id"]
+    assert fresh != chat_id and services.sessions.list_messages(fresh) == []
+    assert [d.document_id for d in services.sessions.get_documents(fresh)] == [first.id, second.id]
+
+
+def test_ask_opens_a_citation_with_the_quote_highlighted(services):
+    marker = word()
+    text = f"Page text before. The rent is {marker} <i>euros</i> a month. After."
+    document = add_document(services, f"{marker}.txt", text)
+    quote = f"rent is {marker} <i>euros</i>"
+    start = text.index(quote)
+    chat = services.sessions.create_session("Citations", [document.id])
+    services.sessions.append_message(chat.id, "user", "What is the rent?")
+    message = services.sessions.append_message(
+        chat.id, "assistant", "It is stated on the first section.",
+        citations=[
+            {"document_id": document.id, "document_title": document.title, "page": 1, "quote": quote,
+             "verified": True, "start": start, "end": start + len(quote)},
+            {"document_id": document.id, "document_title": document.title, "page": 1, "quote": "not there",
+             "verified": False, "start": None, "end": None},
+        ],
+    )
+    at = open_app(chat_session_id=chat.id)
+    labels = [b.label for b in at.button if b.key and b.key.startswith(f"cite:m{message.id}:")]
+    assert labels[0].startswith("✓") and "not verified" in labels[1]
+    at.button(key=f"cite:m{message.id}:0").click().run()
+    highlighted = f":orange-background[rent is {marker} \\<i\\>euros\\<\\/i\\>]"
+    assert any(highlighted in str(m.value) for m in at.markdown)
+    at.button(key=f"cite:m{message.id}:1").click().run()
+    assert "nothing is highlighted" in texts(at.caption)
+
+
+def test_ask_budget_warns_from_80_percent_and_blocks_overflow(services, monkeypatch):
+    document = add_document(services, f"{word()}.txt", "Budget test. " * 30)
+    tokens = services.analysis.selection_tokens([document.id])
+    chat = services.sessions.create_session("Budget", [document.id])
+    monkeypatch.setenv("DOCANALYST_CONTEXT_LIMIT", str(int(tokens / 0.9)))
+    at = open_app(chat_session_id=chat.id)
+    assert "90%" in texts(at.warning)
+    assert not at.chat_input[0].proto.disabled
+    monkeypatch.setenv("DOCANALYST_CONTEXT_LIMIT", str(tokens - 1))
+    at = open_app(chat_session_id=chat.id)
+    assert "do not fit" in texts(at.error)
+    assert at.chat_input[0].proto.disabled
+
+
+def test_ask_shows_a_question_that_is_too_long_as_an_error(services, monkeypatch):
+    document = add_document(services, f"{word()}.txt", "Overflow test. " * 20)
+    tokens = services.analysis.selection_tokens([document.id])
+    chat = services.sessions.create_session("Overflow", [document.id])
+    monkeypatch.setenv("DOCANALYST_CONTEXT_LIMIT", str(tokens + 60))
+    at = open_app(chat_session_id=chat.id)
+    at.chat_input[0].set_value("Why? " * 80).run()
+    assert not at.exception, at.exception
+    assert "more than the model" in texts(at.error)
+    assert services.sessions.list_messages(chat.id) == []
+
+
+def test_stopping_an_answer_saves_it_as_cancelled(services):
+    from app.services.jobs import StreamJob
+
+    document = add_document(services, f"{word()}.txt", "Stop test.")
+    chat = services.sessions.create_session("Stop", [document.id])
+
+    def start(progress, cancel: threading.Event):
+        cancel.set()
+        return services.analysis.ask(chat.id, "Stop?", progress=progress, cancel=cancel)
+
+    job = StreamJob(start, label="Stop?")
+    assert job.wait(TIMEOUT)
+    snap = job.snapshot()
+    assert snap.error is None and snap.message is not None and snap.message.status == "cancelled"
+    at = open_app(chat_session_id=chat.id)
+    assert "Stopped before the end." in texts(at.chat_message[-1].caption)
+
+
+def test_summaries_summarise_list_and_offer_exports(services):
+    document = add_document(services, f"{word()}.txt", "Summary test. The contract ends in June.")
+    at = open_app("views/summaries.py")
+    picker = next(m for m in at.multiselect if m.label == "Documents to summarise")
+    picker.set_value([document.id]).run()
+    button(at, "Summarise").click().run()
+    assert not at.exception, at.exception
+    summaries = services.summaries.list_summaries()
+    assert summaries and summaries[0].documents[0].title == document.title
+    assert next(s for s in at.selectbox if s.label == "Summary").value == summaries[0].id
+    assert {"Markdown", "Word", "PDF"} <= {b.label for b in at.get("download_button")}
+    button(at, "Delete this summary…").click().run()
+    button(at, "Delete").click().run()
+    assert services.summaries.get_summary(summaries[0].id) is None
+
+
+def test_sessions_rename_open_and_delete(services):
+    chat = services.sessions.create_session(f"Chat {word()}")
+    services.sessions.append_message(chat.id, "user", "A stored question")
+    at = open_app("views/sessions.py")
+    next(s for s in at.selectbox if s.label == "Chat session").set_value(chat.id).run()
+    assert {"Markdown", "Word", "PDF"} <= {b.label for b in at.get("download_button")}
+    at.text_input[0].set_value("Renamed чат")
+    button(at, "Rename").click().run()
+    assert services.sessions.get_session(chat.id).name == "Renamed чат"
+    assert next(s for s in at.selectbox if s.label == "Chat session").value == chat.id
+
+    button(at, "Open on the Ask page").click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Ask"
+    assert at.session_state["chat_session_id"] == chat.id
+    assert "A stored question" in texts(at.chat_message[0].markdown)
+
+    at.switch_page("views/sessions.py").run()
+    button(at, "Delete this chat session…").click().run()
+    button(at, "Delete").click().run()
+    assert services.sessions.get_session(chat.id) is None
+
+
+def test_model_page_shows_the_checkpoint_and_a_demo_warning(services, demo_checkpoint):
+    at = open_app("views/model.py")
+    assert "demo checkpoint is in use" in texts(at.warning)
+    assert "DOCANALYST_MODEL" in texts(at.warning)
+    assert str(demo_checkpoint) in texts(at.code)
+    assert {"Device", "Precision", "Weights in memory", "Hit rate"} <= {m.label for m in at.metric}
+
+
+def streaming_script() -> None:
+    """Drives the live view with a scripted job: progress first, then reasoning, then the answer."""
+    import time
+
+    from app.services.jobs import StreamJob
+    from app.ui import streaming
+    from model import PrefillProgress
+
+    class Event:
+        def __init__(self, text: str, channel: str) -> None:
+            self.kind, self.text, self.channel, self.message, self.summary = "delta", text, channel, None, None
+
+    def start(progress, cancel):
+        progress(PrefillProgress(100, 400, 0.5))
+        time.sleep(0.3)
+        yield Event("Thinking about it. ", "reasoning")
+        yield Event("The answer", "answer")
+        yield Event(" is 42.", "answer")
+
+    streaming.follow(StreamJob(start, label="Question"))
+
+
+def test_live_view_puts_reasoning_in_a_collapsed_expander_above_the_answer():
+    at = AppTest.from_function(streaming_script, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    expander = at.expander[0]
+    assert expander.label == "Reasoning" and not expander.proto.expanded
+    assert "Thinking about it." in texts(expander.markdown)
+    assert "The answer is 42." in texts(at.markdown)
+    assert not any(b.label == "Stop" for b in at.button)
+
+
+def test_prefill_progress_line_has_tokens_speed_and_time_left():
+    from app.ui.streaming import progress_text
+    from model import PrefillProgress
+
+    line = progress_text(PrefillProgress(500, 2000, 2.0))
+    assert line == "Reading the documents: 500 of 2,000 tokens · 250 tok/s · about 6.0 s left"
+
+
+def test_a_bad_model_folder_is_reported_on_the_page(services, monkeypatch, tmp_path):
+    monkeypatch.setenv("DOCANALYST_MODEL", str(tmp_path / "missing"))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert "The app could not start." in texts(at.error)
