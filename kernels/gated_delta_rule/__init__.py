@@ -12,16 +12,21 @@ from collections.abc import Callable
 from functools import cache
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..triton_utils import triton_importable, use_triton
 from .chunk import chunk_gated_delta_rule
 from .naive import naive_gated_delta_rule
 from .recurrent import recurrent_gated_delta_rule
 
 __all__ = [
     "RECURRENT_MAX_LEN",
+    "TRITON_RECURRENT_MAX_LEN",
     "chunk_gated_delta_rule",
     "gated_delta_rule",
+    "gated_delta_rule_from_gates",
     "naive_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "register_cuda_implementation",
@@ -32,6 +37,9 @@ __all__ = [
 # (B=1, H=4, HV=8, K=V=64, 1 or 2 threads): the per-token loop costs ~0.05 ms a token, a
 # single chunk ~0.35-0.45 ms up to 16 tokens; they break even between 8 and 12 tokens.
 RECURRENT_MAX_LEN = 8
+# The same switch for the Triton kernels on CUDA: a guess until measured on a GPU
+# (bench/kernels.py --sweep); the chunked path costs four launches whatever T is.
+TRITON_RECURRENT_MAX_LEN = 16
 
 Mode = Literal["auto", "chunk", "recurrent", "naive"]
 GatedDeltaRuleFn = Callable[..., tuple[Tensor, Tensor | None]]
@@ -54,6 +62,55 @@ def register_cuda_implementation(fn: GatedDeltaRuleFn | None) -> None:
     _cuda_implementation = fn
 
 
+def _triton_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    cu_seqlens: Tensor | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """The Triton kernels: recurrent for short fixed-length inputs, chunked otherwise."""
+    if cu_seqlens is None and q.shape[1] <= TRITON_RECURRENT_MAX_LEN:
+        from .triton_recurrent import recurrent_gated_delta_rule_triton
+
+        return recurrent_gated_delta_rule_triton(q, k, v, g, beta, **kwargs)
+    from .triton_chunk import chunk_gated_delta_rule_triton
+
+    return chunk_gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kwargs)
+
+
+def _per_sequence(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    cu_seqlens: Tensor,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """`gated_delta_rule` on each sequence packed in `[1, T, ...]` at offsets `cu_seqlens` `[N + 1]`."""
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs the sequences packed into B = 1, got B = {q.shape[0]}")
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (start, end) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+        part = slice(start, end)
+        state = None if initial_state is None else initial_state[i : i + 1]
+        out, final = gated_delta_rule(
+            q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part],
+            initial_state=state, output_final_state=output_final_state, **kwargs,
+        )
+        outs.append(out)
+        finals.append(final)
+    out = torch.cat(outs, dim=1) if outs else torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    return out, (torch.cat(finals) if output_final_state and finals else None)
+
+
 def gated_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -67,19 +124,30 @@ def gated_delta_rule(
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
     mode: Mode = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gated delta rule with the implementation picked by `mode`.
 
-    "auto" uses a registered CUDA implementation for CUDA inputs when Triton is available,
-    otherwise the recurrent form for T <= RECURRENT_MAX_LEN and the chunked form beyond.
-    Shapes and return values as in `chunk_gated_delta_rule`.
+    "auto" uses, for CUDA inputs when Triton is available, a registered CUDA implementation or
+    else the Triton kernels; otherwise the recurrent form for T <= RECURRENT_MAX_LEN and the
+    chunked form beyond. Shapes and return values as in `chunk_gated_delta_rule`.
+    cu_seqlens: int `[N + 1]` offsets of N sequences packed along T (B = 1); initial_state and
+    the final state are then `[N, HV, K, V]`.
     """
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm
     )
-    if mode == "auto":
-        if q.is_cuda and triton_available() and _cuda_implementation is not None:
+    if mode == "auto" and q.is_cuda and triton_available():
+        if _cuda_implementation is not None and cu_seqlens is None:
             return _cuda_implementation(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+        if triton_importable():
+            return _triton_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kwargs)
+    if cu_seqlens is not None:
+        del kwargs["initial_state"], kwargs["output_final_state"]
+        return _per_sequence(
+            q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, chunk_size=chunk_size, mode=mode, **kwargs
+        )
+    if mode == "auto":
         mode = "recurrent" if q.shape[1] <= RECURRENT_MAX_LEN else "chunk"
     if mode == "chunk":
         return chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
@@ -88,3 +156,34 @@ def gated_delta_rule(
     if mode == "naive":
         return naive_gated_delta_rule(q, k, v, g, beta, **kwargs)
     raise ValueError(f"unknown mode {mode!r}; expected auto, chunk, recurrent or naive")
+
+
+def gated_delta_rule_from_gates(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+    use_qk_l2norm: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """`gated_delta_rule` taking Gated DeltaNet's raw gate projections.
+
+    a, b: `[B, T, HV]`; A_log, dt_bias: `[HV]`; the gates are `g = -exp(A_log) * softplus(a + dt_bias)`
+    (fp32) and `beta = sigmoid(b)` (in b.dtype). Short CUDA inputs compute them inside the
+    recurrent Triton kernel; everything else computes them here and calls `gated_delta_rule`.
+    """
+    kwargs = dict(
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm
+    )
+    if use_triton(q) and q.shape[1] <= TRITON_RECURRENT_MAX_LEN:
+        from .triton_recurrent import recurrent_gated_delta_rule_from_gates_triton
+
+        return recurrent_gated_delta_rule_from_gates_triton(q, k, v, a, b, A_log, dt_bias, **kwargs)
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
+    return gated_delta_rule(q, k, v, g, b.sigmoid(), **kwargs)

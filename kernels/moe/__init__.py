@@ -1,0 +1,41 @@
+"""Routed mixture of experts: top-k softmax router and grouped SwiGLU experts.
+
+Each function runs the Triton kernels for CUDA tensors when Triton imports, and the PyTorch
+reference in `reference.py` (the numerics of `model.layers.Router` / `Experts`) otherwise.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..triton_utils import use_triton
+from . import reference
+
+__all__ = ["moe_experts", "moe_route", "sparse_moe"]
+
+
+def moe_route(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """x `[N, hidden]`, router_weight `[E, hidden]` -> (weights `[N, k]` in x.dtype, ids `[N, k]` int64)."""
+    if use_triton(x):
+        from .triton_moe import route_triton
+
+        return route_triton(x, router_weight, top_k, normalize)
+    return reference.route(x, router_weight, top_k, normalize)
+
+
+def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    """x `[N, hidden]`; weights, experts `[N, k]`; gate_up_proj `[E, 2I, hidden]`; down_proj
+    `[E, hidden, I]` -> `[N, hidden]` in x.dtype."""
+    if use_triton(x):
+        from .triton_moe import experts_swiglu_triton
+
+        return experts_swiglu_triton(x, weights, experts, gate_up_proj, down_proj)
+    return reference.experts_swiglu(x, weights, experts, gate_up_proj, down_proj)
+
+
+def sparse_moe(
+    x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_proj: Tensor, top_k: int, normalize: bool
+) -> Tensor:
+    """Router then experts: the routed part of `model.layers.SparseMoE` for x `[N, hidden]`."""
+    weights, experts = moe_route(x, router_weight, top_k, normalize)
+    return moe_experts(x, weights, experts, gate_up_proj, down_proj)
