@@ -9,6 +9,7 @@ from .gated_delta_rule import (
     recurrent_gated_delta_rule,
 )
 from .gated_rmsnorm import gated_rms_norm, rms_norm
+from .moe import moe_experts, moe_route, sparse_moe
 
 __all__ = [
     "causal_attention",
@@ -17,8 +18,11 @@ __all__ = [
     "chunk_gated_delta_rule",
     "gated_delta_rule",
     "gated_rms_norm",
+    "moe_experts",
+    "moe_route",
     "naive_causal_attention",
     "naive_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "rms_norm",
+    "sparse_moe",
 ]

@@ -10,6 +10,7 @@ from kernels.attention import causal_attention
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from kernels.gated_delta_rule import gated_delta_rule
 from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
+from kernels.moe import moe_experts, moe_route
 
 from .config import ModelConfig
 from .rope import apply_rotary
@@ -156,11 +157,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, hidden]` -> (weights `[N, k]` in x.dtype, expert ids `[N, k]`)."""
-        probs = F.linear(x, self.weight).softmax(dim=-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        return moe_route(x, self.weight, self.top_k, self.normalize)
 
 
 class Experts(nn.Module):
@@ -174,25 +171,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Runs each expert once on the tokens routed to it; experts nobody chose cost nothing."""
-        top_k = experts.shape[1]
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_index = order // top_k
-        gathered = x[token_index]
-        slot_weights = weights.flatten()[order, None]
-        outputs = torch.empty_like(gathered)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            gate, up = F.linear(gathered[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outputs[start:end] = F.linear(F.silu(gate) * up, self.down_proj[expert]) * slot_weights[start:end]
-            start = end
-        result = torch.zeros_like(x)
-        result.index_add_(0, token_index, outputs)
-        return result
+        return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoE(nn.Module):
