@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .loader import checkpoint_tensors
+from .mtp import MtpCheckpointModule
 from .qwen3_next import Qwen3NextForCausalLM
 from .tokenizer_files import write_tokenizer_files
 
@@ -57,14 +58,29 @@ DEMO_CONFIG = {
     "attention_bias": False,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
+    "mtp_num_hidden_layers": 1,
     "torch_dtype": "bfloat16",
 }
 
 
 def random_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic random weights with the init scales of the published architecture."""
+    """Deterministic random weights with the init scales of the published architecture.
+
+    The MTP block (when the config asks for one) is drawn after the main weights, so those do
+    not depend on whether it is there.
+    """
     generator = torch.Generator().manual_seed(seed)
     module = Qwen3NextForCausalLM(config)
+    _randomize(module, generator)
+    tensors = checkpoint_tensors(module, config)
+    if config.mtp_num_hidden_layers:
+        mtp = MtpCheckpointModule(config)
+        _randomize(mtp, generator)
+        tensors.update(checkpoint_tensors(mtp, config))
+    return tensors
+
+
+def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for name, param in sorted(module.named_parameters()):
             if name.endswith("A_log"):
@@ -75,7 +91,6 @@ def random_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             else:
                 param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-    return checkpoint_tensors(module, config)
 
 
 def write_demo_checkpoint(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,

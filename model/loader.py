@@ -15,7 +15,9 @@ from torch import nn
 from .config import ConfigError, ModelConfig
 from .qwen3_next import LanguageModel, Qwen3NextForCausalLM
 
-_EXPERT_TENSOR = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_TENSOR = re.compile(
+    r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
 _FINGERPRINT_SAMPLE = 1 << 16
 
 
@@ -125,6 +127,15 @@ def _install(module: nn.Module, targets: dict[str, _Target], config: ModelConfig
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
         setattr(owner, leaf, nn.Parameter(target.tensor, requires_grad=False))
+
+
+def fill_module(module: nn.Module, config: ModelConfig, tensors: dict[str, torch.Tensor],
+                dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fill a meta-device module from hub-named tensors (experts split per expert), checking names and shapes."""
+    targets = _targets(module, config)
+    for name, value in tensors.items():
+        _copy_tensor(name, value, targets, config, dtype, device)
+    _install(module, targets, config)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu",

@@ -1,0 +1,408 @@
+"""MTP block loading and speculative decoding: exact greedy output, rollback, sampling rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from model import Generation, GenerationSettings, LoadError, ModelConfig, ModelState, SamplingParams, load_model
+from model.demo import DEMO_CONFIG, random_weights
+from model.mtp import MtpRunner, SpeculativeState, mtp_block, new_mtp_cache
+from model.speculative import (
+    Drafter,
+    SpeculativeGeneration,
+    accept_draft,
+    residual_distribution,
+    verify_sampled,
+)
+
+NEW_TOKENS = 8
+# The verification forward rounds differently from one-token steps (~1e-7 relative in fp32);
+# states reached both ways agree to this.
+STATE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Multi-token forwards enter OpenMP regions that stall when the other core is busy; one
+    thread keeps these tests fast on a shared machine (both sides of each comparison use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lm(demo_checkpoint):
+    return load_model(demo_checkpoint, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prompt(lm) -> list[int]:
+    tok = lm.tokenizer
+    return tok.turn("user", "Summarise the contract terms, please.") + tok.generation_prompt()
+
+
+@pytest.fixture(scope="module")
+def plain(lm, prompt):
+    """Plain greedy decoding: (answer tokens, final state)."""
+    state = lm.new_state()
+    result = Generation(lm, state, prompt, GenerationSettings(max_new_tokens=NEW_TOKENS)).run()
+    return result.token_ids, state
+
+
+class ScriptedDrafter(Drafter):
+    """Proposes the tokens of a known sequence (indexed by absolute position), wrong at `wrong_at`."""
+
+    def __init__(self, sequence: list[int], wrong_at: int | None = None):
+        self.sequence, self.wrong_at = sequence, wrong_at
+
+    def draft(self, hidden, tokens, position, count, pick):
+        first = position + len(tokens) + 1
+        drafts = []
+        for index, at in enumerate(range(first, min(first + count, len(self.sequence)))):
+            token = self.sequence[at]
+            drafts.append((token + 1) % 151936 if index == self.wrong_at else token)
+        return drafts, None
+
+
+def assert_states_close(a: ModelState, b: ModelState) -> None:
+    assert a.seen_tokens == b.seen_tokens
+    ours, theirs = a.layer_tensors(), b.layer_tensors()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, atol=STATE_ATOL, rtol=0)
+
+
+def speculative(lm, state, prompt, **kwargs):
+    generation = SpeculativeGeneration(lm, state, prompt, GenerationSettings(max_new_tokens=NEW_TOKENS), **kwargs)
+    deltas = list(generation)
+    assert "".join(d.text for d in deltas if d.channel == "answer") == generation.result.text
+    return generation.result
+
+
+# Loading
+
+
+def expected_mtp_shapes(config) -> dict[str, tuple[int, ...]]:
+    hidden, head, inter, shared = (config.hidden_size, config.head_dim, config.moe_intermediate_size,
+                                   config.shared_expert_intermediate_size)
+    layer = "mtp.layers.0."
+    shapes = {
+        "mtp.fc.weight": (hidden, 2 * hidden),
+        "mtp.pre_fc_norm_embedding.weight": (hidden,),
+        "mtp.pre_fc_norm_hidden.weight": (hidden,),
+        "mtp.norm.weight": (hidden,),
+        layer + "input_layernorm.weight": (hidden,),
+        layer + "post_attention_layernorm.weight": (hidden,),
+        layer + "self_attn.q_proj.weight": (2 * config.num_attention_heads * head, hidden),
+        layer + "self_attn.k_proj.weight": (config.num_key_value_heads * head, hidden),
+        layer + "self_attn.v_proj.weight": (config.num_key_value_heads * head, hidden),
+        layer + "self_attn.o_proj.weight": (hidden, config.num_attention_heads * head),
+        layer + "self_attn.q_norm.weight": (head,),
+        layer + "self_attn.k_norm.weight": (head,),
+        layer + "mlp.gate.weight": (config.num_experts, hidden),
+        layer + "mlp.shared_expert.gate_proj.weight": (shared, hidden),
+        layer + "mlp.shared_expert.up_proj.weight": (shared, hidden),
+        layer + "mlp.shared_expert.down_proj.weight": (hidden, shared),
+        layer + "mlp.shared_expert_gate.weight": (1, hidden),
+    }
+    for expert in range(config.num_experts):
+        shapes[f"{layer}mlp.experts.{expert}.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{layer}mlp.experts.{expert}.up_proj.weight"] = (inter, hidden)
+        shapes[f"{layer}mlp.experts.{expert}.down_proj.weight"] = (hidden, inter)
+    return shapes
+
+
+def test_demo_checkpoint_has_the_published_mtp_tensors(demo_checkpoint, lm):
+    with safe_open(str(demo_checkpoint / "model.safetensors"), framework="pt") as handle:
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    mtp = {name: shape for name, shape in shapes.items() if name.startswith("mtp.")}
+    assert mtp == expected_mtp_shapes(lm.config)
+    assert lm.config.mtp_num_hidden_layers == 1
+    # Same names and shapes as a main-model attention layer.
+    attention = next(i for i, kind in enumerate(lm.config.layer_types) if kind == "full_attention")
+    main = {n.removeprefix(f"model.layers.{attention}."): s for n, s in shapes.items()
+            if n.startswith(f"model.layers.{attention}.")}
+    assert {n.removeprefix("mtp.layers.0."): s for n, s in mtp.items() if n.startswith("mtp.layers.0.")} == main
+
+
+def test_block_is_filled_from_the_checkpoint_tensors(demo_checkpoint):
+    lm = load_model(demo_checkpoint, dtype=torch.float32)
+    raw = {name: t.clone() for name, t in lm.extra_tensors.items()}
+    block = mtp_block(lm)
+    assert block is mtp_block(lm)
+    assert not lm.extra_tensors  # handed over to the block, not kept twice
+    width = lm.config.moe_intermediate_size
+    experts = block.layers[0].mlp.experts
+    for expert in (0, lm.config.num_experts - 1):
+        prefix = f"mtp.layers.0.mlp.experts.{expert}."
+        assert torch.equal(experts.gate_up_proj[expert, :width], raw[prefix + "gate_proj.weight"])
+        assert torch.equal(experts.gate_up_proj[expert, width:], raw[prefix + "up_proj.weight"])
+        assert torch.equal(experts.down_proj[expert], raw[prefix + "down_proj.weight"])
+    assert torch.equal(block.fc.weight, raw["mtp.fc.weight"])
+    assert torch.equal(block.layers[0].self_attn.q_proj.weight, raw["mtp.layers.0.self_attn.q_proj.weight"])
+
+
+def test_fc_reads_the_embedding_first(lm):
+    """Zeroing the embedding half of `fc` must make the output ignore the token."""
+    block = mtp_block(lm)
+    runner = MtpRunner(lm, block)
+    hidden = torch.randn(1, 1, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    saved = block.fc.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            block.fc.weight[:, : lm.config.hidden_size] = 0
+        a = runner.extend(new_mtp_cache(lm), hidden, torch.tensor([[11]]), 5)
+        b = runner.extend(new_mtp_cache(lm), hidden, torch.tensor([[999]]), 5)
+    finally:
+        with torch.no_grad():
+            block.fc.weight.copy_(saved)
+    assert torch.equal(a, b)
+
+
+def copy_checkpoint(source, folder, tensors: dict[str, torch.Tensor], config_changes: dict | None = None):
+    folder.mkdir()
+    for item in source.iterdir():
+        if item.name not in ("model.safetensors", "config.json"):
+            (folder / item.name).write_bytes(item.read_bytes())
+    raw = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **(config_changes or {})}))
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_incomplete_mtp_block_is_refused(demo_checkpoint, tmp_path):
+    tensors = load_file(demo_checkpoint / "model.safetensors")
+    del tensors["mtp.norm.weight"]
+    lm = load_model(copy_checkpoint(demo_checkpoint, tmp_path / "ckpt", tensors), dtype=torch.float32)
+    with pytest.raises(LoadError, match="mtp.norm.weight"):
+        mtp_block(lm)
+
+
+def test_checkpoint_without_mtp_disables_speculation(demo_checkpoint, tmp_path):
+    tensors = {n: t for n, t in load_file(demo_checkpoint / "model.safetensors").items() if not n.startswith("mtp.")}
+    folder = copy_checkpoint(demo_checkpoint, tmp_path / "plain", tensors, {"mtp_num_hidden_layers": 0})
+    lm = load_model(folder, dtype=torch.float32)
+    assert not lm.extra_tensors and mtp_block(lm) is None
+    ids = lm.tokenizer.encode("No drafts here")
+    settings = GenerationSettings(max_new_tokens=4)
+    generation = SpeculativeGeneration(lm, lm.new_state(), ids, settings)
+    result = generation.run()
+    assert generation.drafter is None and result.speculation is None
+    assert result.token_ids == Generation(lm, lm.new_state(), ids, settings).run().token_ids
+
+
+def test_demo_writer_leaves_out_mtp_when_asked():
+    config = ModelConfig.from_dict({**DEMO_CONFIG, "mtp_num_hidden_layers": 0, "vocab_size": 64,
+                                    "bos_token_id": 1, "eos_token_id": 2})
+    with_mtp = random_weights(dataclasses.replace(config, mtp_num_hidden_layers=1), seed=3)
+    without = random_weights(config, seed=3)
+    assert not any(n.startswith("mtp.") for n in without)
+    # The main weights do not depend on whether an MTP block is drawn after them.
+    assert all(torch.equal(without[n], with_mtp[n]) for n in without)
+    assert set(with_mtp) - set(without) == set(expected_mtp_shapes(config))
+
+
+# Greedy: identical to plain decoding
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_greedy_with_mtp_equals_plain(lm, prompt, plain, draft_tokens):
+    tokens, plain_state = plain
+    state = SpeculativeState.wrap(lm.new_state())
+    result = speculative(lm, state, prompt, draft_tokens=draft_tokens)
+    assert result.token_ids == tokens
+    assert result.text == lm.tokenizer.decode(tokens)
+    assert result.finish_reason == "length"
+    stats = result.speculation
+    assert stats.steps > 0 and stats.proposed == sum(stats.proposed_at) and stats.draft_tokens == draft_tokens
+    assert_states_close(state, plain_state)
+    # The MTP cache covers every pair of the sequence and keeps the last hidden for the next turn.
+    seen = state.seen_tokens
+    assert (state.mtp.length, state.mtp.next_position, state.mtp.hidden_position) == (seen - 1, seen - 1, seen - 1)
+
+
+def test_mtp_cache_equals_one_pass_over_the_sequence(lm, prompt, plain):
+    """The K/V built step by step, through rollbacks, equal one MTP pass over the final sequence."""
+    tokens, _ = plain
+    state = SpeculativeState.wrap(lm.new_state())
+    speculative(lm, state, prompt, draft_tokens=2)
+    sequence = torch.tensor([prompt + tokens[:-1]])
+    normed = lm.module.model.norm(lm.hidden_states(sequence, lm.new_state()))
+    reference = new_mtp_cache(lm)
+    out = MtpRunner(lm, mtp_block(lm)).extend(reference, normed[:, :-1], sequence[:, 1:], 0)
+    length = state.mtp.length
+    assert reference.length == length
+    torch.testing.assert_close(state.mtp.kv.key[:, :, :length], reference.kv.key[:, :, :length], atol=1e-4, rtol=0)
+    torch.testing.assert_close(state.mtp.kv.value[:, :, :length], reference.kv.value[:, :, :length],
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(state.mtp.hidden, normed[:, -1], atol=1e-4, rtol=0)
+    assert out.shape == (1, length, lm.config.hidden_size)
+
+
+def test_greedy_from_restored_state_equals_plain(lm, prompt, plain, tmp_path):
+    tokens, first_state = plain
+    path = tmp_path / "turn1.safetensors"
+    first_state.save(path)
+    follow_up = lm.tokenizer.turn("user", "And the penalties?") + lm.tokenizer.generation_prompt()
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
+    expected_state = lm.load_state(path)
+    expected = Generation(lm, expected_state, follow_up, settings).run().token_ids
+    restored = lm.load_state(path)
+    result = SpeculativeGeneration(lm, restored, follow_up, settings).run()
+    assert result.token_ids == expected
+    assert_states_close(restored, expected_state)
+
+
+def test_speculative_state_saves_and_restores_the_mtp_cache(lm, prompt, plain, tmp_path):
+    tokens, _ = plain
+    state = SpeculativeState.wrap(lm.new_state())
+    speculative(lm, state, prompt)
+    path = tmp_path / "turn1.safetensors"
+    state.save(path)
+    loaded = SpeculativeState.load(path, lm.fingerprint)
+    assert ModelState.load(path, lm.fingerprint).seen_tokens == state.seen_tokens  # still a plain state file
+    for source in (loaded, state.clone()):
+        mtp = source.mtp
+        assert (mtp.length, mtp.next_position, mtp.hidden_position) == (
+            state.mtp.length, state.mtp.next_position, state.mtp.hidden_position)
+        assert torch.equal(mtp.kv.key[:, :, :mtp.length], state.mtp.kv.key[:, :, :mtp.length])
+        assert torch.equal(mtp.hidden, state.mtp.hidden)
+    assert state.nbytes() > lm.new_state().nbytes()
+    follow_up = lm.tokenizer.turn("user", "And the penalties?") + lm.tokenizer.generation_prompt()
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
+    expected = Generation(lm, lm.load_state(path), follow_up, settings).run().token_ids
+    assert SpeculativeGeneration(lm, loaded, follow_up, settings).run().token_ids == expected
+    assert loaded.mtp.next_position == loaded.seen_tokens - 1
+
+
+# Rollback, forced by scripted drafts
+
+
+def test_steps_without_drafts_are_plain_decode_steps(lm, prompt, plain):
+    """A drafter that proposes nothing makes every step a one-token forward: bit-identical to plain."""
+    tokens, plain_state = plain
+    state = lm.new_state()
+    result = speculative(lm, state, prompt, draft_tokens=2, drafter=Drafter())
+    assert result.token_ids == tokens and result.speculation.steps == 0
+    assert state.seen_tokens == plain_state.seen_tokens
+    for name, tensor in plain_state.layer_tensors().items():
+        assert torch.equal(state.layer_tensors()[name], tensor), name
+
+
+
+@pytest.mark.parametrize("max_verify_tokens", [None, 4], ids=["deferred", "eager"])
+def test_perfect_drafts_are_all_accepted(lm, prompt, plain, max_verify_tokens):
+    tokens, plain_state = plain
+    state = lm.new_state()
+    drafter = ScriptedDrafter(prompt + tokens)
+    result = speculative(lm, state, prompt, draft_tokens=3, drafter=drafter, max_verify_tokens=max_verify_tokens)
+    assert result.token_ids == tokens
+    stats = result.speculation
+    assert stats.accepted == stats.proposed > 0
+    assert stats.acceptance_rate_at == [1.0, 1.0, 1.0]
+    # 7 tokens after the first one: two steps of 3 drafts + 1 model token.
+    assert stats.steps == 2
+    assert_states_close(state, plain_state)
+
+
+@pytest.mark.parametrize("max_verify_tokens", [None, 4], ids=["deferred", "eager"])
+@pytest.mark.parametrize("wrong_at", [0, 1, 2])
+def test_rejection_at_each_position_rolls_back_exactly(lm, prompt, plain, wrong_at, max_verify_tokens):
+    tokens, plain_state = plain
+    state = lm.new_state()
+    drafter = ScriptedDrafter(prompt + tokens, wrong_at=wrong_at)
+    result = speculative(lm, state, prompt, draft_tokens=3, drafter=drafter, max_verify_tokens=max_verify_tokens)
+    assert result.token_ids == tokens
+    stats = result.speculation
+    assert stats.accepted_at[wrong_at:] == [0] * (3 - wrong_at)
+    assert all(rate == 1.0 for rate in stats.acceptance_rate_at[:wrong_at])
+    assert stats.mean_tokens_per_step == pytest.approx(1 + wrong_at, abs=0.5)
+    assert_states_close(state, plain_state)
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 3, 4, 5])
+def test_answer_ending_inside_a_step_leaves_the_plain_state(lm, prompt, plain, max_new_tokens):
+    """With 3 perfect drafts a step emits 4 tokens; the length limit cuts it after each of them."""
+    tokens, _ = plain
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    state = SpeculativeState.wrap(lm.new_state())
+    result = SpeculativeGeneration(lm, state, prompt, settings, draft_tokens=3,
+                                   drafter=ScriptedDrafter(prompt + tokens)).run()
+    expected_state = lm.new_state()
+    expected = Generation(lm, expected_state, prompt, settings).run()
+    assert result.token_ids == expected.token_ids == tokens[:max_new_tokens]
+    assert state.seen_tokens == len(prompt) + max_new_tokens - 1
+    assert_states_close(state, expected_state)
+
+
+# Sampling: the acceptance rule keeps the target distribution
+
+
+def test_acceptance_rule_reproduces_the_target_distribution():
+    """Monte Carlo on a 5-token vocabulary: draw x ~ q, accept or resample; the output follows p.
+
+    With 20,000 draws each frequency has a standard error below 0.0036; the tolerance is 0.015.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.4, 0.0, 0.3, 0.2])
+    draws = 20_000
+    counts = torch.zeros(5)
+    drafts = torch.multinomial(q, draws, replacement=True, generator=generator).tolist()
+    for token in drafts:
+        if accept_draft(p, q, token, generator):
+            counts[token] += 1
+        else:
+            counts[int(torch.multinomial(residual_distribution(p, q, token), 1, generator=generator))] += 1
+    assert (counts / draws - p).abs().max() < 0.015
+
+
+def test_chain_of_two_drafts_keeps_each_position_distribution():
+    """verify_sampled over two drafts: first emitted token ~ p0; given draft 1 accepted, second ~ p1."""
+    generator = torch.Generator().manual_seed(99)
+    p = torch.tensor([[0.6, 0.3, 0.1, 0.0], [0.1, 0.1, 0.2, 0.6], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.2, 0.5, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    first, second = torch.zeros(4), torch.zeros(4)
+    draws = 10_000
+    for _ in range(draws):
+        drafts = [int(torch.multinomial(q[i], 1, generator=generator)) for i in range(2)]
+        accepted, token = verify_sampled(drafts, lambda i: p[i], q, generator)
+        emitted = drafts[:accepted] + [token]
+        first[emitted[0]] += 1
+        if accepted >= 1:
+            second[emitted[1]] += 1
+    # Standard errors: below 0.005 for the first token, below 0.007 for the ~6,000 second ones.
+    assert (first / draws - p[0]).abs().max() < 0.02
+    assert (second / second.sum() - p[1]).abs().max() < 0.03
+    assert second.sum() > 5_000
+
+
+def test_deterministic_drafts_under_sampling():
+    """One-hot q (a drafter that does not sample): accept with probability p(x), else resample p without x."""
+    generator = torch.Generator().manual_seed(7)
+    p = torch.tensor([0.5, 0.3, 0.2])
+    counts = torch.zeros(3)
+    draws = 20_000
+    for _ in range(draws):
+        accepted, token = verify_sampled([1], lambda i: p, None, generator)
+        counts[1 if accepted else token] += 1
+    assert (counts / draws - p).abs().max() < 0.015
+
+
+def test_seeded_speculative_sampling_reproduces(lm, prompt):
+    sampling = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.1, seed=5)
+    settings = GenerationSettings(sampling=sampling, max_new_tokens=6)
+    runs = []
+    for _ in range(2):
+        state = lm.new_state()
+        result = SpeculativeGeneration(lm, state, prompt, settings, draft_tokens=2).run()
+        assert state.seen_tokens == len(prompt) + len(result.token_ids) - 1
+        runs.append(result)
+    assert runs[0].token_ids == runs[1].token_ids
+    assert runs[0].speculation.proposed > 0
