@@ -31,8 +31,9 @@ class Settings:
     upload_limit_mb: int = 200
     host: str = "127.0.0.1"
     port: int = 8501
-    prefill_chunk: int = 4096
+    prefill_chunk: int = 2048
     max_new_tokens: int = 1024
+    draft_tokens: int = 0
 
     @property
     def data_path(self) -> Path:

@@ -13,7 +13,7 @@ from .qwen3_next import LanguageModel
 from .sampling import Sampler, SamplingParams
 from .state import ModelState
 
-DEFAULT_PREFILL_CHUNK = 4096
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,13 @@ def test_reused_document_id_never_serves_the_old_text(lm, storage):
     storage.documents.delete_document(first.id)
     second, _ = storage.documents.add_document(Extracted("Long memo", ["Much longer text. " * 50]), "long.pdf")
     assert svc.selection_tokens([second.id]) > short
+
+
+def test_speculative_decoding_gives_the_same_answer(lm, storage):
+    if lm.dtype != torch.float32:
+        pytest.skip("batched verification and single steps round differently in bf16; exact only in fp32")
+    doc_ids = add_documents(storage)
+    plain = ask(service(lm, storage, cached=False), storage, new_session(storage, doc_ids), "Any penalties?")
+    fast = ask(service(lm, storage, cached=False, draft_tokens=2), storage, new_session(storage, doc_ids),
+               "Any penalties?")
+    assert fast.text == plain.text

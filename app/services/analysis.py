@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 from model import Generation, GenerationSettings, ModelState, PrefillProgress, SamplingParams, prefill
 from model.demo import DEMO_NOTICE, is_demo_checkpoint
+from model.generation import DEFAULT_PREFILL_CHUNK
 from model.generation import Cancelled as PrefillCancelled
+from model.speculative import SpeculativeGeneration
 from storage.dto import MessageInfo, MessageStats, SummaryInfo
 
 from .citations import parse_and_verify
@@ -74,14 +76,16 @@ class RunReport:
 
 class AnalysisService:
     def __init__(self, lm, documents, sessions, summaries, blobs=None, *, context_limit: int = 0,
-                 memory_budget_bytes: int = 2 << 30, prefill_chunk: int = 4096, max_new_tokens: int = 1024,
-                 sampling: SamplingParams | None = None):
+                 memory_budget_bytes: int = 2 << 30, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 max_new_tokens: int = 1024,
+                 sampling: SamplingParams | None = None, draft_tokens: int = 0):
         self.lm, self.documents, self.sessions, self.summaries = lm, documents, sessions, summaries
         self.tokenizer = lm.tokenizer
         self.cache = StateCache(lm, blobs, memory_budget_bytes)
         self.context_limit = context_limit or lm.config.context_limit
         self.prefill_chunk, self.max_new_tokens = prefill_chunk, max_new_tokens
         self.sampling = sampling or SamplingParams()
+        self.draft_tokens = draft_tokens
         self.queue = FifoLock()
         self._segments: dict[str, Segment] = {}
         self._segments_lock = threading.Lock()
@@ -228,7 +232,11 @@ class AnalysisService:
         before_answer = state.clone()
         settings = GenerationSettings(sampling=self.sampling, max_new_tokens=self.max_new_tokens,
                                       prefill_chunk=self.prefill_chunk)
-        generation = Generation(self.lm, state, self.tokenizer.generation_prompt(), settings, cancel=cancel)
+        if self.draft_tokens:
+            generation = SpeculativeGeneration(self.lm, state, self.tokenizer.generation_prompt(), settings,
+                                               draft_tokens=self.draft_tokens, cancel=cancel)
+        else:
+            generation = Generation(self.lm, state, self.tokenizer.generation_prompt(), settings, cancel=cancel)
         generation_started = time.perf_counter()
         yield from generation
         result = generation.result

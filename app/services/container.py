@@ -57,6 +57,7 @@ def build_services(settings: Settings) -> Services:
         lm, storage.documents, storage.chats, storage.summaries, storage.blobs,
         context_limit=settings.context_limit, memory_budget_bytes=settings.memory_cache_mb * 1024 * 1024,
         prefill_chunk=settings.prefill_chunk, max_new_tokens=settings.max_new_tokens,
+        draft_tokens=settings.draft_tokens,
     )
     return Services(settings, storage, analysis)
 
