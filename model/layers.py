@@ -8,7 +8,7 @@ from torch import nn
 
 from kernels.attention import causal_attention
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
-from kernels.gated_delta_rule import gated_delta_rule
+from kernels.gated_delta_rule import gated_delta_rule_from_gates
 from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
 from kernels.moe import moe_experts, moe_route
 
@@ -127,11 +127,9 @@ class GatedDeltaNet(nn.Module):
         key = key.reshape(batch, length, self.key_heads, self.key_dim)
         value = value.reshape(batch, length, self.value_heads, self.value_dim)
 
-        beta = b.sigmoid()
-        decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
-        out, state.recurrent = gated_delta_rule(
-            query, key, value, decay, beta, initial_state=state.recurrent, use_qk_l2norm=True,
-            chunk_size=DELTA_RULE_CHUNK,
+        out, state.recurrent = gated_delta_rule_from_gates(
+            query, key, value, a, b, self.A_log, self.dt_bias, initial_state=state.recurrent,
+            use_qk_l2norm=True, chunk_size=DELTA_RULE_CHUNK,
         )
         out = self.norm(out, z)
         return self.out_proj(out.reshape(batch, length, -1))

@@ -171,6 +171,7 @@ def gated_delta_rule_from_gates(
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
     use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
     """`gated_delta_rule` taking Gated DeltaNet's raw gate projections.
 
@@ -186,4 +187,4 @@ def gated_delta_rule_from_gates(
 
         return recurrent_gated_delta_rule_from_gates_triton(q, k, v, a, b, A_log, dt_bias, **kwargs)
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
-    return gated_delta_rule(q, k, v, g, b.sigmoid(), **kwargs)
+    return gated_delta_rule(q, k, v, g, b.sigmoid(), chunk_size=chunk_size, **kwargs)
