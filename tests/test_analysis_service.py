@@ -187,3 +187,30 @@ def test_speculative_decoding_gives_the_same_answer(lm, storage):
     fast = ask(service(lm, storage, cached=False, draft_tokens=2), storage, new_session(storage, doc_ids),
                "Any penalties?")
     assert fast.text == plain.text
+
+
+def test_crash_mid_answer_keeps_the_session_and_earlier_answers(lm, storage, monkeypatch):
+    doc_ids = add_documents(storage)
+    svc = service(lm, storage)
+    session = new_session(storage, doc_ids)
+    earlier = ask(svc, storage, session, "First question")
+    calls = {"n": 0}
+    real_forward = lm.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("device lost")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(svc.ask(session, "Second question"))
+    monkeypatch.undo()
+    messages = storage.chats.list_messages(session)
+    assert [(m.role, m.status) for m in messages] == [
+        ("user", "complete"), ("assistant", "complete"), ("user", "complete"), ("assistant", "error"),
+    ]
+    assert messages[1].text == earlier.text
+    # The service still works afterwards, from its cache.
+    assert ask(svc, storage, session, "Third question").status == "complete"
