@@ -7,7 +7,7 @@ scripts/setup.sh dev
 scripts/browser.sh || echo "Chromium is not available: browser tests will be skipped."
 if [ -z "${DOCANALYST_TEST_POSTGRES_URL:-}" ]; then
     pgdir=$(mktemp -d /tmp/docanalyst-pg.XXXXXX)
-    trap 'scripts/postgres.sh stop "$pgdir"' EXIT
+    trap 'scripts/postgres.sh stop "$pgdir" || true; rm -rf "$pgdir"' EXIT
     if url=$(scripts/postgres.sh start "$pgdir" 2>/dev/null); then
         export DOCANALYST_TEST_POSTGRES_URL=$url
     else
