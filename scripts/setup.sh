@@ -10,8 +10,10 @@ stamp=".venv/.installed-$(cat "${files[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     req=requirements.txt
     [ "${1:-}" = "dev" ] && req=requirements-dev.txt
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" 2>&1 \
-        | grep -v "is neither a file nor a directory" || true
-    .venv/bin/python -c "import torch, safetensors, tokenizers" 
+    if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" > .venv/pip.log 2>&1; then
+        grep -v "is neither a file nor a directory" .venv/pip.log >&2
+        echo "Installing $req failed (full log: .venv/pip.log)." >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
