@@ -214,3 +214,23 @@ def test_crash_mid_answer_keeps_the_session_and_earlier_answers(lm, storage, mon
     assert messages[1].text == earlier.text
     # The service still works afterwards, from its cache.
     assert ask(svc, storage, session, "Third question").status == "complete"
+
+
+def test_concurrent_requests_do_not_share_state(lm, storage):
+    doc_ids = add_documents(storage)
+    svc = service(lm, storage)
+    sessions = [new_session(storage, doc_ids) for _ in range(3)]
+    questions = ["Who pays?", "When is delivery?", "What is the revenue?"]
+    expected = [ask(service(lm, storage, cached=False), storage, new_session(storage, doc_ids), q).text
+                for q in questions]
+    results = [None] * 3
+
+    def run(index):
+        results[index] = ask(svc, storage, sessions[index], questions[index]).text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == expected
