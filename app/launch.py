@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     sys.argv = [
         "streamlit", "run", str(PROJECT_ROOT / "app" / "streamlit_app.py"),
         "--server.address", settings.host, "--server.port", str(settings.port),
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
         "--server.maxUploadSize", str(settings.upload_limit_mb), *argv,
     ]
     return cli.main()
