@@ -142,7 +142,9 @@ def choose_documents(page, label: str, titles: list[str]) -> None:
 
 
 def ask(page, question: str) -> None:
-    field = page.get_by_test_id("stChatInputTextArea")
+    # While a rerun replaces the chat input, the stale (disabled) one can still be on the page.
+    field = page.locator('[data-testid="stChatInputTextArea"]:not([disabled])')
+    sync_api.expect(field).to_have_count(1)
     field.fill(question)
     field.press("Enter")
 
