@@ -10,6 +10,7 @@ from kernels.attention import causal_attention
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from kernels.gated_delta_rule import gated_delta_rule_from_gates
 from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
+from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
 
 from .config import ModelConfig
@@ -19,6 +20,13 @@ from .state import AttentionLayerState, LinearLayerState
 # Tokens per chunk of the chunked delta rule: 32 beat 64 on the CPUs measured (smaller
 # triangular systems, same matmul volume).
 DELTA_RULE_CHUNK = 32
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose few-row calls (decode, draft verification) take the small-row kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -54,10 +62,10 @@ class GatedAttention(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim * 2, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.heads * self.head_dim * 2, bias=bias)
+        self.k_proj = Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, hidden, bias=bias)
         self.q_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -93,13 +101,13 @@ class GatedDeltaNet(nn.Module):
         self.group = self.value_heads // self.key_heads
         conv_dim = config.linear_conv_dim
         qkvz = 2 * self.key_heads * self.key_dim + 2 * self.value_heads * self.value_dim
-        self.in_proj_qkvz = nn.Linear(config.hidden_size, qkvz, bias=False)
-        self.in_proj_ba = nn.Linear(config.hidden_size, 2 * self.value_heads, bias=False)
+        self.in_proj_qkvz = Linear(config.hidden_size, qkvz, bias=False)
+        self.in_proj_ba = Linear(config.hidden_size, 2 * self.value_heads, bias=False)
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.linear_conv_kernel_dim, groups=conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.value_heads))
         self.A_log = nn.Parameter(torch.zeros(self.value_heads))
         self.norm = GatedRMSNorm(self.value_dim, config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_heads * self.value_dim, config.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_heads * self.value_dim, config.hidden_size, bias=False)
 
     def _split_projections(self, x: torch.Tensor):
         """The projections are grouped per key head: `[q | k | v(group) | z(group)]` and `[b | a]`."""
@@ -138,9 +146,9 @@ class GatedDeltaNet(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = Linear(hidden, width, bias=False)
+        self.up_proj = Linear(hidden, width, bias=False)
+        self.down_proj = Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -178,7 +186,7 @@ class SparseMoE(nn.Module):
         self.gate = Router(config)
         self.experts = Experts(config)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import FULL_ATTENTION, ModelConfig
-from .layers import DecoderLayer, ZeroCenteredRMSNorm
+from .layers import DecoderLayer, Linear, ZeroCenteredRMSNorm
 from .loader import LoadError, fill_module
 from .qwen3_next import LanguageModel
 from .state import AttentionLayerState, LayerState, ModelState, StateError, empty_kv
@@ -50,7 +50,7 @@ class MtpBlock(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.pre_fc_norm_embedding = ZeroCenteredRMSNorm(hidden, eps)
         self.pre_fc_norm_hidden = ZeroCenteredRMSNorm(hidden, eps)
-        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.fc = Linear(2 * hidden, hidden, bias=False)
         self.layers = nn.ModuleList([DecoderLayer(mtp_layer_config(config, moe), 0)])
         self.norm = ZeroCenteredRMSNorm(hidden, eps)
 

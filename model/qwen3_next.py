@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import DecoderLayer, ZeroCenteredRMSNorm
+from .layers import DecoderLayer, Linear, ZeroCenteredRMSNorm
 from .rope import RotaryEmbedding
 from .state import LinearLayerState, ModelState, empty_kv
 
@@ -27,7 +27,7 @@ class Qwen3NextForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.model = Qwen3NextBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 class LanguageModel:

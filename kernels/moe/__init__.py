@@ -1,13 +1,15 @@
 """Routed mixture of experts: top-k softmax router and grouped SwiGLU experts.
 
 Each function runs the Triton kernels for CUDA tensors when Triton imports, and the PyTorch
-reference in `reference.py` (the numerics of `model.layers.Router` / `Experts`) otherwise.
+reference in `reference.py` (the numerics of `model.layers.Router` / `Experts`) otherwise, with
+few-row projections through `kernels.linear`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from ..linear import linear
 from ..triton_utils import use_triton
 from . import reference
 
@@ -20,7 +22,7 @@ def moe_route(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> 
         from .triton_moe import route_triton
 
         return route_triton(x, router_weight, top_k, normalize)
-    return reference.route(x, router_weight, top_k, normalize)
+    return reference.route(x, router_weight, top_k, normalize, linear)
 
 
 def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
@@ -30,7 +32,7 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tenso
         from .triton_moe import experts_swiglu_triton
 
         return experts_swiglu_triton(x, weights, experts, gate_up_proj, down_proj)
-    return reference.experts_swiglu(x, weights, experts, gate_up_proj, down_proj)
+    return reference.experts_swiglu(x, weights, experts, gate_up_proj, down_proj, linear)
 
 
 def sparse_moe(

@@ -1,0 +1,41 @@
+"""Linear layers for a handful of rows (decode steps, draft verification, small expert groups).
+
+PyTorch's bf16 GEMM on CPU is slow for one row and rounds a row differently depending on how
+many rows share the call. On CPUs with AVX-512 BF16 the native kernel here is faster and gives
+each row the same bits whatever the batch; elsewhere, and for larger batches, `F.linear` runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import native
+from .reference import linear_reference
+
+__all__ = ["SMALL_M_MAX_ROWS", "linear", "linear_reference", "uses_native"]
+
+# Above this many rows PyTorch's blocked GEMM (oneDNN) is the faster path.
+SMALL_M_MAX_ROWS = 16
+
+
+def uses_native(x: Tensor, weight: Tensor) -> bool:
+    """Whether `linear(x, weight)` takes the native small-row kernel."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    # The native kernel has no backward: keep autograd's path whenever a gradient could be asked for.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return 0 < rows <= SMALL_M_MAX_ROWS and weight.is_contiguous() and not needs_grad and native.kernel() is not None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x `[..., K]`, weight `[N, K]`, bias `[N]` or None -> `[..., N]` in x.dtype."""
+    if not uses_native(x, weight):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = native.linear_small_m(flat, weight, x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias

@@ -1,0 +1,110 @@
+/* bf16 linear layer for a few rows: y[m, n] = round_bf16(sum_k x[m, k] * w[n, k]).
+ *
+ * Every output element is one dot product accumulated in fp32 by the same arithmetic: 32-wide
+ * bf16 pair products in K order into 16 lanes, then the lanes summed by a fixed tree. Neither
+ * the number of rows M, a row's position in the batch nor the thread split changes it, so a
+ * token's projection is bit-identical whether computed alone (decode) or beside others (draft
+ * verification). Weight rows go in blocks of 16 so one transpose-and-add tree reduces 16 dot
+ * products at once.
+ *
+ * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#define BLOCK 16
+
+static inline __m512bh load_bf16(const uint16_t *src, int64_t count) {
+    if (count >= 32) return (__m512bh)_mm512_loadu_si512(src);
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), src);
+}
+
+/* Lane sums of 16 accumulators: result[r] = sum of acc[r]'s lanes, by the same tree for every r
+ * (lane j pairs with j+8, then j+4, then j+2, then j+1). */
+static inline __m512 reduce16(__m512 acc[BLOCK]) {
+    __m512 pairs[8], quads[4];
+    for (int p = 0; p < 8; p++) {
+        __m512 a = acc[2 * p], b = acc[2 * p + 1];
+        pairs[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+    for (int q = 0; q < 4; q++) {
+        __m512 a = pairs[2 * q], b = pairs[2 * q + 1];
+        quads[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    }
+    __m512 d0 = _mm512_add_ps(_mm512_unpacklo_ps(quads[0], quads[1]), _mm512_unpackhi_ps(quads[0], quads[1]));
+    __m512 d1 = _mm512_add_ps(_mm512_unpacklo_ps(quads[2], quads[3]), _mm512_unpackhi_ps(quads[2], quads[3]));
+    __m512 e = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(d0), _mm512_castps_pd(d1))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(d0), _mm512_castps_pd(d1))));
+    /* e[4q + i] holds row 4i + q. */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, e);
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion (NaN stays a quiet NaN). */
+static inline __m256i to_bf16(__m512 values) {
+    __m512i bits = _mm512_castps_si512(values);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+
+/* Dot products of one x row with `rows` weight rows; a full block keeps its 16 accumulators in
+ * registers (constant trip count), a last partial block pads with zero accumulators. */
+static inline __m512 dot_block(const uint16_t *x, const uint16_t *w, int64_t ldw, int64_t K, int rows) {
+    __m512 acc[BLOCK];
+    for (int r = 0; r < BLOCK; r++) acc[r] = _mm512_setzero_ps();
+    if (rows == BLOCK) {
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+            for (int r = 0; r < BLOCK; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(w + r * ldw + k));
+        }
+        if (k < K) {
+            __m512bh xv = load_bf16(x + k, K - k);
+            for (int r = 0; r < BLOCK; r++) acc[r] = _mm512_dpbf16_ps(acc[r], xv, load_bf16(w + r * ldw + k, K - k));
+        }
+    } else {
+        for (int64_t k = 0; k < K; k += 32) {
+            __m512bh xv = load_bf16(x + k, K - k);
+            for (int r = 0; r < rows; r++) acc[r] = _mm512_dpbf16_ps(acc[r], xv, load_bf16(w + r * ldw + k, K - k));
+        }
+    }
+    return reduce16(acc);
+}
+
+static void run_blocks(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t ldw, int64_t N,
+                       int64_t K, void *y, int64_t ldy, int fp32_out, int64_t first_block, int64_t end_block) {
+    for (int64_t block = first_block; block < end_block; block++) {
+        int64_t n0 = block * BLOCK;
+        int rows = (int)(N - n0 < BLOCK ? N - n0 : BLOCK);
+        __mmask16 keep = (__mmask16)((1u << rows) - 1);
+        for (int64_t m = 0; m < M; m++) {
+            __m512 sums = dot_block(x + m * ldx, w + n0 * ldw, ldw, K, rows);
+            if (fp32_out) _mm512_mask_storeu_ps((float *)y + m * ldy + n0, keep, sums);
+            else _mm256_mask_storeu_epi16((uint16_t *)y + m * ldy + n0, keep, to_bf16(sums));
+        }
+    }
+}
+
+/* x [M, K] (row stride ldx), w [N, K] (row stride ldw), y [M, N] (row stride ldy), all in elements.
+ * Splits the weight rows over up to `threads` OpenMP threads when the matrix is large enough. */
+void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t ldw, int64_t N,
+                         int64_t K, void *y, int64_t ldy, int fp32_out, int threads) {
+    int64_t blocks = (N + BLOCK - 1) / BLOCK;
+    if (threads <= 1 || N * K < (1 << 17)) {
+        run_blocks(x, ldx, M, w, ldw, N, K, y, ldy, fp32_out, 0, blocks);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int count = omp_get_num_threads(), index = omp_get_thread_num();
+        int64_t per = (blocks + count - 1) / count;
+        int64_t first = index * per, end = first + per < blocks ? first + per : blocks;
+        if (first < end) run_blocks(x, ldx, M, w, ldw, N, K, y, ldy, fp32_out, first, end);
+    }
+}

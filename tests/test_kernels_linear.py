@@ -1,0 +1,119 @@
+"""The small-row bf16 linear kernel against its fp32-accumulating reference.
+
+Both sum exact bf16 products in fp32, in different orders, then round once to bf16. Tolerance:
+one bf16 rounding step of the result (2^-8 relative) plus the worst fp32 reordering error,
+K * 2^-24 * sum_k |x_k w_k|. Rows must also be bitwise independent of the batch they sit in and
+of the thread count: that is what lets draft verification reproduce decode steps exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import linear as linear_module
+from kernels.linear import SMALL_M_MAX_ROWS, linear, linear_reference, native, uses_native
+
+requires_native = pytest.mark.skipif(
+    native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+)
+
+SHAPES = [(1, 1, 1), (1, 17, 31), (2, 33, 32), (3, 300, 100), (5, 64, 512), (16, 129, 2048), (7, 16, 33)]
+
+
+def shape_id(shape) -> str:
+    return "M{}-N{}-K{}".format(*shape)
+
+
+def operands(shape, seed: int):
+    rows, outputs, depth = shape
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, depth, generator=generator).bfloat16()
+    weight = torch.randn(outputs, depth, generator=generator).bfloat16()
+    return x, weight
+
+
+def assert_close_to_reference(actual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    expected = linear_reference(x, weight, torch.float32)
+    magnitude = x.float().abs() @ weight.float().abs().T
+    bound = expected.abs() * 2.0**-8 + magnitude * x.shape[-1] * 2.0**-24
+    error = (actual.float() - expected).abs()
+    assert torch.all(error <= bound), f"max excess {(error - bound).max().item()}"
+
+
+@requires_native
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_native_matches_reference(shape) -> None:
+    x, weight = operands(shape, seed=sum(shape))
+    with torch.no_grad():
+        assert uses_native(x, weight)
+        actual = linear(x, weight)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (shape[0], shape[1])
+    assert_close_to_reference(actual, x, weight)
+
+
+@requires_native
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_native_fp32_output_matches_reference(shape) -> None:
+    x, weight = operands(shape, seed=7)
+    actual = native.linear_small_m(x, weight, torch.float32)
+    expected = linear_reference(x, weight, torch.float32)
+    magnitude = x.float().abs() @ weight.float().abs().T
+    assert torch.all((actual - expected).abs() <= magnitude * x.shape[-1] * 2.0**-24)
+
+
+@requires_native
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_rows_do_not_depend_on_batch_or_threads(shape) -> None:
+    x, weight = operands(shape, seed=3)
+    with torch.no_grad():
+        batch = linear(x, weight)
+        for row in range(x.shape[0]):
+            assert torch.equal(linear(x[row : row + 1], weight), batch[row : row + 1])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single_thread = linear(x, weight)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(single_thread, batch)
+
+
+@requires_native
+def test_strided_rows_bias_and_leading_dims() -> None:
+    x, weight = operands((4, 40, 96), seed=11)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(1)).bfloat16()
+    wide = torch.cat([x, x], dim=-1)[:, :96]  # row stride 192
+    with torch.no_grad():
+        plain = linear(x, weight, bias)
+        assert torch.equal(linear(wide, weight, bias), plain)
+        assert torch.equal(linear(x.view(2, 2, 96), weight, bias).view(4, 40), plain)
+    assert torch.equal(plain, linear(x, weight) + bias)
+
+
+@requires_native
+def test_special_values_propagate() -> None:
+    x, weight = operands((2, 20, 64), seed=5)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    with torch.no_grad():
+        out = linear(x, weight)
+    assert torch.isnan(out[0]).all()
+    assert not torch.isfinite(out[1]).any()
+
+
+def test_other_cases_take_pytorch_path(monkeypatch) -> None:
+    x, weight = operands((3, 24, 40), seed=2)
+    many = torch.randn(SMALL_M_MAX_ROWS + 1, 40).bfloat16()
+    assert not uses_native(x.float(), weight.float())
+    assert not uses_native(many, weight)
+    assert not uses_native(x, weight.t().contiguous().t())
+    trainable = weight.clone().requires_grad_()
+    assert not uses_native(x, trainable)
+    with torch.no_grad():
+        assert uses_native(x, trainable) == (native.kernel() is not None)
+    monkeypatch.setattr(linear_module.native, "kernel", lambda: None)
+    assert not uses_native(x, weight)
+    with torch.no_grad():
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
