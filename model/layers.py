@@ -12,6 +12,7 @@ from kernels.gated_delta_rule import gated_delta_rule_from_gates
 from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
 from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
+from kernels.rowwise import per_token
 
 from .config import ModelConfig
 from .rope import apply_rotary
@@ -193,7 +194,8 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         weights, experts = self.gate(flat)
         routed = self.experts(flat, weights, experts)
-        shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        gate = per_token(lambda tokens: torch.sigmoid(self.shared_expert_gate(tokens)), flat, dim=0)
+        shared = gate * self.shared_expert(flat)
         return (routed + shared).view(shape)
 
 

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from kernels.rowwise import per_token
+
 from .config import ModelConfig, RopeSettings, yarn_attention_factor
 
 
@@ -43,6 +45,9 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions `[T]` int64 -> cos, sin `[T, rotary_dim]` in `dtype`."""
+        return per_token(lambda p: self._cos_sin(p, dtype), positions, dim=0)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)

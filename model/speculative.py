@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.linear import SMALL_M_MAX_ROWS, uses_native
+
 from .generation import (
     Cancelled,
     Generation,
@@ -39,6 +41,10 @@ from .mtp import MtpCache, MtpRunner, SpeculativeState, mtp_block, new_mtp_cache
 from .qwen3_next import LanguageModel
 from .sampling import Sampler
 from .state import LinearLayerState, ModelState
+
+# A forward over at most this many tokens rounds each row as a one-token step does, where the
+# row-independent kernels run (bf16 on CPU): linear layers, attention and the recurrent delta rule.
+EXACT_VERIFY_ROWS = SMALL_M_MAX_ROWS
 
 DEFAULT_DRAFT_TOKENS = 2
 _DEFAULT_SETTINGS = GenerationSettings()
@@ -263,8 +269,10 @@ class SpeculativeGeneration(Generation):
             raise ValueError("draft_tokens must be >= 0")
         self.drafter = (drafter or default_drafter(lm)) if draft_tokens else None
         self.draft_tokens = draft_tokens if self.drafter is not None else 0
-        # One deferred rollback fits by default: pending (<= k + 1) plus k drafts.
-        self.max_verify_tokens = max_verify_tokens or 2 * self.draft_tokens + 1
+        # One deferred rollback fits by default: pending (<= k + 1) plus k drafts, kept within the
+        # rows for which a forward reproduces one-token steps bit for bit (bf16 on CPU).
+        self.max_verify_tokens = max_verify_tokens or max(
+            min(2 * self.draft_tokens + 1, EXACT_VERIFY_ROWS), self.draft_tokens + 1)
         if self.max_verify_tokens < self.draft_tokens + 1:
             raise ValueError("max_verify_tokens must be at least draft_tokens + 1")
         self.result = SpeculativeResult(
@@ -315,10 +323,14 @@ class _SpeculativeRun:
     def _row_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Final-normed rows `[T, H]` -> logits `[T, V]`.
 
-        `W @ x.T` keeps the cost flat in T: on CPU, fp32 `linear` over 2-4 rows takes a path
-        about three times slower than over one row, which would eat the gain of verifying at once.
+        The small-row kernel (bf16 on CPU) gives each row the bits of a one-token step. Otherwise
+        `W @ x.T` keeps the cost flat in T: on CPU, fp32 `linear` over 2-4 rows takes a path about
+        three times slower than over one row, which would eat the gain of verifying at once.
         """
-        return (self.lm.module.lm_head.weight @ normed.T).T
+        head = self.lm.module.lm_head
+        if uses_native(normed, head.weight):
+            return head(normed)
+        return (head.weight @ normed.T).T
 
     def _history(self, extra: Sequence[int] = ()) -> torch.Tensor | None:
         return torch.tensor(self.history + list(extra), dtype=torch.long) if self.penalize else None

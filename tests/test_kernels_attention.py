@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.attention import causal_attention, naive_causal_attention
+from kernels.attention import native as attention_native
 
 # fp32: same softmax, computed in two merged pieces; only rounding differs.
 FP32_ATOL = 2e-6
@@ -53,3 +54,70 @@ def test_reads_only_the_live_part_of_a_larger_buffer():
     reference = naive_causal_attention(q, keys[:, :, :12].clone(), values[:, :, :12].clone(), 8**-0.5)
     assert not torch.isnan(ours).any()
     torch.testing.assert_close(ours, reference, atol=FP32_ATOL, rtol=0)
+
+
+requires_native = pytest.mark.skipif(
+    attention_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+)
+
+FEW_QUERY_CASES = [
+    # batch, queries, heads, kv heads, cached positions before the queries, head dim
+    (1, 1, 16, 2, 4095, 128),
+    (1, 3, 16, 2, 61, 128),
+    (2, 5, 6, 3, 130, 48),
+    (1, 16, 4, 1, 0, 256),
+    (1, 2, 8, 8, 64, 16),
+    (1, 7, 12, 2, 200, 80),
+]
+
+
+def few_query_operands(case, capacity_extra: int = 0):
+    batch, length, heads, kv_heads, past, dim = case
+    generator = torch.Generator().manual_seed(sum(case))
+    q = torch.randn(batch, length, heads, dim, generator=generator).bfloat16()
+    total = past + length
+    k = torch.full((batch, kv_heads, total + capacity_extra, dim), float("nan"), dtype=torch.bfloat16)
+    v = torch.full_like(k, float("nan"))
+    k[:, :, :total] = torch.randn(batch, kv_heads, total, dim, generator=generator).bfloat16()
+    v[:, :, :total] = (torch.randn(batch, kv_heads, total, dim, generator=generator) * 2).bfloat16()
+    return q, k[:, :, :total], v[:, :, :total]
+
+
+@requires_native
+@pytest.mark.parametrize("case", FEW_QUERY_CASES, ids=case_id)
+def test_few_queries_kernel_matches_naive(case):
+    q, k, v = few_query_operands(case, capacity_extra=37)
+    dim = q.shape[-1]
+    assert attention_native.supports(q, k, v)
+    ours = causal_attention(q, k, v, dim**-0.5)
+    reference = naive_causal_attention(q.float(), k.float(), v.float(), dim**-0.5)
+    assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+    assert not torch.isnan(ours).any(), "read past the live K/V (NaN-filled spare capacity)"
+    torch.testing.assert_close(ours.float(), reference, atol=BF16_ATOL, rtol=0)
+
+
+@requires_native
+@pytest.mark.parametrize("case", FEW_QUERY_CASES, ids=case_id)
+def test_few_queries_rows_equal_one_token_calls(case):
+    """Query t alone, over the keys it sees, gives the bits it gets beside the others (any thread count)."""
+    q, k, v = few_query_operands(case)
+    length, past, scale = q.shape[1], k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
+    together = causal_attention(q, k, v, scale)
+    for t in range(length):
+        visible = past + t + 1
+        alone = causal_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale)
+        assert torch.equal(alone, together[:, t : t + 1]), f"query {t}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(causal_attention(q, k, v, scale), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_few_queries_kernel_declines_other_inputs():
+    q, k, v = few_query_operands((1, 3, 4, 2, 5, 32))
+    assert not attention_native.supports(q.float(), k.float(), v.float())
+    assert not attention_native.supports(q[..., :24], k[..., :24], v[..., :24])
+    long_q = torch.zeros(1, attention_native.MAX_QUERIES + 1, 4, 32, dtype=torch.bfloat16)
+    assert not attention_native.supports(long_q, k, v)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -35,6 +37,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     kv_heads, total = k.shape[1], k.shape[2]
     group = heads // kv_heads
     past = total - length
+    if native.supports(q, k, v):
+        return native.few_queries_attention(q, k, v, scale)
     if length == 1:
         grouped = q.reshape(batch, kv_heads, group, dim)
         out = F.scaled_dot_product_attention(grouped, k, v, scale=scale)

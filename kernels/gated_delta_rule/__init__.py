@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..rowwise import per_token
 from ..triton_utils import triton_importable, use_triton
 from .chunk import chunk_gated_delta_rule
 from .naive import naive_gated_delta_rule
@@ -35,8 +36,10 @@ __all__ = [
 
 # Longest input that "auto" runs token by token. Measured on CPU with bench/ops.py --sweep
 # (B=1, H=4, HV=8, K=V=64, 1 or 2 threads): the per-token loop costs ~0.05 ms a token, a
-# single chunk ~0.35-0.45 ms up to 16 tokens; they break even between 8 and 12 tokens.
-RECURRENT_MAX_LEN = 8
+# single chunk ~0.35-0.45 ms up to 16 tokens; they break even between 8 and 12 tokens. 16 is
+# kept anyway: the per-token loop rounds each token exactly as a one-token decode step does, so
+# draft verification over up to 16 tokens reproduces decoding bit for bit.
+RECURRENT_MAX_LEN = 16
 # The same switch for the Triton kernels on CUDA: a guess until measured on a GPU
 # (bench/kernels.py --sweep); the chunked path costs four launches whatever T is.
 TRITON_RECURRENT_MAX_LEN = 16
@@ -186,5 +189,6 @@ def gated_delta_rule_from_gates(
         from .triton_recurrent import recurrent_gated_delta_rule_from_gates_triton
 
         return recurrent_gated_delta_rule_from_gates_triton(q, k, v, a, b, A_log, dt_bias, **kwargs)
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
-    return gated_delta_rule(q, k, v, g, b.sigmoid(), chunk_size=chunk_size, **kwargs)
+    decay_rate = A_log.float().exp()
+    g = per_token(lambda a_t: -decay_rate * F.softplus(a_t.float() + dt_bias), a)
+    return gated_delta_rule(q, k, v, g, per_token(torch.sigmoid, b), chunk_size=chunk_size, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rowwise import per_token
 from .utils import Dims, check_inputs, initial_state_fp32, prepare_qk
 
 
@@ -53,13 +54,14 @@ def recurrent_gated_delta_rule(
     heads, group, value_dim = dims.value_heads, dims.group, dims.value_dim
     rows = batch * heads
 
-    q32, k32 = prepare_qk(q, k, scale, use_qk_l2norm)
+    # Per token for short inputs, so each token is prepared exactly as in a one-token call.
+    q32, k32 = per_token(lambda q_t, k_t: prepare_qk(q_t, k_t, scale, use_qk_l2norm), q, k)
     state = _state_buffer(initial_state, state_out, dims, q.device)
     flat_state = state.view(rows, key_dim, value_dim)
     beta32 = beta.to(torch.float32)
     # beta * v once up front; per token only beta * (S^T k) is left to subtract.
     beta_v = v.to(torch.float32) * beta32[..., None]
-    decay = g.to(torch.float32).exp()
+    decay = per_token(lambda g_t: g_t.to(torch.float32).exp(), g)
 
     if length == 1:
         # Decode: every [B, 1, ...] tensor is already laid out as one row per value head.
@@ -74,15 +76,15 @@ def recurrent_gated_delta_rule(
         out = torch.bmm(query, flat_state).view(batch, 1, heads, value_dim).to(v.dtype)
         return out, (state if output_final_state else None)
 
-    def per_token(x: Tensor, tail: tuple[int, ...]) -> Tensor:
+    def step_major(x: Tensor, tail: tuple[int, ...]) -> Tensor:
         """[B, T, HV, ...] -> [T, B*HV, ...] contiguous, so each step reads one slab."""
         return x.transpose(0, 1).reshape(length, rows, *tail)
 
-    query = per_token(q32[:, :, :, None].expand(batch, length, key_heads, group, key_dim), (1, key_dim))
-    key = per_token(k32[:, :, :, None].expand(batch, length, key_heads, group, key_dim), (1, key_dim))
-    beta_v = per_token(beta_v, (1, value_dim))
-    beta32 = per_token(beta32, (1, 1))
-    decay = per_token(decay, (1, 1))
+    query = step_major(q32[:, :, :, None].expand(batch, length, key_heads, group, key_dim), (1, key_dim))
+    key = step_major(k32[:, :, :, None].expand(batch, length, key_heads, group, key_dim), (1, key_dim))
+    beta_v = step_major(beta_v, (1, value_dim))
+    beta32 = step_major(beta32, (1, 1))
+    decay = step_major(decay, (1, 1))
     out = torch.empty(length, rows, 1, value_dim, dtype=torch.float32, device=q.device)
     for t in range(length):
         flat_state.mul_(decay[t])

@@ -1,0 +1,70 @@
+"""Builds and loads the C kernels (`*.c` beside their op) with the system compiler, once per version.
+
+A library lands in a per-user cache folder named by its source's hash, written to a temporary
+name and renamed so parallel processes never load a half-written file. Anything missing (no
+compiler, no AVX-512 BF16, a failed build) makes `load` return None and callers keep PyTorch's
+path; set DOCANALYST_NATIVE=0 to force that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch  # noqa: F401  (loads its libgomp.so.1 before any kernel library does)
+
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "docanalyst" / "native"
+
+
+def _build(source: Path, compiler: str) -> Path:
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source)], check=True, capture_output=True)
+        os.replace(partial, target)
+    return target
+
+
+@functools.cache
+def load(source: Path, function: str, argtypes: tuple):
+    """The C function `function` of `source` with its ctypes argument types, or None where it
+    cannot run here."""
+    if os.environ.get("DOCANALYST_NATIVE", "1") == "0" or not _cpu_has_avx512_bf16():
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    try:
+        # torch is already imported, so the library's libgomp.so.1 resolves to the OpenMP runtime
+        # torch loaded and both share one thread pool.
+        library = ctypes.CDLL(str(_build(source, compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        warnings.warn(f"native kernel {source.name} unavailable, using PyTorch's path: {error}", stacklevel=2)
+        return None
+    entry = getattr(library, function)
+    entry.argtypes = list(argtypes)
+    entry.restype = None
+    return entry
