@@ -14,6 +14,8 @@ from .sampling import Sampler, SamplingParams
 from .state import ModelState
 
 DEFAULT_PREFILL_CHUNK = 2048
+# Positions reserved past a prompt for the answer that follows it.
+ANSWER_ROOM = 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ def prefill(lm: LanguageModel, state: ModelState, token_ids: Sequence[int] | tor
     total = ids.shape[1]
     if total == 0:
         raise ValueError("prefill needs at least one token")
+    # Room for the whole prompt and a typical answer up front: growing by doubling would copy the
+    # K/V and hold old and new buffers at once, the peak of a long prefill.
+    state.reserve(state.seen_tokens + total + ANSWER_ROOM)
     started = time.perf_counter()
     logits = None
     for start in range(0, total, chunk_size):

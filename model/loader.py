@@ -164,7 +164,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
                 for name in handle.keys():
                     value = handle.get_tensor(name)
                     if name.startswith("mtp."):
-                        extra[name] = value.to(device=device, dtype=dtype)
+                        # A copy: the tensor may view the file's memory map, which would then stay
+                        # mapped (and resident) for as long as the model lives.
+                        extra[name] = value.to(device=device, dtype=dtype, copy=True)
                     else:
                         _copy_tensor(name, value, targets, config, dtype, device)
         except (SafetensorError, OSError, RuntimeError) as exc:

@@ -43,13 +43,18 @@ class AttentionLayerState:
 
     def ensure_capacity(self, needed: int) -> None:
         capacity = self.key.shape[2]
-        if needed <= capacity:
+        if needed > capacity:
+            self.reserve(max(needed, 2 * capacity))
+
+    def reserve(self, capacity: int) -> None:
+        """Grow to exactly `capacity` positions (a prompt of known length then never doubles)."""
+        old_capacity = self.key.shape[2]
+        if capacity <= old_capacity:
             return
-        new_capacity = max(needed, 2 * capacity)
         for name in ("key", "value"):
             old = getattr(self, name)
-            grown = old.new_empty(old.shape[0], old.shape[1], new_capacity, old.shape[3])
-            grown[:, :, :capacity] = old
+            grown = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+            grown[:, :, :old_capacity] = old
             setattr(self, name, grown)
 
     def tensors(self, used: int) -> dict[str, torch.Tensor]:
@@ -84,6 +89,12 @@ class ModelState:
             for name, tensor in layer.tensors(self.seen_tokens).items():
                 named[f"layers.{index}.{name}"] = tensor
         return named
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` positions in every attention layer, without the doubling slack."""
+        for layer in self.layers:
+            if isinstance(layer, AttentionLayerState):
+                layer.reserve(tokens)
 
     def nbytes(self) -> int:
         """Bytes of live state (K/V counted up to `seen_tokens`, not the spare capacity)."""

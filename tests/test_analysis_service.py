@@ -9,6 +9,8 @@ import torch
 
 from app.services.analysis import AnalysisService, ContextTooLong
 from app.services.prompting import chain_keys, question_segment, system_segment
+from kernels.attention import native as attention_native
+from kernels.linear import native as linear_native
 from model import load_model
 from storage.repository import Storage
 
@@ -180,8 +182,8 @@ def test_reused_document_id_never_serves_the_old_text(lm, storage):
 
 
 def test_speculative_decoding_gives_the_same_answer(lm, storage):
-    if lm.dtype != torch.float32:
-        pytest.skip("batched verification and single steps round differently in bf16; exact only in fp32")
+    if lm.dtype == torch.bfloat16 and (linear_native.kernel() is None or attention_native.kernel() is None):
+        pytest.skip("bf16 verification rounds like decode steps only with the native kernels")
     doc_ids = add_documents(storage)
     plain = ask(service(lm, storage, cached=False), storage, new_session(storage, doc_ids), "Any penalties?")
     fast = ask(service(lm, storage, cached=False, draft_tokens=2), storage, new_session(storage, doc_ids),

@@ -60,7 +60,7 @@ requires_native = pytest.mark.skipif(
     attention_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
 )
 
-FEW_QUERY_CASES = [
+NATIVE_CASES = [
     # batch, queries, heads, kv heads, cached positions before the queries, head dim
     (1, 1, 16, 2, 4095, 128),
     (1, 3, 16, 2, 61, 128),
@@ -68,10 +68,12 @@ FEW_QUERY_CASES = [
     (1, 16, 4, 1, 0, 256),
     (1, 2, 8, 8, 64, 16),
     (1, 7, 12, 2, 200, 80),
+    (1, 130, 16, 2, 70, 128),  # more rows than one tile of 128, odd keys per block
+    (1, 65, 4, 2, 0, 64),
 ]
 
 
-def few_query_operands(case, capacity_extra: int = 0):
+def native_operands(case, capacity_extra: int = 0):
     batch, length, heads, kv_heads, past, dim = case
     generator = torch.Generator().manual_seed(sum(case))
     q = torch.randn(batch, length, heads, dim, generator=generator).bfloat16()
@@ -84,9 +86,9 @@ def few_query_operands(case, capacity_extra: int = 0):
 
 
 @requires_native
-@pytest.mark.parametrize("case", FEW_QUERY_CASES, ids=case_id)
-def test_few_queries_kernel_matches_naive(case):
-    q, k, v = few_query_operands(case, capacity_extra=37)
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_kernel_matches_naive(case):
+    q, k, v = native_operands(case, capacity_extra=37)
     dim = q.shape[-1]
     assert attention_native.supports(q, k, v)
     ours = causal_attention(q, k, v, dim**-0.5)
@@ -97,10 +99,10 @@ def test_few_queries_kernel_matches_naive(case):
 
 
 @requires_native
-@pytest.mark.parametrize("case", FEW_QUERY_CASES, ids=case_id)
-def test_few_queries_rows_equal_one_token_calls(case):
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_rows_equal_one_token_calls(case):
     """Query t alone, over the keys it sees, gives the bits it gets beside the others (any thread count)."""
-    q, k, v = few_query_operands(case)
+    q, k, v = native_operands(case)
     length, past, scale = q.shape[1], k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
     together = causal_attention(q, k, v, scale)
     for t in range(length):
@@ -115,9 +117,9 @@ def test_few_queries_rows_equal_one_token_calls(case):
         torch.set_num_threads(threads)
 
 
-def test_few_queries_kernel_declines_other_inputs():
-    q, k, v = few_query_operands((1, 3, 4, 2, 5, 32))
+def test_native_kernel_declines_other_inputs():
+    q, k, v = native_operands((1, 3, 4, 2, 5, 32))
     assert not attention_native.supports(q.float(), k.float(), v.float())
     assert not attention_native.supports(q[..., :24], k[..., :24], v[..., :24])
-    long_q = torch.zeros(1, attention_native.MAX_QUERIES + 1, 4, 32, dtype=torch.bfloat16)
-    assert not attention_native.supports(long_q, k, v)
+    wide = torch.zeros(1, 3, 4, attention_native.MAX_HEAD_DIM + 16, dtype=torch.bfloat16)
+    assert not attention_native.supports(wide, wide.transpose(1, 2), wide.transpose(1, 2))

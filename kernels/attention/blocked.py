@@ -38,7 +38,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     group = heads // kv_heads
     past = total - length
     if native.supports(q, k, v):
-        return native.few_queries_attention(q, k, v, scale)
+        return native.native_causal_attention(q, k, v, scale)
     if length == 1:
         grouped = q.reshape(batch, kv_heads, group, dim)
         out = F.scaled_dot_product_attention(grouped, k, v, scale=scale)

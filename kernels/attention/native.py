@@ -1,4 +1,4 @@
-"""ctypes binding of `few_queries_bf16.c`: attention of up to `MAX_QUERIES` new tokens."""
+"""ctypes binding of `causal_bf16.c`: causal attention over a bf16 K/V cache on CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..native import load
 
-MAX_QUERIES = 16
+MAX_HEAD_DIM = 256
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _I64,
              _I64, ctypes.c_int)
@@ -18,29 +18,28 @@ _ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _
 
 @functools.cache
 def kernel():
-    """The C function `attention_few_queries_bf16`, or None where it cannot run here."""
-    entry = load(Path(__file__).with_name("few_queries_bf16.c"), "attention_few_queries_bf16", _ARGTYPES)
+    """The C function `attention_causal_bf16`, or None where it cannot run here."""
+    entry = load(Path(__file__).with_name("causal_bf16.c"), "attention_causal_bf16", _ARGTYPES)
     if entry is not None:
         entry.restype = ctypes.c_int
     return entry
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `few_queries_attention` takes these: bf16 on CPU, at most MAX_QUERIES tokens,
-    head dim a multiple of 16 up to 512, unit stride along it."""
+    """Whether `native_causal_attention` takes these: bf16 on CPU, head dim a multiple of 16 up to
+    MAX_HEAD_DIM, unit stride along it, K and V laid out alike."""
     return (
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
-        and q.shape[1] <= MAX_QUERIES
         and q.shape[-1] % 16 == 0
-        and q.shape[-1] <= 512
+        and q.shape[-1] <= MAX_HEAD_DIM
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
         and k.stride() == v.stride()
         and kernel() is not None
     )
 
 
-def few_queries_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q `[B, T, H, D]`, k/v `[B, KVH, S, D]` (the last T keys are the new tokens') -> `[B, T, H, D]`."""
     batch, length, heads, dim = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
