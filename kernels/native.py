@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch  # noqa: F401  (loads its libgomp.so.1 before any kernel library does)
 
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+LIBRARIES = ["-lm"]
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -35,15 +37,22 @@ def _cache_dir() -> Path:
     return Path(root) / "docanalyst" / "native"
 
 
+def _source_bytes(source: Path) -> bytes:
+    """The source and, recursively, the local files it #includes: a change to any rebuilds."""
+    text = source.read_bytes()
+    included = re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE)
+    return text + b"".join(_source_bytes(source.parent / name.decode()) for name in included)
+
+
 def _build(source: Path, compiler: str) -> Path:
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_source_bytes(source) + " ".join([compiler, *FLAGS, *LIBRARIES]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source)], check=True, capture_output=True)
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source), *LIBRARIES], check=True, capture_output=True)
         os.replace(partial, target)
     return target
 

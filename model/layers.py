@@ -12,6 +12,7 @@ from kernels.gated_delta_rule import gated_delta_rule_from_gates
 from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
 from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
+from kernels.moe import native as moe_native
 from kernels.rowwise import per_token
 
 from .config import ModelConfig
@@ -189,9 +190,19 @@ class SparseMoE(nn.Module):
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
+    def _native_weights(self) -> tuple[torch.Tensor, ...]:
+        shared = self.shared_expert
+        return (self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, shared.gate_proj.weight,
+                shared.up_proj.weight, shared.down_proj.weight, self.shared_expert_gate.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if not torch.is_grad_enabled() and moe_native.supports(flat, *self._native_weights(), top_k=self.gate.top_k):
+            # A few tokens in bf16 on CPU: the whole block in one native call.
+            router, gate_up, down, *shared = self._native_weights()
+            return moe_native.sparse_moe(flat, router, self.gate.top_k, self.gate.normalize, gate_up, down,
+                                         *shared).view(shape)
         weights, experts = self.gate(flat)
         routed = self.experts(flat, weights, experts)
         gate = per_token(lambda tokens: torch.sigmoid(self.shared_expert_gate(tokens)), flat, dim=0)

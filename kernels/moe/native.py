@@ -1,0 +1,55 @@
+"""ctypes binding of `sparse_moe_bf16.c`: the sparse MoE block for a few bf16 tokens on CPU."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from ..native import load
+
+MAX_TOKENS = 16
+MAX_TOP_K = 64
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = (_PTR, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
+             ctypes.c_int)
+
+
+@functools.cache
+def kernel():
+    """The C function `sparse_moe_bf16`, or None where it cannot run here."""
+    entry = load(Path(__file__).with_name("sparse_moe_bf16.c"), "sparse_moe_bf16", _ARGTYPES)
+    if entry is not None:
+        entry.restype = ctypes.c_int
+    return entry
+
+
+def supports(x: torch.Tensor, *weights: torch.Tensor, top_k: int) -> bool:
+    """x `[N, H]`: bf16 on CPU, at most MAX_TOKENS tokens, contiguous bf16 weights."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and 0 < x.shape[0] <= MAX_TOKENS
+        and top_k <= MAX_TOP_K
+        and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
+        and kernel() is not None
+    )
+
+
+def sparse_moe(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool, gate_up: torch.Tensor,
+               down: torch.Tensor, shared_gate_proj: torch.Tensor, shared_up_proj: torch.Tensor,
+               shared_down: torch.Tensor, shared_gate: torch.Tensor) -> torch.Tensor:
+    """x `[N, H]` -> `[N, H]`: routed experts (router `[E, H]`, gate_up `[E, 2I, H]`, down `[E, H, I]`)
+    plus the shared expert (gate/up `[S, H]`, down `[H, S]`) scaled by sigmoid(shared_gate `[1, H]` . x)."""
+    x = x.contiguous()
+    tokens, hidden = x.shape
+    out = torch.empty_like(x)
+    status = kernel()(x.data_ptr(), tokens, hidden, router.data_ptr(), router.shape[0], top_k, int(normalize),
+                      gate_up.data_ptr(), down.data_ptr(), down.shape[2], shared_gate_proj.data_ptr(),
+                      shared_up_proj.data_ptr(), shared_down.data_ptr(), shared_gate_proj.shape[0],
+                      shared_gate.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("MoE work buffers could not be allocated")
+    return out

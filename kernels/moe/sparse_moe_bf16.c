@@ -1,0 +1,130 @@
+/* The whole sparse MoE block of Qwen3-Next for a few tokens (decode, draft verification) in one
+ * call: router, top-k, the routed SwiGLU experts and the gated shared expert.
+ *
+ * Rounding follows the PyTorch path step by step (router logits, projections, SiLU products,
+ * expert outputs and weighted outputs rounded to bf16; the routed sum in fp32 in ascending expert
+ * order, rounded once; then the gated shared expert added in bf16). Each token is computed alone
+ * by the same sequence whatever the token count or thread split, so a verification row equals a
+ * decode step bit for bit. One OpenMP region per call: matrix-vector products split their output
+ * rows over the threads, the small elementwise steps run on one thread between barriers.
+ */
+#include "../linear/small_m_bf16.c"
+
+#include <math.h>
+#include <stdlib.h>
+
+static inline float bf16_to_float(uint16_t value) {
+    union { uint32_t u; float f; } bits = { (uint32_t)value << 16 };
+    return bits.f;
+}
+
+static inline uint16_t float_to_bf16(float value) {
+    union { float f; uint32_t u; } bits = { value };
+    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u);
+    bits.u += 0x7fffu + ((bits.u >> 16) & 1u);
+    return (uint16_t)(bits.u >> 16);
+}
+
+static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+/* out[n] = x . w[n] (fp32) for n in [0, N), rows split over the team; ends with a barrier. */
+static void team_gemv(const uint16_t *x, const uint16_t *w, int64_t N, int64_t K, float *out) {
+    int64_t blocks = (N + BLOCK - 1) / BLOCK;
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; block++) run_blocks(x, K, 1, w, K, N, K, out, N, 1, block, block + 1);
+}
+
+/* bf16(silu(bf16(gate)) ) * bf16(up), rounded, as F.silu(gate) * up on bf16 tensors. */
+static void swiglu(const float *gate, const float *up, int64_t width, uint16_t *act) {
+    for (int64_t i = 0; i < width; i++) {
+        float g = round_bf16(gate[i]);
+        float silu = round_bf16(g / (1.0f + expf(-g)));
+        act[i] = float_to_bf16(silu * round_bf16(up[i]));
+    }
+}
+
+/* x [T, H] bf16 -> out [T, H] bf16. router [E, H]; gate_up [E, 2I, H] (gate rows first);
+ * down [E, H, I]; shared gate/up [S, H], shared down [H, S], shared_gate [1, H]. topk <= 64.
+ * Returns 0, or -1 when work buffers cannot be allocated. */
+int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *router, int64_t E, int64_t topk,
+                    int normalize, const uint16_t *gate_up, const uint16_t *down, int64_t I,
+                    const uint16_t *shared_gate_proj, const uint16_t *shared_up_proj, const uint16_t *shared_down,
+                    int64_t S, const uint16_t *shared_gate, uint16_t *out, int threads) {
+    int64_t widest = 2 * I > 2 * S ? 2 * I : 2 * S;
+    widest = widest > E ? widest : E;
+    widest = widest > H ? widest : H;
+    float *scratch = malloc(sizeof(float) * (3 * widest + H + 1));
+    uint16_t *act = malloc(sizeof(uint16_t) * widest);
+    if (!scratch || !act) {
+        free(scratch);
+        free(act);
+        return -1;
+    }
+    float *proj = scratch, *proj2 = scratch + widest, *logits = scratch + 2 * widest;
+    float *total = scratch + 3 * widest, *gate_logit = total + H;
+    int64_t chosen[64];
+    uint16_t chosen_weight[64];
+#pragma omp parallel num_threads(threads)
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *xt = x + t * H;
+        team_gemv(xt, router, E, H, logits);
+#pragma omp single
+        {
+            /* softmax over bf16-rounded logits in fp32, top-k (lowest index first on ties) */
+            float best = -INFINITY, sum = 0.0f;
+            for (int64_t e = 0; e < E; e++) {
+                logits[e] = round_bf16(logits[e]);
+                best = logits[e] > best ? logits[e] : best;
+            }
+            for (int64_t e = 0; e < E; e++) sum += (logits[e] = expf(logits[e] - best));
+            for (int64_t e = 0; e < E; e++) logits[e] /= sum;
+            float picked_sum = 0.0f, picked[64];
+            for (int64_t j = 0; j < topk; j++) {
+                int64_t arg = -1;
+                for (int64_t e = 0; e < E; e++)
+                    if (logits[e] >= 0.0f && (arg < 0 || logits[e] > logits[arg])) arg = e;
+                chosen[j] = arg;
+                picked[j] = logits[arg];
+                picked_sum += picked[j];
+                logits[arg] = -1.0f;
+            }
+            /* ascending expert id: the order the grouped path adds contributions in */
+            for (int64_t a = 1; a < topk; a++)
+                for (int64_t b = a; b > 0 && chosen[b] < chosen[b - 1]; b--) {
+                    int64_t id = chosen[b]; chosen[b] = chosen[b - 1]; chosen[b - 1] = id;
+                    float p = picked[b]; picked[b] = picked[b - 1]; picked[b - 1] = p;
+                }
+            for (int64_t j = 0; j < topk; j++) chosen_weight[j] = float_to_bf16(normalize ? picked[j] / picked_sum : picked[j]);
+            for (int64_t h = 0; h < H; h++) total[h] = 0.0f;
+        }
+        for (int64_t j = 0; j < topk; j++) {
+            team_gemv(xt, gate_up + chosen[j] * 2 * I * H, 2 * I, H, proj);
+#pragma omp single
+            swiglu(proj, proj + I, I, act);
+            team_gemv(act, down + chosen[j] * H * I, H, I, proj2);
+#pragma omp single
+            {
+                float weight = bf16_to_float(chosen_weight[j]);
+                for (int64_t h = 0; h < H; h++) total[h] += round_bf16(round_bf16(proj2[h]) * weight);
+            }
+        }
+        team_gemv(xt, shared_gate_proj, S, H, proj);
+        team_gemv(xt, shared_up_proj, S, H, proj + S);
+        team_gemv(xt, shared_gate, 1, H, gate_logit);
+#pragma omp single
+        swiglu(proj, proj + S, S, act);
+        team_gemv(act, shared_down, H, S, proj2);
+#pragma omp single
+        {
+            float g = round_bf16(gate_logit[0]);
+            float gate = round_bf16(1.0f / (1.0f + expf(-g)));
+            for (int64_t h = 0; h < H; h++) {
+                float shared = round_bf16(gate * round_bf16(proj2[h]));
+                out[t * H + h] = float_to_bf16(round_bf16(total[h]) + shared);
+            }
+        }
+    }
+    free(scratch);
+    free(act);
+    return 0;
+}

@@ -1,0 +1,91 @@
+"""The native sparse-MoE block for a few bf16 tokens against the PyTorch path it mirrors.
+
+The native block rounds to bf16 at the same steps as the PyTorch path; what may differ is the
+last bit of exp/sigmoid and the fp32 summation order inside dot products, which a later bf16
+rounding can turn into one bf16 step. Tolerance: two bf16 steps at the output's largest
+magnitude (2 * 2^-8 * max |reference|). Tokens must be bitwise independent of the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.moe import native as moe_native
+from kernels.moe import reference
+
+requires_native = pytest.mark.skipif(
+    moe_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+)
+
+# tokens, hidden, experts, top-k, expert width, shared width, normalise
+CASES = [(1, 64, 8, 2, 32, 32, True), (3, 80, 10, 3, 48, 16, False), (16, 128, 64, 4, 64, 96, True)]
+
+
+def case_id(case) -> str:
+    tokens, hidden, experts, top_k, width, shared, normalize = case
+    return f"N{tokens}-H{hidden}-E{experts}-k{top_k}-I{width}-S{shared}-{'norm' if normalize else 'raw'}"
+
+
+def block(case, seed: int):
+    tokens, hidden, experts, top_k, width, shared, normalize = case
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale):
+        return (torch.randn(*shape, generator=generator) * scale).bfloat16()
+
+    weights = dict(
+        router=rand(experts, hidden, scale=0.5), gate_up=rand(experts, 2 * width, hidden, scale=hidden**-0.5),
+        down=rand(experts, hidden, width, scale=width**-0.5), shared_gate_proj=rand(shared, hidden, scale=hidden**-0.5),
+        shared_up_proj=rand(shared, hidden, scale=hidden**-0.5), shared_down=rand(hidden, shared, scale=shared**-0.5),
+        shared_gate=rand(1, hidden, scale=hidden**-0.5),
+    )
+    return rand(tokens, hidden, scale=1.0), weights, top_k, normalize
+
+
+def torch_path(x, w, top_k, normalize):
+    routing, experts = reference.route(x, w["router"], top_k, normalize)
+    routed = reference.experts_swiglu(x, routing, experts, w["gate_up"], w["down"])
+    shared = F.linear(F.silu(F.linear(x, w["shared_gate_proj"])) * F.linear(x, w["shared_up_proj"]), w["shared_down"])
+    return routed + torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
+
+
+def native_path(x, w, top_k, normalize):
+    return moe_native.sparse_moe(x, w["router"], top_k, normalize, w["gate_up"], w["down"], w["shared_gate_proj"],
+                                 w["shared_up_proj"], w["shared_down"], w["shared_gate"])
+
+
+@requires_native
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_native_block_matches_pytorch_path(case):
+    x, w, top_k, normalize = block(case, seed=sum(case))
+    assert moe_native.supports(x, *w.values(), top_k=top_k)
+    ours = native_path(x, w, top_k, normalize)
+    expected = torch_path(x, w, top_k, normalize)
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape and torch.isfinite(ours).all()
+    tolerance = 2 * 2.0**-8 * expected.float().abs().max().item()
+    torch.testing.assert_close(ours.float(), expected.float(), atol=tolerance, rtol=0)
+
+
+@requires_native
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_tokens_do_not_depend_on_the_batch_or_threads(case):
+    x, w, top_k, normalize = block(case, seed=7)
+    together = native_path(x, w, top_k, normalize)
+    for token in range(x.shape[0]):
+        assert torch.equal(native_path(x[token : token + 1], w, top_k, normalize), together[token : token + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native_path(x, w, top_k, normalize), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_block_declines_other_inputs():
+    x, w, top_k, _ = block(CASES[0], seed=1)
+    assert not moe_native.supports(x.float(), *w.values(), top_k=top_k)
+    many = torch.zeros(moe_native.MAX_TOKENS + 1, x.shape[1], dtype=torch.bfloat16)
+    assert not moe_native.supports(many, *w.values(), top_k=top_k)
+    assert not moe_native.supports(x, w["router"].t(), top_k=top_k)
