@@ -70,6 +70,8 @@ NATIVE_CASES = [
     (1, 7, 12, 2, 200, 80),
     (1, 130, 16, 2, 70, 128),  # more rows than one tile of 128, odd keys per block
     (1, 65, 4, 2, 0, 64),
+    (1, 4, 8, 2, 100, 256),  # whole 64-key blocks: rows taken two at a time
+    (1, 9, 16, 2, 191, 128),
 ]
 
 

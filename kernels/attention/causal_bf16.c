@@ -168,12 +168,9 @@ static inline __attribute__((always_inline)) void weighted_values(float *acc_row
     for (int c = 0; c < chunks; c++) _mm512_storeu_ps(acc_row + 16 * c, acc[c]);
 }
 
-/* One row against one key block of which it sees the first n keys (n >= 1). */
-static void row_block(Row *row, const uint16_t *keys, int64_t ld, int64_t D, int n, float scale,
-                      const uint32_t *packed) {
-    float scores[KEYS_PER_BLOCK];
-    uint16_t probs[KEYS_PER_BLOCK];
-    block_scores(row->query, keys, ld, D, n, scale, scores);
+/* Online-softmax update of one row from its block scores: bf16 probabilities into probs (zero
+ * past n), running max and sum updated; returns the factor that rescales the row's accumulator. */
+static inline __m512 softmax_step(Row *row, const float *scores, int n, uint16_t *probs) {
     __m512 top = _mm512_set1_ps(row->max);
     for (int j0 = 0; j0 < n; j0 += 16) {
         __mmask16 live = (__mmask16)(n - j0 >= 16 ? 0xffff : (1u << (n - j0)) - 1);
@@ -190,12 +187,92 @@ static void row_block(Row *row, const uint16_t *keys, int64_t ld, int64_t D, int
     __m512 correction = exp_nonpositive(_mm512_set1_ps(row->max - best));
     row->sum = row->sum * _mm512_cvtss_f32(correction) + _mm512_reduce_add_ps(total);
     row->max = best;
+    return correction;
+}
+
+/* One row against one key block of which it sees the first n keys (n >= 1). */
+static void row_block(Row *row, const uint16_t *keys, int64_t ld, int64_t D, int n, float scale,
+                      const uint32_t *packed) {
+    float scores[KEYS_PER_BLOCK];
+    uint16_t probs[KEYS_PER_BLOCK];
+    block_scores(row->query, keys, ld, D, n, scale, scores);
+    __m512 correction = softmax_step(row, scores, n, probs);
     /* An odd n leaves probs[n] = 0 (a masked lane), the partner of the last key. */
     const uint32_t *pairs = (const uint32_t *)probs;
     int pair_count = (n + 1) / 2;
     if (D == 128) weighted_values(row->acc, 8, correction, pairs, pair_count, packed, D, 8);
     else if (D == 256) weighted_values(row->acc, 16, correction, pairs, pair_count, packed, D, 16);
     else weighted_values(row->acc, (int)(D / 16), correction, pairs, pair_count, packed, D, 0);
+}
+
+/* dots16 for two queries at once, sharing every key load; each dot product is the same chain. */
+static inline __attribute__((always_inline)) void dots16_pair(const uint16_t *qa, const uint16_t *qb,
+                                                              const uint16_t *base, int64_t ld, __m512 acc_a[16],
+                                                              __m512 acc_b[16], const int CHUNKS) {
+    __m512bh va[8], vb[8];
+    for (int c = 0; c < CHUNKS; c++) {
+        va[c] = (__m512bh)_mm512_loadu_si512(qa + 32 * c);
+        vb[c] = (__m512bh)_mm512_loadu_si512(qb + 32 * c);
+    }
+    for (int j = 0; j < 16; j += 2) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        const uint16_t *k0 = base + j * ld, *k1 = k0 + ld;
+        for (int c = 0; c < CHUNKS; c++) {
+            __m512bh key0 = (__m512bh)_mm512_loadu_si512(k0 + 32 * c), key1 = (__m512bh)_mm512_loadu_si512(k1 + 32 * c);
+            a0 = _mm512_dpbf16_ps(a0, va[c], key0);
+            b0 = _mm512_dpbf16_ps(b0, vb[c], key0);
+            a1 = _mm512_dpbf16_ps(a1, va[c], key1);
+            b1 = _mm512_dpbf16_ps(b1, vb[c], key1);
+        }
+        acc_a[j] = a0, acc_a[j + 1] = a1, acc_b[j] = b0, acc_b[j + 1] = b1;
+    }
+}
+
+/* weighted_values for two rows over 8 slices of D starting at `offset`, sharing value loads. */
+static inline __attribute__((always_inline)) void weighted_values_pair(float *acc_a_row, float *acc_b_row,
+                                                                       __m512 corr_a, __m512 corr_b,
+                                                                       const uint32_t *pairs_a,
+                                                                       const uint32_t *pairs_b,
+                                                                       const uint32_t *packed, int64_t D,
+                                                                       int64_t offset) {
+    __m512 acc_a[8], acc_b[8];
+    for (int c = 0; c < 8; c++) {
+        acc_a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc_a_row + offset + 16 * c), corr_a);
+        acc_b[c] = _mm512_mul_ps(_mm512_loadu_ps(acc_b_row + offset + 16 * c), corr_b);
+    }
+    for (int j = 0; j < KEYS_PER_BLOCK / 2; j++) {
+        __m512bh pa = (__m512bh)_mm512_set1_epi32((int)pairs_a[j]), pb = (__m512bh)_mm512_set1_epi32((int)pairs_b[j]);
+        const uint32_t *v = packed + j * D + offset;
+        for (int c = 0; c < 8; c++) {
+            __m512bh value = (__m512bh)_mm512_loadu_si512(v + 16 * c);
+            acc_a[c] = _mm512_dpbf16_ps(acc_a[c], pa, value);
+            acc_b[c] = _mm512_dpbf16_ps(acc_b[c], pb, value);
+        }
+    }
+    for (int c = 0; c < 8; c++) {
+        _mm512_storeu_ps(acc_a_row + offset + 16 * c, acc_a[c]);
+        _mm512_storeu_ps(acc_b_row + offset + 16 * c, acc_b[c]);
+    }
+}
+
+/* Two rows that both see a whole block, D of 128 or 256: the same arithmetic per row as
+ * row_block, with key and value loads shared between the rows. */
+static void row_pair_block(Row *a, Row *b, const uint16_t *keys, int64_t ld, int64_t D, float scale,
+                           const uint32_t *packed) {
+    float scores_a[KEYS_PER_BLOCK], scores_b[KEYS_PER_BLOCK];
+    uint16_t probs_a[KEYS_PER_BLOCK], probs_b[KEYS_PER_BLOCK];
+    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 16) {
+        __m512 acc_a[16], acc_b[16];
+        if (D == 128) dots16_pair(a->query, b->query, keys + j0 * ld, ld, acc_a, acc_b, 4);
+        else dots16_pair(a->query, b->query, keys + j0 * ld, ld, acc_a, acc_b, 8);
+        _mm512_storeu_ps(scores_a + j0, _mm512_mul_ps(reduce16(acc_a), _mm512_set1_ps(scale)));
+        _mm512_storeu_ps(scores_b + j0, _mm512_mul_ps(reduce16(acc_b), _mm512_set1_ps(scale)));
+    }
+    __m512 corr_a = softmax_step(a, scores_a, KEYS_PER_BLOCK, probs_a);
+    __m512 corr_b = softmax_step(b, scores_b, KEYS_PER_BLOCK, probs_b);
+    for (int64_t offset = 0; offset < D; offset += 128)
+        weighted_values_pair(a->acc, b->acc, corr_a, corr_b, (const uint32_t *)probs_a, (const uint32_t *)probs_b,
+                             packed, D, offset);
 }
 
 /* One work item: `count` rows of one K/V head, key blocks streamed once. */
@@ -206,9 +283,15 @@ static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t 
     for (int64_t start = 0; start < longest; start += KEYS_PER_BLOCK) {
         int in_block = (int)(longest - start < KEYS_PER_BLOCK ? longest - start : KEYS_PER_BLOCK);
         pack_values(v + start * ld, ld, D, in_block, packed);
+        int paired = in_block == KEYS_PER_BLOCK && (D == 128 || D == 256);
         for (int r = 0; r < count; r++) {
             int64_t n = rows[r].visible - start;
-            if (n > 0) row_block(&rows[r], k + start * ld, ld, D, (int)(n < in_block ? n : in_block), scale, packed);
+            if (paired && r + 1 < count && n >= KEYS_PER_BLOCK && rows[r + 1].visible - start >= KEYS_PER_BLOCK) {
+                row_pair_block(&rows[r], &rows[r + 1], k + start * ld, ld, D, scale, packed);
+                r++;
+            } else if (n > 0) {
+                row_block(&rows[r], k + start * ld, ld, D, (int)(n < in_block ? n : in_block), scale, packed);
+            }
         }
     }
     for (int r = 0; r < count; r++) {
