@@ -9,6 +9,7 @@ from torch import nn
 from kernels.attention import causal_attention
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from kernels.gated_delta_rule import gated_delta_rule_from_gates
+from kernels.gated_delta_rule import native as delta_native
 from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
 from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
@@ -126,6 +127,13 @@ class GatedDeltaNet(nn.Module):
         batch, length, _ = x.shape
         qkv, z, b, a = self._split_projections(x)
         weight = self.conv1d.weight.squeeze(1)
+        if delta_native.supports(qkv, state.conv, state.recurrent, self.value_dim):
+            # A few tokens in bf16 on CPU: conv, gates and delta rule in one native call.
+            out, state.conv, state.recurrent = delta_native.gated_delta_step(
+                qkv, state.conv, weight, a, b, self.A_log, self.dt_bias, state.recurrent,
+                self.key_heads, self.key_dim, self.value_dim,
+            )
+            return self.out_proj(self.norm(out, z).reshape(batch, length, -1))
         if length == 1:
             mixed = causal_conv1d_update(qkv[:, 0], state.conv, weight)[:, None]
         else:

@@ -1,0 +1,122 @@
+/* Gated DeltaNet for a few tokens (decode, draft verification) in one call: causal conv1d update
+ * with SiLU, gates, q/k L2 norm and the gated delta rule, token after token.
+ *
+ * Mirrors the PyTorch decode path: the conv sums its taps in fp32 and rounds to bf16 before SiLU
+ * (rounded again); beta = sigmoid(b) is rounded to bf16; g = -exp(A_log) softplus(a + dt_bias),
+ * q and k normalised in fp32 (q then scaled), the recurrent state in fp32, outputs rounded to
+ * bf16. Each token is processed exactly as a one-token call would, so verification rows equal
+ * decode steps bit for bit. Value heads are split over the OpenMP threads.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float bf16_to_float(uint16_t value) {
+    union { uint32_t u; float f; } bits = { (uint32_t)value << 16 };
+    return bits.f;
+}
+
+static inline uint16_t float_to_bf16(float value) {
+    union { float f; uint32_t u; } bits = { value };
+    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u);
+    bits.u += 0x7fffu + ((bits.u >> 16) & 1u);
+    return (uint16_t)(bits.u >> 16);
+}
+
+static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+static void l2_normalise(float *x, int64_t n, float scale) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
+    float factor = 1.0f / sqrtf(sum + 1e-6f);
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] * factor * scale;
+}
+
+/* One value head, one token: state [Dk, Dv] updated in place, out [Dv] bf16. Dv % 16 == 0. */
+static void head_step(float *state, const float *q, const float *k, const float *v, float decay, float beta,
+                      int64_t Dk, int64_t Dv, float *scratch, uint16_t *out) {
+    float *projected = scratch, *update = scratch + Dv, *result = scratch + 2 * Dv;
+    __m512 decay_v = _mm512_set1_ps(decay);
+    for (int64_t j = 0; j < Dv; j += 16) _mm512_storeu_ps(projected + j, _mm512_setzero_ps());
+    for (int64_t i = 0; i < Dk; i++) {
+        __m512 ki = _mm512_set1_ps(k[i]);
+        for (int64_t j = 0; j < Dv; j += 16) {
+            __m512 s = _mm512_mul_ps(_mm512_loadu_ps(state + i * Dv + j), decay_v);
+            _mm512_storeu_ps(state + i * Dv + j, s);
+            _mm512_storeu_ps(projected + j, _mm512_fmadd_ps(ki, s, _mm512_loadu_ps(projected + j)));
+        }
+    }
+    __m512 beta_v = _mm512_set1_ps(beta);
+    for (int64_t j = 0; j < Dv; j += 16) {
+        __m512 scaled_v = _mm512_mul_ps(_mm512_loadu_ps(v + j), beta_v);
+        _mm512_storeu_ps(update + j, _mm512_fnmadd_ps(beta_v, _mm512_loadu_ps(projected + j), scaled_v));
+        _mm512_storeu_ps(result + j, _mm512_setzero_ps());
+    }
+    for (int64_t i = 0; i < Dk; i++) {
+        __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
+        for (int64_t j = 0; j < Dv; j += 16) {
+            __m512 s = _mm512_fmadd_ps(ki, _mm512_loadu_ps(update + j), _mm512_loadu_ps(state + i * Dv + j));
+            _mm512_storeu_ps(state + i * Dv + j, s);
+            _mm512_storeu_ps(result + j, _mm512_fmadd_ps(qi, s, _mm512_loadu_ps(result + j)));
+        }
+    }
+    for (int64_t j = 0; j < Dv; j++) out[j] = float_to_bf16(result[j]);
+}
+
+/* mixed [T, C] bf16 (C = 2 Hk Dk + HV Dv: q | k | v before the conv); conv_state [C, W - 1] bf16
+ * and state [HV, Dk, Dv] fp32 are updated in place; conv_weight [C, W] bf16; a, b [T, HV] bf16;
+ * decay_rate = exp(A_log) and dt_bias [HV] fp32; out [T, HV, Dv] bf16. Returns 0, or -1 when work
+ * buffers cannot be allocated. */
+int gated_delta_step_bf16(const uint16_t *mixed, int64_t T, int64_t Hk, int64_t HV, int64_t Dk, int64_t Dv,
+                          uint16_t *conv_state, const uint16_t *conv_weight, int64_t W, const uint16_t *a,
+                          const uint16_t *b, const float *decay_rate, const float *dt_bias, float *state,
+                          uint16_t *out, int threads) {
+    int64_t C = 2 * Hk * Dk + HV * Dv, group = HV / Hk;
+    float *activated = malloc(sizeof(float) * C);
+    float *scratch = malloc(sizeof(float) * 3 * Dv * (threads > 0 ? threads : 1));
+    if (!activated || !scratch) {
+        free(activated);
+        free(scratch);
+        return -1;
+    }
+    float scale = 1.0f / sqrtf((float)Dk);
+#pragma omp parallel num_threads(threads)
+    for (int64_t t = 0; t < T; t++) {
+#pragma omp single
+        {
+            for (int64_t c = 0; c < C; c++) {
+                uint16_t *tail = conv_state + c * (W - 1);
+                const uint16_t *w = conv_weight + c * W;
+                uint16_t x = mixed[t * C + c];
+                float sum = 0.0f;
+                for (int64_t i = 0; i < W - 1; i++) sum += bf16_to_float(tail[i]) * bf16_to_float(w[i]);
+                sum += bf16_to_float(x) * bf16_to_float(w[W - 1]);
+                float y = round_bf16(sum);
+                activated[c] = round_bf16(y / (1.0f + expf(-y)));
+                for (int64_t i = 0; i + 1 < W - 1; i++) tail[i] = tail[i + 1];
+                if (W > 1) tail[W - 2] = x;
+            }
+            for (int64_t h = 0; h < Hk; h++) {
+                l2_normalise(activated + h * Dk, Dk, scale);
+                l2_normalise(activated + Hk * Dk + h * Dk, Dk, 1.0f);
+            }
+        }
+        float *own = scratch + 3 * Dv * omp_get_thread_num();
+#pragma omp for schedule(static)
+        for (int64_t hv = 0; hv < HV; hv++) {
+            int64_t hk = hv / group;
+            float g = -decay_rate[hv] * softplus(bf16_to_float(a[t * HV + hv]) + dt_bias[hv]);
+            float b_value = bf16_to_float(b[t * HV + hv]);
+            float beta = round_bf16(1.0f / (1.0f + expf(-b_value)));
+            head_step(state + hv * Dk * Dv, activated + hk * Dk, activated + Hk * Dk + hk * Dk,
+                      activated + 2 * Hk * Dk + hv * Dv, expf(g), beta, Dk, Dv, own, out + (t * HV + hv) * Dv);
+        }
+    }
+    free(activated);
+    free(scratch);
+    return 0;
+}

@@ -1,0 +1,107 @@
+"""The native Gated DeltaNet step for a few bf16 tokens against the PyTorch path it mirrors.
+
+The native step rounds to bf16 where the PyTorch path does (conv output, SiLU, beta, outputs)
+and keeps q/k norms, gates and the recurrent state in fp32; only the last bits of exp/log1p and
+fp32 summation orders differ. Tolerances: outputs within one bf16 step at their largest
+magnitude (2^-8 * max |reference|); recurrent states within 1e-5 * max |state| + 1e-7 (fp32
+reordering over a few tokens); conv tails bitwise. Tokens must not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.causal_conv1d import causal_conv1d_update
+from kernels.gated_delta_rule import gated_delta_rule_from_gates
+from kernels.gated_delta_rule import native as delta_native
+
+requires_native = pytest.mark.skipif(
+    delta_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+)
+
+# tokens, key heads, value heads, key dim, value dim, conv width
+CASES = [(1, 4, 8, 64, 64, 4), (3, 2, 6, 32, 48, 4), (16, 1, 2, 128, 128, 3)]
+
+
+def case_id(case) -> str:
+    return "T{}-H{}-HV{}-K{}-V{}-W{}".format(*case)
+
+
+def inputs(case, seed: int):
+    tokens, key_heads, heads, key_dim, value_dim, width = case
+    channels = 2 * key_heads * key_dim + heads * value_dim
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    return dict(
+        mixed=rand(1, tokens, channels), conv_state=rand(1, channels, width - 1),
+        conv_weight=rand(channels, width, scale=0.5), a=rand(1, tokens, heads), b=rand(1, tokens, heads),
+        A_log=rand(heads, scale=0.5), dt_bias=rand(heads, scale=0.5),
+        recurrent=rand(1, heads, key_dim, value_dim, scale=0.1, dtype=torch.float32),
+    )
+
+
+def torch_path(case, t):
+    """Token by token through the PyTorch decode path."""
+    _, key_heads, heads, key_dim, value_dim, _ = case
+    conv, state, outs = t["conv_state"].clone(), t["recurrent"].clone(), []
+    for i in range(t["mixed"].shape[1]):
+        mixed = causal_conv1d_update(t["mixed"][:, i], conv, t["conv_weight"])[:, None]
+        q, k, v = mixed.split([key_heads * key_dim, key_heads * key_dim, heads * value_dim], dim=-1)
+        out, state = gated_delta_rule_from_gates(
+            q.reshape(1, 1, key_heads, key_dim), k.reshape(1, 1, key_heads, key_dim), v.reshape(1, 1, heads, value_dim),
+            t["a"][:, i : i + 1], t["b"][:, i : i + 1], t["A_log"], t["dt_bias"], initial_state=state,
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=1), conv, state
+
+
+def native_path(case, t):
+    _, key_heads, _, key_dim, value_dim, _ = case
+    return delta_native.gated_delta_step(
+        t["mixed"], t["conv_state"].clone(), t["conv_weight"], t["a"], t["b"], t["A_log"], t["dt_bias"],
+        t["recurrent"].clone(), key_heads, key_dim, value_dim,
+    )
+
+
+@requires_native
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_native_step_matches_pytorch_path(case):
+    t = inputs(case, seed=sum(case))
+    assert delta_native.supports(t["mixed"], t["conv_state"], t["recurrent"], case[4])
+    out, conv, state = native_path(case, t)
+    expected_out, expected_conv, expected_state = torch_path(case, t)
+    assert out.dtype == torch.bfloat16 and out.shape == expected_out.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected_out.float(), rtol=0,
+                               atol=2.0**-8 * expected_out.float().abs().max().item())
+    assert torch.equal(conv, expected_conv)
+    torch.testing.assert_close(state, expected_state, rtol=0,
+                               atol=1e-5 * expected_state.abs().max().item() + 1e-7)
+
+
+@requires_native
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_tokens_fed_one_by_one_give_the_same_bits(case):
+    t = inputs(case, seed=5)
+    together, conv_together, state_together = native_path(case, t)
+    conv, state, outs = t["conv_state"].clone(), t["recurrent"].clone(), []
+    _, key_heads, _, key_dim, value_dim, _ = case
+    for i in range(t["mixed"].shape[1]):
+        out, conv, state = delta_native.gated_delta_step(
+            t["mixed"][:, i : i + 1], conv, t["conv_weight"], t["a"][:, i : i + 1], t["b"][:, i : i + 1],
+            t["A_log"], t["dt_bias"], state, key_heads, key_dim, value_dim,
+        )
+        outs.append(out)
+    assert torch.equal(torch.cat(outs, dim=1), together)
+    assert torch.equal(conv, conv_together) and torch.equal(state, state_together)
+
+
+def test_native_step_declines_other_inputs():
+    t = inputs(CASES[0], seed=1)
+    assert not delta_native.supports(t["mixed"].float(), t["conv_state"].float(), t["recurrent"], 64)
+    long = torch.zeros(1, delta_native.MAX_TOKENS + 1, t["mixed"].shape[-1], dtype=torch.bfloat16)
+    assert not delta_native.supports(long, t["conv_state"], t["recurrent"], 64)
+    assert not delta_native.supports(t["mixed"], t["conv_state"], t["recurrent"], 40)
