@@ -5,8 +5,9 @@
 Both sides load the model in ../shared/reference/bench-config.json from one checkpoint folder
 and are measured in one process, alternating: prefill time (last position's logits only; the
 reference in one forward, this runtime in its prefill chunks as the app runs it), decode tokens/s
-after a prompt, and the peak resident memory above the loaded model during each prefill (sampled
-from /proc every 5 ms, after a warm-up forward on each side). Prints JSON with both sides and ratios.
+after a prompt (greedy, argmax in fp32 on both sides), and the peak resident memory above the
+loaded model during each prefill (sampled from /proc every 5 ms, after a warm-up forward on each
+side). Prints JSON with both sides and ratios.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ class PeakMemory:
         self.peak = max(self.peak, rss_bytes())
 
 
-def ours_prefill(lm, ids: torch.Tensor, chunk: int) -> float:
+def ours_prefill(lm, ids: torch.Tensor, chunk: int) -> tuple[float, int]:
+    """(seconds, bytes of the resulting state)."""
     state = lm.new_state()
     started = time.perf_counter()
     prefill(lm, state, ids[0], chunk_size=chunk)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, state.nbytes()
 
 
 def reference_prefill(hf, ids: torch.Tensor) -> float:
@@ -76,21 +78,21 @@ def reference_prefill(hf, ids: torch.Tensor) -> float:
 def ours_decode(lm, ids: torch.Tensor, steps: int) -> float:
     state = lm.new_state()
     logits = prefill(lm, state, ids[0])
-    token = int(logits.argmax())
+    token = int(logits.float().argmax())
     started = time.perf_counter()
     for _ in range(steps):
-        token = int(lm.forward(torch.tensor([[token]]), state, last_only=True)[0, -1].argmax())
+        token = int(lm.forward(torch.tensor([[token]]), state, last_only=True)[0, -1].float().argmax())
     return steps / (time.perf_counter() - started)
 
 
 def reference_decode(hf, ids: torch.Tensor, steps: int) -> float:
     with torch.inference_mode():
         out = hf(ids, logits_to_keep=1, use_cache=True)
-        cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        cache, token = out.past_key_values, out.logits[0, -1].float().argmax().view(1, 1)
         started = time.perf_counter()
         for _ in range(steps):
             out = hf(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+            cache, token = out.past_key_values, out.logits[0, -1].float().argmax().view(1, 1)
     return steps / (time.perf_counter() - started)
 
 
@@ -130,7 +132,8 @@ def main() -> int:
             ids = torch.randint(0, 151000, (1, length), generator=generator)
             row = {"tokens": length}
             with PeakMemory() as memory:
-                row["ours_s"] = round(ours_prefill(lm, ids, args.prefill_chunk), 2)
+                seconds, row["ours_state_bytes"] = ours_prefill(lm, ids, args.prefill_chunk)
+            row["ours_s"] = round(seconds, 2)
             row["ours_peak_extra_bytes"] = memory.peak - memory.start
             if hf is not None:
                 with PeakMemory() as memory:
