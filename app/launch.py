@@ -20,6 +20,10 @@ def main(argv: list[str]) -> int:
     settings = load_settings()
     settings.data_path.mkdir(parents=True, exist_ok=True)
     ensure_model(settings)
+    from kernels import build_native_kernels
+
+    native = build_native_kernels()
+    print("CPU kernels: " + (", ".join(name for name, ready in native.items() if ready) or "PyTorch paths only"))
     from streamlit.web import cli
 
     sys.argv = [

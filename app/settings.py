@@ -33,7 +33,8 @@ class Settings:
     port: int = 8501
     prefill_chunk: int = 2048
     max_new_tokens: int = 1024
-    draft_tokens: int = 0
+    # Drafts per speculative step with the checkpoint's MTP head; -1 picks (see services.container).
+    draft_tokens: int = -1
 
     @property
     def data_path(self) -> Path:

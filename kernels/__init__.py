@@ -1,4 +1,4 @@
-"""Reference PyTorch ops of the Qwen3-Next runtime, one package per op."""
+"""Ops of the Qwen3-Next runtime, one package per op: PyTorch references and fast paths."""
 
 from .attention import causal_attention, naive_causal_attention
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
@@ -12,6 +12,7 @@ from .gated_rmsnorm import gated_rms_norm, rms_norm
 from .moe import moe_experts, moe_route, sparse_moe
 
 __all__ = [
+    "build_native_kernels",
     "causal_attention",
     "causal_conv1d",
     "causal_conv1d_update",
@@ -26,3 +27,15 @@ __all__ = [
     "rms_norm",
     "sparse_moe",
 ]
+
+
+def build_native_kernels() -> dict[str, bool]:
+    """Compile (or find in the cache) every C kernel now rather than at first use; returns
+    op -> whether its native kernel runs on this machine."""
+    from .attention import native as attention
+    from .gated_delta_rule import native as delta_rule
+    from .linear import native as linear
+    from .moe import native as moe
+
+    modules = {"attention": attention, "delta_rule": delta_rule, "linear": linear, "moe": moe}
+    return {name: module.kernel() is not None for name, module in modules.items()}

@@ -313,3 +313,21 @@ def test_a_bad_model_folder_is_reported_on_the_page(services, monkeypatch, tmp_p
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     assert "The app could not start." in texts(at.error)
+
+
+def test_draft_tokens_default_to_mtp_only_for_a_real_checkpoint(demo_checkpoint, tmp_path):
+    from app.services.container import draft_tokens_for
+    from app.settings import load_settings
+    from model import load_model
+    from model.speculative import DEFAULT_DRAFT_TOKENS
+
+    def settings(**env):
+        return load_settings({"DOCANALYST_SETTINGS": str(tmp_path / "none.toml"), **env})
+
+    lm = load_model(demo_checkpoint)
+    assert draft_tokens_for(settings(), lm) == 0  # the demo checkpoint
+    configured = settings(DOCANALYST_MODEL=str(demo_checkpoint))
+    assert draft_tokens_for(configured, lm) == DEFAULT_DRAFT_TOKENS
+    assert draft_tokens_for(settings(DOCANALYST_MODEL="x", DOCANALYST_DRAFT_TOKENS="3"), lm) == 3
+    lm.extra_tensors.clear()  # a checkpoint without an MTP head
+    assert draft_tokens_for(configured, lm) == 0

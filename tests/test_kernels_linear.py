@@ -117,3 +117,11 @@ def test_other_cases_take_pytorch_path(monkeypatch) -> None:
     assert not uses_native(x, weight)
     with torch.no_grad():
         assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def test_build_native_kernels_reports_each_op():
+    from kernels import build_native_kernels
+
+    ready = build_native_kernels()
+    assert set(ready) == {"attention", "delta_rule", "linear", "moe"}
+    assert ready["linear"] == (native.kernel() is not None)

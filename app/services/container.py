@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from model import load_model
+from model.mtp import mtp_tensor_names
+from model.speculative import DEFAULT_DRAFT_TOKENS
 from storage.repository import Storage
 
 from ..settings import Settings
@@ -45,6 +47,16 @@ class Services:
         return self.storage.blobs
 
 
+def draft_tokens_for(settings: Settings, lm) -> int:
+    """The DRAFT_TOKENS setting, where -1 means: the default with a real checkpoint's MTP head, off
+    for the demo checkpoint (its random MTP head never drafts an accepted token) or without one."""
+    if settings.draft_tokens >= 0:
+        return settings.draft_tokens
+    if settings.uses_demo_model or not mtp_tensor_names(lm.extra_tensors):
+        return 0
+    return DEFAULT_DRAFT_TOKENS
+
+
 def build_services(settings: Settings) -> Services:
     from ..launch import ensure_model
 
@@ -57,7 +69,7 @@ def build_services(settings: Settings) -> Services:
         lm, storage.documents, storage.chats, storage.summaries, storage.blobs,
         context_limit=settings.context_limit, memory_budget_bytes=settings.memory_cache_mb * 1024 * 1024,
         prefill_chunk=settings.prefill_chunk, max_new_tokens=settings.max_new_tokens,
-        draft_tokens=settings.draft_tokens,
+        draft_tokens=draft_tokens_for(settings, lm),
     )
     return Services(settings, storage, analysis)
 

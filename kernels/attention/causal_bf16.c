@@ -12,24 +12,15 @@
  *
  * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
+
+#include "../bf16_simd.h"
 
 #define KEYS_PER_BLOCK 64
 #define ROWS_PER_TILE 128
 #define MAX_DIM 256
-
-static inline __m512bh load_bf16(const uint16_t *src, int64_t count) {
-    if (count >= 32) return (__m512bh)_mm512_loadu_si512(src);
-    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), src);
-}
-
-static inline __m512 bf16_to_fp32(const uint16_t *src) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
-}
 
 /* e^x for x <= 0 (results below ~1e-45 become 0): 2^n * poly(r), x = n ln2 + r, |r| <= ln2 / 2. */
 static inline __m512 exp_nonpositive(__m512 x) {
@@ -47,41 +38,6 @@ static inline __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
-}
-
-/* Lane sums of 16 accumulators by one fixed tree: result[i] = sum of acc[i]'s lanes. */
-static inline __m512 reduce16(__m512 acc[16]) {
-    __m512 pairs[8], quads[4];
-    for (int p = 0; p < 8; p++) {
-        __m512 a = acc[2 * p], b = acc[2 * p + 1];
-        pairs[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    }
-    for (int q = 0; q < 4; q++) {
-        __m512 a = pairs[2 * q], b = pairs[2 * q + 1];
-        quads[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
-    }
-    __m512 d0 = _mm512_add_ps(_mm512_unpacklo_ps(quads[0], quads[1]), _mm512_unpackhi_ps(quads[0], quads[1]));
-    __m512 d1 = _mm512_add_ps(_mm512_unpacklo_ps(quads[2], quads[3]), _mm512_unpackhi_ps(quads[2], quads[3]));
-    __m512 e = _mm512_add_ps(
-        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(d0), _mm512_castps_pd(d1))),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(d0), _mm512_castps_pd(d1))));
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_permutexvar_ps(order, e);
-}
-
-static inline uint16_t round_to_bf16(float value) {
-    union { float f; uint32_t u; } bits = { value };
-    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u);
-    bits.u += 0x7fffu + ((bits.u >> 16) & 1u);
-    return (uint16_t)(bits.u >> 16);
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion (inputs here are finite). */
-static inline __m256i to_bf16(__m512 values) {
-    __m512i bits = _mm512_castps_si512(values);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(
-        _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16));
 }
 
 typedef struct {
@@ -296,7 +252,7 @@ static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t 
     }
     for (int r = 0; r < count; r++) {
         float inverse = 1.0f / rows[r].sum;
-        for (int64_t d = 0; d < D; d++) rows[r].out[d] = round_to_bf16(rows[r].acc[d] * inverse);
+        for (int64_t d = 0; d < D; d++) rows[r].out[d] = float_to_bf16(rows[r].acc[d] * inverse);
     }
 }
 

@@ -7,25 +7,11 @@
  * bf16. Each token is processed exactly as a one-token call would, so verification rows equal
  * decode steps bit for bit. Value heads are split over the OpenMP threads.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-static inline float bf16_to_float(uint16_t value) {
-    union { uint32_t u; float f; } bits = { (uint32_t)value << 16 };
-    return bits.f;
-}
-
-static inline uint16_t float_to_bf16(float value) {
-    union { float f; uint32_t u; } bits = { value };
-    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u);
-    bits.u += 0x7fffu + ((bits.u >> 16) & 1u);
-    return (uint16_t)(bits.u >> 16);
-}
-
-static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+#include "../bf16_simd.h"
 
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 

@@ -9,51 +9,12 @@
  *
  * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
  */
-#include <immintrin.h>
 #include <omp.h>
-#include <stdint.h>
+
+#include "../bf16_simd.h"
 
 #define BLOCK 16
 
-static inline __m512bh load_bf16(const uint16_t *src, int64_t count) {
-    if (count >= 32) return (__m512bh)_mm512_loadu_si512(src);
-    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), src);
-}
-
-/* Lane sums of 16 accumulators: result[r] = sum of acc[r]'s lanes, by the same tree for every r
- * (lane j pairs with j+8, then j+4, then j+2, then j+1). */
-static inline __m512 reduce16(__m512 acc[BLOCK]) {
-    __m512 pairs[8], quads[4];
-    for (int p = 0; p < 8; p++) {
-        __m512 a = acc[2 * p], b = acc[2 * p + 1];
-        pairs[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    }
-    for (int q = 0; q < 4; q++) {
-        __m512 a = pairs[2 * q], b = pairs[2 * q + 1];
-        quads[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
-    }
-    __m512 d0 = _mm512_add_ps(_mm512_unpacklo_ps(quads[0], quads[1]), _mm512_unpackhi_ps(quads[0], quads[1]));
-    __m512 d1 = _mm512_add_ps(_mm512_unpacklo_ps(quads[2], quads[3]), _mm512_unpackhi_ps(quads[2], quads[3]));
-    __m512 e = _mm512_add_ps(
-        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(d0), _mm512_castps_pd(d1))),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(d0), _mm512_castps_pd(d1))));
-    /* e[4q + i] holds row 4i + q. */
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_permutexvar_ps(order, e);
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion (NaN stays a quiet NaN). */
-static inline __m256i to_bf16(__m512 values) {
-    __m512i bits = _mm512_castps_si512(values);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(rounded);
-}
-
-/* Dot products of one x row with `rows` weight rows; a full block keeps its 16 accumulators in
- * registers (constant trip count), a last partial block pads with zero accumulators. */
 static inline __m512 dot_block(const uint16_t *x, const uint16_t *w, int64_t ldw, int64_t K, int rows) {
     __m512 acc[BLOCK];
     for (int r = 0; r < BLOCK; r++) acc[r] = _mm512_setzero_ps();

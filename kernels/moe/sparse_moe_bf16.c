@@ -13,20 +13,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-static inline float bf16_to_float(uint16_t value) {
-    union { uint32_t u; float f; } bits = { (uint32_t)value << 16 };
-    return bits.f;
-}
-
-static inline uint16_t float_to_bf16(float value) {
-    union { float f; uint32_t u; } bits = { value };
-    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u);
-    bits.u += 0x7fffu + ((bits.u >> 16) & 1u);
-    return (uint16_t)(bits.u >> 16);
-}
-
-static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
-
 /* out[n] = x . w[n] (fp32) for n in [0, N), rows split over the team; ends with a barrier. */
 static void team_gemv(const uint16_t *x, const uint16_t *w, int64_t N, int64_t K, float *out) {
     int64_t blocks = (N + BLOCK - 1) / BLOCK;
