@@ -206,9 +206,10 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if not torch.is_grad_enabled() and moe_native.supports(flat, *self._native_weights(), top_k=self.gate.top_k):
+        block_weights = self._native_weights()
+        if not torch.is_grad_enabled() and moe_native.supports(flat, *block_weights, top_k=self.gate.top_k):
             # A few tokens in bf16 on CPU: the whole block in one native call.
-            router, gate_up, down, *shared = self._native_weights()
+            router, gate_up, down, *shared = block_weights
             return moe_native.sparse_moe(flat, router, self.gate.top_k, self.gate.normalize, gate_up, down,
                                          *shared).view(shape)
         weights, experts = self.gate(flat)
