@@ -1,14 +1,18 @@
 /* Causal attention of T new tokens over a bf16 K/V cache, for prefill chunks and decode alike.
  *
- * Query row (t, h) sees keys [0, past + t]. Keys are visited in fixed blocks of 64 counted from
+ * Query row (t, h) sees keys [0, past + t]. Keys are visited in fixed blocks of 128 counted from
  * key 0 with an online softmax: scores in fp32 from bf16 dot products, probabilities rounded to
  * bf16 for the P.V products (as PyTorch's flash kernel does), row sums and outputs in fp32. Each
  * row's arithmetic depends only on its own query and its own visible keys, never on how many
  * rows share the call, so a token attended alone (decode) gets the same bits as beside others
  * (draft verification, or any prefill chunking).
  *
- * Work items are (K/V head, tile of up to 128 query rows); a tile walks the key blocks once, each
- * block's values repacked into bf16 pairs so P.V runs on the same dot-product instruction.
+ * Work items are (K/V head, tile of up to 128 query rows); a tile walks the key blocks once. Each
+ * block is repacked so that both products are outer products on the bf16 pair dot-product
+ * instruction: keys as [D / 2][128] pairs along D (a lane per key), values as [64][D] pairs along
+ * the keys (a lane per channel). Every score and output lane is then one sequential fp32 chain
+ * (pair by pair), whatever the number of rows computed together: up to four rows share each
+ * packed load, which is where the speed comes from, and a row alone runs the same chain.
  *
  * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
  */
@@ -18,8 +22,8 @@
 
 #include "../bf16_simd.h"
 
-#define KEYS_PER_BLOCK 64
-#define ROWS_PER_TILE 128
+#define KEYS_PER_BLOCK 128
+#define ROWS_PER_TILE 512
 #define MAX_DIM 256
 
 /* e^x for x <= 0 (results below ~1e-45 become 0): 2^n * poly(r), x = n ln2 + r, |r| <= ln2 / 2. */
@@ -40,6 +44,8 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
+
 typedef struct {
     const uint16_t *query; /* [D] */
     uint16_t *out;         /* [D] */
@@ -48,58 +54,64 @@ typedef struct {
     float *acc;            /* [D] fp32 */
 } Row;
 
-/* acc[j] = q . k_j for 16 keys, CHUNKS = D / 32 known at compile time: the query stays in
- * registers and four keys' dot products are interleaved so their dependency chains overlap. */
-static inline __attribute__((always_inline)) void dots16(const uint16_t *q, const uint16_t *base, int64_t ld,
-                                                         __m512 acc[16], const int CHUNKS) {
-    __m512bh qv[8];
-    for (int c = 0; c < CHUNKS; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
-    for (int j = 0; j < 16; j += 4) {
-        __m512 d0 = _mm512_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
-        const uint16_t *k0 = base + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
-        for (int c = 0; c < CHUNKS; c++) {
-            d0 = _mm512_dpbf16_ps(d0, qv[c], (__m512bh)_mm512_loadu_si512(k0 + 32 * c));
-            d1 = _mm512_dpbf16_ps(d1, qv[c], (__m512bh)_mm512_loadu_si512(k1 + 32 * c));
-            d2 = _mm512_dpbf16_ps(d2, qv[c], (__m512bh)_mm512_loadu_si512(k2 + 32 * c));
-            d3 = _mm512_dpbf16_ps(d3, qv[c], (__m512bh)_mm512_loadu_si512(k3 + 32 * c));
-        }
-        acc[j] = d0, acc[j + 1] = d1, acc[j + 2] = d2, acc[j + 3] = d3;
+/* 16x16 transpose of 32-bit lanes: rows[i] lane j -> rows[j] lane i. */
+static inline void transpose16(__m512i rows[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* u[4g + c], 128-bit lane L: rows 4g .. 4g + 3 of column 4L + c. */
+    for (int c = 0; c < 4; c++) {
+        __m512i even_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), odd_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+        __m512i even_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        __m512i odd_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        rows[c] = _mm512_shuffle_i32x4(even_low, even_high, 0x88);
+        rows[8 + c] = _mm512_shuffle_i32x4(even_low, even_high, 0xDD);
+        rows[4 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0x88);
+        rows[12 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0xDD);
     }
 }
 
-/* scores[j] = scale * q . k_j for the `count` keys of a block (keys rows of stride ld). Every key's
- * dot product is the same chain of 32-wide steps in D order on every path. */
-static void block_scores(const uint16_t *q, const uint16_t *keys, int64_t ld, int64_t D, int count, float scale,
-                         float *scores) {
-    for (int j0 = 0; j0 < count; j0 += 16) {
-        __m512 acc[16];
-        int keys_here = count - j0 < 16 ? count - j0 : 16;
-        const uint16_t *base = keys + j0 * ld;
-        if (keys_here == 16 && D == 128) {
-            dots16(q, base, ld, acc, 4);
-        } else if (keys_here == 16 && D == 256) {
-            dots16(q, base, ld, acc, 8);
-        } else {
-            for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
-            for (int j = 0; j < keys_here; j++) {
-                __m512 dot = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d += 32)
-                    dot = _mm512_dpbf16_ps(dot, load_bf16(q + d, D - d), load_bf16(base + j * ld + d, D - d));
-                acc[j] = dot;
+/* Keys of one block as pairs along D: packed[p * KEYS_PER_BLOCK + j] = K[j][2p] | K[j][2p + 1] << 16, zero for
+ * keys past the block's last. */
+static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
+    int64_t pairs = D / 2;
+    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 16) {
+        for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+            int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
+            __mmask16 live = (__mmask16)((1u << here) - 1);
+            __m512i rows[16];
+            for (int j = 0; j < 16; j++) {
+                const uint16_t *key = keys + (j0 + j) * ld + 2 * p0;
+                /* The next block's keys: with few rows (decode) the loop is bound by memory. */
+                _mm_prefetch((const char *)(key + KEYS_PER_BLOCK * ld), _MM_HINT_T0);
+                rows[j] = j0 + j < in_block ? _mm512_maskz_loadu_epi32(live, key) : _mm512_setzero_si512();
             }
+            transpose16(rows);
+            for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(packed + (p0 + p) * KEYS_PER_BLOCK + j0, rows[p]);
         }
-        _mm512_storeu_ps(scores + j0, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
     }
 }
 
 /* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16, zero past
- * the block's last key, so P.V is one dot-product instruction per pair of keys. */
+ * the block's last key. */
 static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
-    for (int j = 0; 2 * j < in_block; j++) {
+    for (int j = 0; j < KEYS_PER_BLOCK / 2; j++) {
         const uint16_t *first = values + 2 * j * ld;
         for (int64_t d = 0; d < D; d += 16) {
-            __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
-            __m512i high = _mm512_setzero_si512();
+            if (d % 32 == 0) {
+                _mm_prefetch((const char *)(first + KEYS_PER_BLOCK * ld + d), _MM_HINT_T0);
+                _mm_prefetch((const char *)(first + (KEYS_PER_BLOCK + 1) * ld + d), _MM_HINT_T0);
+            }
+            __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
+            if (2 * j < in_block) low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
             if (2 * j + 1 < in_block)
                 high = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + ld + d)));
             _mm512_storeu_si512(packed + j * D + d, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
@@ -107,26 +119,62 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
     }
 }
 
-/* acc = acc * correction + sum over key pairs of probs . values, D / 16 == CHUNKS slices kept in
- * registers (a constant CHUNKS lets the compiler keep them there). */
-static inline __attribute__((always_inline)) void weighted_values(float *acc_row, int chunks_rt, __m512 correction,
-                                                                  const uint32_t *pairs, int pair_count,
-                                                                  const uint32_t *packed, int64_t D, const int CHUNKS) {
-    int chunks = CHUNKS ? CHUNKS : chunks_rt;
-    __m512 acc[MAX_DIM / 16];
-    for (int c = 0; c < chunks; c++) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(acc_row + 16 * c), correction);
-    for (int j = 0; j < pair_count; j++) {
-        __m512bh p = (__m512bh)_mm512_set1_epi32((int)pairs[j]);
-        const uint32_t *v = packed + j * D;
-        for (int c = 0; c < chunks; c++)
-            acc[c] = _mm512_dpbf16_ps(acc[c], p, (__m512bh)_mm512_loadu_si512(v + 16 * c));
+/* scores[r][j] = scale * q_r . k_j for the block's keys and R rows, 64 keys at a time: lane j
+ * accumulates the pairs of D in order, sharing each packed key load between the rows. */
+static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const uint32_t *keys,
+                                                              int64_t pairs, float scale,
+                                                              float scores[][KEYS_PER_BLOCK]) {
+    const pair_t *query[4];
+    for (int r = 0; r < R; r++) query[r] = (const pair_t *)rows[r].query;
+    __m512 scale_v = _mm512_set1_ps(scale);
+    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 64) {
+        __m512 acc[4][4];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pairs; p++) {
+            const uint32_t *k = keys + p * KEYS_PER_BLOCK + j0;
+            __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16);
+            __m512bh k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
+            for (int r = 0; r < R; r++) {
+                __m512bh q = (__m512bh)_mm512_set1_epi32((int)query[r][p]);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], q, k0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], q, k1);
+                acc[r][2] = _mm512_dpbf16_ps(acc[r][2], q, k2);
+                acc[r][3] = _mm512_dpbf16_ps(acc[r][3], q, k3);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(scores[r] + j0 + 16 * c, _mm512_mul_ps(acc[r][c], scale_v));
     }
-    for (int c = 0; c < chunks; c++) _mm512_storeu_ps(acc_row + 16 * c, acc[c]);
 }
 
-/* Online-softmax update of one row from its block scores: bf16 probabilities into probs (zero
- * past n), running max and sum updated; returns the factor that rescales the row's accumulator. */
-static inline __m512 softmax_step(Row *row, const float *scores, int n, uint16_t *probs) {
+/* acc_r[offset + 16c] = acc_r * correction_r + sum over the block's key pairs of probs . values,
+ * for CH slices of 16 channels; lane d of each row is one chain in key order. */
+static inline __attribute__((always_inline)) void group_values(Row *rows, const int R, const __m512 *correction,
+                                                              const uint32_t probs[][KEYS_PER_BLOCK / 2],
+                                                              const uint32_t *values, int64_t D, int64_t offset,
+                                                              const int CH) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < CH; c++)
+            acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(rows[r].acc + offset + 16 * c), correction[r]);
+    for (int j = 0; j < KEYS_PER_BLOCK / 2; j++) {
+        const uint32_t *v = values + j * D + offset;
+        __m512bh slice[4];
+        for (int c = 0; c < CH; c++) slice[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
+        for (int r = 0; r < R; r++) {
+            __m512bh p = (__m512bh)_mm512_set1_epi32((int)probs[r][j]);
+            for (int c = 0; c < CH; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, slice[c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(rows[r].acc + offset + 16 * c, acc[r][c]);
+}
+
+/* Online-softmax update of one row from its block scores, of which the first n count: bf16
+ * probabilities into probs (zero past n), running max and sum updated; returns the factor that
+ * rescales the row's accumulator. */
+static __m512 softmax_step(Row *row, const float *scores, int n, uint16_t *probs) {
     __m512 top = _mm512_set1_ps(row->max);
     for (int j0 = 0; j0 < n; j0 += 16) {
         __mmask16 live = (__mmask16)(n - j0 >= 16 ? 0xffff : (1u << (n - j0)) - 1);
@@ -134,8 +182,9 @@ static inline __m512 softmax_step(Row *row, const float *scores, int n, uint16_t
     }
     float best = _mm512_reduce_max_ps(top);
     __m512 best_v = _mm512_set1_ps(best), total = _mm512_setzero_ps();
-    for (int j0 = 0; j0 < n; j0 += 16) {
-        __mmask16 live = (__mmask16)(n - j0 >= 16 ? 0xffff : (1u << (n - j0)) - 1);
+    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 16) {
+        int live_count = n - j0 < 0 ? 0 : (n - j0 > 16 ? 16 : n - j0);
+        __mmask16 live = (__mmask16)((1u << live_count) - 1);
         __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j0), best_v)));
         total = _mm512_add_ps(total, p);
         _mm256_storeu_si256((__m256i *)(probs + j0), to_bf16(p));
@@ -146,108 +195,51 @@ static inline __m512 softmax_step(Row *row, const float *scores, int n, uint16_t
     return correction;
 }
 
-/* One row against one key block of which it sees the first n keys (n >= 1). */
-static void row_block(Row *row, const uint16_t *keys, int64_t ld, int64_t D, int n, float scale,
-                      const uint32_t *packed) {
-    float scores[KEYS_PER_BLOCK];
-    uint16_t probs[KEYS_PER_BLOCK];
-    block_scores(row->query, keys, ld, D, n, scale, scores);
-    __m512 correction = softmax_step(row, scores, n, probs);
-    /* An odd n leaves probs[n] = 0 (a masked lane), the partner of the last key. */
-    const uint32_t *pairs = (const uint32_t *)probs;
-    int pair_count = (n + 1) / 2;
-    if (D == 128) weighted_values(row->acc, 8, correction, pairs, pair_count, packed, D, 8);
-    else if (D == 256) weighted_values(row->acc, 16, correction, pairs, pair_count, packed, D, 16);
-    else weighted_values(row->acc, (int)(D / 16), correction, pairs, pair_count, packed, D, 0);
+/* R rows (1 to 4) against one packed block, row r seeing its first n[r] >= 1 keys. */
+static inline __attribute__((always_inline)) void group_block(Row *rows, const int R, const int *n,
+                                                             const uint32_t *keys, const uint32_t *values,
+                                                             int64_t D, float scale) {
+    float scores[4][KEYS_PER_BLOCK];
+    uint32_t probs[4][KEYS_PER_BLOCK / 2];
+    __m512 correction[4];
+    group_scores(rows, R, keys, D / 2, scale, scores);
+    for (int r = 0; r < R; r++) correction[r] = softmax_step(&rows[r], scores[r], n[r], (uint16_t *)probs[r]);
+    int64_t offset = 0;
+    for (; offset + 64 <= D; offset += 64) group_values(rows, R, correction, probs, values, D, offset, 4);
+    for (; offset < D; offset += 16) group_values(rows, R, correction, probs, values, D, offset, 1);
 }
 
-/* dots16 for two queries at once, sharing every key load; each dot product is the same chain. */
-static inline __attribute__((always_inline)) void dots16_pair(const uint16_t *qa, const uint16_t *qb,
-                                                              const uint16_t *base, int64_t ld, __m512 acc_a[16],
-                                                              __m512 acc_b[16], const int CHUNKS) {
-    __m512bh va[8], vb[8];
-    for (int c = 0; c < CHUNKS; c++) {
-        va[c] = (__m512bh)_mm512_loadu_si512(qa + 32 * c);
-        vb[c] = (__m512bh)_mm512_loadu_si512(qb + 32 * c);
+static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, const uint32_t *values, int64_t D,
+                       float scale) {
+    switch (R) {
+    case 4: group_block(rows, 4, n, keys, values, D, scale); break;
+    case 3: group_block(rows, 3, n, keys, values, D, scale); break;
+    case 2: group_block(rows, 2, n, keys, values, D, scale); break;
+    default: group_block(rows, 1, n, keys, values, D, scale); break;
     }
-    for (int j = 0; j < 16; j += 2) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-        const uint16_t *k0 = base + j * ld, *k1 = k0 + ld;
-        for (int c = 0; c < CHUNKS; c++) {
-            __m512bh key0 = (__m512bh)_mm512_loadu_si512(k0 + 32 * c), key1 = (__m512bh)_mm512_loadu_si512(k1 + 32 * c);
-            a0 = _mm512_dpbf16_ps(a0, va[c], key0);
-            b0 = _mm512_dpbf16_ps(b0, vb[c], key0);
-            a1 = _mm512_dpbf16_ps(a1, va[c], key1);
-            b1 = _mm512_dpbf16_ps(b1, vb[c], key1);
-        }
-        acc_a[j] = a0, acc_a[j + 1] = a1, acc_b[j] = b0, acc_b[j + 1] = b1;
-    }
-}
-
-/* weighted_values for two rows over 8 slices of D starting at `offset`, sharing value loads. */
-static inline __attribute__((always_inline)) void weighted_values_pair(float *acc_a_row, float *acc_b_row,
-                                                                       __m512 corr_a, __m512 corr_b,
-                                                                       const uint32_t *pairs_a,
-                                                                       const uint32_t *pairs_b,
-                                                                       const uint32_t *packed, int64_t D,
-                                                                       int64_t offset) {
-    __m512 acc_a[8], acc_b[8];
-    for (int c = 0; c < 8; c++) {
-        acc_a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc_a_row + offset + 16 * c), corr_a);
-        acc_b[c] = _mm512_mul_ps(_mm512_loadu_ps(acc_b_row + offset + 16 * c), corr_b);
-    }
-    for (int j = 0; j < KEYS_PER_BLOCK / 2; j++) {
-        __m512bh pa = (__m512bh)_mm512_set1_epi32((int)pairs_a[j]), pb = (__m512bh)_mm512_set1_epi32((int)pairs_b[j]);
-        const uint32_t *v = packed + j * D + offset;
-        for (int c = 0; c < 8; c++) {
-            __m512bh value = (__m512bh)_mm512_loadu_si512(v + 16 * c);
-            acc_a[c] = _mm512_dpbf16_ps(acc_a[c], pa, value);
-            acc_b[c] = _mm512_dpbf16_ps(acc_b[c], pb, value);
-        }
-    }
-    for (int c = 0; c < 8; c++) {
-        _mm512_storeu_ps(acc_a_row + offset + 16 * c, acc_a[c]);
-        _mm512_storeu_ps(acc_b_row + offset + 16 * c, acc_b[c]);
-    }
-}
-
-/* Two rows that both see a whole block, D of 128 or 256: the same arithmetic per row as
- * row_block, with key and value loads shared between the rows. */
-static void row_pair_block(Row *a, Row *b, const uint16_t *keys, int64_t ld, int64_t D, float scale,
-                           const uint32_t *packed) {
-    float scores_a[KEYS_PER_BLOCK], scores_b[KEYS_PER_BLOCK];
-    uint16_t probs_a[KEYS_PER_BLOCK], probs_b[KEYS_PER_BLOCK];
-    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 16) {
-        __m512 acc_a[16], acc_b[16];
-        if (D == 128) dots16_pair(a->query, b->query, keys + j0 * ld, ld, acc_a, acc_b, 4);
-        else dots16_pair(a->query, b->query, keys + j0 * ld, ld, acc_a, acc_b, 8);
-        _mm512_storeu_ps(scores_a + j0, _mm512_mul_ps(reduce16(acc_a), _mm512_set1_ps(scale)));
-        _mm512_storeu_ps(scores_b + j0, _mm512_mul_ps(reduce16(acc_b), _mm512_set1_ps(scale)));
-    }
-    __m512 corr_a = softmax_step(a, scores_a, KEYS_PER_BLOCK, probs_a);
-    __m512 corr_b = softmax_step(b, scores_b, KEYS_PER_BLOCK, probs_b);
-    for (int64_t offset = 0; offset < D; offset += 128)
-        weighted_values_pair(a->acc, b->acc, corr_a, corr_b, (const uint32_t *)probs_a, (const uint32_t *)probs_b,
-                             packed, D, offset);
 }
 
 /* One work item: `count` rows of one K/V head, key blocks streamed once. */
 static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t *v, int64_t ld, int64_t D,
-                        float scale, uint32_t *packed) {
+                        float scale, uint32_t *packed_keys, uint32_t *packed_values) {
     int64_t longest = 0;
     for (int r = 0; r < count; r++) longest = rows[r].visible > longest ? rows[r].visible : longest;
     for (int64_t start = 0; start < longest; start += KEYS_PER_BLOCK) {
         int in_block = (int)(longest - start < KEYS_PER_BLOCK ? longest - start : KEYS_PER_BLOCK);
-        pack_values(v + start * ld, ld, D, in_block, packed);
-        int paired = in_block == KEYS_PER_BLOCK && (D == 128 || D == 256);
-        for (int r = 0; r < count; r++) {
-            int64_t n = rows[r].visible - start;
-            if (paired && r + 1 < count && n >= KEYS_PER_BLOCK && rows[r + 1].visible - start >= KEYS_PER_BLOCK) {
-                row_pair_block(&rows[r], &rows[r + 1], k + start * ld, ld, D, scale, packed);
+        pack_keys(k + start * ld, ld, D, in_block, packed_keys);
+        pack_values(v + start * ld, ld, D, in_block, packed_values);
+        for (int r = 0; r < count;) {
+            if (rows[r].visible <= start) {
                 r++;
-            } else if (n > 0) {
-                row_block(&rows[r], k + start * ld, ld, D, (int)(n < in_block ? n : in_block), scale, packed);
+                continue;
             }
+            int n[4], group = 0;
+            while (group < 4 && r + group < count && rows[r + group].visible > start) {
+                int64_t seen = rows[r + group].visible - start;
+                n[group++] = (int)(seen < in_block ? seen : in_block);
+            }
+            rows_block(&rows[r], group, n, packed_keys, packed_values, D, scale);
+            r += group;
         }
     }
     for (int r = 0; r < count; r++) {
@@ -270,8 +262,9 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     {
         Row *rows = malloc(sizeof(Row) * ROWS_PER_TILE);
         float *acc = malloc(sizeof(float) * ROWS_PER_TILE * D);
-        uint32_t *packed = malloc(sizeof(uint32_t) * (KEYS_PER_BLOCK / 2) * D);
-        int usable = rows && acc && packed;
+        uint32_t *packed_keys = malloc(sizeof(uint32_t) * (KEYS_PER_BLOCK / 2) * D);
+        uint32_t *packed_values = malloc(sizeof(uint32_t) * (KEYS_PER_BLOCK / 2) * D);
+        int usable = rows && acc && packed_keys && packed_values;
         failed |= !usable;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
@@ -284,11 +277,12 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
                                  acc + (int64_t)r * D };
                 for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
             }
-            attend_tile(rows, count, k + head * kv_h, v + head * kv_h, kv_s, D, scale, packed);
+            attend_tile(rows, count, k + head * kv_h, v + head * kv_h, kv_s, D, scale, packed_keys, packed_values);
         }
         free(rows);
         free(acc);
-        free(packed);
+        free(packed_keys);
+        free(packed_values);
     }
     return failed ? -1 : 0;
 }
