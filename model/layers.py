@@ -20,10 +20,6 @@ from .config import ModelConfig
 from .rope import apply_rotary
 from .state import AttentionLayerState, LinearLayerState
 
-# Tokens per chunk of the chunked delta rule: 32 beat 64 on the CPUs measured (smaller
-# triangular systems, same matmul volume).
-DELTA_RULE_CHUNK = 32
-
 
 class Linear(nn.Linear):
     """`nn.Linear` whose few-row calls (decode, draft verification) take the small-row kernel."""
@@ -147,7 +143,7 @@ class GatedDeltaNet(nn.Module):
 
         out, state.recurrent = gated_delta_rule_from_gates(
             query, key, value, a, b, self.A_log, self.dt_bias, initial_state=state.recurrent,
-            use_qk_l2norm=True, chunk_size=DELTA_RULE_CHUNK,
+            use_qk_l2norm=True,
         )
         out = self.norm(out, z)
         return self.out_proj(out.reshape(batch, length, -1))

@@ -18,11 +18,13 @@ from torch import Tensor
 
 from ..rowwise import per_token
 from ..triton_utils import triton_importable, use_triton
+from . import native
 from .chunk import chunk_gated_delta_rule
 from .naive import naive_gated_delta_rule
 from .recurrent import recurrent_gated_delta_rule
 
 __all__ = [
+    "CHUNK_SIZE",
     "RECURRENT_MAX_LEN",
     "TRITON_RECURRENT_MAX_LEN",
     "chunk_gated_delta_rule",
@@ -43,6 +45,9 @@ RECURRENT_MAX_LEN = 16
 # The same switch for the Triton kernels on CUDA: a guess until measured on a GPU
 # (bench/kernels.py --sweep); the chunked path costs four launches whatever T is.
 TRITON_RECURRENT_MAX_LEN = 16
+# Tokens per chunk of PyTorch's chunked form: 32 beat 64 on the CPUs measured (smaller
+# triangular systems, same matmul volume).
+CHUNK_SIZE = 32
 
 Mode = Literal["auto", "chunk", "recurrent", "naive"]
 GatedDeltaRuleFn = Callable[..., tuple[Tensor, Tensor | None]]
@@ -125,7 +130,7 @@ def gated_delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
     use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     mode: Mode = "auto",
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
@@ -133,7 +138,10 @@ def gated_delta_rule(
 
     "auto" uses, for CUDA inputs when Triton is available, a registered CUDA implementation or
     else the Triton kernels; otherwise the recurrent form for T <= RECURRENT_MAX_LEN and the
-    chunked form beyond. Shapes and return values as in `chunk_gated_delta_rule`.
+    chunked form beyond: the native kernel for bf16 CPU inputs it takes, else PyTorch's.
+    chunk_size: tokens per chunk; None lets each implementation use its own (CHUNK_SIZE for
+    PyTorch's, native.CHUNK_SIZE for the native kernel). Shapes and return values as in
+    `chunk_gated_delta_rule`.
     cu_seqlens: int `[N + 1]` offsets of N sequences packed along T (B = 1); initial_state and
     the final state are then `[N, HV, K, V]`.
     """
@@ -142,7 +150,7 @@ def gated_delta_rule(
     )
     if mode == "auto" and q.is_cuda and triton_available():
         if _cuda_implementation is not None and cu_seqlens is None:
-            return _cuda_implementation(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+            return _cuda_implementation(q, k, v, g, beta, chunk_size=chunk_size or CHUNK_SIZE, **kwargs)
         if triton_importable():
             return _triton_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kwargs)
     if cu_seqlens is not None:
@@ -152,8 +160,12 @@ def gated_delta_rule(
         )
     if mode == "auto":
         mode = "recurrent" if q.shape[1] <= RECURRENT_MAX_LEN else "chunk"
+        native_chunk = native.CHUNK_SIZE if chunk_size is None else chunk_size
+        if mode == "chunk" and native.supports_chunk(q, k, v, native_chunk, use_qk_l2norm):
+            del kwargs["use_qk_l2norm"]
+            return native.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=native_chunk, **kwargs)
     if mode == "chunk":
-        return chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+        return chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size or CHUNK_SIZE, **kwargs)
     if mode == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     if mode == "naive":
@@ -174,7 +186,7 @@ def gated_delta_rule_from_gates(
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
     use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """`gated_delta_rule` taking Gated DeltaNet's raw gate projections.
 

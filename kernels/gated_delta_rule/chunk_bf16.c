@@ -1,0 +1,218 @@
+/* Chunked gated delta rule over bf16 q, k, v with fp32 gates, state and arithmetic: the same
+ * WY / UT-transform form as chunk.py, computed head by head with the chunk's matrices in cache.
+ *
+ * For a chunk of n tokens (zero-padded to a multiple of 16: a padded token has g = 0 and beta = 0,
+ * so it neither decays nor writes the state), gamma the inclusive cumulative log-decay from the
+ * chunk start and D[i][j] = exp(gamma_i - gamma_j) for j <= i:
+ *
+ *   A[i][j] = beta_i D[i][j] k_i.k_j (j < i),  X = (I + A)^-1 [beta V | beta exp(gamma) K]
+ *   U = W - Kc S                 (W, Kc the two halves of X)
+ *   O = exp(gamma) Q S + (D * Q K^T) U          (j <= i)
+ *   S = exp(gamma_last) S + (exp(gamma_last - gamma) K)^T U
+ *
+ * q and k are L2-normalised per token (eps inside the square root) and q scaled after, as in
+ * utils.prepare_qk. Heads are independent and shared out over OpenMP threads.
+ *
+ * Built with AVX-512; the Python side only loads it on CPUs that report avx512_bf16.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../bf16_simd.h"
+
+#define MAX_CHUNK 64
+#define L2NORM_EPS 1e-6f
+
+/* e^x for x <= 0 (results below ~1e-45 become 0): 2^n * poly(r), x = n ln2 + r, |r| <= ln2 / 2. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* C[4 rows][16 * SLICES columns] (+)= sign * A[4 rows][inner] . B[inner][same columns]. */
+static inline __attribute__((always_inline)) void gemm_tile(int64_t inner, const float *a, int64_t lda,
+                                                           const float *b, int64_t ldb, float *c, int64_t ldc,
+                                                           int negate, int accumulate, const int SLICES) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int s = 0; s < SLICES; s++)
+            acc[r][s] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * s) : _mm512_setzero_ps();
+    for (int64_t k = 0; k < inner; k++) {
+        __m512 row[4];
+        for (int s = 0; s < SLICES; s++) row[s] = _mm512_loadu_ps(b + k * ldb + 16 * s);
+        for (int r = 0; r < 4; r++) {
+            __m512 scalar = _mm512_set1_ps(a[r * lda + k]);
+            for (int s = 0; s < SLICES; s++)
+                acc[r][s] = negate ? _mm512_fnmadd_ps(scalar, row[s], acc[r][s]) : _mm512_fmadd_ps(scalar, row[s], acc[r][s]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int s = 0; s < SLICES; s++) _mm512_storeu_ps(c + r * ldc + 16 * s, acc[r][s]);
+}
+
+/* C (+)= sign * A B; rows a multiple of 4, width a multiple of 16, row-major with leading dims. */
+static void gemm(int64_t rows, int64_t inner, int64_t width, const float *a, int64_t lda, const float *b,
+                 int64_t ldb, float *c, int64_t ldc, int negate, int accumulate) {
+    for (int64_t i = 0; i < rows; i += 4) {
+        for (int64_t col = 0; col < width; col += 64) {
+            const float *ai = a + i * lda, *bc = b + col;
+            float *ci = c + i * ldc + col;
+            switch ((width - col) >= 64 ? 4 : (int)((width - col) / 16)) {
+            case 4: gemm_tile(inner, ai, lda, bc, ldb, ci, ldc, negate, accumulate, 4); break;
+            case 3: gemm_tile(inner, ai, lda, bc, ldb, ci, ldc, negate, accumulate, 3); break;
+            case 2: gemm_tile(inner, ai, lda, bc, ldb, ci, ldc, negate, accumulate, 2); break;
+            default: gemm_tile(inner, ai, lda, bc, ldb, ci, ldc, negate, accumulate, 1); break;
+            }
+        }
+    }
+}
+
+typedef struct {
+    float *q, *k, *kt, *kdt;  /* q (decayed, scaled) [C][K]; k [C][K]; k^T and decayed k^T [K][C] */
+    float *gram, *qk;         /* [C][C] */
+    float *x, *u, *o;         /* [C][V + K], [C][V], [C][V] */
+    float gamma[MAX_CHUNK], beta[MAX_CHUNK];
+} Work;
+
+/* bf16 -> fp32 with L2 normalisation over `dim` values, then multiplied by `scale`. */
+static void load_normalized(const uint16_t *src, int64_t dim, float scale, float *dst) {
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+        __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + d))), 16));
+        _mm512_storeu_ps(dst + d, x);
+        squares = _mm512_fmadd_ps(x, x, squares);
+    }
+    float inverse = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) + L2NORM_EPS);
+    for (int64_t d = 0; d < dim; d++) dst[d] = dst[d] * inverse * scale;
+}
+
+/* One chunk of n tokens (padded to `padded`) of one value head; updates the state [K][V]. */
+static void chunk_step(Work *w, const uint16_t *q, const uint16_t *k, int64_t qk_t, const uint16_t *v, int64_t v_t,
+                       const float *g, const float *beta, int64_t gb_t, int64_t n, int64_t padded, int64_t K,
+                       int64_t V, float scale, float *state, uint16_t *out, int64_t out_t) {
+    int64_t C = padded, X = V + K;
+    float total = 0.0f;
+    for (int64_t i = 0; i < C; i++) {
+        if (i < n) {
+            load_normalized(q + i * qk_t, K, scale, w->q + i * K);
+            load_normalized(k + i * qk_t, K, 1.0f, w->k + i * K);
+            total += g[i * gb_t];
+            w->beta[i] = beta[i * gb_t];
+            const uint16_t *vi = v + i * v_t;
+            for (int64_t d = 0; d < V; d++) w->x[i * X + d] = w->beta[i] * bf16_to_float(vi[d]);
+        } else {
+            memset(w->q + i * K, 0, sizeof(float) * K);
+            memset(w->k + i * K, 0, sizeof(float) * K);
+            memset(w->x + i * X, 0, sizeof(float) * V);
+            w->beta[i] = 0.0f;
+        }
+        w->gamma[i] = total;
+    }
+    float last = w->gamma[C - 1];
+    for (int64_t i = 0; i < C; i++) {
+        float scaled = w->beta[i] * expf(w->gamma[i]);
+        for (int64_t d = 0; d < K; d++) {
+            w->x[i * X + V + d] = scaled * w->k[i * K + d];
+            w->kt[d * C + i] = w->k[i * K + d];
+        }
+    }
+    gemm(C, K, C, w->k, K, w->kt, C, w->gram, C, 0, 0);
+    gemm(C, K, C, w->q, K, w->kt, C, w->qk, C, 0, 0);
+    /* Decay: gram becomes A (strictly lower), qk becomes D * Q K^T (lower with the diagonal). */
+    for (int64_t i = 0; i < C; i++) {
+        __m512 gi = _mm512_set1_ps(w->gamma[i]);
+        for (int64_t j = 0; j < C; j += 16) {
+            __m512 diff = _mm512_min_ps(_mm512_sub_ps(gi, _mm512_loadu_ps(w->gamma + j)), _mm512_setzero_ps());
+            __m512 decay = exp_nonpositive(diff);
+            __mmask16 below = (__mmask16)(i - j >= 16 ? 0xffff : (i - j <= 0 ? 0 : (1u << (i - j)) - 1));
+            __mmask16 upto = (__mmask16)(i - j >= 15 ? 0xffff : (i - j < 0 ? 0 : (1u << (i - j + 1)) - 1));
+            __m512 a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(w->beta[i]), decay), _mm512_loadu_ps(w->gram + i * C + j));
+            _mm512_storeu_ps(w->gram + i * C + j, _mm512_maskz_mov_ps(below, a));
+            _mm512_storeu_ps(w->qk + i * C + j, _mm512_maskz_mov_ps(upto, _mm512_mul_ps(decay, _mm512_loadu_ps(w->qk + i * C + j))));
+        }
+    }
+    /* Forward substitution: X_i -= sum_{j < i} A[i][j] X_j, row by row. */
+    for (int64_t i = 1; i < n; i++) {
+        float *xi = w->x + i * X;
+        for (int64_t s = 0; s < X; s += 16) {
+            __m512 acc = _mm512_loadu_ps(xi + s);
+            for (int64_t j = 0; j < i; j++)
+                acc = _mm512_fnmadd_ps(_mm512_set1_ps(w->gram[i * C + j]), _mm512_loadu_ps(w->x + j * X + s), acc);
+            _mm512_storeu_ps(xi + s, acc);
+        }
+    }
+    /* U = W - Kc S, then O = exp(gamma) Q S + (D * Q K^T) U. */
+    for (int64_t i = 0; i < C; i++) memcpy(w->u + i * V, w->x + i * X, sizeof(float) * V);
+    gemm(C, K, V, w->x + V, X, state, V, w->u, V, 1, 1);
+    for (int64_t i = 0; i < C; i++) {
+        float decay = expf(w->gamma[i]);
+        for (int64_t d = 0; d < K; d++) w->q[i * K + d] *= decay;
+    }
+    gemm(C, K, V, w->q, K, state, V, w->o, V, 0, 0);
+    gemm(C, C, V, w->qk, C, w->u, V, w->o, V, 0, 1);
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t *oi = out + i * out_t;
+        for (int64_t d = 0; d < V; d += 16) _mm256_storeu_si256((__m256i *)(oi + d), to_bf16(_mm512_loadu_ps(w->o + i * V + d)));
+    }
+    /* S = exp(gamma_last) S + (exp(gamma_last - gamma) K)^T U. */
+    for (int64_t j = 0; j < C; j++) {
+        float decay = expf(last - w->gamma[j]);
+        for (int64_t d = 0; d < K; d++) w->kdt[d * C + j] = w->kt[d * C + j] * decay;
+    }
+    float keep = expf(last);
+    for (int64_t e = 0; e < K * V; e++) state[e] *= keep;
+    gemm(K, C, V, w->kdt, C, w->u, V, state, V, 0, 1);
+}
+
+/* q, k [T, H, K] (strides qk_t, qk_h), v [T, HV, V] (strides v_t, v_h), all bf16; g, beta fp32
+ * [T, HV]; state fp32 [HV, K, V], updated in place; out bf16 [T, HV, V] (strides out_t, out_h).
+ * K and V multiples of 16, chunk at most MAX_CHUNK. Returns 0, or -1 when a work buffer cannot be
+ * allocated. */
+int gated_delta_chunk_bf16(const uint16_t *q, const uint16_t *k, int64_t qk_t, int64_t qk_h, const uint16_t *v,
+                           int64_t v_t, int64_t v_h, const float *g, const float *beta, int64_t T, int64_t H,
+                           int64_t HV, int64_t K, int64_t V, float scale, int64_t chunk, float *state,
+                           uint16_t *out, int64_t out_t, int64_t out_h, int threads) {
+    int64_t group = HV / H;
+    int failed = 0;
+    if (threads > HV) threads = (int)HV;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t C = MAX_CHUNK;
+        Work w;
+        float *block = malloc(sizeof(float) * (4 * C * K + 2 * C * C + C * (V + K) + 2 * C * V));
+        failed |= block == NULL;
+        if (block) {
+            w.q = block, w.k = w.q + C * K, w.kt = w.k + C * K, w.kdt = w.kt + C * K;
+            w.gram = w.kdt + C * K, w.qk = w.gram + C * C;
+            w.x = w.qk + C * C, w.u = w.x + C * (V + K), w.o = w.u + C * V;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t head = 0; head < HV; head++) {
+            if (!block) continue;
+            int64_t key_head = head / group;
+            for (int64_t start = 0; start < T; start += chunk) {
+                int64_t n = T - start < chunk ? T - start : chunk;
+                int64_t padded = (n + 15) / 16 * 16;
+                chunk_step(&w, q + start * qk_t + key_head * qk_h, k + start * qk_t + key_head * qk_h, qk_t,
+                           v + start * v_t + head * v_h, v_t, g + start * HV + head, beta + start * HV + head, HV,
+                           n, padded, K, V, scale, state + head * K * V, out + start * out_t + head * out_h, out_t);
+            }
+        }
+        free(block);
+    }
+    return failed ? -1 : 0;
+}
