@@ -1,5 +1,6 @@
-/* bf16 helpers shared by the C kernels: conversions that round like torch (to nearest even, NaN
- * kept quiet), masked bf16 loads and the fixed-tree lane reduction of 16 accumulators. */
+/* Helpers shared by the C kernels: bf16 conversions that round like torch (to nearest even, NaN
+ * kept quiet), masked bf16 loads, the fixed-tree lane reduction of 16 accumulators and a
+ * vector exp. */
 #ifndef DOCANALYST_BF16_SIMD_H
 #define DOCANALYST_BF16_SIMD_H
 
@@ -38,7 +39,7 @@ static inline __m512bh load_bf16(const uint16_t *src, int64_t count) {
 
 /* Lane sums of 16 accumulators: result[r] = sum of acc[r]'s lanes, by the same tree for every r
  * (lane j pairs with j+8, then j+4, then j+2, then j+1). */
-static inline __m512 reduce16(__m512 acc[16]) {
+static inline __attribute__((always_inline)) __m512 reduce16(__m512 acc[16]) {
     __m512 pairs[8], quads[4];
     for (int p = 0; p < 8; p++) {
         __m512 a = acc[2 * p], b = acc[2 * p + 1];
@@ -56,6 +57,25 @@ static inline __m512 reduce16(__m512 acc[16]) {
     /* e[4q + i] holds row 4i + q. */
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     return _mm512_permutexvar_ps(order, e);
+}
+
+/* e^x lane by lane (x clamped to [-104, 88.7]: below, results of ~1e-45 or 0): 2^n * poly(r) with
+ * x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two for an exact-ish reduction. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 
 #endif

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_next import modeling_qwen3_next as reference
 
-from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update, conv
+from kernels.causal_conv1d import native as conv_native
 
 # fp32: prefill runs the same F.conv1d as the reference (observed bitwise equal); the step sums
 # the W products in another order: observed <= 7e-7 absolute on O(1) outputs, a few ulps.
@@ -150,3 +151,31 @@ def test_invalid_inputs() -> None:
         causal_conv1d(x, weight, bias, activation="relu")
     with pytest.raises(ValueError):
         causal_conv1d_update(x, torch.zeros(1, 4, 3), weight, bias)
+
+
+requires_native = pytest.mark.skipif(
+    conv_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+)
+
+
+@requires_native
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "fresh"])
+@pytest.mark.parametrize("shape", [(1, 300, 1024, 4), (2, 5, 40, 4), (1, 1, 20, 3), (1, 2, 17, 4)],
+                         ids=lambda s: "B{}-T{}-D{}-W{}".format(*s))
+def test_native_conv_equals_pytorch_bitwise(shape, with_state):
+    """Taps summed in fp32 in order and rounded where the PyTorch path rounds (observed bitwise
+    equal to oneDNN's conv here; BF16 tolerances allow a summation-order flip elsewhere)."""
+    batch, length, channels, taps = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(batch, length, channels, generator=generator).bfloat16().transpose(1, 2)
+    weight = torch.randn(channels, taps, generator=generator).bfloat16()
+    state = torch.randn(batch, channels, taps - 1, generator=generator).bfloat16() if with_state else None
+    before = None if state is None else state.clone()
+    assert conv_native.supports(x, weight, None, state, "silu")
+    ours, ours_state = causal_conv1d(x, weight, conv_state=state)
+    expected, expected_state = conv.causal_conv1d(x, weight, conv_state=state)
+    torch.testing.assert_close(ours.float(), expected.float(), atol=BF16_ATOL, rtol=BF16_RTOL)
+    assert torch.equal(ours_state, expected_state)
+    assert ours.transpose(1, 2).is_contiguous()
+    if state is not None:
+        assert torch.equal(state, before)

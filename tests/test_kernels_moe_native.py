@@ -89,3 +89,35 @@ def test_native_block_declines_other_inputs():
     many = torch.zeros(moe_native.MAX_TOKENS + 1, x.shape[1], dtype=torch.bfloat16)
     assert not moe_native.supports(many, *w.values(), top_k=top_k)
     assert not moe_native.supports(x, w["router"].t(), top_k=top_k)
+
+
+requires_native_experts = pytest.mark.skipif(
+    moe_native.experts_kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+)
+
+# tokens, hidden, experts, top-k, expert width: odd sizes leave partial 4x4 tiles and K tails
+EXPERT_CASES = [(300, 512, 64, 4, 256), (37, 80, 10, 3, 48), (2, 64, 4, 4, 32), (129, 96, 7, 2, 40)]
+
+
+@requires_native_experts
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "N{}-H{}-E{}-k{}-I{}".format(*c))
+def test_native_experts_match_the_grouped_pytorch_path(case):
+    """Same bf16 rounding steps as reference.experts_swiglu: two bf16 steps at the largest output."""
+    tokens, hidden, experts, top_k, width = case
+    generator = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    router = torch.randn(experts, hidden, generator=generator).bfloat16()
+    gate_up = (torch.randn(experts, 2 * width, hidden, generator=generator) * hidden**-0.5).bfloat16()
+    down = (torch.randn(experts, hidden, width, generator=generator) * width**-0.5).bfloat16()
+    weights, chosen = reference.route(x, router, top_k, True)
+    assert moe_native.supports_experts(x, weights, gate_up, down)
+    ours = moe_native.moe_experts(x, weights, chosen, gate_up, down)
+    expected = reference.experts_swiglu(x, weights, chosen, gate_up, down)
+    assert ours.dtype == torch.bfloat16 and ours.shape == expected.shape
+    bound = 2 * 2.0**-8 * expected.float().abs().max().item()
+    assert (ours.float() - expected.float()).abs().max().item() <= bound
+    # Experts nobody chose cost nothing and change nothing: poisoning them leaves the output alone.
+    unused = sorted(set(range(experts)) - set(chosen.flatten().tolist()))
+    if unused:
+        gate_up[unused] = float("nan")
+        assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), ours)

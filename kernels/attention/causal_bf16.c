@@ -26,24 +26,6 @@
 #define ROWS_PER_TILE 512
 #define MAX_DIM 256
 
-/* e^x for x <= 0 (results below ~1e-45 become 0): 2^n * poly(r), x = n ln2 + r, |r| <= ln2 / 2. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
 
 typedef struct {
@@ -185,11 +167,11 @@ static __m512 softmax_step(Row *row, const float *scores, int n, uint16_t *probs
     for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 16) {
         int live_count = n - j0 < 0 ? 0 : (n - j0 > 16 ? 16 : n - j0);
         __mmask16 live = (__mmask16)((1u << live_count) - 1);
-        __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j0), best_v)));
+        __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j0), best_v)));
         total = _mm512_add_ps(total, p);
         _mm256_storeu_si256((__m256i *)(probs + j0), to_bf16(p));
     }
-    __m512 correction = exp_nonpositive(_mm512_set1_ps(row->max - best));
+    __m512 correction = exp512(_mm512_set1_ps(row->max - best));
     row->sum = row->sum * _mm512_cvtss_f32(correction) + _mm512_reduce_add_ps(total);
     row->max = best;
     return correction;

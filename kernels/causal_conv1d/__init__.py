@@ -1,7 +1,8 @@
 """Causal depthwise convolution (the short conv in front of the Gated DeltaNet q, k, v).
 
 `causal_conv1d` and `causal_conv1d_update` run the Triton kernels for CUDA tensors when Triton
-imports, and the PyTorch reference in `conv.py` otherwise.
+imports; on CPU a token-major bf16 sequence takes the native kernel (`conv_bf16.c`); everything
+else runs the PyTorch reference in `conv.py`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..triton_utils import use_triton
-from . import conv
+from . import conv, native
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -27,6 +28,8 @@ def causal_conv1d(
         from .triton_conv import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, conv_state=conv_state, activation=activation)
+    if native.supports(x, weight, bias, conv_state, activation):
+        return native.causal_conv1d(x, weight, conv_state, activation)
     return conv.causal_conv1d(x, weight, bias, conv_state=conv_state, activation=activation)
 
 

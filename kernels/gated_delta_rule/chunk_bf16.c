@@ -25,24 +25,6 @@
 #define MAX_CHUNK 64
 #define L2NORM_EPS 1e-6f
 
-/* e^x for x <= 0 (results below ~1e-45 become 0): 2^n * poly(r), x = n ln2 + r, |r| <= ln2 / 2. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* C[4 rows][16 * SLICES columns] (+)= sign * A[4 rows][inner] . B[inner][same columns]. */
 static inline __attribute__((always_inline)) void gemm_tile(int64_t inner, const float *a, int64_t lda,
                                                            const float *b, int64_t ldb, float *c, int64_t ldc,
@@ -137,7 +119,7 @@ static void chunk_step(Work *w, const uint16_t *q, const uint16_t *k, int64_t qk
         __m512 gi = _mm512_set1_ps(w->gamma[i]);
         for (int64_t j = 0; j < C; j += 16) {
             __m512 diff = _mm512_min_ps(_mm512_sub_ps(gi, _mm512_loadu_ps(w->gamma + j)), _mm512_setzero_ps());
-            __m512 decay = exp_nonpositive(diff);
+            __m512 decay = exp512(diff);
             __mmask16 below = (__mmask16)(i - j >= 16 ? 0xffff : (i - j <= 0 ? 0 : (1u << (i - j)) - 1));
             __mmask16 upto = (__mmask16)(i - j >= 15 ? 0xffff : (i - j < 0 ? 0 : (1u << (i - j + 1)) - 1));
             __m512 a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(w->beta[i]), decay), _mm512_loadu_ps(w->gram + i * C + j));

@@ -1,7 +1,8 @@
 """Routed mixture of experts: top-k softmax router and grouped SwiGLU experts.
 
-Each function runs the Triton kernels for CUDA tensors when Triton imports, and the PyTorch
-reference in `reference.py` (the numerics of `model.layers.Router` / `Experts`) otherwise, with
+Each function runs the Triton kernels for CUDA tensors when Triton imports; on CPU the experts
+of many bf16 tokens run in the native kernel (`experts_bf16.c`); everything else runs the
+PyTorch reference in `reference.py` (the numerics of `model.layers.Router` / `Experts`), with
 few-row projections through `kernels.linear`.
 """
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from ..linear import linear
 from ..triton_utils import use_triton
-from . import reference
+from . import native, reference
 
 __all__ = ["moe_experts", "moe_route", "sparse_moe"]
 
@@ -32,6 +33,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up_proj: Tenso
         from .triton_moe import experts_swiglu_triton
 
         return experts_swiglu_triton(x, weights, experts, gate_up_proj, down_proj)
+    if x.shape[0] > 1 and native.supports_experts(x, weights, gate_up_proj, down_proj):
+        return native.moe_experts(x, weights, experts, gate_up_proj, down_proj)
     return reference.experts_swiglu(x, weights, experts, gate_up_proj, down_proj, linear)
 
 

@@ -53,3 +53,43 @@ def sparse_moe(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: boo
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out
+
+
+_EXPERTS_ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int)
+
+
+@functools.cache
+def experts_kernel():
+    """The C function `moe_experts_bf16`, or None where it cannot run here."""
+    entry = load(Path(__file__).with_name("experts_bf16.c"), "moe_experts_bf16", _EXPERTS_ARGTYPES)
+    if entry is not None:
+        entry.restype = ctypes.c_int
+    return entry
+
+
+def supports_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """x `[N, H]` and the routing weights bf16 on CPU, top-k at most MAX_TOP_K, contiguous bf16 weights."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weights.dtype == gate_up.dtype == down.dtype == torch.bfloat16
+        and weights.shape[1] <= MAX_TOP_K
+        and gate_up.is_contiguous()
+        and down.is_contiguous()
+        and experts_kernel() is not None
+    )
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """x `[N, H]`; weights, experts `[N, k]`; gate_up `[E, 2I, H]`; down `[E, H, I]` -> `[N, H]` bf16,
+    the contract of `reference.experts_swiglu`."""
+    x, weights = x.contiguous(), weights.contiguous()
+    experts = experts.to(torch.int64).contiguous()
+    tokens, hidden = x.shape
+    out = torch.empty_like(x)
+    status = experts_kernel()(x.data_ptr(), tokens, hidden, weights.data_ptr(), experts.data_ptr(), weights.shape[1],
+                              gate_up.shape[0], gate_up.data_ptr(), down.data_ptr(), down.shape[2], out.data_ptr(),
+                              torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("MoE work buffers could not be allocated")
+    return out

@@ -1,0 +1,48 @@
+/* Causal depthwise conv1d with optional SiLU over a bf16 sequence laid out token-major (the
+ * projections' layout), for prefill chunks: 16 channels per vector, taps summed in fp32 in order
+ * (oldest first), rounded to bf16, then SiLU in fp32 rounded to bf16, as conv.causal_conv1d does.
+ *
+ * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
+ */
+#include <omp.h>
+
+#include "../bf16_simd.h"
+
+#define MAX_TAPS 16
+
+static inline __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
+
+/* x [T, C] (row stride ldx); tail [C, W - 1] holds the W - 1 inputs before x and is replaced by
+ * the last W - 1 inputs seen; weight [C, W]; y [T, C] (row stride ldy). W at most MAX_TAPS. */
+void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, uint16_t *tail, const uint16_t *weight,
+                        int64_t W, int silu, uint16_t *y, int64_t ldy, int threads) {
+    int64_t blocks = (C + 15) / 16, keep = W - 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < blocks; block++) {
+        int64_t c0 = block * 16, here = C - c0 < 16 ? C - c0 : 16;
+        __mmask16 live = (__mmask16)((1u << here) - 1);
+        float taps[MAX_TAPS][16], history[MAX_TAPS][16];
+        for (int64_t c = 0; c < here; c++)
+            for (int64_t w = 0; w < W; w++) taps[w][c] = bf16_to_float(weight[(c0 + c) * W + w]);
+        for (int64_t c = here; c < 16; c++)
+            for (int64_t w = 0; w < W; w++) taps[w][c] = 0.0f;
+        /* history[j] = input at t - keep + j for the current t; starts from the carried tail. */
+        for (int64_t j = 0; j < keep; j++)
+            for (int64_t c = 0; c < 16; c++) history[j][c] = c < here ? bf16_to_float(tail[(c0 + c) * keep + j]) : 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            _mm512_storeu_ps(history[keep], widen(_mm256_maskz_loadu_epi16(live, x + t * ldx + c0)));
+            __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(history[0]), _mm512_loadu_ps(taps[0]));
+            for (int64_t w = 1; w < W; w++)
+                sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(history[w]), _mm512_loadu_ps(taps[w])));
+            __m256i rounded = to_bf16(sum);
+            if (silu) {
+                __m512 v = widen(rounded);
+                rounded = to_bf16(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
+            }
+            _mm256_mask_storeu_epi16(y + t * ldy + c0, live, rounded);
+            for (int64_t j = 0; j < keep; j++) _mm512_storeu_ps(history[j], _mm512_loadu_ps(history[j + 1]));
+        }
+        for (int64_t j = 0; j < keep; j++)
+            for (int64_t c = 0; c < here; c++) tail[(c0 + c) * keep + j] = float_to_bf16(history[j][c]);
+    }
+}
