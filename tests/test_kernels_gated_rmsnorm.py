@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm, Qwen3NextRMSNormGated
 
-from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
+from kernels.gated_rmsnorm import gated_rms_norm, norm, rms_norm
+from kernels.gated_rmsnorm import native as norm_native
 
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(3, 16), (2, 5, 4, 24), (1, 1, 128)]
@@ -79,3 +80,41 @@ def test_norms_do_not_modify_inputs() -> None:
     gated_rms_norm(x, z, w)
     for t, ref in zip((x, z, w), before, strict=True):
         assert torch.equal(t, ref)
+
+
+requires_native = pytest.mark.skipif(
+    norm_native.kernels() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+)
+
+
+@requires_native
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("shape", [(1, 70, 16, 256), (300, 512), (2, 3, 5, 7, 64)], ids=shape_id)
+def test_native_norms_match_pytorch_on_strided_rows(shape, gated):
+    """The native kernel sums squares in another order: outputs within one bf16 step (2^-8
+    relative, 2^-8 * max absolute near zero) of norm.py; each row's bits independent of the batch."""
+    x = (randn(shape, 8) * 3).bfloat16()[..., : shape[-1] // 2]  # every other half-row: a strided view
+    dim = x.shape[-1]
+    weight = randn(dim, 9, scale=0.1, shift=1.0 if gated else 0.0).bfloat16()
+    z = randn(x.shape, 10).bfloat16()
+    assert norm_native.supports(x, weight, z if gated else None)
+    if gated:
+        ours, expected = norm_native.gated_rms_norm(x, z, weight, 1e-6), norm.gated_rms_norm(x, z, weight, 1e-6)
+    else:
+        ours, expected = norm_native.rms_norm(x, weight, 1e-6, True), norm.rms_norm(x, weight, 1e-6, True)
+    assert ours.is_contiguous() and ours.shape == x.shape and ours.dtype == torch.bfloat16
+    bound = 2.0**-8 * expected.float().abs().max().item()
+    torch.testing.assert_close(ours.float(), expected.float(), atol=bound, rtol=2.0**-8)
+    flat_x, flat_z = x.reshape(-1, dim), z.reshape(-1, dim)
+    for row in (0, flat_x.shape[0] - 1):
+        alone = (norm_native.gated_rms_norm(flat_x[row], flat_z[row], weight, 1e-6) if gated
+                 else norm_native.rms_norm(flat_x[row], weight, 1e-6, True))
+        assert torch.equal(alone, ours.reshape(-1, dim)[row])
+
+
+def test_native_norms_decline_other_inputs():
+    x = randn((4, 48), 11).bfloat16()
+    weight = randn(48, 12).bfloat16()
+    assert not norm_native.supports(x.float(), weight.float())
+    assert not norm_native.supports(x[:, :40], weight[:40])
+    assert not norm_native.supports(x.t(), randn(4, 12).bfloat16())
