@@ -1,6 +1,6 @@
 /* Helpers shared by the C kernels: bf16 conversions that round like torch (to nearest even, NaN
  * kept quiet), masked bf16 loads, the fixed-tree lane reduction of 16 accumulators and a
- * vector exp. */
+ * vector exp and a 16x16 transpose of 32-bit lanes (bf16 pairs). */
 #ifndef DOCANALYST_BF16_SIMD_H
 #define DOCANALYST_BF16_SIMD_H
 
@@ -57,6 +57,31 @@ static inline __attribute__((always_inline)) __m512 reduce16(__m512 acc[16]) {
     /* e[4q + i] holds row 4i + q. */
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     return _mm512_permutexvar_ps(order, e);
+}
+
+/* 16x16 transpose of 32-bit lanes: rows[i] lane j -> rows[j] lane i. */
+static inline void transpose16(__m512i rows[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* u[4g + c], 128-bit lane L: rows 4g .. 4g + 3 of column 4L + c. */
+    for (int c = 0; c < 4; c++) {
+        __m512i even_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), odd_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+        __m512i even_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        __m512i odd_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        rows[c] = _mm512_shuffle_i32x4(even_low, even_high, 0x88);
+        rows[8 + c] = _mm512_shuffle_i32x4(even_low, even_high, 0xDD);
+        rows[4 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0x88);
+        rows[12 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0xDD);
+    }
 }
 
 /* e^x lane by lane (x clamped to [-104, 88.7]: below, results of ~1e-45 or 0): 2^n * poly(r) with

@@ -95,8 +95,9 @@ requires_native_experts = pytest.mark.skipif(
     moe_native.experts_kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
 )
 
-# tokens, hidden, experts, top-k, expert width: odd sizes leave partial 4x4 tiles and K tails
-EXPERT_CASES = [(300, 512, 64, 4, 256), (37, 80, 10, 3, 48), (2, 64, 4, 4, 32), (129, 96, 7, 2, 40)]
+# tokens, hidden, experts, top-k, expert width: odd sizes leave partial tiles of 4 rows and of
+# 64 columns, and input widths whose pairs are not a multiple of 16
+EXPERT_CASES = [(300, 512, 64, 4, 256), (37, 80, 10, 3, 48), (2, 64, 4, 4, 32), (129, 96, 7, 2, 80)]
 
 
 @requires_native_experts
@@ -116,6 +117,7 @@ def test_native_experts_match_the_grouped_pytorch_path(case):
     assert ours.dtype == torch.bfloat16 and ours.shape == expected.shape
     bound = 2 * 2.0**-8 * expected.float().abs().max().item()
     assert (ours.float() - expected.float()).abs().max().item() <= bound
+    assert not moe_native.supports_experts(x, weights, gate_up[..., :-8], down)
     # Experts nobody chose cost nothing and change nothing: poisoning them leaves the output alone.
     unused = sorted(set(range(experts)) - set(chosen.flatten().tolist()))
     if unused:

@@ -36,31 +36,6 @@ typedef struct {
     float *acc;            /* [D] fp32 */
 } Row;
 
-/* 16x16 transpose of 32-bit lanes: rows[i] lane j -> rows[j] lane i. */
-static inline void transpose16(__m512i rows[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    /* u[4g + c], 128-bit lane L: rows 4g .. 4g + 3 of column 4L + c. */
-    for (int c = 0; c < 4; c++) {
-        __m512i even_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), odd_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
-        __m512i even_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-        __m512i odd_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
-        rows[c] = _mm512_shuffle_i32x4(even_low, even_high, 0x88);
-        rows[8 + c] = _mm512_shuffle_i32x4(even_low, even_high, 0xDD);
-        rows[4 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0x88);
-        rows[12 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0xDD);
-    }
-}
-
 /* Keys of one block as pairs along D: packed[p * KEYS_PER_BLOCK + j] = K[j][2p] | K[j][2p + 1] << 16, zero for
  * keys past the block's last. */
 static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block, uint32_t *packed) {

@@ -6,10 +6,11 @@
  * projection to bf16 and its product with the routing weight to bf16. A token's routed outputs
  * are then summed in fp32 in ascending expert order and rounded once (index_add_'s order).
  *
- * Experts are shared out over OpenMP threads. Within one, the weights stream once per
- * projection: blocks of 4 weight rows stay in L1 while every 4-row group of the expert's tokens
- * passes by, 16 dot products at a time (bf16 pair products into 16 fp32 lanes, then one
- * reduction tree).
+ * Experts are shared out over OpenMP threads. Within one, each projection's weights are first
+ * repacked as bf16 pairs along the input dim, so that the products are outer products on the
+ * pair dot-product instruction: 4 token rows x 64 output columns per tile, a packed load shared
+ * by the 4 rows, every output an fp32 chain over the input pairs in order. Input and expert
+ * widths are multiples of 16.
  *
  * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
  */
@@ -18,52 +19,76 @@
 
 #include "../bf16_simd.h"
 
-/* Lane 4i + j of the result: x[i] . w[j] over K values. */
-static inline __attribute__((always_inline)) __m512 dots4x4(const uint16_t *const x[4], const uint16_t *const w[4], int64_t K) {
-    __m512 acc[16];
-    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512bh xv[4], wv[4];
-        for (int i = 0; i < 4; i++) xv[i] = (__m512bh)_mm512_loadu_si512(x[i] + k);
-        for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w[j] + k);
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv[i], wv[j]);
-    }
-    if (k < K) {
-        __m512bh xv[4], wv[4];
-        for (int i = 0; i < 4; i++) xv[i] = load_bf16(x[i] + k, K - k);
-        for (int j = 0; j < 4; j++) wv[j] = load_bf16(w[j] + k, K - k);
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv[i], wv[j]);
-    }
-    return reduce16(acc);
+typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
+
+/* w [N, K] as bf16 pairs along K in panels of 64 output columns, so that a tile streams one
+ * panel: packed[(n / 64) * (K / 2) * 64 + p * 64 + n % 64] = w[n][2p] | w[n][2p + 1] << 16. N and
+ * K are multiples of 16. */
+static void pack_pairs(const uint16_t *w, int64_t N, int64_t K, uint32_t *packed) {
+    int64_t pairs = K / 2;
+    for (int64_t n0 = 0; n0 < N; n0 += 16)
+        for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+            int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
+            __mmask16 live = (__mmask16)((1u << here) - 1);
+            __m512i rows[16];
+            for (int j = 0; j < 16; j++) {
+                /* The weights come from memory: ask for the next 16 rows while these are packed. */
+                _mm_prefetch((const char *)(w + (n0 + 16 + j) * K + 2 * p0), _MM_HINT_T0);
+                rows[j] = _mm512_maskz_loadu_epi32(live, w + (n0 + j) * K + 2 * p0);
+            }
+            transpose16(rows);
+            uint32_t *panel = packed + (n0 / 64) * pairs * 64 + n0 % 64;
+            for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(panel + (p0 + p) * 64, rows[p]);
+        }
 }
 
-/* y[r][n] = bf16(rows[r] . w[n]) for r < R, n < N (w rows of length K, stride ldw); when
- * `scales` is given the rounded product is multiplied by scales[r] and rounded again. Missing
- * rows or columns of a 4x4 tile repeat the last real one and are not stored. */
-static void project(const uint16_t *const *rows, int64_t R, const uint16_t *w, int64_t ldw, int64_t N, int64_t K,
-                    uint16_t *y, int64_t ldy, const float *scales) {
-    const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    for (int64_t n0 = 0; n0 < N; n0 += 4) {
-        const uint16_t *wr[4];
-        for (int j = 0; j < 4; j++) wr[j] = w + (n0 + j < N ? n0 + j : N - 1) * ldw;
-        int columns = N - n0 < 4 ? (int)(N - n0) : 4;
-        for (int64_t r0 = 0; r0 < R; r0 += 4) {
-            const uint16_t *xr[4];
-            for (int i = 0; i < 4; i++) xr[i] = rows[r0 + i < R ? r0 + i : R - 1];
-            __m512 dots = dots4x4(xr, wr, K);
+/* y[r][c0 + 16s + lane] for 4 rows and SLICES slices of 16 columns: each lane one fp32 chain over
+ * the pairs of K in order, each packed load shared by the 4 rows. */
+static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t K, const uint32_t *packed,
+                                                      int64_t N, int64_t c0, uint16_t *y, int64_t ldy,
+                                                      const float *scales, int rows, const int SLICES) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int s = 0; s < SLICES; s++) acc[r][s] = _mm512_setzero_ps();
+    const pair_t *xr[4];
+    for (int r = 0; r < 4; r++) xr[r] = (const pair_t *)(x + r * K);
+    for (int64_t p = 0; p < K / 2; p++) {
+        const uint32_t *w = packed + (c0 / 64) * (K / 2) * 64 + p * 64;
+        __m512bh wv[4];
+        for (int s = 0; s < SLICES; s++) wv[s] = (__m512bh)_mm512_loadu_si512(w + 16 * s);
+        for (int r = 0; r < 4; r++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xr[r][p]);
+            for (int s = 0; s < SLICES; s++) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], xv, wv[s]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int s = 0; s < SLICES; s++) {
+            __m256i rounded = to_bf16(acc[r][s]);
             if (scales) {
-                __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(dots)), 16));
-                __m512i row = _mm512_min_epi32(row_of_lane, _mm512_set1_epi32((int)(R - 1 - r0)));
-                dots = _mm512_mul_ps(rounded, _mm512_permutexvar_ps(row, _mm512_loadu_ps(scales + r0)));
+                __m512 value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+                rounded = to_bf16(_mm512_mul_ps(value, _mm512_set1_ps(scales[r])));
             }
-            uint16_t packed[16];
-            _mm256_storeu_si256((__m256i *)packed, to_bf16(dots));
-            for (int i = 0; i < 4 && r0 + i < R; i++) {
-                if (columns == 4) __builtin_memcpy(y + (r0 + i) * ldy + n0, packed + 4 * i, 8);
-                else for (int j = 0; j < columns; j++) y[(r0 + i) * ldy + n0 + j] = packed[4 * i + j];
+            _mm256_storeu_si256((__m256i *)(y + r * ldy + c0 + 16 * s), rounded);
+        }
+}
+
+/* y[r][n] = bf16(x[r] . w[n]) for r < R (x rows contiguous, R padded to a multiple of 4 with
+ * readable rows), w packed by pack_pairs; with `scales` the rounded product is multiplied by
+ * scales[r] and rounded again. */
+static void project(const uint16_t *x, int64_t R, int64_t K, const uint32_t *packed, int64_t N, uint16_t *y,
+                    int64_t ldy, const float *scales) {
+    for (int64_t c0 = 0; c0 < N; c0 += 64) {
+        int slices = N - c0 >= 64 ? 4 : (int)((N - c0) / 16);
+        for (int64_t r0 = 0; r0 < R; r0 += 4) {
+            int rows = R - r0 < 4 ? (int)(R - r0) : 4;
+            const uint16_t *xr = x + r0 * K;
+            uint16_t *yr = y + r0 * ldy;
+            const float *sr = scales ? scales + r0 : NULL;
+            switch (slices) {
+            case 4: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 4); break;
+            case 3: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 3); break;
+            case 2: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 2); break;
+            default: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 1); break;
             }
         }
     }
@@ -118,36 +143,35 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        const uint16_t **rows = malloc(sizeof(uint16_t *) * (size_t)(largest + 1));
-        const uint16_t **act_rows = malloc(sizeof(uint16_t *) * (size_t)(largest + 1));
-        float *scales = malloc(sizeof(float) * (size_t)(largest + 16)); /* read 16 at a time */
-        uint16_t *h = malloc(sizeof(uint16_t) * (size_t)((largest + 1) * 2 * I));
-        uint16_t *act = malloc(sizeof(uint16_t) * (size_t)((largest + 1) * I));
-        uint16_t *y = malloc(sizeof(uint16_t) * (size_t)((largest + 1) * H));
-        uint16_t *gathered = malloc(sizeof(uint16_t) * (size_t)((largest + 1) * H));
-        int usable = rows && act_rows && scales && h && act && y && gathered;
+        int64_t padded = (largest + 3) / 4 * 4;
+        float *scales = malloc(sizeof(float) * (size_t)padded);
+        uint16_t *gathered = calloc((size_t)(padded * H), sizeof(uint16_t));
+        uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(padded * 2 * I));
+        uint16_t *act = calloc((size_t)(padded * I), sizeof(uint16_t));
+        uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(padded * H));
+        int64_t gate_up_panels = (2 * I + 63) / 64 * 64 * (H / 2), down_panels = (H + 63) / 64 * 64 * (I / 2);
+        uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)(gate_up_panels > down_panels ? gate_up_panels : down_panels));
+        int usable = scales && gathered && h && act && y && packed;
         failed |= !usable;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t e = 0; e < E; e++) {
             int64_t count = start[e + 1] - start[e];
             if (!usable || count == 0) continue;
             const int64_t *mine = order + start[e];
+            /* A contiguous copy of the expert's tokens (rows past count stay readable zeros). */
             for (int64_t r = 0; r < count; r++) {
-                /* A contiguous copy of the expert's tokens streams better than the scattered rows. */
                 __builtin_memcpy(gathered + r * H, x + (mine[r] / top_k) * H, sizeof(uint16_t) * (size_t)H);
-                rows[r] = gathered + r * H;
                 scales[r] = bf16_to_float(weights[mine[r]]);
-                act_rows[r] = act + r * I;
             }
-            project(rows, count, gate_up + e * 2 * I * H, H, 2 * I, H, h, 2 * I, NULL);
+            pack_pairs(gate_up + e * 2 * I * H, 2 * I, H, packed);
+            project(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
             swiglu(h, count, I, act);
-            project(act_rows, count, down + e * H * I, I, H, I, y, H, scales);
-            for (int64_t r = 0; r < count; r++) {
-                uint16_t *dst = routed + mine[r] * H;
-                for (int64_t d = 0; d < H; d++) dst[d] = y[r * H + d];
-            }
+            pack_pairs(down + e * H * I, H, I, packed);
+            project(act, count, I, packed, H, y, H, scales);
+            for (int64_t r = 0; r < count; r++)
+                __builtin_memcpy(routed + mine[r] * H, y + r * H, sizeof(uint16_t) * (size_t)H);
         }
-        free(rows), free(act_rows), free(scales), free(h), free(act), free(y), free(gathered);
+        free(scales), free(gathered), free(h), free(act), free(y), free(packed);
     }
     if (!failed) {
 #pragma omp parallel for num_threads(threads) schedule(static)

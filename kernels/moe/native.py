@@ -68,9 +68,12 @@ def experts_kernel():
 
 
 def supports_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    """x `[N, H]` and the routing weights bf16 on CPU, top-k at most MAX_TOP_K, contiguous bf16 weights."""
+    """x `[N, H]` and the routing weights bf16 on CPU, top-k at most MAX_TOP_K, contiguous bf16 weights,
+    hidden and expert widths multiples of 16."""
     return (
         x.device.type == "cpu"
+        and gate_up.shape[2] % 16 == 0
+        and down.shape[2] % 16 == 0
         and x.dtype == weights.dtype == gate_up.dtype == down.dtype == torch.bfloat16
         and weights.shape[1] <= MAX_TOP_K
         and gate_up.is_contiguous()
