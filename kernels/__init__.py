@@ -33,9 +33,18 @@ def build_native_kernels() -> dict[str, bool]:
     """Compile (or find in the cache) every C kernel now rather than at first use; returns
     op -> whether its native kernel runs on this machine."""
     from .attention import native as attention
+    from .causal_conv1d import native as conv
     from .gated_delta_rule import native as delta_rule
+    from .gated_rmsnorm import native as norms
     from .linear import native as linear
     from .moe import native as moe
 
-    modules = {"attention": attention, "delta_rule": delta_rule, "linear": linear, "moe": moe}
-    return {name: module.kernel() is not None for name, module in modules.items()}
+    builds = {
+        "attention": [attention.kernel],
+        "conv": [conv.kernel],
+        "delta_rule": [delta_rule.kernel, delta_rule.chunk_kernel],
+        "linear": [linear.kernel],
+        "moe": [moe.kernel, moe.experts_kernel],
+        "norms": [norms.kernels],
+    }
+    return {name: all(build() is not None for build in entries) for name, entries in builds.items()}
