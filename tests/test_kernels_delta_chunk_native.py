@@ -111,3 +111,17 @@ def test_native_chunk_declines_other_inputs():
     assert not delta_native.supports_chunk(q, k, v, 16, use_qk_l2norm=False)
     assert not delta_native.supports_chunk(q, k, v, delta_native.MAX_CHUNK + 1, use_qk_l2norm=True)
     assert not delta_native.supports_chunk(q[..., :24], k[..., :24], v, 16, use_qk_l2norm=True)
+
+
+@requires_native
+def test_native_chunk_does_not_depend_on_the_thread_count():
+    q, k, v, g, beta, state = inputs(CASES[0], seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = delta_native.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, chunk_size=16)
+        torch.set_num_threads(max(2, threads))
+        together = delta_native.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, chunk_size=16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone[0], together[0]) and torch.equal(alone[1], together[1])

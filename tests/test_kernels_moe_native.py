@@ -123,3 +123,22 @@ def test_native_experts_match_the_grouped_pytorch_path(case):
     if unused:
         gate_up[unused] = float("nan")
         assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), ours)
+
+
+@requires_native_experts
+def test_native_experts_do_not_depend_on_the_thread_count():
+    tokens, hidden, experts, top_k, width = EXPERT_CASES[1]
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    router = torch.randn(experts, hidden, generator=generator).bfloat16()
+    gate_up = (torch.randn(experts, 2 * width, hidden, generator=generator) * hidden**-0.5).bfloat16()
+    down = (torch.randn(experts, hidden, width, generator=generator) * width**-0.5).bfloat16()
+    weights, chosen = reference.route(x, router, top_k, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = moe_native.moe_experts(x, weights, chosen, gate_up, down)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), alone)
+    finally:
+        torch.set_num_threads(threads)
