@@ -79,12 +79,12 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
 /* scores[r][j] = scale * q_r . k_j for the block's keys and R rows, 64 keys at a time: lane j
  * accumulates the pairs of D in order, sharing each packed key load between the rows. */
 static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const uint32_t *keys,
-                                                              int64_t pairs, float scale,
+                                                              int64_t pairs, float scale, int seen,
                                                               float scores[][KEYS_PER_BLOCK]) {
     const pair_t *query[4];
     for (int r = 0; r < R; r++) query[r] = (const pair_t *)rows[r].query;
     __m512 scale_v = _mm512_set1_ps(scale);
-    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 64) {
+    for (int j0 = 0; j0 < seen; j0 += 64) {
         __m512 acc[4][4];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
@@ -110,12 +110,12 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
 static inline __attribute__((always_inline)) void group_values(Row *rows, const int R, const __m512 *correction,
                                                               const uint32_t probs[][KEYS_PER_BLOCK / 2],
                                                               const uint32_t *values, int64_t D, int64_t offset,
-                                                              const int CH) {
+                                                              int pairs, const int CH) {
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < CH; c++)
             acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(rows[r].acc + offset + 16 * c), correction[r]);
-    for (int j = 0; j < KEYS_PER_BLOCK / 2; j++) {
+    for (int j = 0; j < pairs; j++) {
         const uint32_t *v = values + j * D + offset;
         __m512bh slice[4];
         for (int c = 0; c < CH; c++) slice[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
@@ -129,9 +129,9 @@ static inline __attribute__((always_inline)) void group_values(Row *rows, const 
 }
 
 /* Online-softmax update of one row from its block scores, of which the first n count: bf16
- * probabilities into probs (zero past n), running max and sum updated; returns the factor that
- * rescales the row's accumulator. */
-static __m512 softmax_step(Row *row, const float *scores, int n, uint16_t *probs) {
+ * probabilities into probs[0 .. limit) (zero past n; limit a multiple of 16), running max and sum
+ * updated; returns the factor that rescales the row's accumulator. */
+static __m512 softmax_step(Row *row, const float *scores, int n, int limit, uint16_t *probs) {
     __m512 top = _mm512_set1_ps(row->max);
     for (int j0 = 0; j0 < n; j0 += 16) {
         __mmask16 live = (__mmask16)(n - j0 >= 16 ? 0xffff : (1u << (n - j0)) - 1);
@@ -139,7 +139,7 @@ static __m512 softmax_step(Row *row, const float *scores, int n, uint16_t *probs
     }
     float best = _mm512_reduce_max_ps(top);
     __m512 best_v = _mm512_set1_ps(best), total = _mm512_setzero_ps();
-    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 16) {
+    for (int j0 = 0; j0 < limit; j0 += 16) {
         int live_count = n - j0 < 0 ? 0 : (n - j0 > 16 ? 16 : n - j0);
         __mmask16 live = (__mmask16)((1u << live_count) - 1);
         __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j0), best_v)));
@@ -159,11 +159,17 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
     float scores[4][KEYS_PER_BLOCK];
     uint32_t probs[4][KEYS_PER_BLOCK / 2];
     __m512 correction[4];
-    group_scores(rows, R, keys, D / 2, scale, scores);
-    for (int r = 0; r < R; r++) correction[r] = softmax_step(&rows[r], scores[r], n[r], (uint16_t *)probs[r]);
+    /* Keys no row of the group sees would only add products with probability 0 (acc + 0 is acc):
+     * skipping them changes no bits. */
+    int seen = n[0];
+    for (int r = 1; r < R; r++) seen = n[r] > seen ? n[r] : seen;
+    group_scores(rows, R, keys, D / 2, scale, (seen + 63) / 64 * 64, scores);
+    for (int r = 0; r < R; r++)
+        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 15) / 16 * 16, (uint16_t *)probs[r]);
+    int pairs = (seen + 1) / 2;
     int64_t offset = 0;
-    for (; offset + 64 <= D; offset += 64) group_values(rows, R, correction, probs, values, D, offset, 4);
-    for (; offset < D; offset += 16) group_values(rows, R, correction, probs, values, D, offset, 1);
+    for (; offset + 64 <= D; offset += 64) group_values(rows, R, correction, probs, values, D, offset, pairs, 4);
+    for (; offset < D; offset += 16) group_values(rows, R, correction, probs, values, D, offset, pairs, 1);
 }
 
 static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, const uint32_t *values, int64_t D,
