@@ -89,7 +89,7 @@ requires_native = pytest.mark.skipif(
 
 @requires_native
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("shape", [(1, 70, 16, 256), (300, 512), (2, 3, 5, 7, 64)], ids=shape_id)
+@pytest.mark.parametrize("shape", [(1, 70, 16, 256), (300, 512), (2, 3, 5, 7, 64), (5, 4096)], ids=shape_id)
 def test_native_norms_match_pytorch_on_strided_rows(shape, gated):
     """The native kernel sums squares in another order: outputs within one bf16 step (2^-8
     relative, 2^-8 * max absolute near zero) of norm.py; each row's bits independent of the batch."""

@@ -10,7 +10,7 @@ import torch
 
 from ..native import load
 
-MAX_DIM = 1024
+MAX_DIM = 16384
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 

@@ -14,7 +14,7 @@
 
 #include "../bf16_simd.h"
 
-#define MAX_DIM 1024
+#define MAX_DIM 16384
 
 static inline __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
 
