@@ -88,6 +88,14 @@ static void chunk_step(Work *w, const uint16_t *q, const uint16_t *k, int64_t qk
                        int64_t V, float scale, float *state, uint16_t *out, int64_t out_t) {
     int64_t C = padded, X = V + K;
     float total = 0.0f;
+    /* The rows of the next chunk lie a head's width apart in memory: ask for them now. */
+    for (int64_t i = n; i < 2 * n; i++) {
+        for (int64_t d = 0; d < K; d += 32) {
+            _mm_prefetch((const char *)(q + i * qk_t + d), _MM_HINT_T0);
+            _mm_prefetch((const char *)(k + i * qk_t + d), _MM_HINT_T0);
+        }
+        for (int64_t d = 0; d < V; d += 32) _mm_prefetch((const char *)(v + i * v_t + d), _MM_HINT_T0);
+    }
     for (int64_t i = 0; i < C; i++) {
         if (i < n) {
             load_normalized(q + i * qk_t, K, scale, w->q + i * K);
@@ -127,14 +135,20 @@ static void chunk_step(Work *w, const uint16_t *q, const uint16_t *k, int64_t qk
             _mm512_storeu_ps(w->qk + i * C + j, _mm512_maskz_mov_ps(upto, _mm512_mul_ps(decay, _mm512_loadu_ps(w->qk + i * C + j))));
         }
     }
-    /* Forward substitution: X_i -= sum_{j < i} A[i][j] X_j, row by row. */
+    /* Forward substitution: X_i -= sum_{j < i} A[i][j] X_j, row by row, 8 slices of the row at a
+     * time so that 8 independent chains hide the FMA latency. */
     for (int64_t i = 1; i < n; i++) {
         float *xi = w->x + i * X;
-        for (int64_t s = 0; s < X; s += 16) {
-            __m512 acc = _mm512_loadu_ps(xi + s);
-            for (int64_t j = 0; j < i; j++)
-                acc = _mm512_fnmadd_ps(_mm512_set1_ps(w->gram[i * C + j]), _mm512_loadu_ps(w->x + j * X + s), acc);
-            _mm512_storeu_ps(xi + s, acc);
+        for (int64_t s0 = 0; s0 < X; s0 += 128) {
+            int slices = X - s0 >= 128 ? 8 : (int)((X - s0) / 16);
+            __m512 acc[8];
+            for (int s = 0; s < slices; s++) acc[s] = _mm512_loadu_ps(xi + s0 + 16 * s);
+            for (int64_t j = 0; j < i; j++) {
+                __m512 a = _mm512_set1_ps(w->gram[i * C + j]);
+                const float *xj = w->x + j * X + s0;
+                for (int s = 0; s < slices; s++) acc[s] = _mm512_fnmadd_ps(a, _mm512_loadu_ps(xj + 16 * s), acc[s]);
+            }
+            for (int s = 0; s < slices; s++) _mm512_storeu_ps(xi + s0 + 16 * s, acc[s]);
         }
     }
     /* U = W - Kc S, then O = exp(gamma) Q S + (D * Q K^T) U. */
