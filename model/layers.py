@@ -134,7 +134,7 @@ class GatedDeltaNet(nn.Module):
             mixed = causal_conv1d_update(qkv[:, 0], state.conv, weight)[:, None]
         else:
             conv_out, state.conv = causal_conv1d(qkv.transpose(1, 2), weight, conv_state=state.conv)
-            mixed = conv_out.transpose(1, 2).contiguous()  # unit stride per head for the chunked kernels
+            mixed = conv_out.transpose(1, 2)
         key_width = self.key_heads * self.key_dim
         query, key, value = mixed.split([key_width, key_width, self.value_heads * self.value_dim], dim=-1)
         query = query.reshape(batch, length, self.key_heads, self.key_dim)
