@@ -31,6 +31,13 @@ static inline __m256i to_bf16(__m512 values) {
     return _mm512_cvtepi32_epi16(rounded);
 }
 
+/* to_bf16 for values known not to be NaN (probabilities, say): the same bits, fewer steps. */
+static inline __m256i to_bf16_finite(__m512 values) {
+    __m512i bits = _mm512_castps_si512(values);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16));
+}
+
 /* Up to 32 bf16 values, zeros past `count`. */
 static inline __m512bh load_bf16(const uint16_t *src, int64_t count) {
     if (count >= 32) return (__m512bh)_mm512_loadu_si512(src);

@@ -77,10 +77,11 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
 }
 
 /* scores[r][j] = scale * q_r . k_j for the block's keys and R rows, 64 keys at a time: lane j
- * accumulates the pairs of D in order, sharing each packed key load between the rows. */
+ * accumulates the pairs of D in order, sharing each packed key load between the rows. top[r]
+ * takes the lane-wise max of the scores row r sees (its first n[r]). */
 static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const uint32_t *keys,
-                                                              int64_t pairs, float scale, int seen,
-                                                              float scores[][KEYS_PER_BLOCK]) {
+                                                              int64_t pairs, float scale, int seen, const int *n,
+                                                              float scores[][KEYS_PER_BLOCK], __m512 *top) {
     const pair_t *query[4];
     for (int r = 0; r < R; r++) query[r] = (const pair_t *)rows[r].query;
     __m512 scale_v = _mm512_set1_ps(scale);
@@ -101,7 +102,13 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
             }
         }
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < 4; c++) _mm512_storeu_ps(scores[r] + j0 + 16 * c, _mm512_mul_ps(acc[r][c], scale_v));
+            for (int c = 0; c < 4; c++) {
+                __m512 scaled = _mm512_mul_ps(acc[r][c], scale_v);
+                _mm512_storeu_ps(scores[r] + j0 + 16 * c, scaled);
+                int live = n[r] - j0 - 16 * c;
+                __mmask16 mask = (__mmask16)(live >= 16 ? 0xffff : (live <= 0 ? 0 : (1u << live) - 1));
+                top[r] = _mm512_mask_max_ps(top[r], mask, top[r], scaled);
+            }
     }
 }
 
@@ -128,15 +135,11 @@ static inline __attribute__((always_inline)) void group_values(Row *rows, const 
         for (int c = 0; c < CH; c++) _mm512_storeu_ps(rows[r].acc + offset + 16 * c, acc[r][c]);
 }
 
-/* Online-softmax update of one row from its block scores, of which the first n count: bf16
- * probabilities into probs[0 .. limit) (zero past n; limit a multiple of 16), running max and sum
- * updated; returns the factor that rescales the row's accumulator. */
-static __m512 softmax_step(Row *row, const float *scores, int n, int limit, uint16_t *probs) {
-    __m512 top = _mm512_set1_ps(row->max);
-    for (int j0 = 0; j0 < n; j0 += 16) {
-        __mmask16 live = (__mmask16)(n - j0 >= 16 ? 0xffff : (1u << (n - j0)) - 1);
-        top = _mm512_mask_max_ps(top, live, top, _mm512_loadu_ps(scores + j0));
-    }
+/* Online-softmax update of one row from its block scores, of which the first n count (top: their
+ * lane-wise max, and the running max): bf16 probabilities into probs[0 .. limit) (zero past n;
+ * limit a multiple of 16), running max and sum updated; returns the factor that rescales the
+ * row's accumulator. */
+static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m512 top, uint16_t *probs) {
     float best = _mm512_reduce_max_ps(top);
     __m512 best_v = _mm512_set1_ps(best), total = _mm512_setzero_ps();
     for (int j0 = 0; j0 < limit; j0 += 16) {
@@ -144,7 +147,7 @@ static __m512 softmax_step(Row *row, const float *scores, int n, int limit, uint
         __mmask16 live = (__mmask16)((1u << live_count) - 1);
         __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j0), best_v)));
         total = _mm512_add_ps(total, p);
-        _mm256_storeu_si256((__m256i *)(probs + j0), to_bf16(p));
+        _mm256_storeu_si256((__m256i *)(probs + j0), to_bf16_finite(p));
     }
     __m512 correction = exp512(_mm512_set1_ps(row->max - best));
     row->sum = row->sum * _mm512_cvtss_f32(correction) + _mm512_reduce_add_ps(total);
@@ -163,9 +166,11 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
      * skipping them changes no bits. */
     int seen = n[0];
     for (int r = 1; r < R; r++) seen = n[r] > seen ? n[r] : seen;
-    group_scores(rows, R, keys, D / 2, scale, (seen + 63) / 64 * 64, scores);
+    __m512 top[4];
+    for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(rows[r].max);
+    group_scores(rows, R, keys, D / 2, scale, (seen + 63) / 64 * 64, n, scores, top);
     for (int r = 0; r < R; r++)
-        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 15) / 16 * 16, (uint16_t *)probs[r]);
+        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 15) / 16 * 16, top[r], (uint16_t *)probs[r]);
     int pairs = (seen + 1) / 2;
     int64_t offset = 0;
     for (; offset + 64 <= D; offset += 64) group_values(rows, R, correction, probs, values, D, offset, pairs, 4);
