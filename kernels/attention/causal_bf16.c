@@ -37,10 +37,11 @@ typedef struct {
 } Row;
 
 /* Keys of one block as pairs along D: packed[p * KEYS_PER_BLOCK + j] = K[j][2p] | K[j][2p + 1] << 16, zero for
- * keys past the block's last. */
+ * keys past the block's last up to the next multiple of 64. */
 static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
     int64_t pairs = D / 2;
-    for (int j0 = 0; j0 < KEYS_PER_BLOCK; j0 += 16) {
+    int filled = (in_block + 63) / 64 * 64; /* scores are read 64 keys at a time */
+    for (int j0 = 0; j0 < filled; j0 += 16) {
         for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
             int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
             __mmask16 live = (__mmask16)((1u << here) - 1);
@@ -57,20 +58,32 @@ static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block,
     }
 }
 
-/* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16, zero past
- * the block's last key. */
+/* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16 for the
+ * pairs the block's keys fill (zero past its last key). */
 static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
-    for (int j = 0; j < KEYS_PER_BLOCK / 2; j++) {
-        const uint16_t *first = values + 2 * j * ld;
-        for (int64_t d = 0; d < D; d += 16) {
-            if (d % 32 == 0) {
-                _mm_prefetch((const char *)(first + KEYS_PER_BLOCK * ld + d), _MM_HINT_T0);
-                _mm_prefetch((const char *)(first + (KEYS_PER_BLOCK + 1) * ld + d), _MM_HINT_T0);
-            }
-            __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
-            if (2 * j < in_block) low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
-            if (2 * j + 1 < in_block)
-                high = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + ld + d)));
+    /* Word i of the first / second half of an interleave of a and b: a[i], b[i], a[i + 1], ... */
+    __m512i first_half = _mm512_setzero_si512(), second_half = _mm512_setzero_si512();
+    {
+        uint16_t low[32], high[32];
+        for (int i = 0; i < 32; i++) low[i] = (uint16_t)(i / 2 + (i % 2) * 32), high[i] = (uint16_t)(low[i] + 16);
+        first_half = _mm512_loadu_si512(low), second_half = _mm512_loadu_si512(high);
+    }
+    for (int j = 0; 2 * j < in_block; j++) {
+        const uint16_t *first = values + 2 * j * ld, *second = first + ld;
+        int has_second = 2 * j + 1 < in_block;
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32) {
+            _mm_prefetch((const char *)(first + KEYS_PER_BLOCK * ld + d), _MM_HINT_T0);
+            _mm_prefetch((const char *)(second + KEYS_PER_BLOCK * ld + d), _MM_HINT_T0);
+            __m512i a = _mm512_loadu_si512(first + d);
+            __m512i b = has_second ? _mm512_loadu_si512(second + d) : _mm512_setzero_si512();
+            _mm512_storeu_si512(packed + j * D + d, _mm512_permutex2var_epi16(a, first_half, b));
+            _mm512_storeu_si512(packed + j * D + d + 16, _mm512_permutex2var_epi16(a, second_half, b));
+        }
+        if (d < D) {
+            __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
+            __m512i high = has_second ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d)))
+                                      : _mm512_setzero_si512();
             _mm512_storeu_si512(packed + j * D + d, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
         }
     }
