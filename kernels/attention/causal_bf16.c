@@ -46,12 +46,15 @@ static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block,
             int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
             __mmask16 live = (__mmask16)((1u << here) - 1);
             __m512i rows[16];
-            for (int j = 0; j < 16; j++) {
-                const uint16_t *key = keys + (j0 + j) * ld + 2 * p0;
+            int valid = in_block - j0 < 16 ? in_block - j0 : 16;
+            const uint16_t *key = keys + j0 * ld + 2 * p0;
+            int j = 0;
+            for (; j < valid; j++, key += ld) {
                 /* The next block's keys: with few rows (decode) the loop is bound by memory. */
                 _mm_prefetch((const char *)(key + KEYS_PER_BLOCK * ld), _MM_HINT_T0);
-                rows[j] = j0 + j < in_block ? _mm512_maskz_loadu_epi32(live, key) : _mm512_setzero_si512();
+                rows[j] = _mm512_maskz_loadu_epi32(live, key);
             }
+            for (; j < 16; j++) rows[j] = _mm512_setzero_si512();
             transpose16(rows);
             for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(packed + (p0 + p) * KEYS_PER_BLOCK + j0, rows[p]);
         }
