@@ -62,7 +62,7 @@ def document_picker(sessions: SessionStore, documents: Sequence[DocumentInfo], c
     stored = sessions.get_documents(chat.id)
     key = f"selection:{chat.id}"
     current = st.session_state.get(key, [entry.document_id for entry in stored])
-    st.session_state[key] = [i for i in current if i in available]
+    state.keep_widget_value(key, [i for i in current if i in available])
     st.multiselect(
         "Documents for this chat session", list(available), key=key,
         on_change=_save_selection, args=(sessions, chat.id, key),

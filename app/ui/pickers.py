@@ -13,6 +13,7 @@ from typing import Any
 
 import streamlit as st
 
+from app.ui import state
 from app.ui.text import unique_labels
 
 
@@ -29,7 +30,7 @@ def pick(label: str, labels: dict[int, str], state_key: str, *, default: int | N
         chosen = default if default in labels else ids[0]
     st.session_state[state_key] = chosen
     widget_key = f"{state_key}:{zlib.crc32(chr(31).join(labels.values()).encode()):08x}"
-    st.session_state[widget_key] = chosen
+    state.keep_widget_value(widget_key, chosen)
     st.selectbox(
         label, ids, key=widget_key, format_func=labels.__getitem__,
         on_change=_sync, args=(state_key, widget_key), **kwargs,

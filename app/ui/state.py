@@ -51,3 +51,14 @@ def show_flashes() -> None:
 def toggle(key: str, value: Any) -> None:
     """Open ``value`` under ``key``, or close it when it is already open."""
     st.session_state[key] = None if st.session_state.get(key) == value else value
+
+
+def keep_widget_value(key: str, value: Any) -> None:
+    """Set a widget's value from code only when it differs from what the widget holds.
+
+    Any write to a widget's key, even of the same value, makes Streamlit push that value to
+    the browser on the next render. A rerun still in flight would then undo a choice the
+    person made meanwhile, and the browser would send the undone value with its next event.
+    """
+    if key not in st.session_state or st.session_state[key] != value:
+        st.session_state[key] = value

@@ -25,7 +25,7 @@ def document_picker(sessions: SessionStore, documents: Sequence[DocumentInfo]) -
         chat_id = state.current_chat_id()
         selection = sessions.get_documents(chat_id) if chat_id is not None else []
         st.session_state[PICKED] = [e.document_id for e in selection if e.document_id is not None]
-    st.session_state[PICKED] = [i for i in st.session_state[PICKED] if i in by_id]
+    state.keep_widget_value(PICKED, [i for i in st.session_state[PICKED] if i in by_id])
     st.multiselect(
         "Documents to summarise", list(by_id), key=PICKED, format_func=names.__getitem__,
         help="Starts with the documents of the chat session open on the Ask page.",

@@ -133,11 +133,15 @@ def go_to(page, name: str) -> None:
 
 
 def choose_documents(page, label: str, titles: list[str]) -> None:
+    """Pick each title on the Ask page, waiting for the server's context bar to count it."""
     box = page.get_by_test_id("stMultiSelect").filter(has_text=label)
+    context_bar = page.get_by_text(re.compile(r"Context: [\d,]+ of [\d,]+ tokens"))
     for title in titles:
+        before = context_bar.inner_text()
         box.locator("input").click()
         page.get_by_role("option", name=re.compile(re.escape(title))).click()
         box.get_by_text(title).first.wait_for()
+        sync_api.expect(context_bar).not_to_have_text(before, timeout=STEP_MS)
     page.keyboard.press("Escape")
 
 
@@ -166,7 +170,6 @@ def test_upload_ask_stop_export_and_reopen(page, server, documents):
 
     go_to(page, "Ask")
     choose_documents(page, "Documents for this chat session", ["Lease agreement", "Maintenance policy"])
-    page.get_by_text(re.compile(r"Context: [\d,]+ of [\d,]+ tokens")).wait_for()
 
     ask(page, QUESTION)
     page.get_by_text("▌").wait_for()
