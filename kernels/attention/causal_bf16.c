@@ -1,7 +1,8 @@
 /* Causal attention of T new tokens over a bf16 K/V cache, for prefill chunks and decode alike.
  *
  * Query row (t, h) sees keys [0, past + t]. Keys are visited in fixed blocks of 128 counted from
- * key 0 with an online softmax: scores in fp32 from bf16 dot products, probabilities rounded to
+ * key 0 with an online softmax: scores in fp32 from bf16 dot products, exponentials taken base 2
+ * with the softmax scale and log2(e) folded into one multiply-subtract, probabilities rounded to
  * bf16 for the P.V products (as PyTorch's flash kernel does), row sums and outputs in fp32. Each
  * row's arithmetic depends only on its own query and its own visible keys, never on how many
  * rows share the call, so a token attended alone (decode) gets the same bits as beside others
@@ -32,8 +33,9 @@ typedef struct {
     const uint16_t *query; /* [D] */
     uint16_t *out;         /* [D] */
     int64_t visible;       /* keys 0 .. visible - 1 */
-    float max, sum;
+    float max;             /* running max of the scores, times scale * log2(e) */
     float *acc;            /* [D] fp32 */
+    float sum[16];         /* running sum of the probabilities, lane by lane */
 } Row;
 
 /* Keys of one block as pairs along D: packed[p * KEYS_PER_BLOCK + j] = K[j][2p] | K[j][2p + 1] << 16, zero for
@@ -92,15 +94,14 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
     }
 }
 
-/* scores[r][j] = scale * q_r . k_j for the block's keys and R rows, 64 keys at a time: lane j
+/* scores[r][j] = q_r . k_j (unscaled) for the block's keys and R rows, 64 keys at a time: lane j
  * accumulates the pairs of D in order, sharing each packed key load between the rows. top[r]
  * takes the lane-wise max of the scores row r sees (its first n[r]). */
 static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const uint32_t *keys,
-                                                              int64_t pairs, float scale, int seen, const int *n,
+                                                              int64_t pairs, int seen, const int *n,
                                                               float scores[][KEYS_PER_BLOCK], __m512 *top) {
     const pair_t *query[4];
     for (int r = 0; r < R; r++) query[r] = (const pair_t *)rows[r].query;
-    __m512 scale_v = _mm512_set1_ps(scale);
     for (int j0 = 0; j0 < seen; j0 += 64) {
         __m512 acc[4][4];
         for (int r = 0; r < R; r++)
@@ -119,11 +120,10 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
         }
         for (int r = 0; r < R; r++)
             for (int c = 0; c < 4; c++) {
-                __m512 scaled = _mm512_mul_ps(acc[r][c], scale_v);
-                _mm512_storeu_ps(scores[r] + j0 + 16 * c, scaled);
+                _mm512_storeu_ps(scores[r] + j0 + 16 * c, acc[r][c]);
                 int live = n[r] - j0 - 16 * c;
                 __mmask16 mask = (__mmask16)(live >= 16 ? 0xffff : (live <= 0 ? 0 : (1u << live) - 1));
-                top[r] = _mm512_mask_max_ps(top[r], mask, top[r], scaled);
+                top[r] = _mm512_mask_max_ps(top[r], mask, top[r], acc[r][c]);
             }
     }
 }
@@ -133,11 +133,13 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
 static inline __attribute__((always_inline)) void group_values(Row *rows, const int R, const __m512 *correction,
                                                               const uint32_t probs[][KEYS_PER_BLOCK / 2],
                                                               const uint32_t *values, int64_t D, int64_t offset,
-                                                              int pairs, const int CH) {
+                                                              int pairs, const int CH, int rescale) {
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < CH; c++)
-            acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(rows[r].acc + offset + 16 * c), correction[r]);
+        for (int c = 0; c < CH; c++) {
+            acc[r][c] = _mm512_loadu_ps(rows[r].acc + offset + 16 * c);
+            if (rescale) acc[r][c] = _mm512_mul_ps(acc[r][c], correction[r]);
+        }
     for (int j = 0; j < pairs; j++) {
         const uint32_t *v = values + j * D + offset;
         __m512bh slice[4];
@@ -151,22 +153,28 @@ static inline __attribute__((always_inline)) void group_values(Row *rows, const 
         for (int c = 0; c < CH; c++) _mm512_storeu_ps(rows[r].acc + offset + 16 * c, acc[r][c]);
 }
 
-/* Online-softmax update of one row from its block scores, of which the first n count (top: their
- * lane-wise max, and the running max): bf16 probabilities into probs[0 .. limit) (zero past n;
- * limit a multiple of 16), running max and sum updated; returns the factor that rescales the
- * row's accumulator. */
-static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m512 top, uint16_t *probs) {
-    float best = _mm512_reduce_max_ps(top);
-    __m512 best_v = _mm512_set1_ps(best), total = _mm512_setzero_ps();
-    for (int j0 = 0; j0 < limit; j0 += 16) {
-        int live_count = n - j0 < 0 ? 0 : (n - j0 > 16 ? 16 : n - j0);
-        __mmask16 live = (__mmask16)((1u << live_count) - 1);
-        __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j0), best_v)));
-        total = _mm512_add_ps(total, p);
-        _mm256_storeu_si256((__m256i *)(probs + j0), to_bf16_finite(p));
+/* Online-softmax update of one row from its raw block scores, of which the first n count (top:
+ * their lane-wise max): p = 2^(score * log2_scale - max) with bf16 copies into probs[0 .. limit)
+ * (zero past n; limit a multiple of 32; rounded to nearest even, tiny values flushed to zero),
+ * running max and lane sums updated; returns the factor that rescales the row's accumulator. */
+static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m512 top, float log2_scale,
+                           uint16_t *probs) {
+    float best = _mm512_reduce_max_ps(top) * log2_scale;
+    if (!(best >= row->max)) best = row->max;
+    __m512 best_v = _mm512_set1_ps(best), scale_v = _mm512_set1_ps(log2_scale), total = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < limit; j0 += 32) {
+        __m512 p[2];
+        for (int half = 0; half < 2; half++) {
+            int start = j0 + 16 * half, live_count = n - start < 0 ? 0 : (n - start > 16 ? 16 : n - start);
+            __mmask16 live = (__mmask16)((1u << live_count) - 1);
+            __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + start), scale_v, best_v);
+            p[half] = _mm512_maskz_mov_ps(live, exp2_512(x));
+            total = _mm512_add_ps(total, p[half]);
+        }
+        _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
     }
-    __m512 correction = exp512(_mm512_set1_ps(row->max - best));
-    row->sum = row->sum * _mm512_cvtss_f32(correction) + _mm512_reduce_add_ps(total);
+    __m512 correction = exp2_512(_mm512_set1_ps(row->max - best));
+    _mm512_storeu_ps(row->sum, _mm512_fmadd_ps(_mm512_loadu_ps(row->sum), correction, total));
     row->max = best;
     return correction;
 }
@@ -174,7 +182,7 @@ static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m5
 /* R rows (1 to 4) against one packed block, row r seeing its first n[r] >= 1 keys. */
 static inline __attribute__((always_inline)) void group_block(Row *rows, const int R, const int *n,
                                                              const uint32_t *keys, const uint32_t *values,
-                                                             int64_t D, float scale) {
+                                                             int64_t D, float log2_scale) {
     float scores[4][KEYS_PER_BLOCK];
     uint32_t probs[4][KEYS_PER_BLOCK / 2];
     __m512 correction[4];
@@ -183,29 +191,36 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
     int seen = n[0];
     for (int r = 1; r < R; r++) seen = n[r] > seen ? n[r] : seen;
     __m512 top[4];
-    for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(rows[r].max);
-    group_scores(rows, R, keys, D / 2, scale, (seen + 63) / 64 * 64, n, scores, top);
-    for (int r = 0; r < R; r++)
-        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 15) / 16 * 16, top[r], (uint16_t *)probs[r]);
+    for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-INFINITY);
+    group_scores(rows, R, keys, D / 2, (seen + 63) / 64 * 64, n, scores, top);
+    /* Once a row's max settles its correction is exactly 1 and the rescale would change nothing. */
+    int rescale = 0;
+    for (int r = 0; r < R; r++) {
+        float before = rows[r].max;
+        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 31) / 32 * 32, top[r], log2_scale,
+                                     (uint16_t *)probs[r]);
+        rescale |= rows[r].max != before;
+    }
     int pairs = (seen + 1) / 2;
     int64_t offset = 0;
-    for (; offset + 64 <= D; offset += 64) group_values(rows, R, correction, probs, values, D, offset, pairs, 4);
-    for (; offset < D; offset += 16) group_values(rows, R, correction, probs, values, D, offset, pairs, 1);
+    for (; offset + 64 <= D; offset += 64)
+        group_values(rows, R, correction, probs, values, D, offset, pairs, 4, rescale);
+    for (; offset < D; offset += 16) group_values(rows, R, correction, probs, values, D, offset, pairs, 1, rescale);
 }
 
 static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, const uint32_t *values, int64_t D,
-                       float scale) {
+                       float log2_scale) {
     switch (R) {
-    case 4: group_block(rows, 4, n, keys, values, D, scale); break;
-    case 3: group_block(rows, 3, n, keys, values, D, scale); break;
-    case 2: group_block(rows, 2, n, keys, values, D, scale); break;
-    default: group_block(rows, 1, n, keys, values, D, scale); break;
+    case 4: group_block(rows, 4, n, keys, values, D, log2_scale); break;
+    case 3: group_block(rows, 3, n, keys, values, D, log2_scale); break;
+    case 2: group_block(rows, 2, n, keys, values, D, log2_scale); break;
+    default: group_block(rows, 1, n, keys, values, D, log2_scale); break;
     }
 }
 
 /* One work item: `count` rows of one K/V head, key blocks streamed once. */
 static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t *v, int64_t ld, int64_t D,
-                        float scale, uint32_t *packed_keys, uint32_t *packed_values) {
+                        float log2_scale, uint32_t *packed_keys, uint32_t *packed_values) {
     int64_t longest = 0;
     for (int r = 0; r < count; r++) longest = rows[r].visible > longest ? rows[r].visible : longest;
     for (int64_t start = 0; start < longest; start += KEYS_PER_BLOCK) {
@@ -222,13 +237,14 @@ static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t 
                 int64_t seen = rows[r + group].visible - start;
                 n[group++] = (int)(seen < in_block ? seen : in_block);
             }
-            rows_block(&rows[r], group, n, packed_keys, packed_values, D, scale);
+            rows_block(&rows[r], group, n, packed_keys, packed_values, D, log2_scale);
             r += group;
         }
     }
     for (int r = 0; r < count; r++) {
-        float inverse = 1.0f / rows[r].sum;
-        for (int64_t d = 0; d < D; d++) rows[r].out[d] = float_to_bf16(rows[r].acc[d] * inverse);
+        __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(rows[r].sum)));
+        for (int64_t d = 0; d < D; d += 16)
+            _mm256_storeu_si256((__m256i *)(rows[r].out + d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(rows[r].acc + d), inverse)));
     }
 }
 
@@ -257,11 +273,12 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
             int count = (int)(per_head - first < ROWS_PER_TILE ? per_head - first : ROWS_PER_TILE);
             for (int r = 0; r < count; r++) {
                 int64_t t = (first + r) / group, h = head * group + (first + r) % group;
-                rows[r] = (Row){ q + t * q_t + h * q_h, out + t * out_t + h * out_h, past + t + 1, -INFINITY, 0.0f,
-                                 acc + (int64_t)r * D };
+                rows[r] = (Row){ .query = q + t * q_t + h * q_h, .out = out + t * out_t + h * out_h,
+                                 .visible = past + t + 1, .max = -INFINITY, .acc = acc + (int64_t)r * D };
                 for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
             }
-            attend_tile(rows, count, k + head * kv_h, v + head * kv_h, kv_s, D, scale, packed_keys, packed_values);
+            attend_tile(rows, count, k + head * kv_h, v + head * kv_h, kv_s, D, scale * 1.44269504088896341f, packed_keys,
+                        packed_values);
         }
         free(rows);
         free(acc);
