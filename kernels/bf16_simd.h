@@ -31,6 +31,11 @@ static inline __m256i to_bf16(__m512 values) {
     return _mm512_cvtepi32_epi16(rounded);
 }
 
+/* 16 bf16 values to floats (exact). */
+static inline __m512 widen_bf16(__m256i values) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(values), 16));
+}
+
 /* to_bf16 for values known not to be NaN (probabilities, say): the same bits, fewer steps. */
 static inline __m256i to_bf16_finite(__m512 values) {
     __m512i bits = _mm512_castps_si512(values);

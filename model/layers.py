@@ -73,7 +73,6 @@ class GatedAttention(nn.Module):
         """x `[B, T, hidden]`; appends this chunk's K/V to `state` after `past` positions."""
         batch, length, _ = x.shape
         query, gate = self.q_proj(x).view(batch, length, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
-        gate = gate.reshape(batch, length, -1)
         query = self.q_norm(query)
         key = self.k_norm(self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim))
         value = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
@@ -84,8 +83,9 @@ class GatedAttention(nn.Module):
         state.ensure_capacity(total)
         state.key[:, :, past:total] = key.transpose(1, 2)
         state.value[:, :, past:total] = value.transpose(1, 2)
-        attn = causal_attention(query, state.key[:, :, :total], state.value[:, :, :total], self.head_dim**-0.5)
-        return self.o_proj(attn.reshape(batch, length, -1) * torch.sigmoid(gate))
+        attn = causal_attention(query, state.key[:, :, :total], state.value[:, :, :total], self.head_dim**-0.5,
+                                gate=gate)
+        return self.o_proj(attn.reshape(batch, length, -1))
 
 
 class GatedDeltaNet(nn.Module):

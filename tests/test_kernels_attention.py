@@ -29,14 +29,20 @@ def case_id(case) -> str:
     return f"B{b}-T{t}-H{h}-KV{kvh}-P{past}-D{d}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_blocked_matches_naive(case, dtype):
+def operands(case, dtype):
     batch, length, heads, kv_heads, past, dim = case
     generator = torch.Generator().manual_seed(sum(case))
     q = torch.randn(batch, length, heads, dim, generator=generator).to(dtype)
     k = torch.randn(batch, kv_heads, past + length, dim, generator=generator).to(dtype)
     v = torch.randn(batch, kv_heads, past + length, dim, generator=generator).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_blocked_matches_naive(case, dtype):
+    q, k, v = operands(case, dtype)
+    dim = q.shape[-1]
     ours = causal_attention(q, k, v, dim**-0.5)
     reference = naive_causal_attention(q.float(), k.float(), v.float(), dim**-0.5)
     assert ours.dtype == dtype and ours.shape == q.shape
@@ -117,6 +123,53 @@ def test_native_rows_equal_one_token_calls(case):
         assert torch.equal(causal_attention(q, k, v, scale), together)
     finally:
         torch.set_num_threads(threads)
+
+
+def strided_gate(q: torch.Tensor, seed: int) -> torch.Tensor:
+    """A gate shaped like q and laid out as the model's q projection gives it: the second half of each head."""
+    generator = torch.Generator().manual_seed(seed)
+    both = (torch.randn(*q.shape[:-1], 2 * q.shape[-1], generator=generator) * 3).bfloat16()
+    return both[..., q.shape[-1] :]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gate_multiplies_by_its_sigmoid(case):
+    q, k, v = operands(case, torch.bfloat16)
+    gate = strided_gate(q, sum(case))
+    scale = q.shape[-1] ** -0.5
+    ungated = naive_causal_attention(q.float(), k.float(), v.float(), scale)
+    reference = naive_causal_attention(q.float(), k.float(), v.float(), scale, gate=gate.float())
+    torch.testing.assert_close(reference, ungated * torch.sigmoid(gate.float()), atol=0, rtol=0)
+    ours = causal_attention(q, k, v, scale, gate=gate)
+    torch.testing.assert_close(ours.float(), reference, atol=BF16_ATOL, rtol=0)
+
+
+@requires_native
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_gate_rounds_like_pytorch(case):
+    """The fused gate gives the bits of `attn * torch.sigmoid(gate)` in bf16, but where the kernel's
+    own exp lands a sigmoid on the other side of a bf16 rounding boundary: one bf16 step at most."""
+    q, k, v = native_operands(case, capacity_extra=5)
+    gate = strided_gate(q, sum(case) + 1)
+    assert attention_native.supports(q, k, v, gate)
+    scale = q.shape[-1] ** -0.5
+    fused = causal_attention(q, k, v, scale, gate=gate)
+    separate = causal_attention(q, k, v, scale) * torch.sigmoid(gate)
+    assert not torch.isnan(fused).any()
+    torch.testing.assert_close(fused.float(), separate.float(), atol=1e-30, rtol=2**-7)
+    assert (fused != separate).float().mean().item() <= 0.01
+
+
+@requires_native
+def test_native_gated_rows_equal_one_token_calls():
+    q, k, v = native_operands((1, 9, 16, 2, 191, 128))
+    gate = strided_gate(q, 3)
+    past, scale = k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
+    together = causal_attention(q, k, v, scale, gate=gate)
+    for t in range(q.shape[1]):
+        visible = past + t + 1
+        alone = causal_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale, gate=gate[:, t : t + 1])
+        assert torch.equal(alone, together[:, t : t + 1]), f"query {t}"
 
 
 def test_native_kernel_declines_other_inputs():

@@ -31,14 +31,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     return torch.matmul(probs, v.float()).to(q.dtype), lse
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Same contract as `naive_causal_attention`: q `[B, T, H, D]`, k/v `[B, KVH, S, D]` -> `[B, T, H, D]`."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `naive_causal_attention`: q `[B, T, H, D]`, k/v `[B, KVH, S, D]`, gate None or
+    `[B, T, H, D]` -> `[B, T, H, D]`."""
+    if native.supports(q, k, v, gate):
+        return native.native_causal_attention(q, k, v, scale, gate)
+    out = _ungated(q, k, v, scale)
+    return out if gate is None else out * torch.sigmoid(gate)
+
+
+def _ungated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     batch, length, heads, dim = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
     group = heads // kv_heads
     past = total - length
-    if native.supports(q, k, v):
-        return native.native_causal_attention(q, k, v, scale)
     if length == 1:
         grouped = q.reshape(batch, kv_heads, group, dim)
         out = F.scaled_dot_product_attention(grouped, k, v, scale=scale)

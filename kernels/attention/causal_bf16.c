@@ -6,7 +6,8 @@
  * bf16 for the P.V products (as PyTorch's flash kernel does), row sums and outputs in fp32. Each
  * row's arithmetic depends only on its own query and its own visible keys, never on how many
  * rows share the call, so a token attended alone (decode) gets the same bits as beside others
- * (draft verification, or any prefill chunking).
+ * (draft verification, or any prefill chunking). An optional output gate multiplies each output by
+ * sigmoid(gate), with the bf16 roundings of `attn * torch.sigmoid(gate)`.
  *
  * Work items are (K/V head, tile of up to 128 query rows); a tile walks the key blocks once. Each
  * block is repacked so that both products are outer products on the bf16 pair dot-product
@@ -32,6 +33,7 @@ typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read
 typedef struct {
     const uint16_t *query; /* [D] */
     uint16_t *out;         /* [D] */
+    const uint16_t *gate;  /* [D], or NULL */
     int64_t visible;       /* keys 0 .. visible - 1 */
     float max;             /* running max of the scores, times scale * log2(e) */
     float *acc;            /* [D] fp32 */
@@ -243,17 +245,27 @@ static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t 
     }
     for (int r = 0; r < count; r++) {
         __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(rows[r].sum)));
-        for (int64_t d = 0; d < D; d += 16)
-            _mm256_storeu_si256((__m256i *)(rows[r].out + d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(rows[r].acc + d), inverse)));
+        for (int64_t d = 0; d < D; d += 16) {
+            __m256i attn = to_bf16(_mm512_mul_ps(_mm512_loadu_ps(rows[r].acc + d), inverse));
+            if (rows[r].gate) {
+                __m512 g = widen_bf16(_mm256_loadu_si256((const __m256i *)(rows[r].gate + d)));
+                __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                               _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+                attn = to_bf16(_mm512_mul_ps(widen_bf16(attn), widen_bf16(to_bf16(sigmoid))));
+            }
+            _mm256_storeu_si256((__m256i *)(rows[r].out + d), attn);
+        }
     }
 }
 
 /* q [T, H, D] (strides q_t, q_h), k/v [KVH, S, D] (strides kv_h, kv_s), out [T, H, D] (strides
- * out_t, out_h); unit stride along D; D a multiple of 16 and at most MAX_DIM. Query t sees
- * keys 0 .. past + t. Returns 0, or -1 when a work buffer cannot be allocated. */
+ * out_t, out_h), gate NULL or [T, H, D] (strides gate_t, gate_h); unit stride along D; D a
+ * multiple of 16 and at most MAX_DIM. Query t sees keys 0 .. past + t. Returns 0, or -1 when a
+ * work buffer cannot be allocated. */
 int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uint16_t *k, const uint16_t *v,
                           int64_t kv_h, int64_t kv_s, int64_t T, int64_t H, int64_t KVH, int64_t D, int64_t past,
-                          float scale, uint16_t *out, int64_t out_t, int64_t out_h, int threads) {
+                          float scale, uint16_t *out, int64_t out_t, int64_t out_h, const uint16_t *gate,
+                          int64_t gate_t, int64_t gate_h, int threads) {
     int64_t group = H / KVH, per_head = T * group;
     int64_t tiles = (per_head + ROWS_PER_TILE - 1) / ROWS_PER_TILE, items = KVH * tiles;
     int failed = 0;
@@ -274,7 +286,8 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
             for (int r = 0; r < count; r++) {
                 int64_t t = (first + r) / group, h = head * group + (first + r) % group;
                 rows[r] = (Row){ .query = q + t * q_t + h * q_h, .out = out + t * out_t + h * out_h,
-                                 .visible = past + t + 1, .max = -INFINITY, .acc = acc + (int64_t)r * D };
+                                 .gate = gate ? gate + t * gate_t + h * gate_h : NULL, .visible = past + t + 1,
+                                 .max = -INFINITY, .acc = acc + (int64_t)r * D };
                 for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
             }
             attend_tile(rows, count, k + head * kv_h, v + head * kv_h, kv_s, D, scale * 1.44269504088896341f, packed_keys,

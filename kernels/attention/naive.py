@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def naive_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def naive_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           gate: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-query causal attention where the last T cached positions are the queries' own.
 
     q: `[B, T, H, D]`; k, v: `[B, KVH, S, D]` with S >= T (S - T earlier positions);
-    query head h reads key/value head h // (H // KVH). Returns `[B, T, H, D]` in q.dtype.
+    query head h reads key/value head h // (H // KVH). Returns `[B, T, H, D]` in q.dtype, multiplied
+    by `sigmoid(gate)` (gate `[B, T, H, D]`) when a gate is given.
     Softmax in fp32; builds the full `[T, S]` score matrix, so only for tests and small inputs.
     """
     batch, length, heads, dim = q.shape
@@ -23,4 +25,5 @@ def naive_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     key_pos = torch.arange(total, device=q.device)[None, :]
     scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
     probs = scores.softmax(dim=-1)
-    return torch.einsum("bhts,bhsd->bthd", probs, values).to(q.dtype)
+    out = torch.einsum("bhts,bhsd->bthd", probs, values).to(q.dtype)
+    return out if gate is None else out * torch.sigmoid(gate)

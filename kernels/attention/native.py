@@ -13,7 +13,7 @@ from ..native import load
 MAX_HEAD_DIM = 256
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _I64,
-             _I64, ctypes.c_int)
+             _I64, _PTR, _I64, _I64, ctypes.c_int)
 
 
 @functools.cache
@@ -25,9 +25,11 @@ def kernel():
     return entry
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
     """Whether `native_causal_attention` takes these: bf16 on CPU, head dim a multiple of 16 up to
-    MAX_HEAD_DIM, unit stride along it, K and V laid out alike."""
+    MAX_HEAD_DIM, unit stride along it, K and V laid out alike, a gate (if any) shaped like q."""
+    if gate is not None and (gate.dtype != q.dtype or gate.shape != q.shape or gate.stride(-1) != 1):
+        return False
     return (
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
@@ -39,16 +41,20 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q `[B, T, H, D]`, k/v `[B, KVH, S, D]` (the last T keys are the new tokens') -> `[B, T, H, D]`."""
+def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            gate: torch.Tensor | None = None) -> torch.Tensor:
+    """q `[B, T, H, D]`, k/v `[B, KVH, S, D]` (the last T keys are the new tokens'), gate None or
+    `[B, T, H, D]` -> `[B, T, H, D]`, times sigmoid(gate) when given."""
     batch, length, heads, dim = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
     out = torch.empty(batch, length, heads, dim, dtype=q.dtype)
     entry = kernel()
+    gate_strides = (gate.stride(1), gate.stride(2)) if gate is not None else (0, 0)
     for b in range(batch):
+        gate_ptr = gate[b].data_ptr() if gate is not None else None
         status = entry(q[b].data_ptr(), q.stride(1), q.stride(2), k[b].data_ptr(), v[b].data_ptr(), k.stride(1),
                        k.stride(2), length, heads, kv_heads, dim, total - length, scale, out[b].data_ptr(),
-                       out.stride(1), out.stride(2), torch.get_num_threads())
+                       out.stride(1), out.stride(2), gate_ptr, *gate_strides, torch.get_num_threads())
         if status != 0:
             raise MemoryError("attention work buffers could not be allocated")
     return out
