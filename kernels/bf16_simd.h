@@ -115,11 +115,10 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* 2^x lane by lane for x <= ~1 (clamped below at -150, where the result is 0): 2^n * poly(r) with
- * n = round(x) and r = x - n exact, |r| <= 1/2; the polynomial is a least-squares fit of 2^r in
- * relative error (~1e-7, about an fp32 ulp). */
+/* 2^x lane by lane for finite x <= ~1 (very negative x gives 0): 2^n * poly(r) with n = round(x)
+ * and r = x - n exact, |r| <= 1/2; the polynomial is a least-squares fit of 2^r in relative error
+ * (~1e-7, about an fp32 ulp). -inf gives NaN: clamp first where it can occur. */
 static inline __m512 exp2_512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_sub_ps(x, n);
     __m512 p = _mm512_set1_ps(1.5370704932e-4f);

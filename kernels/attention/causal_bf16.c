@@ -175,7 +175,8 @@ static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m5
         }
         _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
     }
-    __m512 correction = exp2_512(_mm512_set1_ps(row->max - best));
+    /* The first block's running max is -inf: clamped, its factor is 0. */
+    __m512 correction = exp2_512(_mm512_max_ps(_mm512_set1_ps(row->max - best), _mm512_set1_ps(-150.0f)));
     _mm512_storeu_ps(row->sum, _mm512_fmadd_ps(_mm512_loadu_ps(row->sum), correction, total));
     row->max = best;
     return correction;
