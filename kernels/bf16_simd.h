@@ -1,6 +1,6 @@
 /* Helpers shared by the C kernels: bf16 conversions that round like torch (to nearest even, NaN
  * kept quiet), masked bf16 loads, the fixed-tree lane reduction of 16 accumulators and a
- * vector exp and a 16x16 transpose of 32-bit lanes (bf16 pairs). */
+ * vector exp (base e and base 2) and a 16x16 transpose of 32-bit lanes (bf16 pairs). */
 #ifndef DOCANALYST_BF16_SIMD_H
 #define DOCANALYST_BF16_SIMD_H
 
@@ -34,13 +34,6 @@ static inline __m256i to_bf16(__m512 values) {
 /* 16 bf16 values to floats (exact). */
 static inline __m512 widen_bf16(__m256i values) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(values), 16));
-}
-
-/* to_bf16 for values known not to be NaN (probabilities, say): the same bits, fewer steps. */
-static inline __m256i to_bf16_finite(__m512 values) {
-    __m512i bits = _mm512_castps_si512(values);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16));
 }
 
 /* Up to 32 bf16 values, zeros past `count`. */

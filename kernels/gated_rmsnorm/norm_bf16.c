@@ -16,13 +16,12 @@
 
 #define MAX_DIM 16384
 
-static inline __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
 
 /* r for one row: fp32 squares summed 16 lanes at a time in D order, lanes by a fixed tree. */
 static inline float inverse_rms(const uint16_t *x, int64_t D, float eps) {
     __m512 squares = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
-        __m512 v = widen(_mm256_loadu_si256((const __m256i *)(x + d)));
+        __m512 v = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + d)));
         squares = _mm512_fmadd_ps(v, v, squares);
     }
     return 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)D + eps);
@@ -42,7 +41,7 @@ void rms_norm_bf16(const uint16_t *x, int64_t n0, int64_t n1, int64_t n2, int64_
         uint16_t *dst = out + row * D;
         __m512 r = _mm512_set1_ps(inverse_rms(src, D, eps));
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = _mm512_mul_ps(widen(_mm256_loadu_si256((const __m256i *)(src + d))), r);
+            __m512 v = _mm512_mul_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(src + d))), r);
             _mm256_storeu_si256((__m256i *)(dst + d), to_bf16(_mm512_mul_ps(v, _mm512_loadu_ps(scale + d))));
         }
     }
@@ -61,9 +60,9 @@ void gated_rms_norm_bf16(const uint16_t *x, const uint16_t *z, int64_t n0, int64
         uint16_t *dst = out + row * D;
         __m512 r = _mm512_set1_ps(inverse_rms(src, D, eps));
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 normed = widen(to_bf16(_mm512_mul_ps(widen(_mm256_loadu_si256((const __m256i *)(src + d))), r)));
-            __m512 weighted = widen(to_bf16(_mm512_mul_ps(widen(_mm256_loadu_si256((const __m256i *)(weight + d))), normed)));
-            __m512 g = widen(_mm256_loadu_si256((const __m256i *)(gate + d)));
+            __m512 normed = widen_bf16(to_bf16(_mm512_mul_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(src + d))), r)));
+            __m512 weighted = widen_bf16(to_bf16(_mm512_mul_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(weight + d))), normed)));
+            __m512 g = widen_bf16(_mm256_loadu_si256((const __m256i *)(gate + d)));
             __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
             _mm256_storeu_si256((__m256i *)(dst + d), to_bf16(_mm512_mul_ps(weighted, silu)));
         }
