@@ -54,8 +54,8 @@ static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block,
             const uint16_t *key = keys + j0 * ld + 2 * p0;
             int j = 0;
             for (; j < valid; j++, key += ld) {
-                /* The next block's keys: with few rows (decode) the loop is bound by memory. */
-                _mm_prefetch((const char *)(key + KEYS_PER_BLOCK * ld), _MM_HINT_T0);
+                /* The next block's keys, into L2: with few rows (decode) the loop is bound by memory. */
+                _mm_prefetch((const char *)(key + KEYS_PER_BLOCK * ld), _MM_HINT_T1);
                 rows[j] = _mm512_maskz_loadu_epi32(live, key);
             }
             for (; j < 16; j++) rows[j] = _mm512_setzero_si512();
@@ -80,8 +80,8 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
         int has_second = 2 * j + 1 < in_block;
         int64_t d = 0;
         for (; d + 32 <= D; d += 32) {
-            _mm_prefetch((const char *)(first + KEYS_PER_BLOCK * ld + d), _MM_HINT_T0);
-            _mm_prefetch((const char *)(second + KEYS_PER_BLOCK * ld + d), _MM_HINT_T0);
+            _mm_prefetch((const char *)(first + KEYS_PER_BLOCK * ld + d), _MM_HINT_T1);
+            _mm_prefetch((const char *)(second + KEYS_PER_BLOCK * ld + d), _MM_HINT_T1);
             __m512i a = _mm512_loadu_si512(first + d);
             __m512i b = has_second ? _mm512_loadu_si512(second + d) : _mm512_setzero_si512();
             _mm512_storeu_si512(packed + j * D + d, _mm512_permutex2var_epi16(a, first_half, b));
