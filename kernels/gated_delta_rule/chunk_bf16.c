@@ -88,13 +88,14 @@ static void chunk_step(Work *w, const uint16_t *q, const uint16_t *k, int64_t qk
                        int64_t V, float scale, float *state, uint16_t *out, int64_t out_t) {
     int64_t C = padded, X = V + K;
     float total = 0.0f;
-    /* The rows of the next chunk lie a head's width apart in memory: ask for them now. */
+    /* The rows of the next chunk lie a head's width apart in memory: ask for them now, into L2
+     * (this chunk's matrices fill L1). */
     for (int64_t i = n; i < 2 * n; i++) {
         for (int64_t d = 0; d < K; d += 32) {
-            _mm_prefetch((const char *)(q + i * qk_t + d), _MM_HINT_T0);
-            _mm_prefetch((const char *)(k + i * qk_t + d), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + i * qk_t + d), _MM_HINT_T1);
+            _mm_prefetch((const char *)(k + i * qk_t + d), _MM_HINT_T1);
         }
-        for (int64_t d = 0; d < V; d += 32) _mm_prefetch((const char *)(v + i * v_t + d), _MM_HINT_T0);
+        for (int64_t d = 0; d < V; d += 32) _mm_prefetch((const char *)(v + i * v_t + d), _MM_HINT_T1);
     }
     for (int64_t i = 0; i < C; i++) {
         if (i < n) {
