@@ -149,7 +149,8 @@ def main() -> int:
                 reference_rates.append(round(reference_decode(hf, decode_ids, args.decode_steps), 1))
         decode["ours_tokens_per_s"], decode["ours_runs_tokens_per_s"] = max(ours_rates), ours_rates
         if hf is not None:
-            decode["reference_tokens_per_s"], decode["reference_runs_tokens_per_s"] = max(reference_rates), reference_rates
+            decode["reference_tokens_per_s"] = max(reference_rates)
+            decode["reference_runs_tokens_per_s"] = reference_rates
             decode["speedup"] = round(decode["ours_tokens_per_s"] / decode["reference_tokens_per_s"], 2)
         for length in args.lengths:
             ids = torch.randint(0, 151000, (1, length), generator=generator)
