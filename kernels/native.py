@@ -19,10 +19,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch  # noqa: F401  (loads its libgomp.so.1 before any kernel library does)
+import torch  # imported before any kernel library, whose libgomp.so.1 then resolves to torch's
 
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared",
+         "-fPIC"]
 LIBRARIES = ["-lm"]
+# Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
+# give a token the same bits whatever the call's size; that is what keeps speculative decoding exact.
+FEW_TOKENS = 16
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -30,6 +34,22 @@ def _cpu_has_avx512_bf16() -> bool:
         return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+@functools.cache
+def matmul_has_amx() -> bool:
+    """Whether PyTorch's bf16 matmuls run on AMX tiles here (oneDNN): they then beat the pair
+    dot-product kernels several times over once there are more than a few rows, so prefill-sized
+    calls take PyTorch's GEMM paths. DOCANALYST_AMX=0 makes this False (to test the other path)."""
+    if os.environ.get("DOCANALYST_AMX", "1") == "0":
+        return False
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def prefers_gemm(tokens: int) -> bool:
+    """Whether a CPU call over `tokens` tokens should take PyTorch's GEMM path over a native kernel."""
+    return tokens > FEW_TOKENS and matmul_has_amx()
 
 
 def _cache_dir() -> Path:

@@ -7,6 +7,10 @@ import torch
 
 from kernels.attention import causal_attention, naive_causal_attention
 from kernels.attention import native as attention_native
+from kernels.native import FEW_TOKENS
+
+# The native kernel itself (the dispatcher may send prefill-sized calls to PyTorch's GEMM path).
+native_attention = attention_native.native_causal_attention
 
 # fp32: same softmax, computed in two merged pieces; only rounding differs.
 FP32_ATOL = 2e-6
@@ -99,7 +103,7 @@ def test_native_kernel_matches_naive(case):
     q, k, v = native_operands(case, capacity_extra=37)
     dim = q.shape[-1]
     assert attention_native.supports(q, k, v)
-    ours = causal_attention(q, k, v, dim**-0.5)
+    ours = native_attention(q, k, v, dim**-0.5)
     reference = naive_causal_attention(q.float(), k.float(), v.float(), dim**-0.5)
     assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
     assert not torch.isnan(ours).any(), "read past the live K/V (NaN-filled spare capacity)"
@@ -112,15 +116,15 @@ def test_native_rows_equal_one_token_calls(case):
     """Query t alone, over the keys it sees, gives the bits it gets beside the others (any thread count)."""
     q, k, v = native_operands(case)
     length, past, scale = q.shape[1], k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
-    together = causal_attention(q, k, v, scale)
+    together = native_attention(q, k, v, scale)
     for t in range(length):
         visible = past + t + 1
-        alone = causal_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale)
+        alone = native_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale)
         assert torch.equal(alone, together[:, t : t + 1]), f"query {t}"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(causal_attention(q, k, v, scale), together)
+        assert torch.equal(native_attention(q, k, v, scale), together)
     finally:
         torch.set_num_threads(threads)
 
@@ -153,8 +157,8 @@ def test_native_gate_rounds_like_pytorch(case):
     gate = strided_gate(q, sum(case) + 1)
     assert attention_native.supports(q, k, v, gate)
     scale = q.shape[-1] ** -0.5
-    fused = causal_attention(q, k, v, scale, gate=gate)
-    separate = causal_attention(q, k, v, scale) * torch.sigmoid(gate)
+    fused = native_attention(q, k, v, scale, gate=gate)
+    separate = native_attention(q, k, v, scale) * torch.sigmoid(gate)
     assert not torch.isnan(fused).any()
     torch.testing.assert_close(fused.float(), separate.float(), atol=1e-30, rtol=2**-7)
     assert (fused != separate).float().mean().item() <= 0.01
@@ -165,10 +169,10 @@ def test_native_gated_rows_equal_one_token_calls():
     q, k, v = native_operands((1, 9, 16, 2, 191, 128))
     gate = strided_gate(q, 3)
     past, scale = k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
-    together = causal_attention(q, k, v, scale, gate=gate)
+    together = native_attention(q, k, v, scale, gate=gate)
     for t in range(q.shape[1]):
         visible = past + t + 1
-        alone = causal_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale, gate=gate[:, t : t + 1])
+        alone = native_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale, gate=gate[:, t : t + 1])
         assert torch.equal(alone, together[:, t : t + 1]), f"query {t}"
 
 
@@ -178,3 +182,15 @@ def test_native_kernel_declines_other_inputs():
     assert not attention_native.supports(q[..., :24], k[..., :24], v[..., :24])
     wide = torch.zeros(1, 3, 4, attention_native.MAX_HEAD_DIM + 16, dtype=torch.bfloat16)
     assert not attention_native.supports(wide, wide.transpose(1, 2), wide.transpose(1, 2))
+
+
+@requires_native
+def test_few_token_calls_take_the_native_kernel():
+    """Decode and draft verification (up to FEW_TOKENS queries) always get the native kernel's bits, on
+    which exact speculative decoding relies; longer calls may take PyTorch's GEMM path instead."""
+    q, k, v = native_operands((1, FEW_TOKENS, 16, 2, 40, 128))
+    gate = strided_gate(q, 11)
+    scale = q.shape[-1] ** -0.5
+    assert torch.equal(causal_attention(q, k, v, scale, gate=gate), native_attention(q, k, v, scale, gate=gate))
+    assert torch.equal(causal_attention(q[:, :1], k[:, :, :41], v[:, :, :41], scale, gate=gate[:, :1]),
+                       native_attention(q[:, :1], k[:, :, :41], v[:, :, :41], scale, gate=gate[:, :1]))

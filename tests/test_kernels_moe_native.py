@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.moe import native as moe_native
+from kernels.native import FEW_TOKENS, matmul_has_amx
 from kernels.moe import reference
 
 requires_native = pytest.mark.skipif(
@@ -103,9 +104,18 @@ EXPERT_CASES = [
 ]
 
 
+# The pair dot-product path everywhere; the AMX tile path where the CPU has it (odd widths in the
+# cases fall back to the pair path inside the kernel).
+TILE_UNITS = [
+    pytest.param(False, id="pairs"),
+    pytest.param(True, id="amx", marks=pytest.mark.skipif(not matmul_has_amx(), reason="CPU without AMX tiles")),
+]
+
+
 @requires_native_experts
+@pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "N{}-H{}-E{}-k{}-I{}".format(*c))
-def test_native_experts_match_the_grouped_pytorch_path(case):
+def test_native_experts_match_the_grouped_pytorch_path(case, amx):
     """Same bf16 rounding steps as reference.experts_swiglu: two bf16 steps at the largest output."""
     tokens, hidden, experts, top_k, width = case
     generator = torch.Generator().manual_seed(sum(case))
@@ -115,7 +125,7 @@ def test_native_experts_match_the_grouped_pytorch_path(case):
     down = (torch.randn(experts, hidden, width, generator=generator) * width**-0.5).bfloat16()
     weights, chosen = reference.route(x, router, top_k, True)
     assert moe_native.supports_experts(x, weights, gate_up, down)
-    ours = moe_native.moe_experts(x, weights, chosen, gate_up, down)
+    ours = moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=amx)
     expected = reference.experts_swiglu(x, weights, chosen, gate_up, down)
     assert ours.dtype == torch.bfloat16 and ours.shape == expected.shape
     bound = 2 * 2.0**-8 * expected.float().abs().max().item()
@@ -125,12 +135,14 @@ def test_native_experts_match_the_grouped_pytorch_path(case):
     unused = sorted(set(range(experts)) - set(chosen.flatten().tolist()))
     if unused:
         gate_up[unused] = float("nan")
-        assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), ours)
+        assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=amx), ours)
 
 
 @requires_native_experts
-def test_native_experts_do_not_depend_on_the_thread_count():
-    tokens, hidden, experts, top_k, width = EXPERT_CASES[1]
+@pytest.mark.parametrize("amx", TILE_UNITS)
+@pytest.mark.parametrize("case", [EXPERT_CASES[0], EXPERT_CASES[1]], ids=["tile-widths", "odd-widths"])
+def test_native_experts_do_not_depend_on_the_thread_count(case, amx):
+    tokens, hidden, experts, top_k, width = case
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(tokens, hidden, generator=generator).bfloat16()
     router = torch.randn(experts, hidden, generator=generator).bfloat16()
@@ -140,8 +152,25 @@ def test_native_experts_do_not_depend_on_the_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = moe_native.moe_experts(x, weights, chosen, gate_up, down)
+        alone = moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=amx)
         torch.set_num_threads(max(2, threads))
-        assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), alone)
+        assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=amx), alone)
     finally:
         torch.set_num_threads(threads)
+
+
+@requires_native_experts
+def test_few_tokens_never_take_the_tile_path():
+    """Decode and draft verification must give a token the same bits whatever the call's size."""
+    tokens, hidden, experts, top_k, width = FEW_TOKENS, 512, 8, 2, 64
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    router = torch.randn(experts, hidden, generator=generator).bfloat16()
+    gate_up = (torch.randn(experts, 2 * width, hidden, generator=generator) * hidden**-0.5).bfloat16()
+    down = (torch.randn(experts, hidden, width, generator=generator) * width**-0.5).bfloat16()
+    weights, chosen = reference.route(x, router, top_k, True)
+    pairs = moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=False)
+    assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), pairs)
+    for row in range(0, tokens, 5):
+        alone = moe_native.moe_experts(x[row:row + 2], weights[row:row + 2], chosen[row:row + 2], gate_up, down)
+        assert torch.equal(alone, pairs[row:row + 2])

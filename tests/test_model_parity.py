@@ -10,8 +10,8 @@ from tests.oracle import CONFIGS, rewrite_config_old_spelling, write_oracle_chec
 
 # fp32: both sides compute the same function; differences are summation order only.
 FP32_REL_TOL = 1e-4
-# bf16 weights and activations against the fp32 oracle: bf16 keeps 8 mantissa bits (~4e-3 per
-# rounding) and errors add over layers; 5e-2 of the logit scale is the bound we hold to.
+# bf16 weights and activations: bf16 keeps 8 mantissa bits (~4e-3 per rounding) and errors add over
+# layers; 5e-2 of the logit scale is the bound we hold to against the oracle run in bf16 too.
 BF16_REL_TOL = 5e-2
 
 
@@ -43,12 +43,21 @@ def test_fp32_logits_match_transformers(oracle, length):
 
 
 def test_bf16_stays_close(oracle):
+    """Against transformers in bf16 within BF16_REL_TOL, and no further from its fp32 logits than its own
+    bf16 run is (up to twice that, or BF16_REL_TOL): how far bf16 drifts from fp32 on random weights
+    depends on the CPU's matmul rounding (on one machine transformers' own bf16 run is 0.17 away at
+    70 tokens of the YaRN model), so the fp32 bound is taken relative to it."""
+    import copy
+
     name, folder, reference = oracle
     lm = load_model(folder, dtype=torch.bfloat16)
     ids = torch.randint(0, lm.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(7))
-    ours = lm.forward(ids, lm.new_state(), last_only=True)
+    ours = lm.forward(ids, lm.new_state(), last_only=True)[:, -1]
     assert ours.dtype == torch.bfloat16
-    assert relative_error(ours[:, -1], reference_logits(reference, ids)[:, -1]) < BF16_REL_TOL
+    exact = reference_logits(reference, ids)[:, -1]
+    reference_bf16 = reference_logits(copy.deepcopy(reference).to(torch.bfloat16), ids)[:, -1]
+    assert relative_error(ours, reference_bf16) < BF16_REL_TOL
+    assert relative_error(ours, exact) <= max(BF16_REL_TOL, 2 * relative_error(reference_bf16, exact))
 
 
 def test_old_config_spelling_loads_the_same_model(oracle, tmp_path):

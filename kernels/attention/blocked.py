@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..native import prefers_gemm
 from . import native
 
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -35,7 +36,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      gate: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `naive_causal_attention`: q `[B, T, H, D]`, k/v `[B, KVH, S, D]`, gate None or
     `[B, T, H, D]` -> `[B, T, H, D]`."""
-    if native.supports(q, k, v, gate):
+    if native.supports(q, k, v, gate) and not prefers_gemm(q.shape[1]):
         return native.native_causal_attention(q, k, v, scale, gate)
     out = _ungated(q, k, v, scale)
     return out if gate is None else out * torch.sigmoid(gate)

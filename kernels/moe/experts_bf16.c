@@ -12,11 +12,16 @@
  * by the 4 rows, every output an fp32 chain over the input pairs in order. Input and expert
  * widths are multiples of 16.
  *
- * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
+ * With `amx` set (CPUs with AMX tiles, prefill-sized calls) the same packed panels feed the tile
+ * instruction instead, 32 rows x 32 columns per step: the same rounding steps, but each output's
+ * fp32 sum is taken in the tile unit's order, so its last bits can differ from the chains above.
+ *
+ * Built with AVX-512 BF16 (and AMX); the Python side only loads it on CPUs that report avx512_bf16.
  */
 #include <omp.h>
 #include <stdlib.h>
 
+#include "../amx.h"
 #include "../bf16_simd.h"
 
 typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
@@ -94,6 +99,59 @@ static void project(const uint16_t *x, int64_t R, int64_t K, const uint32_t *pac
     }
 }
 
+/* Rows r0 .. r0 + rows - 1 (at most 32) of project() from fp32 sums laid out [32][32] in `block`. */
+static void store_block(const float *block, int rows, int64_t c0, uint16_t *y, int64_t ldy, const float *scales) {
+    for (int r = 0; r < rows; r++)
+        for (int s = 0; s < 2; s++) {
+            __m256i rounded = to_bf16(_mm512_loadu_ps(block + r * 32 + 16 * s));
+            if (scales) rounded = to_bf16(_mm512_mul_ps(widen_bf16(rounded), _mm512_set1_ps(scales[r])));
+            _mm256_storeu_si256((__m256i *)(y + r * ldy + c0 + 16 * s), rounded);
+        }
+}
+
+/* project() on AMX tiles, for K and N multiples of 32: C tiles 0-3 hold 2 x 2 blocks of 16 rows x
+ * 16 columns, A tiles 4-5 the rows' next 32 inputs, B tiles 6-7 the matching 16 pairs of two
+ * 16-column slices of a panel. R is padded to a multiple of 32 with readable rows; only a group's
+ * first 16 rows are computed when it has no more. The calling thread has configured its tiles. */
+static void project_amx(const uint16_t *x, int64_t R, int64_t K, const uint32_t *packed, int64_t N, uint16_t *y,
+                        int64_t ldy, const float *scales) {
+    float block[32 * 32] __attribute__((aligned(64)));
+    const int64_t x_stride = K * 2, panel_stride = 64 * 4, block_stride = 32 * 4;
+    for (int64_t r0 = 0; r0 < R; r0 += 32) {
+        int rows = R - r0 < 32 ? (int)(R - r0) : 32;
+        const uint16_t *xr = x + r0 * K;
+        for (int64_t c0 = 0; c0 < N; c0 += 32) {
+            const uint32_t *panel = packed + (c0 / 64) * (K / 2) * 64 + c0 % 64;
+            _tile_zero(0);
+            _tile_zero(1);
+            if (rows > 16) {
+                _tile_zero(2);
+                _tile_zero(3);
+            }
+            for (int64_t k0 = 0; k0 < K; k0 += 32) {
+                const uint32_t *pairs = panel + (k0 / 2) * 64;
+                _tile_loadd(4, xr + k0, x_stride);
+                _tile_loadd(6, pairs, panel_stride);
+                _tile_loadd(7, pairs + 16, panel_stride);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (rows > 16) {
+                    _tile_loadd(5, xr + 16 * K + k0, x_stride);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, block, block_stride);
+            _tile_stored(1, block + 16, block_stride);
+            if (rows > 16) {
+                _tile_stored(2, block + 16 * 32, block_stride);
+                _tile_stored(3, block + 16 * 32 + 16, block_stride);
+            }
+            store_block(block, rows, c0, y + r0 * ldy, ldy, scales ? scales + r0 : NULL);
+        }
+    }
+}
+
 /* act[r][i] = bf16(bf16(silu(gate)) * up) over I values, gate and up the two halves of h[r]. */
 static void swiglu(const uint16_t *h, int64_t R, int64_t I, uint16_t *act) {
     for (int64_t r = 0; r < R; r++) {
@@ -112,10 +170,12 @@ static void swiglu(const uint16_t *h, int64_t R, int64_t I, uint16_t *act) {
 }
 
 /* x [N, H]; weights [N, k] bf16; experts [N, k] int64 in [0, E); gate_up [E, 2I, H]; down [E, H, I];
- * out [N, H]. Returns 0, or -1 when a work buffer cannot be allocated. */
+ * out [N, H]; amx: use the tile unit where the widths allow. Returns 0, or -1 when a work buffer
+ * cannot be allocated. */
 int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *weights, const int64_t *experts,
                      int64_t top_k, int64_t E, const uint16_t *gate_up, const uint16_t *down, int64_t I,
-                     uint16_t *out, int threads) {
+                     uint16_t *out, int amx, int threads) {
+    amx = amx && H % 32 == 0 && I % 32 == 0 && amx_permitted();
     int64_t slots = N * top_k;
     int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *order = malloc(sizeof(int64_t) * (size_t)slots);
@@ -143,7 +203,7 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        int64_t padded = (largest + 3) / 4 * 4;
+        int64_t padded = (largest + 31) / 32 * 32;
         float *scales = malloc(sizeof(float) * (size_t)padded);
         uint16_t *gathered = calloc((size_t)(padded * H), sizeof(uint16_t));
         uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(padded * 2 * I));
@@ -153,6 +213,7 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
         uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)(gate_up_panels > down_panels ? gate_up_panels : down_panels));
         int usable = scales && gathered && h && act && y && packed;
         failed |= !usable;
+        if (amx) amx_configure();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t e = 0; e < E; e++) {
             int64_t count = start[e + 1] - start[e];
@@ -164,13 +225,14 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
                 scales[r] = bf16_to_float(weights[mine[r]]);
             }
             pack_pairs(gate_up + e * 2 * I * H, 2 * I, H, packed);
-            project(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
+            (amx ? project_amx : project)(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
             swiglu(h, count, I, act);
             pack_pairs(down + e * H * I, H, I, packed);
-            project(act, count, I, packed, H, y, H, scales);
+            (amx ? project_amx : project)(act, count, I, packed, H, y, H, scales);
             for (int64_t r = 0; r < count; r++)
                 __builtin_memcpy(routed + mine[r] * H, y + r * H, sizeof(uint16_t) * (size_t)H);
         }
+        if (amx) _tile_release();
         free(scales), free(gathered), free(h), free(act), free(y), free(packed);
     }
     if (!failed) {

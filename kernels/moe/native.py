@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..native import load
+from ..native import load, prefers_gemm
 
 MAX_TOKENS = 16
 MAX_TOP_K = 64
@@ -55,7 +55,7 @@ def sparse_moe(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: boo
     return out
 
 
-_EXPERTS_ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int)
+_EXPERTS_ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int, ctypes.c_int)
 
 
 @functools.cache
@@ -83,16 +83,20 @@ def supports_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tens
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
+                down: torch.Tensor, amx: bool | None = None) -> torch.Tensor:
     """x `[N, H]`; weights, experts `[N, k]`; gate_up `[E, 2I, H]`; down `[E, H, I]` -> `[N, H]` bf16,
-    the contract of `reference.experts_swiglu`."""
+    the contract of `reference.experts_swiglu`. `amx`: use AMX tiles (default: for more than a few
+    tokens on CPUs whose matmuls use them; never for few tokens, whose bits must not depend on the
+    call's size)."""
+    if amx is None:
+        amx = prefers_gemm(x.shape[0])
     x, weights = x.contiguous(), weights.contiguous()
     experts = experts.to(torch.int64).contiguous()
     tokens, hidden = x.shape
     out = torch.empty_like(x)
     status = experts_kernel()(x.data_ptr(), tokens, hidden, weights.data_ptr(), experts.data_ptr(), weights.shape[1],
                               gate_up.shape[0], gate_up.data_ptr(), down.data_ptr(), down.shape[2], out.data_ptr(),
-                              torch.get_num_threads())
+                              int(amx), torch.get_num_threads())
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out
