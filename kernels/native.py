@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch  # imported before any kernel library, whose libgomp.so.1 then resolves to torch's
 
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared",
-         "-fPIC"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
+         "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
 # Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
 # give a token the same bits whatever the call's size; that is what keeps speculative decoding exact.

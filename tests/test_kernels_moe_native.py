@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.moe import native as moe_native
-from kernels.native import FEW_TOKENS, matmul_has_amx
 from kernels.moe import reference
+from kernels.native import FEW_TOKENS, matmul_has_amx
 
 requires_native = pytest.mark.skipif(
     moe_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
