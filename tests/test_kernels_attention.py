@@ -7,7 +7,7 @@ import torch
 
 from kernels.attention import causal_attention, naive_causal_attention
 from kernels.attention import native as attention_native
-from kernels.native import FEW_TOKENS
+from kernels.native import FEW_TOKENS, matmul_has_amx
 
 # The native kernel itself (the dispatcher may send prefill-sized calls to PyTorch's GEMM path).
 native_attention = attention_native.native_causal_attention
@@ -78,7 +78,10 @@ NATIVE_CASES = [
     (1, 16, 4, 1, 0, 256),
     (1, 2, 8, 8, 64, 16),
     (1, 7, 12, 2, 200, 80),
-    (1, 130, 16, 2, 70, 128),  # more rows than one tile of 128, odd keys per block
+    (1, 130, 16, 2, 70, 128),  # more rows than two tiles of 512, odd keys per block
+    (1, 70, 16, 2, 300, 128),  # keys across a 256-key block boundary, rows of a group seeing none of it
+    (1, 33, 4, 1, 250, 64),
+    (1, 40, 6, 2, 0, 96),
     (1, 65, 4, 2, 0, 64),
     (1, 4, 8, 2, 100, 256),  # whole 64-key blocks: rows taken two at a time
     (1, 9, 16, 2, 191, 128),
@@ -97,13 +100,22 @@ def native_operands(case, capacity_extra: int = 0):
     return q, k[:, :, :total], v[:, :, :total]
 
 
+# The pair dot-product chains everywhere; the AMX tile path where the CPU has it (head dims that are
+# not a multiple of 32 fall back to the chains inside the kernel).
+TILE_UNITS = [
+    pytest.param(False, id="pairs"),
+    pytest.param(True, id="amx", marks=pytest.mark.skipif(not matmul_has_amx(), reason="CPU without AMX tiles")),
+]
+
+
 @requires_native
+@pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
-def test_native_kernel_matches_naive(case):
+def test_native_kernel_matches_naive(case, amx):
     q, k, v = native_operands(case, capacity_extra=37)
     dim = q.shape[-1]
     assert attention_native.supports(q, k, v)
-    ours = native_attention(q, k, v, dim**-0.5)
+    ours = native_attention(q, k, v, dim**-0.5, amx=amx)
     reference = naive_causal_attention(q.float(), k.float(), v.float(), dim**-0.5)
     assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
     assert not torch.isnan(ours).any(), "read past the live K/V (NaN-filled spare capacity)"
@@ -111,20 +123,22 @@ def test_native_kernel_matches_naive(case):
 
 
 @requires_native
+@pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
-def test_native_rows_equal_one_token_calls(case):
-    """Query t alone, over the keys it sees, gives the bits it gets beside the others (any thread count)."""
+def test_native_rows_equal_one_token_calls(case, amx):
+    """Query t alone, over the keys it sees, gives the bits it gets beside the others (any thread
+    count), on either path as long as both calls take it."""
     q, k, v = native_operands(case)
     length, past, scale = q.shape[1], k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
-    together = native_attention(q, k, v, scale)
+    together = native_attention(q, k, v, scale, amx=amx)
     for t in range(length):
         visible = past + t + 1
-        alone = native_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale)
+        alone = native_attention(q[:, t : t + 1], k[:, :, :visible], v[:, :, :visible], scale, amx=amx)
         assert torch.equal(alone, together[:, t : t + 1]), f"query {t}"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(native_attention(q, k, v, scale), together)
+        assert torch.equal(native_attention(q, k, v, scale, amx=amx), together)
     finally:
         torch.set_num_threads(threads)
 
@@ -149,16 +163,17 @@ def test_gate_multiplies_by_its_sigmoid(case):
 
 
 @requires_native
+@pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
-def test_native_gate_rounds_like_pytorch(case):
+def test_native_gate_rounds_like_pytorch(case, amx):
     """The fused gate gives the bits of `attn * torch.sigmoid(gate)` in bf16, but where the kernel's
     own exp lands a sigmoid on the other side of a bf16 rounding boundary: one bf16 step at most."""
     q, k, v = native_operands(case, capacity_extra=5)
     gate = strided_gate(q, sum(case) + 1)
     assert attention_native.supports(q, k, v, gate)
     scale = q.shape[-1] ** -0.5
-    fused = native_attention(q, k, v, scale, gate=gate)
-    separate = native_attention(q, k, v, scale) * torch.sigmoid(gate)
+    fused = native_attention(q, k, v, scale, gate=gate, amx=amx)
+    separate = native_attention(q, k, v, scale, amx=amx) * torch.sigmoid(gate)
     assert not torch.isnan(fused).any()
     torch.testing.assert_close(fused.float(), separate.float(), atol=1e-30, rtol=2**-7)
     assert (fused != separate).float().mean().item() <= 0.01

@@ -1,6 +1,6 @@
 /* Causal attention of T new tokens over a bf16 K/V cache, for prefill chunks and decode alike.
  *
- * Query row (t, h) sees keys [0, past + t]. Keys are visited in fixed blocks of 128 counted from
+ * Query row (t, h) sees keys [0, past + t]. Keys are visited in fixed blocks of 256 counted from
  * key 0 with an online softmax: scores in fp32 from bf16 dot products, exponentials taken base 2
  * with the softmax scale and log2(e) folded into one multiply-subtract, probabilities rounded to
  * bf16 for the P.V products (as PyTorch's flash kernel does), row sums and outputs in fp32. Each
@@ -9,14 +9,20 @@
  * (draft verification, or any prefill chunking). An optional output gate multiplies each output by
  * sigmoid(gate), with the bf16 roundings of `attn * torch.sigmoid(gate)`.
  *
- * Work items are (K/V head, tile of up to 128 query rows); a tile walks the key blocks once. Each
+ * Work items are (K/V head, tile of up to 512 query rows); a tile walks the key blocks once. Each
  * block is repacked so that both products are outer products on the bf16 pair dot-product
- * instruction: keys as [D / 2][128] pairs along D (a lane per key), values as [64][D] pairs along
+ * instruction: keys as [D / 2][256] pairs along D (a lane per key), values as [128][D] pairs along
  * the keys (a lane per channel). Every score and output lane is then one sequential fp32 chain
  * (pair by pair), whatever the number of rows computed together: up to four rows share each
  * packed load, which is where the speed comes from, and a row alone runs the same chain.
  *
- * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
+ * With `amx` set (CPUs with AMX tiles, prefill-sized calls; D a multiple of 32) groups of 32 rows
+ * take the tile unit for both products instead, from the same packed blocks (they are the tile
+ * unit's B layouts), with the same softmax steps and roundings. Each score and output is then an
+ * fp32 sum in the tile unit's order, so its last bits can differ from the chains above; calls of
+ * few rows (decode, draft verification) never set `amx`, so they keep the chains' bits.
+ *
+ * Built with AVX-512 BF16 (and AMX); the Python side only loads it on CPUs that report avx512_bf16.
  */
 #include <math.h>
 #include <omp.h>
@@ -24,7 +30,7 @@
 
 #include "../bf16_simd.h"
 
-#define KEYS_PER_BLOCK 128
+#define KEYS_PER_BLOCK 256
 #define ROWS_PER_TILE 512
 #define MAX_DIM 256
 
@@ -211,6 +217,8 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
     for (; offset < D; offset += 16) group_values(rows, R, correction, probs, values, D, offset, pairs, 1, rescale);
 }
 
+#include "causal_amx.h"
+
 static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, const uint32_t *values, int64_t D,
                        float log2_scale) {
     switch (R) {
@@ -223,13 +231,19 @@ static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, con
 
 /* One work item: `count` rows of one K/V head, key blocks streamed once. */
 static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t *v, int64_t ld, int64_t D,
-                        float log2_scale, uint32_t *packed_keys, uint32_t *packed_values) {
+                        float log2_scale, uint32_t *packed_keys, uint32_t *packed_values, const uint16_t *queries,
+                        float *acc, TileGroup groups[2]) {
     int64_t longest = 0;
     for (int r = 0; r < count; r++) longest = rows[r].visible > longest ? rows[r].visible : longest;
     for (int64_t start = 0; start < longest; start += KEYS_PER_BLOCK) {
         int in_block = (int)(longest - start < KEYS_PER_BLOCK ? longest - start : KEYS_PER_BLOCK);
         pack_keys(k + start * ld, ld, D, in_block, packed_keys);
         pack_values(v + start * ld, ld, D, in_block, packed_values);
+        if (queries) {
+            clear_value_pairs(packed_values, D, (in_block + 1) / 2, (in_block + 31) / 32 * 16);
+            amx_block(rows, count, start, in_block, queries, acc, packed_keys, packed_values, D, log2_scale, groups);
+            continue;
+        }
         for (int r = 0; r < count;) {
             if (rows[r].visible <= start) {
                 r++;
@@ -261,12 +275,13 @@ static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t 
 
 /* q [T, H, D] (strides q_t, q_h), k/v [KVH, S, D] (strides kv_h, kv_s), out [T, H, D] (strides
  * out_t, out_h), gate NULL or [T, H, D] (strides gate_t, gate_h); unit stride along D; D a
- * multiple of 16 and at most MAX_DIM. Query t sees keys 0 .. past + t. Returns 0, or -1 when a
- * work buffer cannot be allocated. */
+ * multiple of 16 and at most MAX_DIM. Query t sees keys 0 .. past + t. amx: use the tile unit
+ * where D allows. Returns 0, or -1 when a work buffer cannot be allocated. */
 int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uint16_t *k, const uint16_t *v,
                           int64_t kv_h, int64_t kv_s, int64_t T, int64_t H, int64_t KVH, int64_t D, int64_t past,
                           float scale, uint16_t *out, int64_t out_t, int64_t out_h, const uint16_t *gate,
-                          int64_t gate_t, int64_t gate_h, int threads) {
+                          int64_t gate_t, int64_t gate_h, int amx, int threads) {
+    amx = amx && D % 32 == 0 && amx_permitted();
     int64_t group = H / KVH, per_head = T * group;
     int64_t tiles = (per_head + ROWS_PER_TILE - 1) / ROWS_PER_TILE, items = KVH * tiles;
     int failed = 0;
@@ -277,8 +292,12 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
         float *acc = malloc(sizeof(float) * ROWS_PER_TILE * D);
         uint32_t *packed_keys = malloc(sizeof(uint32_t) * (KEYS_PER_BLOCK / 2) * D);
         uint32_t *packed_values = malloc(sizeof(uint32_t) * (KEYS_PER_BLOCK / 2) * D);
-        int usable = rows && acc && packed_keys && packed_values;
+        /* The tile path reads the tile's queries as one [ROWS_PER_TILE][D] block. */
+        uint16_t *queries = amx ? malloc(sizeof(uint16_t) * ROWS_PER_TILE * D) : NULL;
+        TileGroup *groups = amx ? aligned_alloc(64, sizeof(TileGroup) * 2) : NULL;
+        int usable = rows && acc && packed_keys && packed_values && ((queries && groups) || !amx);
         failed |= !usable;
+        if (amx && usable) amx_configure();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
             if (!usable) continue;
@@ -290,10 +309,14 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
                                  .gate = gate ? gate + t * gate_t + h * gate_h : NULL, .visible = past + t + 1,
                                  .max = -INFINITY, .acc = acc + (int64_t)r * D };
                 for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
+                if (queries) __builtin_memcpy(queries + r * D, rows[r].query, sizeof(uint16_t) * (size_t)D);
             }
             attend_tile(rows, count, k + head * kv_h, v + head * kv_h, kv_s, D, scale * 1.44269504088896341f, packed_keys,
-                        packed_values);
+                        packed_values, queries, acc, groups);
         }
+        if (amx && usable) _tile_release();
+        free(queries);
+        free(groups);
         free(rows);
         free(acc);
         free(packed_keys);

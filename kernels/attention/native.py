@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..native import load
+from ..native import load, prefers_gemm
 
 MAX_HEAD_DIM = 256
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _I64,
-             _I64, _PTR, _I64, _I64, ctypes.c_int)
+             _I64, _PTR, _I64, _I64, ctypes.c_int, ctypes.c_int)
 
 
 @functools.cache
@@ -41,10 +41,19 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tens
     )
 
 
+def tiles_apply(q: torch.Tensor) -> bool:
+    """Whether the kernel's AMX path takes q `[B, T, H, D]` by default: more than a few tokens on a CPU
+    whose matmuls use AMX, D a multiple of 32."""
+    return q.shape[-1] % 32 == 0 and prefers_gemm(q.shape[1])
+
+
 def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                            gate: torch.Tensor | None = None) -> torch.Tensor:
+                            gate: torch.Tensor | None = None, amx: bool | None = None) -> torch.Tensor:
     """q `[B, T, H, D]`, k/v `[B, KVH, S, D]` (the last T keys are the new tokens'), gate None or
-    `[B, T, H, D]` -> `[B, T, H, D]`, times sigmoid(gate) when given."""
+    `[B, T, H, D]` -> `[B, T, H, D]`, times sigmoid(gate) when given. `amx`: the tile path (default:
+    `tiles_apply(q)`; never for few tokens, whose bits must not depend on the call's size)."""
+    if amx is None:
+        amx = tiles_apply(q)
     batch, length, heads, dim = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
     out = torch.empty(batch, length, heads, dim, dtype=q.dtype)
@@ -54,7 +63,7 @@ def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         gate_ptr = gate[b].data_ptr() if gate is not None else None
         status = entry(q[b].data_ptr(), q.stride(1), q.stride(2), k[b].data_ptr(), v[b].data_ptr(), k.stride(1),
                        k.stride(2), length, heads, kv_heads, dim, total - length, scale, out[b].data_ptr(),
-                       out.stride(1), out.stride(2), gate_ptr, *gate_strides, torch.get_num_threads())
+                       out.stride(1), out.stride(2), gate_ptr, *gate_strides, int(amx), torch.get_num_threads())
         if status != 0:
             raise MemoryError("attention work buffers could not be allocated")
     return out
