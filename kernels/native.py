@@ -52,6 +52,20 @@ def prefers_gemm(tokens: int) -> bool:
     return tokens > FEW_TOKENS and matmul_has_amx()
 
 
+def flush_denormals(enabled: bool = True) -> bool:
+    """Treat denormal floats as zero (or, with enabled=False, stop) on this thread and on every
+    thread of the OpenMP pool; returns whether the pool's threads were reached.
+
+    Decays of long contexts underflow to denormals, which x86 handles ~100x slower; PyTorch's own
+    switch only reaches the calling thread. Without the native helper only this thread is set."""
+    torch.set_flush_denormal(enabled)
+    helper = load(Path(__file__).with_name("denormals.c"), "set_flush_denormals", (ctypes.c_int, ctypes.c_int))
+    if helper is None:
+        return False
+    helper(max(torch.get_num_threads(), os.cpu_count() or 1), int(enabled))
+    return True
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "docanalyst" / "native"

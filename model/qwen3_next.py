@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kernels.native import flush_denormals
+
 from .config import ModelConfig
 from .layers import DecoderLayer, Linear, ZeroCenteredRMSNorm
 from .rope import RotaryEmbedding
@@ -44,8 +46,7 @@ class LanguageModel:
         self.device, self.dtype = weight.device, weight.dtype
         self.rotary = RotaryEmbedding(config, self.device)
         if self.device.type == "cpu":
-            # Decays of long contexts underflow to denormals, which x86 handles ~100x slower.
-            torch.set_flush_denormal(True)
+            flush_denormals()
         self._tokenizer = None
 
     @property

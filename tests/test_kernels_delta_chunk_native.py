@@ -125,3 +125,4 @@ def test_native_chunk_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(alone[0], together[0]) and torch.equal(alone[1], together[1])
+
