@@ -10,6 +10,12 @@ loaded model during each prefill (sampled from /proc every 5 ms, after a warm-up
 side). Decode, and prompts up to 8,192 tokens, are measured --repeats times on each side
 (alternating) and the best of each side is reported with all runs. Prints JSON with both sides
 and ratios.
+
+Each side runs in its own floating-point mode: this runtime flushes denormals to zero on every
+thread (as loading a CPU model does), while the reference runs as it does in a process of its
+own, with denormals computed (x86's default; transformers does not change it). Its DeltaNet
+decays underflow, so flushing would make it faster too: --reference-flush-denormals measures it
+that way.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kernels.native import flush_denormals  # noqa: E402
 from model import load_model, prefill  # noqa: E402
 from model.demo import write_demo_checkpoint  # noqa: E402
 from model.generation import DEFAULT_PREFILL_CHUNK  # noqa: E402
@@ -65,8 +72,20 @@ class PeakMemory:
         self.peak = max(self.peak, rss_bytes())
 
 
+REFERENCE_FLUSHES_DENORMALS = False
+
+
+def as_ours() -> None:
+    flush_denormals(True)
+
+
+def as_reference() -> None:
+    flush_denormals(REFERENCE_FLUSHES_DENORMALS)
+
+
 def ours_prefill(lm, ids: torch.Tensor, chunk: int) -> tuple[float, int]:
     """(seconds, bytes of the resulting state)."""
+    as_ours()
     state = lm.new_state()
     started = time.perf_counter()
     prefill(lm, state, ids[0], chunk_size=chunk)
@@ -74,6 +93,7 @@ def ours_prefill(lm, ids: torch.Tensor, chunk: int) -> tuple[float, int]:
 
 
 def reference_prefill(hf, ids: torch.Tensor) -> float:
+    as_reference()
     started = time.perf_counter()
     with torch.inference_mode():
         hf(ids, logits_to_keep=1, use_cache=True)
@@ -81,6 +101,7 @@ def reference_prefill(hf, ids: torch.Tensor) -> float:
 
 
 def ours_decode(lm, ids: torch.Tensor, steps: int) -> float:
+    as_ours()
     state = lm.new_state()
     logits = prefill(lm, state, ids[0])
     token = int(logits.float().argmax())
@@ -91,6 +112,7 @@ def ours_decode(lm, ids: torch.Tensor, steps: int) -> float:
 
 
 def reference_decode(hf, ids: torch.Tensor, steps: int) -> float:
+    as_reference()
     with torch.inference_mode():
         out = hf(ids, logits_to_keep=1, use_cache=True)
         cache, token = out.past_key_values, out.logits[0, -1].float().argmax().view(1, 1)
@@ -114,7 +136,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help=f"decode, and prompts up to {SHORT_PROMPT} tokens, are measured this many times on "
                              "each side, alternating; the best of each side is reported")
+    parser.add_argument("--reference-flush-denormals", action="store_true",
+                        help="run the reference with denormals flushed too (faster than it runs by itself)")
     args = parser.parse_args()
+    global REFERENCE_FLUSHES_DENORMALS
+    REFERENCE_FLUSHES_DENORMALS = args.reference_flush_denormals
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +163,7 @@ def main() -> int:
         # each prefill's peak is also reported above it, whatever the earlier runs left resident.
         loaded_rss = rss_bytes()
         results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-                   "prefill_chunk": args.prefill_chunk,
+                   "prefill_chunk": args.prefill_chunk, "reference_flushes_denormals": args.reference_flush_denormals,
                    "dtype": args.dtype, "weights_bytes": weights, "prefill": [], "decode": {}}
         # Decode first: after the reference's 32K prefill this process decoded at under half the rate
         # of a fresh one (ours alone after its own 32K prefill did not slow down).
