@@ -12,9 +12,10 @@
  * by the 4 rows, every output an fp32 chain over the input pairs in order. Input and expert
  * widths are multiples of 16.
  *
- * With `amx` set (CPUs with AMX tiles, prefill-sized calls) the same packed panels feed the tile
- * instruction instead, 32 rows x 32 columns per step: the same rounding steps, but each output's
- * fp32 sum is taken in the tile unit's order, so its last bits can differ from the chains above.
+ * With `amx` set (CPUs with AMX tiles, prefill-sized calls) the products run on the tile unit
+ * instead, reading the weights as stored (no repacking) with the expert's rows packed as pairs:
+ * the same rounding steps, but each output's fp32 sum is taken in the tile unit's order, so its
+ * last bits can differ from the chains above.
  *
  * Built with AVX-512 BF16 (and AMX); the Python side only loads it on CPUs that report avx512_bf16.
  */
@@ -99,55 +100,78 @@ static void project(const uint16_t *x, int64_t R, int64_t K, const uint32_t *pac
     }
 }
 
-/* Rows r0 .. r0 + rows - 1 (at most 32) of project() from fp32 sums laid out [32][32] in `block`. */
-static void store_block(const float *block, int rows, int64_t c0, uint16_t *y, int64_t ldy, const float *scales) {
-    for (int r = 0; r < rows; r++)
-        for (int s = 0; s < 2; s++) {
-            __m256i rounded = to_bf16(_mm512_loadu_ps(block + r * 32 + 16 * s));
-            if (scales) rounded = to_bf16(_mm512_mul_ps(widen_bf16(rounded), _mm512_set1_ps(scales[r])));
-            _mm256_storeu_si256((__m256i *)(y + r * ldy + c0 + 16 * s), rounded);
+/* x [R, K] (R a multiple of 16) as the tile unit's B operand, 16 rows at a time as pairs along K:
+ * packed[(g * K / 2 + p) * 16 + t] = x[16g + t][2p] | x[16g + t][2p + 1] << 16. K a multiple of 32. */
+static void pack_rows_for_tiles(const uint16_t *x, int64_t R, int64_t K, uint32_t *packed) {
+    int64_t pairs = K / 2;
+    for (int64_t g = 0; g < R / 16; g++)
+        for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+            __m512i rows[16];
+            for (int t = 0; t < 16; t++) rows[t] = _mm512_loadu_si512(x + (16 * g + t) * K + 2 * p0);
+            transpose16(rows);
+            for (int p = 0; p < 16; p++) _mm512_storeu_si512(packed + (g * pairs + p0 + p) * 16, rows[p]);
         }
 }
 
-/* project() on AMX tiles, for K and N multiples of 32: C tiles 0-3 hold 2 x 2 blocks of 16 rows x
- * 16 columns, A tiles 4-5 the rows' next 32 inputs, B tiles 6-7 the matching 16 pairs of two
- * 16-column slices of a panel. R is padded to a multiple of 32 with readable rows; only a group's
- * first 16 rows are computed when it has no more. The calling thread has configured its tiles. */
-static void project_amx(const uint16_t *x, int64_t R, int64_t K, const uint32_t *packed, int64_t N, uint16_t *y,
-                        int64_t ldy, const float *scales) {
-    float block[32 * 32] __attribute__((aligned(64)));
-    const int64_t x_stride = K * 2, panel_stride = 64 * 4, block_stride = 32 * 4;
-    for (int64_t r0 = 0; r0 < R; r0 += 32) {
-        int rows = R - r0 < 32 ? (int)(R - r0) : 32;
-        const uint16_t *xr = x + r0 * K;
-        for (int64_t c0 = 0; c0 < N; c0 += 32) {
-            const uint32_t *panel = packed + (c0 / 64) * (K / 2) * 64 + c0 % 64;
+/* Token rows t0 + t (t < rows, at most 16) of outputs n0 .. n0 + 15 from a C tile stored as
+ * sums[n][t], rounded as project() rounds them. */
+static void store_transposed(const float *sums, int rows, int64_t n0, uint16_t *y, int64_t ldy, const float *scales) {
+    __m512i lanes[16];
+    for (int n = 0; n < 16; n++) lanes[n] = _mm512_loadu_si512(sums + 16 * n);
+    transpose16(lanes);
+    for (int t = 0; t < rows; t++) {
+        __m256i rounded = to_bf16(_mm512_castsi512_ps(lanes[t]));
+        if (scales) rounded = to_bf16(_mm512_mul_ps(widen_bf16(rounded), _mm512_set1_ps(scales[t])));
+        _mm256_storeu_si256((__m256i *)(y + t * ldy + n0), rounded);
+    }
+}
+
+/* project() on AMX tiles, reading w [N, K] as it is stored: the weights are the A operand (16
+ * weight rows x 32 inputs per tile), the expert's rows, packed by pack_rows_for_tiles into
+ * `packed`, the B operand, so C tiles hold [16 outputs][16 tokens]: C tiles 0-3 for 2 x 2 such
+ * blocks, A tiles 4-5, B tiles 6-7. K and N multiples of 32; x readable up to R rounded up to 32
+ * rows. The calling thread has configured its tiles. */
+static void project_amx(const uint16_t *x, int64_t R, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
+                        int64_t ldy, const float *scales, uint32_t *packed) {
+    float sums[4][16 * 16] __attribute__((aligned(64)));
+    int64_t padded = (R + 31) / 32 * 32, pairs = K / 2;
+    pack_rows_for_tiles(x, padded, K, packed);
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * K;
+        for (int64_t t0 = 0; t0 < R; t0 += 32) {
+            int two = R - t0 > 16;
+            const uint32_t *b0 = packed + (t0 / 16) * pairs * 16, *b1 = b0 + pairs * 16;
             _tile_zero(0);
-            _tile_zero(1);
-            if (rows > 16) {
-                _tile_zero(2);
+            _tile_zero(2);
+            if (two) {
+                _tile_zero(1);
                 _tile_zero(3);
             }
             for (int64_t k0 = 0; k0 < K; k0 += 32) {
-                const uint32_t *pairs = panel + (k0 / 2) * 64;
-                _tile_loadd(4, xr + k0, x_stride);
-                _tile_loadd(6, pairs, panel_stride);
-                _tile_loadd(7, pairs + 16, panel_stride);
+                _tile_loadd(4, w0 + k0, K * 2);
+                _tile_loadd(5, w1 + k0, K * 2);
+                _tile_loadd(6, b0 + (k0 / 2) * 16, 64);
                 _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (rows > 16) {
-                    _tile_loadd(5, xr + 16 * K + k0, x_stride);
-                    _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(2, 5, 6);
+                if (two) {
+                    _tile_loadd(7, b1 + (k0 / 2) * 16, 64);
+                    _tile_dpbf16ps(1, 4, 7);
                     _tile_dpbf16ps(3, 5, 7);
                 }
             }
-            _tile_stored(0, block, block_stride);
-            _tile_stored(1, block + 16, block_stride);
-            if (rows > 16) {
-                _tile_stored(2, block + 16 * 32, block_stride);
-                _tile_stored(3, block + 16 * 32 + 16, block_stride);
+            int first_rows = R - t0 < 16 ? (int)(R - t0) : 16;
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(2, sums[2], 64);
+            store_transposed(sums[0], first_rows, n0, y + t0 * ldy, ldy, scales ? scales + t0 : NULL);
+            store_transposed(sums[2], first_rows, n0 + 16, y + t0 * ldy, ldy, scales ? scales + t0 : NULL);
+            if (two) {
+                int second_rows = R - t0 - 16 < 16 ? (int)(R - t0 - 16) : 16;
+                _tile_stored(1, sums[1], 64);
+                _tile_stored(3, sums[3], 64);
+                const float *second_scales = scales ? scales + t0 + 16 : NULL;
+                store_transposed(sums[1], second_rows, n0, y + (t0 + 16) * ldy, ldy, second_scales);
+                store_transposed(sums[3], second_rows, n0 + 16, y + (t0 + 16) * ldy, ldy, second_scales);
             }
-            store_block(block, rows, c0, y + r0 * ldy, ldy, scales ? scales + r0 : NULL);
         }
     }
 }
@@ -210,7 +234,10 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
         uint16_t *act = calloc((size_t)(padded * I), sizeof(uint16_t));
         uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(padded * H));
         int64_t gate_up_panels = (2 * I + 63) / 64 * 64 * (H / 2), down_panels = (H + 63) / 64 * 64 * (I / 2);
-        uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)(gate_up_panels > down_panels ? gate_up_panels : down_panels));
+        /* Weight panels for the pair path, or an expert's rows packed for the tiles. */
+        int64_t packed_words = amx ? padded * (H > I ? H : I) / 2
+                                   : (gate_up_panels > down_panels ? gate_up_panels : down_panels);
+        uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)packed_words);
         int usable = scales && gathered && h && act && y && packed;
         failed |= !usable;
         if (amx) amx_configure();
@@ -224,11 +251,17 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
                 __builtin_memcpy(gathered + r * H, x + (mine[r] / top_k) * H, sizeof(uint16_t) * (size_t)H);
                 scales[r] = bf16_to_float(weights[mine[r]]);
             }
-            pack_pairs(gate_up + e * 2 * I * H, 2 * I, H, packed);
-            (amx ? project_amx : project)(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
-            swiglu(h, count, I, act);
-            pack_pairs(down + e * H * I, H, I, packed);
-            (amx ? project_amx : project)(act, count, I, packed, H, y, H, scales);
+            if (amx) {
+                project_amx(gathered, count, H, gate_up + e * 2 * I * H, 2 * I, h, 2 * I, NULL, packed);
+                swiglu(h, count, I, act);
+                project_amx(act, count, I, down + e * H * I, H, y, H, scales, packed);
+            } else {
+                pack_pairs(gate_up + e * 2 * I * H, 2 * I, H, packed);
+                project(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
+                swiglu(h, count, I, act);
+                pack_pairs(down + e * H * I, H, I, packed);
+                project(act, count, I, packed, H, y, H, scales);
+            }
             for (int64_t r = 0; r < count; r++)
                 __builtin_memcpy(routed + mine[r] * H, y + r * H, sizeof(uint16_t) * (size_t)H);
         }
