@@ -62,12 +62,11 @@ static void amx_softmax(TileGroup *group, int first, Row *rows, float *acc, int6
     float factor[16] __attribute__((aligned(64)));
     for (int r = 0; r < 16; r++) {
         int n = group->n[first + r];
+        const float *scores = group->scores[first + r];
         __m512 top = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < n; j += 16) {
-            int live = n - j;
-            __mmask16 mask = (__mmask16)(live >= 16 ? 0xffff : (1u << live) - 1);
-            top = _mm512_mask_max_ps(top, mask, top, _mm512_loadu_ps(&group->scores[first + r][j]));
-        }
+        int j = 0;
+        for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(scores + j));
+        if (j < n) top = _mm512_mask_max_ps(top, (__mmask16)((1u << (n - j)) - 1), top, _mm512_loadu_ps(scores + j));
         tops[r] = _mm512_castps_si512(top);
         old_max[r] = n ? rows[r].max : -INFINITY;
     }
@@ -89,7 +88,15 @@ static void amx_softmax(TileGroup *group, int first, Row *rows, float *acc, int6
         }
         __m512 best_v = _mm512_set1_ps(new_max[r]), total = _mm512_setzero_ps();
         const float *scores = group->scores[first + r];
-        for (int j0 = 0; j0 < group->limit; j0 += 32) {
+        int j0 = 0;
+        /* Whole steps of 32 seen keys need no masks (the same operations as the masked steps). */
+        for (; j0 + 32 <= n; j0 += 32) {
+            __m512 p0 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0), scale_v, best_v));
+            __m512 p1 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0 + 16), scale_v, best_v));
+            total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
+            _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        }
+        for (; j0 < group->limit; j0 += 32) {
             __m512 p[2];
             for (int half = 0; half < 2; half++) {
                 int start = j0 + 16 * half, live_count = n - start < 0 ? 0 : (n - start > 16 ? 16 : n - start);
