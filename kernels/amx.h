@@ -21,10 +21,14 @@ typedef struct __attribute__((aligned(64))) {
     uint8_t rows[16];
 } TileConfig;
 
-/* Whether this process may use the tile registers (Linux hands them out on request). */
+/* Whether this process may use the tile registers (Linux hands them out on request, once). */
 static inline int amx_permitted(void) {
-    const long request_permission = 0x1023, tile_data = 18; /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
-    return syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+    static int permitted = -1;
+    if (permitted < 0) {
+        const long request_permission = 0x1023, tile_data = 18; /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
+        permitted = syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+    }
+    return permitted;
 }
 
 /* Gives the calling thread 8 tiles of 16 rows x 64 bytes; pair with _tile_release(). */

@@ -25,6 +25,7 @@ typedef struct {
     uint16_t probs[TILE_GROUP][KEYS_PER_BLOCK] __attribute__((aligned(64)));
     int n[TILE_GROUP];
     int limit; /* keys computed: the seen ones rounded up to a step of 32 */
+    int both;  /* whether rows 16-31 see any key (else only the first half is computed) */
 } TileGroup;
 
 /* Raw scores of the group's rows against the first `limit` keys of the block. */
@@ -33,23 +34,29 @@ static void amx_scores(TileGroup *group, const uint16_t *query, const uint32_t *
     for (int j0 = 0; j0 < group->limit; j0 += 32) {
         _tile_zero(0);
         _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        if (group->both) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
         for (int64_t p0 = 0; p0 < D / 2; p0 += 16) {
             const uint32_t *k = keys + p0 * KEYS_PER_BLOCK + j0;
             _tile_loadd(4, query + 2 * p0, D * 2);
-            _tile_loadd(5, query + 16 * D + 2 * p0, D * 2);
             _tile_loadd(6, k, key_stride);
             _tile_loadd(7, k + 16, key_stride);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            if (group->both) {
+                _tile_loadd(5, query + 16 * D + 2 * p0, D * 2);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
         }
         _tile_stored(0, &group->scores[0][j0], score_stride);
         _tile_stored(1, &group->scores[0][j0 + 16], score_stride);
-        _tile_stored(2, &group->scores[16][j0], score_stride);
-        _tile_stored(3, &group->scores[16][j0 + 16], score_stride);
+        if (group->both) {
+            _tile_stored(2, &group->scores[16][j0], score_stride);
+            _tile_stored(3, &group->scores[16][j0 + 16], score_stride);
+        }
     }
 }
 
@@ -124,23 +131,29 @@ static void amx_values(const TileGroup *group, float *acc, const uint32_t *value
         float *low = acc + d0, *high = acc + 16 * D + d0;
         _tile_loadd(0, low, acc_stride);
         _tile_loadd(1, low + 16, acc_stride);
-        _tile_loadd(2, high, acc_stride);
-        _tile_loadd(3, high + 16, acc_stride);
+        if (group->both) {
+            _tile_loadd(2, high, acc_stride);
+            _tile_loadd(3, high + 16, acc_stride);
+        }
         for (int step = 0; step < group->limit / 32; step++) {
             const uint32_t *v = values + (int64_t)step * 16 * D + d0;
             _tile_loadd(4, &group->probs[0][32 * step], prob_stride);
-            _tile_loadd(5, &group->probs[16][32 * step], prob_stride);
             _tile_loadd(6, v, value_stride);
             _tile_loadd(7, v + 16, value_stride);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            if (group->both) {
+                _tile_loadd(5, &group->probs[16][32 * step], prob_stride);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
         }
         _tile_stored(0, low, acc_stride);
         _tile_stored(1, low + 16, acc_stride);
-        _tile_stored(2, high, acc_stride);
-        _tile_stored(3, high + 16, acc_stride);
+        if (group->both) {
+            _tile_stored(2, high, acc_stride);
+            _tile_stored(3, high + 16, acc_stride);
+        }
     }
 }
 
@@ -156,10 +169,12 @@ static void amx_block(Row *rows, int count, int64_t start, int in_block, const u
         int any = 0;
         if (r0 < count) {
             int seen = 0;
+            group->both = 0;
             for (int r = 0; r < TILE_GROUP; r++) {
                 int64_t visible = r0 + r < count ? rows[r0 + r].visible - start : 0;
                 group->n[r] = (int)(visible <= 0 ? 0 : (visible < in_block ? visible : in_block));
                 seen = group->n[r] > seen ? group->n[r] : seen;
+                if (r >= 16 && group->n[r]) group->both = 1;
             }
             any = seen > 0;
             group->limit = (seen + 31) / 32 * 32;
@@ -168,7 +183,7 @@ static void amx_block(Row *rows, int count, int64_t start, int in_block, const u
         if (pending >= 0) {
             TileGroup *previous = &groups[(pending / TILE_GROUP) % 2];
             amx_softmax(previous, 0, &rows[pending], acc + pending * D, D, log2_scale);
-            amx_softmax(previous, 16, &rows[pending + 16], acc + (pending + 16) * D, D, log2_scale);
+            if (previous->both) amx_softmax(previous, 16, &rows[pending + 16], acc + (pending + 16) * D, D, log2_scale);
             amx_values(previous, acc + pending * D, values, D);
         }
         if (r0 >= count) break;

@@ -16,11 +16,12 @@
  * (pair by pair), whatever the number of rows computed together: up to four rows share each
  * packed load, which is where the speed comes from, and a row alone runs the same chain.
  *
- * With `amx` set (CPUs with AMX tiles, prefill-sized calls; D a multiple of 32) groups of 32 rows
+ * With `amx` set (CPUs with AMX tiles, every call there; D a multiple of 32) groups of 32 rows
  * take the tile unit for both products instead, from the same packed blocks (they are the tile
  * unit's B layouts), with the same softmax steps and roundings. Each score and output is then an
- * fp32 sum in the tile unit's order, so its last bits can differ from the chains above; calls of
- * few rows (decode, draft verification) never set `amx`, so they keep the chains' bits.
+ * fp32 sum in the tile unit's order, so its last bits can differ from the chains above, but a row's
+ * bits still depend only on its own query and visible keys: decode and draft verification, which
+ * both take this path on such CPUs, agree bit for bit.
  *
  * Built with AVX-512 BF16 (and AMX); the Python side only loads it on CPUs that report avx512_bf16.
  */
@@ -292,8 +293,9 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
         float *acc = malloc(sizeof(float) * ROWS_PER_TILE * D);
         uint32_t *packed_keys = malloc(sizeof(uint32_t) * (KEYS_PER_BLOCK / 2) * D);
         uint32_t *packed_values = malloc(sizeof(uint32_t) * (KEYS_PER_BLOCK / 2) * D);
-        /* The tile path reads the tile's queries as one [ROWS_PER_TILE][D] block. */
-        uint16_t *queries = amx ? malloc(sizeof(uint16_t) * ROWS_PER_TILE * D) : NULL;
+        /* The tile path reads a tile's queries as one block, in whole groups of rows. */
+        int64_t query_rows = (per_head < ROWS_PER_TILE ? per_head : ROWS_PER_TILE) + TILE_GROUP;
+        uint16_t *queries = amx ? malloc(sizeof(uint16_t) * (size_t)(query_rows * D)) : NULL;
         TileGroup *groups = amx ? aligned_alloc(64, sizeof(TileGroup) * 2) : NULL;
         int usable = rows && acc && packed_keys && packed_values && ((queries && groups) || !amx);
         failed |= !usable;

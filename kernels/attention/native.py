@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..native import load, prefers_gemm
+from ..native import load, matmul_has_amx
 
 MAX_HEAD_DIM = 256
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -42,16 +42,17 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tens
 
 
 def tiles_apply(q: torch.Tensor) -> bool:
-    """Whether the kernel's AMX path takes q `[B, T, H, D]` by default: more than a few tokens on a CPU
-    whose matmuls use AMX, D a multiple of 32."""
-    return q.shape[-1] % 32 == 0 and prefers_gemm(q.shape[1])
+    """Whether the kernel's AMX path takes q `[B, T, H, D]` by default: on a CPU whose matmuls use AMX,
+    for D a multiple of 32, whatever T (a row gets the same bits there too, alone or beside others,
+    so decode and draft verification still agree)."""
+    return q.shape[-1] % 32 == 0 and matmul_has_amx()
 
 
 def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                             gate: torch.Tensor | None = None, amx: bool | None = None) -> torch.Tensor:
     """q `[B, T, H, D]`, k/v `[B, KVH, S, D]` (the last T keys are the new tokens'), gate None or
     `[B, T, H, D]` -> `[B, T, H, D]`, times sigmoid(gate) when given. `amx`: the tile path (default:
-    `tiles_apply(q)`; never for few tokens, whose bits must not depend on the call's size)."""
+    `tiles_apply(q)`)."""
     if amx is None:
         amx = tiles_apply(q)
     batch, length, heads, dim = q.shape
