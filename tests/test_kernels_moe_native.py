@@ -112,18 +112,25 @@ TILE_UNITS = [
 ]
 
 
-@requires_native_experts
-@pytest.mark.parametrize("amx", TILE_UNITS)
-@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "N{}-H{}-E{}-k{}-I{}".format(*c))
-def test_native_experts_match_the_grouped_pytorch_path(case, amx):
-    """Same bf16 rounding steps as reference.experts_swiglu: two bf16 steps at the largest output."""
+def expert_operands(case, seed: int):
+    """x, the routing weights and experts chosen for it, gate_up and down for a case of EXPERT_CASES' shape."""
     tokens, hidden, experts, top_k, width = case
-    generator = torch.Generator().manual_seed(sum(case))
+    generator = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=generator).bfloat16()
     router = torch.randn(experts, hidden, generator=generator).bfloat16()
     gate_up = (torch.randn(experts, 2 * width, hidden, generator=generator) * hidden**-0.5).bfloat16()
     down = (torch.randn(experts, hidden, width, generator=generator) * width**-0.5).bfloat16()
     weights, chosen = reference.route(x, router, top_k, True)
+    return x, weights, chosen, gate_up, down
+
+
+@requires_native_experts
+@pytest.mark.parametrize("amx", TILE_UNITS)
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "N{}-H{}-E{}-k{}-I{}".format(*c))
+def test_native_experts_match_the_grouped_pytorch_path(case, amx):
+    """Same bf16 rounding steps as reference.experts_swiglu: two bf16 steps at the largest output."""
+    x, weights, chosen, gate_up, down = expert_operands(case, seed=sum(case))
+    experts = case[2]
     assert moe_native.supports_experts(x, weights, gate_up, down)
     ours = moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=amx)
     expected = reference.experts_swiglu(x, weights, chosen, gate_up, down)
@@ -142,13 +149,7 @@ def test_native_experts_match_the_grouped_pytorch_path(case, amx):
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", [EXPERT_CASES[0], EXPERT_CASES[1]], ids=["tile-widths", "odd-widths"])
 def test_native_experts_do_not_depend_on_the_thread_count(case, amx):
-    tokens, hidden, experts, top_k, width = case
-    generator = torch.Generator().manual_seed(7)
-    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
-    router = torch.randn(experts, hidden, generator=generator).bfloat16()
-    gate_up = (torch.randn(experts, 2 * width, hidden, generator=generator) * hidden**-0.5).bfloat16()
-    down = (torch.randn(experts, hidden, width, generator=generator) * width**-0.5).bfloat16()
-    weights, chosen = reference.route(x, router, top_k, True)
+    x, weights, chosen, gate_up, down = expert_operands(case, seed=7)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -162,13 +163,8 @@ def test_native_experts_do_not_depend_on_the_thread_count(case, amx):
 @requires_native_experts
 def test_few_tokens_never_take_the_tile_path():
     """Decode and draft verification must give a token the same bits whatever the call's size."""
-    tokens, hidden, experts, top_k, width = FEW_TOKENS, 512, 8, 2, 64
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
-    router = torch.randn(experts, hidden, generator=generator).bfloat16()
-    gate_up = (torch.randn(experts, 2 * width, hidden, generator=generator) * hidden**-0.5).bfloat16()
-    down = (torch.randn(experts, hidden, width, generator=generator) * width**-0.5).bfloat16()
-    weights, chosen = reference.route(x, router, top_k, True)
+    tokens = FEW_TOKENS
+    x, weights, chosen, gate_up, down = expert_operands((tokens, 512, 8, 2, 64), seed=3)
     pairs = moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=False)
     assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), pairs)
     for row in range(0, tokens, 5):

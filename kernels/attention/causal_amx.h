@@ -93,27 +93,8 @@ static void amx_softmax(TileGroup *group, int first, Row *rows, float *acc, int6
             for (int j = 0; j < group->limit; j += 32) _mm512_storeu_si512(probs + j, _mm512_setzero_si512());
             continue;
         }
-        __m512 best_v = _mm512_set1_ps(new_max[r]), total = _mm512_setzero_ps();
-        const float *scores = group->scores[first + r];
-        int j0 = 0;
-        /* Whole steps of 32 seen keys need no masks (the same operations as the masked steps). */
-        for (; j0 + 32 <= n; j0 += 32) {
-            __m512 p0 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0), scale_v, best_v));
-            __m512 p1 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0 + 16), scale_v, best_v));
-            total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
-            _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-        }
-        for (; j0 < group->limit; j0 += 32) {
-            __m512 p[2];
-            for (int half = 0; half < 2; half++) {
-                int start = j0 + 16 * half, live_count = n - start < 0 ? 0 : (n - start > 16 ? 16 : n - start);
-                __mmask16 live = (__mmask16)((1u << live_count) - 1);
-                __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + start), scale_v, best_v);
-                p[half] = _mm512_maskz_mov_ps(live, exp2_512(x));
-                total = _mm512_add_ps(total, p[half]);
-            }
-            _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
-        }
+        __m512 total = exponentials(group->scores[first + r], n, group->limit, scale_v, _mm512_set1_ps(new_max[r]),
+                                    probs);
         __m512 correction = _mm512_set1_ps(factor[r]);
         _mm512_storeu_ps(rows[r].sum, _mm512_fmadd_ps(_mm512_loadu_ps(rows[r].sum), correction, total));
         rows[r].max = new_max[r];

@@ -162,16 +162,20 @@ static inline __attribute__((always_inline)) void group_values(Row *rows, const 
         for (int c = 0; c < CH; c++) _mm512_storeu_ps(rows[r].acc + offset + 16 * c, acc[r][c]);
 }
 
-/* Online-softmax update of one row from its raw block scores, of which the first n count (top:
- * their lane-wise max): p = 2^(score * log2_scale - max) with bf16 copies into probs[0 .. limit)
- * (zero past n; limit a multiple of 32; rounded to nearest even, tiny values flushed to zero),
- * running max and lane sums updated; returns the factor that rescales the row's accumulator. */
-static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m512 top, float log2_scale,
-                           uint16_t *probs) {
-    float best = _mm512_reduce_max_ps(top) * log2_scale;
-    if (!(best >= row->max)) best = row->max;
-    __m512 best_v = _mm512_set1_ps(best), scale_v = _mm512_set1_ps(log2_scale), total = _mm512_setzero_ps();
-    for (int j0 = 0; j0 < limit; j0 += 32) {
+/* probs[j] = bf16(2^(scores[j] * scale - best)) for j < limit (zero from n on; limit a multiple
+ * of 32; rounded to nearest even, tiny values flushed to zero); returns their lane-wise sums, added
+ * in key order. Whole steps of 32 seen keys take the same operations without masks. */
+static inline __m512 exponentials(const float *scores, int n, int limit, __m512 scale_v, __m512 best_v,
+                                  uint16_t *probs) {
+    __m512 total = _mm512_setzero_ps();
+    int j0 = 0;
+    for (; j0 + 32 <= n; j0 += 32) {
+        __m512 p0 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0), scale_v, best_v));
+        __m512 p1 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0 + 16), scale_v, best_v));
+        total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
+        _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    for (; j0 < limit; j0 += 32) {
         __m512 p[2];
         for (int half = 0; half < 2; half++) {
             int start = j0 + 16 * half, live_count = n - start < 0 ? 0 : (n - start > 16 ? 16 : n - start);
@@ -182,6 +186,18 @@ static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m5
         }
         _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
     }
+    return total;
+}
+
+/* Online-softmax update of one row from its raw block scores, of which the first n count (top:
+ * their lane-wise max): p = 2^(score * log2_scale - max) with bf16 copies into probs[0 .. limit)
+ * (zero past n; limit a multiple of 32; rounded to nearest even, tiny values flushed to zero),
+ * running max and lane sums updated; returns the factor that rescales the row's accumulator. */
+static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m512 top, float log2_scale,
+                           uint16_t *probs) {
+    float best = _mm512_reduce_max_ps(top) * log2_scale;
+    if (!(best >= row->max)) best = row->max;
+    __m512 total = exponentials(scores, n, limit, _mm512_set1_ps(log2_scale), _mm512_set1_ps(best), probs);
     /* The first block's running max is -inf: clamped, its factor is 0. */
     __m512 correction = exp2_512(_mm512_max_ps(_mm512_set1_ps(row->max - best), _mm512_set1_ps(-150.0f)));
     _mm512_storeu_ps(row->sum, _mm512_fmadd_ps(_mm512_loadu_ps(row->sum), correction, total));
