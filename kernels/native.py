@@ -66,6 +66,20 @@ def flush_denormals(enabled: bool = True) -> bool:
     return True
 
 
+@functools.cache
+def numerics_identity() -> str:
+    """Which arithmetic the CPU kernels do in this process: their C sources, whether they can run
+    and whether they take the AMX tiles. A model's fingerprint includes it, so model states computed
+    by other kernels (an earlier build, another CPU) are not taken for this build's bits."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.rglob("*.[ch]")):
+        digest.update(source.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + source.read_bytes())
+    runs = os.environ.get("DOCANALYST_NATIVE", "1") != "0" and _cpu_has_avx512_bf16() and shutil.which(
+        os.environ.get("CC", "cc")) is not None
+    digest.update(f"runs={runs}|amx={matmul_has_amx()}|flags={' '.join(FLAGS)}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "docanalyst" / "native"

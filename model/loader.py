@@ -12,6 +12,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from kernels import native as native_kernels
+
 from .config import ConfigError, ModelConfig
 from .qwen3_next import LanguageModel, Qwen3NextForCausalLM
 
@@ -175,7 +177,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
             raise LoadError(f"The weight file {shard.name} is damaged or truncated ({exc}).") from exc
     _install(module, targets, config)
     fingerprint = hashlib.sha256(
-        f"{config.digest()}|{weights_identity(shards)}|{dtype}".encode()
+        f"{config.digest()}|{weights_identity(shards)}|{dtype}|{native_kernels.numerics_identity()}".encode()
     ).hexdigest()
     return LanguageModel(config, module, fingerprint, path=folder, extra_tensors=extra)
 

@@ -121,3 +121,13 @@ def test_default_dtype_and_fingerprint(demo_checkpoint):
     b = load_model(demo_checkpoint, dtype=torch.bfloat16)
     assert a.fingerprint != b.fingerprint
     assert a.fingerprint == load_model(demo_checkpoint, dtype=torch.float32).fingerprint
+
+
+def test_fingerprint_follows_the_kernels_arithmetic(demo_checkpoint, monkeypatch):
+    """States computed by other kernels (another build, another CPU's path) must not pass for this one's."""
+    from kernels import native as native_kernels
+
+    before = load_model(demo_checkpoint, dtype=torch.bfloat16).fingerprint
+    assert len(native_kernels.numerics_identity()) == 16
+    monkeypatch.setattr(native_kernels, "numerics_identity", lambda: "another build")
+    assert load_model(demo_checkpoint, dtype=torch.bfloat16).fingerprint != before
