@@ -38,17 +38,18 @@ def _cpu_has_avx512_bf16() -> bool:
 
 @functools.cache
 def matmul_has_amx() -> bool:
-    """Whether PyTorch's bf16 matmuls run on AMX tiles here (oneDNN): they then beat the pair
-    dot-product kernels several times over once there are more than a few rows, so prefill-sized
-    calls take PyTorch's GEMM paths. DOCANALYST_AMX=0 makes this False (to test the other path)."""
+    """Whether PyTorch's bf16 matmuls run on AMX tiles here (oneDNN), and so whether the kernels' own
+    AMX paths may run: on such CPUs tiles beat the pair dot-product instruction several times over.
+    DOCANALYST_AMX=0 makes this False (to test the other paths)."""
     if os.environ.get("DOCANALYST_AMX", "1") == "0":
         return False
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
 
 
-def prefers_gemm(tokens: int) -> bool:
-    """Whether a CPU call over `tokens` tokens should take PyTorch's GEMM path over a native kernel."""
+def tiles_pay_off(tokens: int) -> bool:
+    """Whether a CPU call over `tokens` tokens should run on AMX tiles (a kernel's AMX path or PyTorch's
+    GEMMs): more than FEW_TOKENS on a CPU with them."""
     return tokens > FEW_TOKENS and matmul_has_amx()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..native import prefers_gemm
+from ..native import tiles_pay_off
 from . import native
 
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -38,7 +38,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     `[B, T, H, D]` -> `[B, T, H, D]`."""
     # Where the CPU has AMX tiles, prefill-sized calls the kernel cannot tile (D not a multiple of 32)
     # run faster on PyTorch's flash kernel (AMX GEMMs) than on the kernel's pair dot products.
-    if native.supports(q, k, v, gate) and (native.tiles_apply(q) or not prefers_gemm(q.shape[1])):
+    if native.supports(q, k, v, gate) and (native.tiles_apply(q) or not tiles_pay_off(q.shape[1])):
         return native.native_causal_attention(q, k, v, scale, gate)
     out = _ungated(q, k, v, scale)
     return out if gate is None else out * torch.sigmoid(gate)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..native import load, prefers_gemm
+from ..native import load, tiles_pay_off
 
 MAX_TOKENS = 16
 MAX_TOP_K = 64
@@ -89,7 +89,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     tokens on CPUs whose matmuls use them; never for few tokens, whose bits must not depend on the
     call's size)."""
     if amx is None:
-        amx = prefers_gemm(x.shape[0])
+        amx = tiles_pay_off(x.shape[0])
     x, weights = x.contiguous(), weights.contiguous()
     experts = experts.to(torch.int64).contiguous()
     tokens, hidden = x.shape
