@@ -14,10 +14,10 @@ from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
 from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
 from kernels.moe import native as moe_native
+from kernels.rotary import apply_rotary
 from kernels.rowwise import per_token
 
 from .config import ModelConfig
-from .rope import apply_rotary
 from .state import AttentionLayerState, LinearLayerState
 
 

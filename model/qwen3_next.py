@@ -10,6 +10,7 @@ from torch import nn
 from kernels.native import flush_denormals
 
 from .config import ModelConfig
+from .few_tokens import FewTokenForward
 from .layers import DecoderLayer, Linear, ZeroCenteredRMSNorm
 from .rope import RotaryEmbedding
 from .state import LinearLayerState, ModelState, empty_kv
@@ -47,6 +48,8 @@ class LanguageModel:
         self.rotary = RotaryEmbedding(config, self.device)
         if self.device.type == "cpu":
             flush_denormals()
+        # Decode steps and draft verification through native calls where they all run (same bits).
+        self.few_tokens = FewTokenForward.build(self.module, config)
         self._tokenizer = None
 
     @property
@@ -92,9 +95,12 @@ class LanguageModel:
         past = state.seen_tokens
         positions = torch.arange(past, past + length, device=self.device)
         rope = self.rotary.cos_sin(positions, self.dtype)
-        x = self.module.model.embed_tokens(input_ids)
-        for layer, layer_state in zip(self.module.model.layers, state.layers, strict=True):
-            x = layer(x, rope, layer_state, past)
+        if self.few_tokens is not None and self.few_tokens.takes(input_ids):
+            x = self.few_tokens.hidden_states(input_ids, rope, state.layers, past)
+        else:
+            x = self.module.model.embed_tokens(input_ids)
+            for layer, layer_state in zip(self.module.model.layers, state.layers, strict=True):
+                x = layer(x, rope, layer_state, past)
         state.seen_tokens = past + length
         return x
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding on the leading slice of each head (NeoX layout), with YaRN."""
+"""Rotary position embedding: cos/sin tables for absolute positions, with YaRN (applied by kernels.rotary)."""
 
 from __future__ import annotations
 
@@ -51,14 +51,3 @@ class RotaryEmbedding:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, T, H, D]`; rotates the first `cos.shape[-1]` dims of each head, leaves the rest."""
-    rot_dim = cos.shape[-1]
-    rotated, passed = x[..., :rot_dim], x[..., rot_dim:]
-    half = rot_dim // 2
-    first, second = rotated[..., :half], rotated[..., half:]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    turned = torch.cat((-second, first), dim=-1)
-    return torch.cat((rotated * cos + turned * sin, passed), dim=-1)

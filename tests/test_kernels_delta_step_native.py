@@ -105,3 +105,38 @@ def test_native_step_declines_other_inputs():
     long = torch.zeros(1, delta_native.MAX_TOKENS + 1, t["mixed"].shape[-1], dtype=torch.bfloat16)
     assert not delta_native.supports(long, t["conv_state"], t["recurrent"], 64)
     assert not delta_native.supports(t["mixed"], t["conv_state"], t["recurrent"], 40)
+
+
+def grouped_projections(case, t, seed: int):
+    """The step's inputs as the checkpoint's projections lay them out: per key head
+    `[q | k | g v | g z]` and `[g b | g a]`, with random z and a row stride wider than the row."""
+    tokens, key_heads, heads, key_dim, value_dim, _ = case
+    group = heads // key_heads
+    mixed = t["mixed"][0]
+    q, k, v = mixed.split([key_heads * key_dim, key_heads * key_dim, heads * value_dim], dim=-1)
+    z = (torch.randn(tokens, heads * value_dim, generator=torch.Generator().manual_seed(seed))).to(torch.bfloat16)
+    per_head = [q.view(tokens, key_heads, key_dim), k.view(tokens, key_heads, key_dim),
+                v.view(tokens, key_heads, group * value_dim), z.view(tokens, key_heads, group * value_dim)]
+    qkvz = torch.cat(per_head, dim=-1).reshape(tokens, -1)
+    padded = torch.full((tokens, qkvz.shape[1] + 16), float("nan"), dtype=torch.bfloat16)
+    padded[:, : qkvz.shape[1]] = qkvz
+    ba = torch.cat([t["b"][0].view(tokens, key_heads, group), t["a"][0].view(tokens, key_heads, group)], dim=-1)
+    return padded[:, : qkvz.shape[1]], ba.reshape(tokens, -1)
+
+
+@requires_native
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_grouped_step_equals_step_on_split_inputs(case):
+    """Reading the projections in place gives the step's bits exactly (it only gathers)."""
+    if delta_native.grouped_kernel() is None:
+        pytest.skip("native kernel unavailable")
+    t = inputs(case, seed=9)
+    expected_out, expected_conv, expected_state = native_path(case, t)
+    qkvz, ba = grouped_projections(case, t, seed=3)
+    _, key_heads, heads, key_dim, value_dim, _ = case
+    conv, state = t["conv_state"][0].clone(), t["recurrent"][0].clone()
+    out = torch.full((qkvz.shape[0], heads, value_dim), float("nan"), dtype=torch.bfloat16)
+    delta_native.gated_delta_step_grouped(qkvz, ba, conv, t["conv_weight"], t["A_log"].float().exp(),
+                                          t["dt_bias"].float(), state, key_heads, key_dim, value_dim, out)
+    assert torch.equal(out, expected_out[0])
+    assert torch.equal(conv, expected_conv[0]) and torch.equal(state, expected_state[0])

@@ -118,3 +118,18 @@ def test_native_norms_decline_other_inputs():
     assert not norm_native.supports(x.float(), weight.float())
     assert not norm_native.supports(x[:, :40], weight[:40])
     assert not norm_native.supports(x.t(), randn(4, 12).bfloat16())
+
+
+@requires_native
+@pytest.mark.parametrize("rows, dim", [(1, 512), (7, 48), (16, 2048)], ids=lambda v: str(v))
+def test_add_rms_norm_is_a_residual_add_then_the_native_norm(rows, dim):
+    """Bitwise: the residual rounds as torch's bf16 add does, and the norm is rms_norm's own arithmetic."""
+    residual = (randn((rows, dim), 13) * 4).bfloat16()
+    delta = randn((rows, dim), 14).bfloat16()
+    weight = randn(dim, 15, scale=0.1).bfloat16()
+    expected_sum = residual + delta
+    expected = norm_native.rms_norm(expected_sum, weight, 1e-6, True)
+    out = torch.full((rows, dim), float("nan"), dtype=torch.bfloat16)
+    norm_native.add_rms_norm(residual, delta, weight, 1e-6, True, out)
+    assert torch.equal(residual, expected_sum)
+    assert torch.equal(out, expected)

@@ -49,15 +49,17 @@ def tiles_apply(q: torch.Tensor) -> bool:
 
 
 def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                            gate: torch.Tensor | None = None, amx: bool | None = None) -> torch.Tensor:
+                            gate: torch.Tensor | None = None, amx: bool | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """q `[B, T, H, D]`, k/v `[B, KVH, S, D]` (the last T keys are the new tokens'), gate None or
-    `[B, T, H, D]` -> `[B, T, H, D]`, times sigmoid(gate) when given. `amx`: the tile path (default:
-    `tiles_apply(q)`)."""
+    `[B, T, H, D]` -> `[B, T, H, D]`, times sigmoid(gate) when given; into `out` (unit stride along D)
+    when given. `amx`: the tile path (default: `tiles_apply(q)`)."""
     if amx is None:
         amx = tiles_apply(q)
     batch, length, heads, dim = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
-    out = torch.empty(batch, length, heads, dim, dtype=q.dtype)
+    if out is None:
+        out = torch.empty(batch, length, heads, dim, dtype=q.dtype)
     entry = kernel()
     gate_strides = (gate.stride(1), gate.stride(2)) if gate is not None else (0, 0)
     for b in range(batch):

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../bf16_simd.h"
 
@@ -105,4 +106,35 @@ int gated_delta_step_bf16(const uint16_t *mixed, int64_t T, int64_t Hk, int64_t 
     free(activated);
     free(scratch);
     return 0;
+}
+
+/* The same step on the input projections as the checkpoint lays them out, grouped per key head:
+ * qkvz [T, Hk, 2 Dk + 2 g Dv] (q | k | the head's g value heads' v | their z, z unused here) with
+ * row stride ld_qkvz, and ba [T, Hk, 2 g] (b | a) with row stride ld_ba, g = HV / Hk. Gathers
+ * q | k | v, a and b as the step takes them (copies, so the bits are the step's). */
+int gated_delta_step_grouped_bf16(const uint16_t *qkvz, int64_t ld_qkvz, const uint16_t *ba, int64_t ld_ba,
+                                  int64_t T, int64_t Hk, int64_t HV, int64_t Dk, int64_t Dv, uint16_t *conv_state,
+                                  const uint16_t *conv_weight, int64_t W, const float *decay_rate,
+                                  const float *dt_bias, float *state, uint16_t *out, int threads) {
+    int64_t group = HV / Hk, C = 2 * Hk * Dk + HV * Dv, head_width = 2 * Dk + 2 * group * Dv;
+    uint16_t *mixed = malloc(sizeof(uint16_t) * (T * C + 2 * T * HV));
+    if (!mixed) return -1;
+    uint16_t *a = mixed + T * C, *b = a + T * HV;
+    for (int64_t t = 0; t < T; t++) {
+        uint16_t *row = mixed + t * C;
+        for (int64_t h = 0; h < Hk; h++) {
+            const uint16_t *head = qkvz + t * ld_qkvz + h * head_width;
+            memcpy(row + h * Dk, head, sizeof(uint16_t) * Dk);
+            memcpy(row + Hk * Dk + h * Dk, head + Dk, sizeof(uint16_t) * Dk);
+            memcpy(row + 2 * Hk * Dk + h * group * Dv, head + 2 * Dk, sizeof(uint16_t) * group * Dv);
+            for (int64_t j = 0; j < group; j++) {
+                b[t * HV + h * group + j] = ba[t * ld_ba + h * 2 * group + j];
+                a[t * HV + h * group + j] = ba[t * ld_ba + h * 2 * group + group + j];
+            }
+        }
+    }
+    int status = gated_delta_step_bf16(mixed, T, Hk, HV, Dk, Dv, conv_state, conv_weight, W, a, b, decay_rate, dt_bias,
+                                       state, out, threads);
+    free(mixed);
+    return status;
 }

@@ -25,6 +25,19 @@ def kernel():
     return entry
 
 
+_GROUPED_ARGTYPES = (_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR,
+                     ctypes.c_int)
+
+
+@functools.cache
+def grouped_kernel():
+    """The C function `gated_delta_step_grouped_bf16`, or None where it cannot run here."""
+    entry = load(Path(__file__).with_name("delta_step_bf16.c"), "gated_delta_step_grouped_bf16", _GROUPED_ARGTYPES)
+    if entry is not None:
+        entry.restype = ctypes.c_int
+    return entry
+
+
 def supports(mixed: torch.Tensor, conv_state: torch.Tensor, recurrent: torch.Tensor, value_dim: int) -> bool:
     """mixed `[B, T, C]` bf16 on CPU with T <= MAX_TOKENS, a bf16 conv tail and an fp32 state."""
     return (
@@ -125,3 +138,21 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         if status != 0:
             raise MemoryError("delta rule work buffers could not be allocated")
     return out, (state if output_final_state else None)
+
+
+def gated_delta_step_grouped(qkvz: torch.Tensor, ba: torch.Tensor, conv_state: torch.Tensor,
+                             conv_weight: torch.Tensor, decay_rate: torch.Tensor, dt_bias: torch.Tensor,
+                             recurrent: torch.Tensor, key_heads: int, key_dim: int, value_dim: int,
+                             out: torch.Tensor) -> None:
+    """`gated_delta_step` for one sequence on the input projections as the checkpoint groups them per key
+    head: qkvz `[T, Hk * (2 Dk + 2 g Dv)]` and ba `[T, Hk * 2 g]` (unit stride along the last dim).
+    conv_state `[C, W-1]` bf16 and recurrent `[HV, K, V]` fp32, both contiguous, are updated in place;
+    decay_rate = exp(A_log) and dt_bias `[HV]` fp32; writes out `[T, HV, V]` (contiguous bf16).
+    The caller checks `grouped_kernel()` is not None."""
+    length, heads = qkvz.shape[0], recurrent.shape[0]
+    status = grouped_kernel()(qkvz.data_ptr(), qkvz.stride(0), ba.data_ptr(), ba.stride(0), length, key_heads, heads,
+                              key_dim, value_dim, conv_state.data_ptr(), conv_weight.data_ptr(), conv_weight.shape[-1],
+                              decay_rate.data_ptr(), dt_bias.data_ptr(), recurrent.data_ptr(), out.data_ptr(),
+                              torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("delta rule work buffers could not be allocated")

@@ -25,6 +25,13 @@ def kernels():
     return None if plain is None or gated is None else (plain, gated)
 
 
+@functools.cache
+def add_kernel():
+    """`add_rms_norm_bf16` from the C file, or None where it cannot run here."""
+    return load(Path(__file__).with_name("norm_bf16.c"), "add_rms_norm_bf16",
+                (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int, ctypes.c_float, _PTR, ctypes.c_int))
+
+
 def _rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
     """Up to three leading sizes and strides (padded with size 1) addressing x's rows."""
     sizes, strides = list(x.shape[:-1]), list(x.stride()[:-1])
@@ -62,20 +69,34 @@ def supports(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None = Non
     )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
-    """The contract of `norm.rms_norm` for inputs `supports` takes."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The contract of `norm.rms_norm` for inputs `supports` takes; into `out` (contiguous) when given."""
     sizes, strides = _rows(x)
-    out = torch.empty(x.shape, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
     kernels()[0](x.data_ptr(), *sizes, *strides, x.shape[-1], weight.data_ptr(), int(zero_centered), eps,
                  out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The contract of `norm.gated_rms_norm` for inputs `supports` takes."""
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The contract of `norm.gated_rms_norm` for inputs `supports` takes; into `out` (contiguous) when given."""
     sizes, strides = _rows(x)
     _, gate_strides = _rows(z)
-    out = torch.empty(x.shape, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
     kernels()[1](x.data_ptr(), z.data_ptr(), *sizes, *strides, *gate_strides, x.shape[-1], weight.data_ptr(), eps,
                  out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 zero_centered: bool, out: torch.Tensor) -> None:
+    """residual += delta (rounded as torch's bf16 add rounds), then out = rms_norm(residual): a
+    residual connection and the next norm in one pass. All three `[rows, D]` contiguous bf16 with D
+    a multiple of 16; the caller checks `add_kernel()` is not None."""
+    rows, dim = residual.shape
+    add_kernel()(residual.data_ptr(), delta.data_ptr(), rows, dim, weight.data_ptr(), int(zero_centered), eps,
+                 out.data_ptr(), torch.get_num_threads())

@@ -3,6 +3,7 @@
  *
  *   rms_norm:       bf16(x * r * scale),  r = 1 / sqrt(sum(x^2) / D + eps), scale = 1 + w or w (fp32)
  *   gated_rms_norm: bf16(bf16(w * bf16(x * r)) * silu(z))  with silu in fp32
+ *   add_rms_norm:   x = bf16(x + delta) in place (a residual add as torch rounds it), then rms_norm(x)
  *
  * Rows are addressed by up to three leading indices with their own strides, so strided views
  * (a query's half of a fused projection) need no copy. D is a multiple of 16.
@@ -27,23 +28,48 @@ static inline float inverse_rms(const uint16_t *x, int64_t D, float eps) {
     return 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)D + eps);
 }
 
+static void norm_scale(const uint16_t *weight, int64_t D, int zero_centered, float *scale) {
+    for (int64_t d = 0; d < D; d++) scale[d] = zero_centered ? 1.0f + bf16_to_float(weight[d]) : bf16_to_float(weight[d]);
+}
+
+static inline void norm_row(const uint16_t *src, int64_t D, const float *scale, float eps, uint16_t *dst) {
+    __m512 r = _mm512_set1_ps(inverse_rms(src, D, eps));
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512 v = _mm512_mul_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(src + d))), r);
+        _mm256_storeu_si256((__m256i *)(dst + d), to_bf16(_mm512_mul_ps(v, _mm512_loadu_ps(scale + d))));
+    }
+}
+
 /* x rows at x + i0 s0 + i1 s1 + i2 s2 for i < n; out contiguous [n0, n1, n2, D]. */
 void rms_norm_bf16(const uint16_t *x, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2,
                    int64_t D, const uint16_t *weight, int zero_centered, float eps, uint16_t *out, int threads) {
     float scale[MAX_DIM];
-    for (int64_t d = 0; d < D; d++) scale[d] = zero_centered ? 1.0f + bf16_to_float(weight[d]) : bf16_to_float(weight[d]);
+    norm_scale(weight, D, zero_centered, scale);
     int64_t rows = n0 * n1 * n2;
     if (rows * D < (1 << 15)) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t row = 0; row < rows; row++) {
         int64_t i2 = row % n2, i1 = (row / n2) % n1, i0 = row / (n1 * n2);
-        const uint16_t *src = x + i0 * s0 + i1 * s1 + i2 * s2;
-        uint16_t *dst = out + row * D;
-        __m512 r = _mm512_set1_ps(inverse_rms(src, D, eps));
+        norm_row(x + i0 * s0 + i1 * s1 + i2 * s2, D, scale, eps, out + row * D);
+    }
+}
+
+/* residual, delta and out contiguous [rows, D]; residual is updated in place. */
+void add_rms_norm_bf16(uint16_t *residual, const uint16_t *delta, int64_t rows, int64_t D, const uint16_t *weight,
+                       int zero_centered, float eps, uint16_t *out, int threads) {
+    float scale[MAX_DIM];
+    norm_scale(weight, D, zero_centered, scale);
+    if (rows * D < (1 << 15)) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+        uint16_t *sum = residual + row * D;
+        const uint16_t *add = delta + row * D;
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = _mm512_mul_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(src + d))), r);
-            _mm256_storeu_si256((__m256i *)(dst + d), to_bf16(_mm512_mul_ps(v, _mm512_loadu_ps(scale + d))));
+            __m512 a = widen_bf16(_mm256_loadu_si256((const __m256i *)(sum + d)));
+            __m512 b = widen_bf16(_mm256_loadu_si256((const __m256i *)(add + d)));
+            _mm256_storeu_si256((__m256i *)(sum + d), to_bf16(_mm512_add_ps(a, b)));
         }
+        norm_row(sum, D, scale, eps, out + row * D);
     }
 }
 

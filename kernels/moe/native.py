@@ -40,12 +40,14 @@ def supports(x: torch.Tensor, *weights: torch.Tensor, top_k: int) -> bool:
 
 def sparse_moe(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool, gate_up: torch.Tensor,
                down: torch.Tensor, shared_gate_proj: torch.Tensor, shared_up_proj: torch.Tensor,
-               shared_down: torch.Tensor, shared_gate: torch.Tensor) -> torch.Tensor:
+               shared_down: torch.Tensor, shared_gate: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x `[N, H]` -> `[N, H]`: routed experts (router `[E, H]`, gate_up `[E, 2I, H]`, down `[E, H, I]`)
-    plus the shared expert (gate/up `[S, H]`, down `[H, S]`) scaled by sigmoid(shared_gate `[1, H]` . x)."""
+    plus the shared expert (gate/up `[S, H]`, down `[H, S]`) scaled by sigmoid(shared_gate `[1, H]` . x);
+    into `out` (contiguous) when given."""
     x = x.contiguous()
     tokens, hidden = x.shape
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
     status = kernel()(x.data_ptr(), tokens, hidden, router.data_ptr(), router.shape[0], top_k, int(normalize),
                       gate_up.data_ptr(), down.data_ptr(), down.shape[2], shared_gate_proj.data_ptr(),
                       shared_up_proj.data_ptr(), shared_down.data_ptr(), shared_gate_proj.shape[0],

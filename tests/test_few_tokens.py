@@ -1,0 +1,87 @@
+"""The few-token forward (decode steps, draft verification) against the module path it replaces.
+
+Both run the same kernels in the same order on the same values, so logits and every state tensor
+must be equal bit for bit, through K/V growth, multi-token calls and dense MLP layers alike.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import load_model, prefill
+from model.demo import write_demo_checkpoint
+from model.few_tokens import MAX_TOKENS, FewTokenForward
+from tests.oracle import write_oracle_checkpoint
+
+CHECKPOINTS = {
+    "demo": lambda folder: write_demo_checkpoint(folder, seed=3),
+    "dense-layer": lambda folder: write_demo_checkpoint(folder, seed=4, config_overrides={"mlp_only_layers": [1]}),
+    "yarn-oracle": lambda folder: write_oracle_checkpoint(folder, "yarn", seed=5) and folder,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def lm(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    CHECKPOINTS[request.param](folder)
+    model = load_model(folder, dtype=torch.bfloat16)
+    if model.few_tokens is None:
+        pytest.skip("the few-token forward needs the native kernels (C compiler, AVX-512 BF16)")
+    return model
+
+
+def run(lm, fast: bool, state, calls: list[torch.Tensor]) -> list[torch.Tensor]:
+    path = lm.few_tokens
+    lm.few_tokens = path if fast else None
+    try:
+        return [lm.forward(ids, state) for ids in calls]
+    finally:
+        lm.few_tokens = path
+
+
+def assert_same_bits(lm, base, calls):
+    fast_state, module_state = base.clone(), base.clone()
+    fast, module = run(lm, True, fast_state, calls), run(lm, False, module_state, calls)
+    for ours, expected in zip(fast, module, strict=True):
+        assert torch.equal(ours, expected)
+    assert fast_state.seen_tokens == module_state.seen_tokens
+    ours, expected = fast_state.layer_tensors(), module_state.layer_tensors()
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(ours[name], expected[name]), name
+
+
+def ids(lm, *lengths: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, lm.config.vocab_size, (1, n), generator=generator) for n in lengths]
+
+
+def test_decode_steps_and_verification_chunks_equal_the_module_path(lm):
+    base = lm.new_state()
+    prefill(lm, base, ids(lm, 45, seed=1)[0][0])
+    assert_same_bits(lm, base, ids(lm, 1, 1, 1, 7, 1, MAX_TOKENS, 2, seed=2))
+
+
+def test_cache_growth_from_an_empty_state(lm):
+    """Sixteen-token calls from a fresh state pass the initial K/V capacity and grow it."""
+    base = lm.new_state()
+    assert_same_bits(lm, base, ids(lm, *([MAX_TOKENS] * 17), 3, seed=3))
+
+
+def test_other_calls_take_the_module_path(lm):
+    with torch.inference_mode():
+        assert lm.few_tokens.takes(torch.zeros(1, MAX_TOKENS, dtype=torch.long))
+        assert not lm.few_tokens.takes(torch.zeros(1, MAX_TOKENS + 1, dtype=torch.long))
+        assert not lm.few_tokens.takes(torch.zeros(2, 1, dtype=torch.long))
+    assert not lm.few_tokens.takes(torch.zeros(1, 1, dtype=torch.long)), "autograd wants the module path"
+    state = lm.new_state(batch_size=2)
+    logits = lm.forward(torch.zeros(2, 3, dtype=torch.long), state)
+    assert logits.shape == (2, 3, lm.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_models_the_kernels_cannot_take_have_no_fast_path(tmp_path):
+    write_oracle_checkpoint(tmp_path, "odd-shapes", seed=6)  # head dim 24: not a multiple of 16
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert model.few_tokens is None
+    assert FewTokenForward.build(load_model(tmp_path, dtype=torch.float32).module, model.config) is None
