@@ -13,9 +13,12 @@
  * widths are multiples of 16.
  *
  * With `amx` set (CPUs with AMX tiles, prefill-sized calls) the products run on the tile unit
- * instead, reading the weights as stored (no repacking) with the expert's rows packed as pairs:
- * the same rounding steps, but each output's fp32 sum is taken in the tile unit's order, so its
- * last bits can differ from the chains above.
+ * instead, reading the weights as stored (no repacking) with the expert's tokens packed as pairs.
+ * The gate/up tiles' SwiGLU is written straight in the down projection's input layout, and each
+ * block's SwiGLU runs while the tile unit computes the next block. The same rounding steps, but each
+ * output's fp32 sum is taken in the tile unit's order, silu's division is a refined reciprocal and
+ * roundings go through the conversion instruction (fp32 denormals to zero), so the last bits can
+ * differ from the chains above.
  *
  * Built with AVX-512 BF16 (and AMX); the Python side only loads it on CPUs that report avx512_bf16.
  */
@@ -100,80 +103,167 @@ static void project(const uint16_t *x, int64_t R, int64_t K, const uint32_t *pac
     }
 }
 
-/* x [R, K] (R a multiple of 16) as the tile unit's B operand, 16 rows at a time as pairs along K:
- * packed[(g * K / 2 + p) * 16 + t] = x[16g + t][2p] | x[16g + t][2p + 1] << 16. K a multiple of 32. */
-static void pack_rows_for_tiles(const uint16_t *x, int64_t R, int64_t K, uint32_t *packed) {
+/* The expert's tokens (x rows `token[t]`, t < R; zero rows from R up to `padded`, a multiple of 16)
+ * as the tile unit's B operand, 16 tokens at a time as pairs along K:
+ * packed[(g * K / 2 + p) * 16 + t] = x[token[16g + t]][2p] | x[token[16g + t]][2p + 1] << 16.
+ * K a multiple of 32. */
+static void pack_tokens_for_tiles(const uint16_t *x, int64_t K, const int64_t *token, int64_t R, int64_t padded,
+                                  uint32_t *packed) {
     int64_t pairs = K / 2;
-    for (int64_t g = 0; g < R / 16; g++)
+    for (int64_t g = 0; g < padded / 16; g++)
         for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
             __m512i rows[16];
-            for (int t = 0; t < 16; t++) rows[t] = _mm512_loadu_si512(x + (16 * g + t) * K + 2 * p0);
+            for (int t = 0; t < 16; t++) {
+                int64_t r = 16 * g + t;
+                rows[t] = r < R ? _mm512_loadu_si512(x + token[r] * K + 2 * p0) : _mm512_setzero_si512();
+            }
             transpose16(rows);
             for (int p = 0; p < 16; p++) _mm512_storeu_si512(packed + (g * pairs + p0 + p) * 16, rows[p]);
         }
 }
 
-/* Token rows t0 + t (t < rows, at most 16) of outputs n0 .. n0 + 15 from a C tile stored as
- * sums[n][t], rounded as project() rounds them. */
-static void store_transposed(const float *sums, int rows, int64_t n0, uint16_t *y, int64_t ldy, const float *scales) {
+/* fp32 to bf16 and back on the conversion instruction: round to nearest even like to_bf16, except
+ * that fp32 denormals (below 2^-126) become zero. */
+static inline __m512 round16(__m512 v) { return widen_bf16((__m256i)_mm512_cvtneps_pbh(v)); }
+
+/* One C tile's outputs n0 .. n0 + 15 (stored as sums[n][t]) for `rows` tokens, rounded and scaled as
+ * project() does it (on the conversion instruction), each token's 16 values written to row dst[t] + n0. */
+static void store_transposed(const float *sums, int rows, int64_t n0, uint16_t *const *dst, const float *scales) {
     __m512i lanes[16];
     for (int n = 0; n < 16; n++) lanes[n] = _mm512_loadu_si512(sums + 16 * n);
     transpose16(lanes);
     for (int t = 0; t < rows; t++) {
-        __m256i rounded = to_bf16(_mm512_castsi512_ps(lanes[t]));
-        if (scales) rounded = to_bf16(_mm512_mul_ps(widen_bf16(rounded), _mm512_set1_ps(scales[t])));
-        _mm256_storeu_si256((__m256i *)(y + t * ldy + n0), rounded);
+        __m512 rounded = round16(_mm512_castsi512_ps(lanes[t]));
+        _mm256_storeu_si256((__m256i *)(dst[t] + n0), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(rounded, _mm512_set1_ps(scales[t]))));
     }
 }
 
-/* project() on AMX tiles, reading w [N, K] as it is stored: the weights are the A operand (16
- * weight rows x 32 inputs per tile), the expert's rows, packed by pack_rows_for_tiles into
- * `packed`, the B operand, so C tiles hold [16 outputs][16 tokens]: C tiles 0-3 for 2 x 2 such
- * blocks, A tiles 4-5, B tiles 6-7. K and N multiples of 32; x readable up to R rounded up to 32
- * rows. The calling thread has configured its tiles. */
-static void project_amx(const uint16_t *x, int64_t R, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
-                        int64_t ldy, const float *scales, uint32_t *packed) {
-    float sums[4][16 * 16] __attribute__((aligned(64)));
-    int64_t padded = (R + 31) / 32 * 32, pairs = K / 2;
-    pack_rows_for_tiles(x, padded, K, packed);
-    for (int64_t n0 = 0; n0 < N; n0 += 32) {
-        const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * K;
-        for (int64_t t0 = 0; t0 < R; t0 += 32) {
-            int two = R - t0 > 16;
-            const uint32_t *b0 = packed + (t0 / 16) * pairs * 16, *b1 = b0 + pairs * 16;
-            _tile_zero(0);
-            _tile_zero(2);
-            if (two) {
-                _tile_zero(1);
-                _tile_zero(3);
-            }
-            for (int64_t k0 = 0; k0 < K; k0 += 32) {
-                _tile_loadd(4, w0 + k0, K * 2);
-                _tile_loadd(5, w1 + k0, K * 2);
-                _tile_loadd(6, b0 + (k0 / 2) * 16, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two) {
-                    _tile_loadd(7, b1 + (k0 / 2) * 16, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-            }
-            int first_rows = R - t0 < 16 ? (int)(R - t0) : 16;
-            _tile_stored(0, sums[0], 64);
-            _tile_stored(2, sums[2], 64);
-            store_transposed(sums[0], first_rows, n0, y + t0 * ldy, ldy, scales ? scales + t0 : NULL);
-            store_transposed(sums[2], first_rows, n0 + 16, y + t0 * ldy, ldy, scales ? scales + t0 : NULL);
-            if (two) {
-                int second_rows = R - t0 - 16 < 16 ? (int)(R - t0 - 16) : 16;
-                _tile_stored(1, sums[1], 64);
-                _tile_stored(3, sums[3], 64);
-                const float *second_scales = scales ? scales + t0 + 16 : NULL;
-                store_transposed(sums[1], second_rows, n0, y + (t0 + 16) * ldy, ldy, second_scales);
-                store_transposed(sums[3], second_rows, n0 + 16, y + (t0 + 16) * ldy, ldy, second_scales);
-            }
+/* bf16(bf16(silu(bf16(gate))) * bf16(up)) for 16 tokens from fp32 sums, as swiglu() on the rounded
+ * projection but with 1 / (1 + e^-g) from the reciprocal estimate and one Newton step (within ~2
+ * fp32 ulps of the division, which cost the tile path a third of its time). */
+static inline __m256i swiglu16(const float *gate_sums, const float *up_sums) {
+    __m512 g = round16(_mm512_loadu_ps(gate_sums));
+    __m512 u = round16(_mm512_loadu_ps(up_sums));
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round16(_mm512_mul_ps(g, r)), u));
+}
+
+/* SwiGLU of 16 outputs n0 .. n0 + 15 for 16 tokens (C tiles stored as sums[n][t]) written as the down
+ * projection's B operand: pairs of consecutive outputs, dst[j * 16 + t] = act[n0 + 2j][t] | act[n0 + 2j + 1][t] << 16. */
+static void swiglu_pairs(const float *gate, const float *up, uint32_t *dst) {
+    for (int j = 0; j < 8; j++) {
+        __m512i even = _mm512_cvtepu16_epi32(swiglu16(gate + 32 * j, up + 32 * j));
+        __m512i odd = _mm512_cvtepu16_epi32(swiglu16(gate + 32 * j + 16, up + 32 * j + 16));
+        _mm512_storeu_si512(dst + 16 * j, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+}
+
+/* C tiles 0-3 = A0 B0, A1 B0, A0 B1, A1 B1 over K (A: 16 rows of w as stored, row stride K; B: 16
+ * packed tokens): tiles 1 and 3 only with `two`. A tiles 4-5, B tiles 6-7. */
+static inline __attribute__((always_inline)) void tile_block(const uint16_t *a0, const uint16_t *a1,
+                                                             const uint32_t *b0, const uint32_t *b1, int64_t K,
+                                                             int two) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        _tile_loadd(4, a0 + k0, K * 2);
+        _tile_loadd(5, a1 + k0, K * 2);
+        _tile_loadd(6, b0 + (k0 / 2) * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
+            _tile_loadd(7, b1 + (k0 / 2) * 16, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
         }
     }
+}
+
+/* The C tiles of a block as stored, waiting for their epilogue: it runs after the next block's tile
+ * instructions are issued, so the vector units work while the tile unit does (two sets alternate). */
+typedef struct {
+    float sums[4][16 * 16] __attribute__((aligned(64)));
+    int live, two;
+    int64_t n0, t0;
+} StoredBlock;
+
+static void store_block(StoredBlock *block, int two, int64_t n0, int64_t t0) {
+    _tile_stored(0, block->sums[0], 64);
+    _tile_stored(1, block->sums[1], 64);
+    if (two) {
+        _tile_stored(2, block->sums[2], 64);
+        _tile_stored(3, block->sums[3], 64);
+    }
+    block->live = 1, block->two = two, block->n0 = n0, block->t0 = t0;
+}
+
+/* SwiGLU of a gate/up block into the down projection's input layout (see gate_up_swiglu_amx). */
+static void swiglu_block(const StoredBlock *block, int64_t I, uint32_t *packed_act) {
+    uint32_t *dst = packed_act + ((block->t0 / 16) * (I / 2) + block->n0 / 2) * 16;
+    swiglu_pairs(block->sums[0], block->sums[1], dst);
+    if (block->two) swiglu_pairs(block->sums[2], block->sums[3], dst + (I / 2) * 16);
+}
+
+/* Gate/up projection and SwiGLU on the tiles, straight into the down projection's B operand. The A
+ * tiles are 16 gate rows of w [2I, K] and the matching 16 up rows (as stored), the B tiles the packed
+ * tokens, so a pair of C tiles holds gate and up of the same 16 outputs for 16 tokens:
+ * packed_act[(g * I / 2 + p) * 16 + t] = act[16g + t][2p] | act[16g + t][2p + 1] << 16, the layout
+ * pack_tokens_for_tiles gives act [padded, I]. I and K multiples of 32. */
+static void gate_up_swiglu_amx(const uint32_t *packed_x, int64_t padded, int64_t K, const uint16_t *w, int64_t I,
+                               uint32_t *packed_act) {
+    StoredBlock blocks[2];
+    blocks[0].live = blocks[1].live = 0;
+    int set = 0;
+    int64_t pairs = K / 2;
+    for (int64_t n0 = 0; n0 < I; n0 += 16)
+        for (int64_t t0 = 0; t0 < padded; t0 += 32) {
+            const uint32_t *b0 = packed_x + (t0 / 16) * pairs * 16;
+            tile_block(w + n0 * K, w + (I + n0) * K, b0, b0 + pairs * 16, K, padded - t0 > 16);
+            if (blocks[set ^ 1].live) swiglu_block(&blocks[set ^ 1], I, packed_act);
+            store_block(&blocks[set], padded - t0 > 16, n0, t0);
+            set ^= 1;
+        }
+    if (blocks[set ^ 1].live) swiglu_block(&blocks[set ^ 1], I, packed_act);
+}
+
+/* A down-projection block's outputs, scaled, to their tokens' rows (see project_amx). */
+static void scatter_block(const StoredBlock *block, int64_t R, uint16_t *const *dst, const float *scales) {
+    int64_t t0 = block->t0;
+    int first_rows = R - t0 < 16 ? (int)(R - t0) : 16;
+    store_transposed(block->sums[0], first_rows, block->n0, dst + t0, scales + t0);
+    store_transposed(block->sums[1], first_rows, block->n0 + 16, dst + t0, scales + t0);
+    if (block->two) {
+        int second_rows = R - t0 - 16 < 16 ? (int)(R - t0 - 16) : 16;
+        store_transposed(block->sums[2], second_rows, block->n0, dst + t0 + 16, scales + t0 + 16);
+        store_transposed(block->sums[3], second_rows, block->n0 + 16, dst + t0 + 16, scales + t0 + 16);
+    }
+}
+
+/* project() on AMX tiles for tokens already packed as B (`packed`), reading w [N, K] as it is stored:
+ * the weights are the A operand (16 weight rows x 32 inputs per tile), so C tiles hold [16 outputs]
+ * [16 tokens], 2 x 2 such blocks at a time. Token t's outputs, times scales[t], go to dst[t]. K and N
+ * multiples of 32. The calling thread has configured its tiles. */
+static void project_amx(const uint32_t *packed, int64_t R, int64_t K, const uint16_t *w, int64_t N,
+                        uint16_t *const *dst, const float *scales) {
+    StoredBlock blocks[2];
+    blocks[0].live = blocks[1].live = 0;
+    int set = 0;
+    int64_t pairs = K / 2;
+    for (int64_t n0 = 0; n0 < N; n0 += 32)
+        for (int64_t t0 = 0; t0 < R; t0 += 32) {
+            const uint32_t *b0 = packed + (t0 / 16) * pairs * 16;
+            tile_block(w + n0 * K, w + (n0 + 16) * K, b0, b0 + pairs * 16, K, R - t0 > 16);
+            if (blocks[set ^ 1].live) scatter_block(&blocks[set ^ 1], R, dst, scales);
+            store_block(&blocks[set], R - t0 > 16, n0, t0);
+            set ^= 1;
+        }
+    if (blocks[set ^ 1].live) scatter_block(&blocks[set ^ 1], R, dst, scales);
 }
 
 /* act[r][i] = bf16(bf16(silu(gate)) * up) over I values, gate and up the two halves of h[r]. */
@@ -229,16 +319,19 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
     {
         int64_t padded = (largest + 31) / 32 * 32;
         float *scales = malloc(sizeof(float) * (size_t)padded);
-        uint16_t *gathered = calloc((size_t)(padded * H), sizeof(uint16_t));
-        uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(padded * 2 * I));
-        uint16_t *act = calloc((size_t)(padded * I), sizeof(uint16_t));
-        uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(padded * H));
-        int64_t gate_up_panels = (2 * I + 63) / 64 * 64 * (H / 2), down_panels = (H + 63) / 64 * 64 * (I / 2);
-        /* Weight panels for the pair path, or an expert's rows packed for the tiles. */
-        int64_t packed_words = amx ? padded * (H > I ? H : I) / 2
-                                   : (gate_up_panels > down_panels ? gate_up_panels : down_panels);
-        uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)packed_words);
-        int usable = scales && gathered && h && act && y && packed;
+        /* Tiles: the expert's tokens and their SwiGLU packed as B operands, token ids and output rows.
+         * Pair path: the gathered rows, projections, activations, outputs and weight panels. */
+        size_t gate_up_panels = (size_t)((2 * I + 63) / 64 * 64 * (H / 2)), down_panels = (size_t)((H + 63) / 64 * 64 * (I / 2));
+        size_t packed_words = amx ? (size_t)(padded * H / 2) : (gate_up_panels > down_panels ? gate_up_panels : down_panels);
+        uint32_t *packed = malloc(sizeof(uint32_t) * packed_words);
+        uint32_t *packed_act = amx ? malloc(sizeof(uint32_t) * (size_t)(padded * I / 2)) : NULL;
+        int64_t *tokens = amx ? malloc(sizeof(int64_t) * (size_t)padded) : NULL;
+        uint16_t **targets = amx ? malloc(sizeof(uint16_t *) * (size_t)padded) : NULL;
+        uint16_t *gathered = amx ? NULL : calloc((size_t)(padded * H), sizeof(uint16_t));
+        uint16_t *h = amx ? NULL : malloc(sizeof(uint16_t) * (size_t)(padded * 2 * I));
+        uint16_t *act = amx ? NULL : calloc((size_t)(padded * I), sizeof(uint16_t));
+        uint16_t *y = amx ? NULL : malloc(sizeof(uint16_t) * (size_t)(padded * H));
+        int usable = scales && packed && (amx ? packed_act && tokens && targets : gathered && h && act && y);
         failed |= !usable;
         if (amx) amx_configure();
 #pragma omp for schedule(dynamic, 1)
@@ -246,16 +339,24 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
             int64_t count = start[e + 1] - start[e];
             if (!usable || count == 0) continue;
             const int64_t *mine = order + start[e];
+            if (amx) {
+                int64_t rows = (count + 15) / 16 * 16;
+                for (int64_t r = 0; r < count; r++) {
+                    tokens[r] = mine[r] / top_k;
+                    targets[r] = routed + mine[r] * H;
+                    scales[r] = bf16_to_float(weights[mine[r]]);
+                }
+                pack_tokens_for_tiles(x, H, tokens, count, rows, packed);
+                gate_up_swiglu_amx(packed, rows, H, gate_up + e * 2 * I * H, I, packed_act);
+                project_amx(packed_act, count, I, down + e * H * I, H, targets, scales);
+                continue;
+            }
             /* A contiguous copy of the expert's tokens (rows past count stay readable zeros). */
             for (int64_t r = 0; r < count; r++) {
                 __builtin_memcpy(gathered + r * H, x + (mine[r] / top_k) * H, sizeof(uint16_t) * (size_t)H);
                 scales[r] = bf16_to_float(weights[mine[r]]);
             }
-            if (amx) {
-                project_amx(gathered, count, H, gate_up + e * 2 * I * H, 2 * I, h, 2 * I, NULL, packed);
-                swiglu(h, count, I, act);
-                project_amx(act, count, I, down + e * H * I, H, y, H, scales, packed);
-            } else {
+            {
                 pack_pairs(gate_up + e * 2 * I * H, 2 * I, H, packed);
                 project(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
                 swiglu(h, count, I, act);
@@ -266,7 +367,8 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
                 __builtin_memcpy(routed + mine[r] * H, y + r * H, sizeof(uint16_t) * (size_t)H);
         }
         if (amx) _tile_release();
-        free(scales), free(gathered), free(h), free(act), free(y), free(packed);
+        free(scales), free(packed), free(packed_act), free(tokens), free(targets);
+        free(gathered), free(h), free(act), free(y);
     }
     if (!failed) {
 #pragma omp parallel for num_threads(threads) schedule(static)
