@@ -170,3 +170,47 @@ def test_few_tokens_never_take_the_tile_path():
     for row in range(0, tokens, 5):
         alone = moe_native.moe_experts(x[row:row + 2], weights[row:row + 2], chosen[row:row + 2], gate_up, down)
         assert torch.equal(alone, pairs[row:row + 2])
+
+
+requires_native_route = pytest.mark.skipif(moe_native.route_kernel() is None,
+                                           reason="native kernel needs a C compiler and a CPU with AVX-512 BF16")
+
+
+@requires_native_route
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("tokens, hidden, experts, top_k", [(2048, 512, 64, 4), (37, 80, 10, 3), (5, 64, 512, 10)],
+                         ids=lambda v: str(v))
+def test_native_route_matches_the_reference(tokens, hidden, experts, top_k, normalize):
+    """The same experts with the same weights (within one bf16 step: the softmax's exp differs from
+    PyTorch's in the last fp32 bit, which a bf16 rounding can carry), in descending order of weight.
+    bf16 logits tie often; PyTorch orders ties its own way, so experts are compared as sets, on rows
+    whose k-th and next logits differ."""
+    generator = torch.Generator().manual_seed(tokens + experts)
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    router = (torch.randn(experts, hidden, generator=generator) * hidden**-0.5).bfloat16()
+    assert moe_native.supports_route(x, router, top_k)
+    logits = torch.nn.functional.linear(x, router)
+    weights, chosen = moe_native.route(logits, top_k, normalize)
+    expected_weights, expected_chosen = reference.route(x, router, top_k, normalize)
+    assert (weights[:, 1:] <= weights[:, :-1]).all()
+    ranked = logits.float().sort(-1, descending=True).values
+    separated = ranked[:, top_k - 1] > ranked[:, top_k]
+    assert separated.float().mean() > 0.75
+    ids, order = chosen[separated].sort(-1)
+    expected_ids, expected_order = expected_chosen[separated].sort(-1)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights[separated].gather(-1, order).float(),
+                               expected_weights[separated].gather(-1, expected_order).float(), rtol=2.0**-8, atol=0)
+
+
+def test_native_route_declines_other_inputs():
+    x, router = torch.zeros(4, 32, dtype=torch.bfloat16), torch.zeros(8, 32, dtype=torch.bfloat16)
+    assert not moe_native.supports_route(x.float(), router.float(), 2)
+    assert not moe_native.supports_route(x, router, 9)
+
+
+@requires_native_route
+def test_native_route_survives_nan_logits():
+    logits = torch.full((3, 20), float("nan"), dtype=torch.bfloat16)
+    weights, chosen = moe_native.route(logits, 2, True)
+    assert weights.isnan().all() and ((chosen >= 0) & (chosen < 20)).all()
