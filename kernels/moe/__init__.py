@@ -1,9 +1,9 @@
 """Routed mixture of experts: top-k softmax router and grouped SwiGLU experts.
 
-Each function runs the Triton kernels for CUDA tensors when Triton imports; on CPU the router's
-softmax and top-k (`route_bf16.c`) and the experts (`experts_bf16.c`) of many bf16 tokens run
-in native kernels; everything else runs the PyTorch reference in `reference.py` (the numerics of
-`model.layers.Router` / `Experts`), with few-row projections through `kernels.linear`.
+Each function runs the Triton kernels for CUDA tensors when Triton imports; on CPU the experts
+of many bf16 tokens run in the native kernel (`experts_bf16.c`); everything else runs the
+PyTorch reference in `reference.py` (the numerics of `model.layers.Router` / `Experts`), with
+few-row projections through `kernels.linear`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ def moe_route(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> 
         from .triton_moe import route_triton
 
         return route_triton(x, router_weight, top_k, normalize)
-    if x.shape[0] > 1 and native.supports_route(x, router_weight, top_k):
-        return native.route(linear(x, router_weight), top_k, normalize)
     return reference.route(x, router_weight, top_k, normalize, linear)
 
 

@@ -102,38 +102,3 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out
-
-
-MAX_EXPERTS = 1024
-_ROUTE_ARGTYPES = (_PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int)
-
-
-@functools.cache
-def route_kernel():
-    """The C function `route_bf16`, or None where it cannot run here."""
-    return load(Path(__file__).with_name("route_bf16.c"), "route_bf16", _ROUTE_ARGTYPES)
-
-
-def supports_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> bool:
-    """x `[N, H]` and router_weight `[E, H]` bf16 on CPU, E up to MAX_EXPERTS, top_k up to
-    min(E, MAX_TOP_K)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == router_weight.dtype == torch.bfloat16
-        and x.dim() == 2
-        and 0 < router_weight.shape[0] <= MAX_EXPERTS
-        and 0 < top_k <= min(router_weight.shape[0], MAX_TOP_K)
-        and route_kernel() is not None
-    )
-
-
-def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits `[N, E]` bf16 -> (weights `[N, k]` bf16, expert ids `[N, k]` int64): the softmax and
-    top-k of `reference.route`, for logits of inputs `supports_route` takes."""
-    logits = logits.contiguous()
-    tokens = logits.shape[0]
-    weights = torch.empty(tokens, top_k, dtype=torch.bfloat16)
-    experts = torch.empty(tokens, top_k, dtype=torch.int64)
-    route_kernel()(logits.data_ptr(), tokens, logits.shape[1], top_k, int(normalize), weights.data_ptr(),
-                   experts.data_ptr(), torch.get_num_threads())
-    return weights, experts
