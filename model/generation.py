@@ -59,7 +59,11 @@ def prefill(lm: LanguageModel, state: ModelState, token_ids: Sequence[int] | tor
     for start in range(0, total, chunk_size):
         if cancel is not None and cancel.is_set():
             raise Cancelled()
-        logits = lm.forward(ids[:, start:start + chunk_size], state, last_only=True)
+        chunk = ids[:, start:start + chunk_size]
+        if start + chunk_size < total:
+            lm.hidden_states(chunk, state)  # only the last position's logits are wanted: no lm_head here
+        else:
+            logits = lm.forward(chunk, state, last_only=True)
         if progress is not None:
             progress(PrefillProgress(min(start + chunk_size, total), total, time.perf_counter() - started))
     return logits[0, -1]

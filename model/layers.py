@@ -10,7 +10,7 @@ from kernels.attention import causal_attention
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from kernels.gated_delta_rule import gated_delta_rule_from_gates
 from kernels.gated_delta_rule import native as delta_native
-from kernels.gated_rmsnorm import gated_rms_norm, rms_norm
+from kernels.gated_rmsnorm import add_rms_norm, gated_rms_norm, rms_norm
 from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
 from kernels.moe import native as moe_native
@@ -233,7 +233,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, state, past: int) -> torch.Tensor:
         normed = self.input_layernorm(x)
         if self.is_linear:
-            x = x + self.linear_attn(normed, state)
+            mixed = self.linear_attn(normed, state)
         else:
-            x = x + self.self_attn(normed, rope, state, past)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            mixed = self.self_attn(normed, rope, state, past)
+        post_norm = self.post_attention_layernorm
+        x, normed = add_rms_norm(x, mixed, post_norm.weight, post_norm.eps)
+        return x + self.mlp(normed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm, Qwen3NextRMSNormGated
 
-from kernels.gated_rmsnorm import gated_rms_norm, norm, rms_norm
+from kernels.gated_rmsnorm import add_rms_norm, gated_rms_norm, norm, rms_norm
 from kernels.gated_rmsnorm import native as norm_native
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -123,13 +123,25 @@ def test_native_norms_decline_other_inputs():
 @requires_native
 @pytest.mark.parametrize("rows, dim", [(1, 512), (7, 48), (16, 2048)], ids=lambda v: str(v))
 def test_add_rms_norm_is_a_residual_add_then_the_native_norm(rows, dim):
-    """Bitwise: the residual rounds as torch's bf16 add does, and the norm is rms_norm's own arithmetic."""
+    """Bitwise: the residual rounds as torch's bf16 add does, and the norm is rms_norm's own arithmetic
+    (in place, and into a new sum through the dispatching function)."""
     residual = (randn((rows, dim), 13) * 4).bfloat16()
     delta = randn((rows, dim), 14).bfloat16()
     weight = randn(dim, 15, scale=0.1).bfloat16()
     expected_sum = residual + delta
     expected = norm_native.rms_norm(expected_sum, weight, 1e-6, True)
+    total, normed = add_rms_norm(residual, delta, weight, 1e-6)
+    assert torch.equal(total, expected_sum) and torch.equal(normed, expected)
     out = torch.full((rows, dim), float("nan"), dtype=torch.bfloat16)
     norm_native.add_rms_norm(residual, delta, weight, 1e-6, True, out)
     assert torch.equal(residual, expected_sum)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_add_rms_norm_other_inputs_take_the_two_steps(dtype):
+    x, delta = randn((2, 3, 24), 16).to(dtype), randn((2, 3, 24), 17).to(dtype)
+    weight = randn(24, 18, scale=0.1).to(dtype)
+    total, normed = add_rms_norm(x.transpose(0, 1), delta.transpose(0, 1), weight, 1e-6)
+    assert torch.equal(total, x.transpose(0, 1) + delta.transpose(0, 1))
+    assert torch.equal(normed, rms_norm(total, weight, 1e-6))

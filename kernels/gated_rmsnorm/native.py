@@ -29,7 +29,7 @@ def kernels():
 def add_kernel():
     """`add_rms_norm_bf16` from the C file, or None where it cannot run here."""
     return load(Path(__file__).with_name("norm_bf16.c"), "add_rms_norm_bf16",
-                (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int, ctypes.c_float, _PTR, ctypes.c_int))
+                (_PTR, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int, ctypes.c_float, _PTR, ctypes.c_int))
 
 
 def _rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -93,10 +93,11 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 zero_centered: bool, out: torch.Tensor) -> None:
-    """residual += delta (rounded as torch's bf16 add rounds), then out = rms_norm(residual): a
-    residual connection and the next norm in one pass. All three `[rows, D]` contiguous bf16 with D
-    a multiple of 16; the caller checks `add_kernel()` is not None."""
+                 zero_centered: bool, out: torch.Tensor, total: torch.Tensor | None = None) -> None:
+    """total = residual + delta (rounded as torch's bf16 add rounds), then out = rms_norm(total): a
+    residual connection and the next norm in one pass. total defaults to residual (updated in place).
+    All `[rows, D]` contiguous bf16 with D a multiple of 16; the caller checks `add_kernel()` is not None."""
     rows, dim = residual.shape
-    add_kernel()(residual.data_ptr(), delta.data_ptr(), rows, dim, weight.data_ptr(), int(zero_centered), eps,
-                 out.data_ptr(), torch.get_num_threads())
+    total = residual if total is None else total
+    add_kernel()(residual.data_ptr(), delta.data_ptr(), total.data_ptr(), rows, dim, weight.data_ptr(),
+                 int(zero_centered), eps, out.data_ptr(), torch.get_num_threads())

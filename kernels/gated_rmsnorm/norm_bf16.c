@@ -3,7 +3,7 @@
  *
  *   rms_norm:       bf16(x * r * scale),  r = 1 / sqrt(sum(x^2) / D + eps), scale = 1 + w or w (fp32)
  *   gated_rms_norm: bf16(bf16(w * bf16(x * r)) * silu(z))  with silu in fp32
- *   add_rms_norm:   x = bf16(x + delta) in place (a residual add as torch rounds it), then rms_norm(x)
+ *   add_rms_norm:   s = bf16(x + delta) (a residual add as torch rounds it), then rms_norm(s)
  *
  * Rows are addressed by up to three leading indices with their own strides, so strided views
  * (a query's half of a fused projection) need no copy. D is a multiple of 16.
@@ -54,22 +54,22 @@ void rms_norm_bf16(const uint16_t *x, int64_t n0, int64_t n1, int64_t n2, int64_
     }
 }
 
-/* residual, delta and out contiguous [rows, D]; residual is updated in place. */
-void add_rms_norm_bf16(uint16_t *residual, const uint16_t *delta, int64_t rows, int64_t D, const uint16_t *weight,
-                       int zero_centered, float eps, uint16_t *out, int threads) {
+/* residual, delta, sum and out contiguous [rows, D]; sum may be residual itself (updated in place). */
+void add_rms_norm_bf16(const uint16_t *residual, const uint16_t *delta, uint16_t *sum, int64_t rows, int64_t D,
+                       const uint16_t *weight, int zero_centered, float eps, uint16_t *out, int threads) {
     float scale[MAX_DIM];
     norm_scale(weight, D, zero_centered, scale);
     if (rows * D < (1 << 15)) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t row = 0; row < rows; row++) {
-        uint16_t *sum = residual + row * D;
-        const uint16_t *add = delta + row * D;
+        const uint16_t *base = residual + row * D, *add = delta + row * D;
+        uint16_t *total = sum + row * D;
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 a = widen_bf16(_mm256_loadu_si256((const __m256i *)(sum + d)));
+            __m512 a = widen_bf16(_mm256_loadu_si256((const __m256i *)(base + d)));
             __m512 b = widen_bf16(_mm256_loadu_si256((const __m256i *)(add + d)));
-            _mm256_storeu_si256((__m256i *)(sum + d), to_bf16(_mm512_add_ps(a, b)));
+            _mm256_storeu_si256((__m256i *)(total + d), to_bf16(_mm512_add_ps(a, b)));
         }
-        norm_row(sum, D, scale, eps, out + row * D);
+        norm_row(total, D, scale, eps, out + row * D);
     }
 }
 
