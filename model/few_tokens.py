@@ -10,6 +10,8 @@ model states equal the module path's bit for bit (tests/test_few_tokens.py).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from kernels.attention import native as attention_native
@@ -132,6 +134,8 @@ class FewTokenForward:
         self.layers = [_Layer(layer, norm) for layer, norm in zip(layers, norms, strict=True)]
         self.eps = config.rms_norm_eps
         self.rows = _Rows(config)
+        # The work buffers are shared: calls from several threads take turns (the module path does not).
+        self._lock = threading.Lock()
 
     @classmethod
     def build(cls, module: torch.nn.Module, config: ModelConfig) -> FewTokenForward | None:
@@ -148,6 +152,11 @@ class FewTokenForward:
                       states: list[LayerState], past: int) -> torch.Tensor:
         """input_ids `[1, T]` -> hidden states before the final norm `[1, T, hidden]` (a new tensor);
         advances the layer states by the T tokens that follow `past`."""
+        with self._lock:
+            return self._hidden_states(input_ids, rope, states, past)
+
+    def _hidden_states(self, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       states: list[LayerState], past: int) -> torch.Tensor:
         count = input_ids.shape[1]
         rows = self.rows(count)
         residual, normed, delta = rows["residual"], rows["normed"], rows["delta"]

@@ -6,6 +6,8 @@ must be equal bit for bit, through K/V growth, multi-token calls and dense MLP l
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -85,3 +87,26 @@ def test_models_the_kernels_cannot_take_have_no_fast_path(tmp_path):
     model = load_model(tmp_path, dtype=torch.bfloat16)
     assert model.few_tokens is None
     assert FewTokenForward.build(load_model(tmp_path, dtype=torch.float32).module, model.config) is None
+
+
+def test_threads_sharing_the_model_get_the_results_they_would_alone(lm):
+    """The fast path's buffers are shared by every caller of the model: concurrent calls must not mix."""
+    bases = []
+    for seed in (7, 8):
+        state = lm.new_state()
+        prefill(lm, state, ids(lm, 30, seed=seed)[0][0])
+        bases.append(state)
+    calls = [ids(lm, *([1] * 12), 5, seed=seed) for seed in (9, 10)]
+    alone = [run(lm, True, base.clone(), call) for base, call in zip(bases, calls, strict=True)]
+    together: list = [None, None]
+
+    def decode(i: int) -> None:
+        together[i] = [lm.forward(x, state) for state in [bases[i].clone()] for x in calls[i]]
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for ours, expected in zip(together, alone, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
