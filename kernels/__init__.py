@@ -38,13 +38,15 @@ def build_native_kernels() -> dict[str, bool]:
     from .gated_rmsnorm import native as norms
     from .linear import native as linear
     from .moe import native as moe
+    from .rotary import native as rotary
 
     builds = {
         "attention": [attention.kernel],
         "conv": [conv.kernel],
-        "delta_rule": [delta_rule.kernel, delta_rule.chunk_kernel],
+        "delta_rule": [delta_rule.kernel, delta_rule.grouped_kernel, delta_rule.chunk_kernel],
         "linear": [linear.kernel],
         "moe": [moe.kernel, moe.experts_kernel],
-        "norms": [norms.kernels],
+        "norms": [norms.kernels, norms.add_kernel],
+        "rotary": [rotary.kernel],
     }
     return {name: all(build() is not None for build in entries) for name, entries in builds.items()}

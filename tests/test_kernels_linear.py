@@ -123,5 +123,5 @@ def test_build_native_kernels_reports_each_op():
     from kernels import build_native_kernels
 
     ready = build_native_kernels()
-    assert set(ready) == {"attention", "conv", "delta_rule", "linear", "moe", "norms"}
+    assert set(ready) == {"attention", "conv", "delta_rule", "linear", "moe", "norms", "rotary"}
     assert ready["linear"] == (native.kernel() is not None)
