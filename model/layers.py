@@ -112,9 +112,13 @@ class GatedDeltaNet(nn.Module):
         """The projections are grouped per key head: `[q | k | v(group) | z(group)]` and `[b | a]`."""
         batch, length, _ = x.shape
         group_v = self.group * self.value_dim
-        mixed = self.in_proj_qkvz(x).view(batch, length, self.key_heads, -1)
+        projected, gates = self.in_proj_qkvz(x), self.in_proj_ba(x)
+        if delta_native.supports_split(projected, gates):
+            return delta_native.split_projections(projected, gates, self.key_heads, self.key_dim, self.value_heads,
+                                                  self.value_dim)
+        mixed = projected.view(batch, length, self.key_heads, -1)
         query, key, value, z = mixed.split([self.key_dim, self.key_dim, group_v, group_v], dim=-1)
-        b, a = self.in_proj_ba(x).view(batch, length, self.key_heads, -1).split([self.group, self.group], dim=-1)
+        b, a = gates.view(batch, length, self.key_heads, -1).split([self.group, self.group], dim=-1)
         qkv = torch.cat([t.reshape(batch, length, -1) for t in (query, key, value)], dim=-1)
         z = z.reshape(batch, length, self.value_heads, self.value_dim)
         return qkv, z, b.reshape(batch, length, -1), a.reshape(batch, length, -1)

@@ -140,3 +140,19 @@ def test_grouped_step_equals_step_on_split_inputs(case):
                                           t["dt_bias"].float(), state, key_heads, key_dim, value_dim, out)
     assert torch.equal(out, expected_out[0])
     assert torch.equal(conv, expected_conv[0]) and torch.equal(state, expected_state[0])
+
+
+@requires_native
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_split_returns_the_pieces_the_projections_were_built_from(case):
+    """split_projections undoes the checkpoint's per-key-head grouping exactly (pure copies)."""
+    if delta_native.split_kernel() is None:
+        pytest.skip("native kernel unavailable")
+    tokens, key_heads, heads, key_dim, value_dim, _ = case
+    t = inputs(case, seed=12)
+    qkvz, ba = grouped_projections(case, t, seed=13)
+    z = torch.randn(tokens, heads * value_dim, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    assert delta_native.supports_split(qkvz[None], ba[None])
+    qkv, z_out, b, a = delta_native.split_projections(qkvz[None], ba[None], key_heads, key_dim, heads, value_dim)
+    assert torch.equal(qkv, t["mixed"]) and torch.equal(b, t["b"]) and torch.equal(a, t["a"])
+    assert torch.equal(z_out, z.view(1, tokens, heads, value_dim))

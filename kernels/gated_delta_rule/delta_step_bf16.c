@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "../bf16_simd.h"
+#include "split_bf16.c"
 
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
@@ -116,23 +117,11 @@ int gated_delta_step_grouped_bf16(const uint16_t *qkvz, int64_t ld_qkvz, const u
                                   int64_t T, int64_t Hk, int64_t HV, int64_t Dk, int64_t Dv, uint16_t *conv_state,
                                   const uint16_t *conv_weight, int64_t W, const float *decay_rate,
                                   const float *dt_bias, float *state, uint16_t *out, int threads) {
-    int64_t group = HV / Hk, C = 2 * Hk * Dk + HV * Dv, head_width = 2 * Dk + 2 * group * Dv;
+    int64_t C = 2 * Hk * Dk + HV * Dv;
     uint16_t *mixed = malloc(sizeof(uint16_t) * (T * C + 2 * T * HV));
     if (!mixed) return -1;
     uint16_t *a = mixed + T * C, *b = a + T * HV;
-    for (int64_t t = 0; t < T; t++) {
-        uint16_t *row = mixed + t * C;
-        for (int64_t h = 0; h < Hk; h++) {
-            const uint16_t *head = qkvz + t * ld_qkvz + h * head_width;
-            memcpy(row + h * Dk, head, sizeof(uint16_t) * Dk);
-            memcpy(row + Hk * Dk + h * Dk, head + Dk, sizeof(uint16_t) * Dk);
-            memcpy(row + 2 * Hk * Dk + h * group * Dv, head + 2 * Dk, sizeof(uint16_t) * group * Dv);
-            for (int64_t j = 0; j < group; j++) {
-                b[t * HV + h * group + j] = ba[t * ld_ba + h * 2 * group + j];
-                a[t * HV + h * group + j] = ba[t * ld_ba + h * 2 * group + group + j];
-            }
-        }
-    }
+    split_projections_bf16(qkvz, ld_qkvz, ba, ld_ba, T, Hk, HV, Dk, Dv, mixed, NULL, b, a, 1);
     int status = gated_delta_step_bf16(mixed, T, Hk, HV, Dk, Dv, conv_state, conv_weight, W, a, b, decay_rate, dt_bias,
                                        state, out, threads);
     free(mixed);

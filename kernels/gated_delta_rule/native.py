@@ -38,6 +38,46 @@ def grouped_kernel():
     return entry
 
 
+_SPLIT_ARGTYPES = (_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, ctypes.c_int)
+
+
+@functools.cache
+def split_kernel():
+    """The C function `split_projections_bf16`, or None where it cannot run here."""
+    return load(Path(__file__).with_name("split_bf16.c"), "split_projections_bf16", _SPLIT_ARGTYPES)
+
+
+def supports_split(qkvz: torch.Tensor, ba: torch.Tensor) -> bool:
+    """qkvz `[B, T, Hk * (2 Dk + 2 g Dv)]` and ba `[B, T, Hk * 2 g]`: bf16 on CPU, unit stride along the
+    last dim and rows addressable by one stride."""
+    return (
+        qkvz.device.type == "cpu"
+        and qkvz.dtype == ba.dtype == torch.bfloat16
+        and qkvz.dim() == ba.dim() == 3
+        and qkvz.stride(-1) == ba.stride(-1) == 1
+        and qkvz.stride(0) == qkvz.shape[1] * qkvz.stride(1)
+        and ba.stride(0) == ba.shape[1] * ba.stride(1)
+        and split_kernel() is not None
+    )
+
+
+def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, key_heads: int, key_dim: int, value_heads: int,
+                      value_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouped projections (see `supports_split`) as qkv `[B, T, C]`, z `[B, T, HV, V]`, b and a
+    `[B, T, HV]`, all contiguous: the copies `GatedDeltaNet._split_projections` makes, in one pass."""
+    batch, length = qkvz.shape[:2]
+    channels = 2 * key_heads * key_dim + value_heads * value_dim
+    qkv = torch.empty(batch, length, channels, dtype=qkvz.dtype)
+    z = torch.empty(batch, length, value_heads, value_dim, dtype=qkvz.dtype)
+    b = torch.empty(batch, length, value_heads, dtype=qkvz.dtype)
+    a = torch.empty(batch, length, value_heads, dtype=qkvz.dtype)
+    flat_qkvz, flat_ba = qkvz.reshape(-1, qkvz.shape[-1]), ba.reshape(-1, ba.shape[-1])
+    split_kernel()(flat_qkvz.data_ptr(), flat_qkvz.stride(0), flat_ba.data_ptr(), flat_ba.stride(0), batch * length,
+                   key_heads, value_heads, key_dim, value_dim, qkv.data_ptr(), z.data_ptr(), b.data_ptr(), a.data_ptr(),
+                   torch.get_num_threads())
+    return qkv, z, b, a
+
+
 def supports(mixed: torch.Tensor, conv_state: torch.Tensor, recurrent: torch.Tensor, value_dim: int) -> bool:
     """mixed `[B, T, C]` bf16 on CPU with T <= MAX_TOKENS, a bf16 conv tail and an fp32 state."""
     return (
