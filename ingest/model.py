@@ -21,6 +21,9 @@ class Unit:
     """A citable piece of a document: a PDF page or a heading-delimited section.
 
     ``number`` is 1-based: the page number for pages, the section's position otherwise.
+    ``ocr_confidence`` is set (0-100, tesseract's mean word confidence) when the text was read
+    from the page's image rather than its text layer. ``removed_header``/``removed_footer`` hold
+    running-margin lines taken out of ``text``, so a reader can show the page as it was.
     """
 
     label: str
@@ -28,6 +31,13 @@ class Unit:
     text: str
     start: int
     end: int
+    ocr_confidence: float | None = None
+    removed_header: str = ""
+    removed_footer: str = ""
+
+    @property
+    def ocr(self) -> bool:
+        return self.ocr_confidence is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +71,14 @@ class ExtractedDocument:
 
 @dataclass(frozen=True, slots=True)
 class Section:
-    """A unit before offsets are known: what each reader produces."""
+    """A unit before offsets are known: what each reader produces (fields as in :class:`Unit`)."""
 
     label: str
     number: int
     text: str
+    ocr_confidence: float | None = None
+    removed_header: str = ""
+    removed_footer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +107,12 @@ def layout_units(sections: Iterable[Section]) -> tuple[tuple[Unit, ...], str]:
             parts.append(UNIT_SEPARATOR)
             cursor += len(UNIT_SEPARATOR)
         end = cursor + len(section.text)
-        units.append(Unit(section.label, section.number, section.text, cursor, end))
+        units.append(
+            Unit(
+                section.label, section.number, section.text, cursor, end,
+                section.ocr_confidence, section.removed_header, section.removed_footer,
+            )
+        )
         parts.append(section.text)
         cursor = end
     return tuple(units), "".join(parts)

@@ -175,6 +175,9 @@ def _build_document(
             text=clean_text(unit.text),
             start=int(unit.start),
             end=int(unit.end),
+            ocr_confidence=getattr(unit, "ocr_confidence", None),
+            removed_header=clean_text(getattr(unit, "removed_header", "") or ""),
+            removed_footer=clean_text(getattr(unit, "removed_footer", "") or ""),
         )
         for unit in extracted.units
     ]
@@ -189,6 +192,7 @@ def _build_document(
         token_count=token_count,
         tokenizer_id=tokenizer_id,
         meta=json_safe(metadata_dict(extracted.metadata)),
+        warnings=[str(w) for w in getattr(extracted, "warnings", ())],
         created_at=utcnow(),
         units=units,
     )
@@ -255,6 +259,7 @@ def _document_info(row: Document) -> DocumentInfo:
         tokenizer_id=row.tokenizer_id,
         metadata=dict(row.meta or {}),
         created_at=row.created_at,
+        warnings=tuple(row.warnings or ()),
     )
 
 
@@ -267,4 +272,7 @@ def _unit_info(row: DocumentUnit) -> UnitInfo:
         text=row.text,
         start=row.start,
         end=row.end,
+        ocr_confidence=row.ocr_confidence,
+        removed_header=row.removed_header or "",
+        removed_footer=row.removed_footer or "",
     )

@@ -95,11 +95,16 @@ class DocumentInfo:
     tokenizer_id: str | None
     metadata: dict[str, Any]
     created_at: datetime
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class UnitInfo:
-    """A page or section with its character span in the document text."""
+    """A page or section with its character span in the document text.
+
+    ``ocr_confidence`` is set for text read from the page image; ``removed_header`` and
+    ``removed_footer`` are running-margin lines left out of ``text``.
+    """
 
     id: int
     document_id: int
@@ -108,6 +113,18 @@ class UnitInfo:
     text: str
     start: int
     end: int
+    ocr_confidence: float | None = None
+    removed_header: str = ""
+    removed_footer: str = ""
+
+    @property
+    def ocr(self) -> bool:
+        return self.ocr_confidence is not None
+
+    @property
+    def as_printed(self) -> str:
+        """The page with its removed running header and footer put back."""
+        return "\n".join(part for part in (self.removed_header, self.text, self.removed_footer) if part)
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,8 @@ class Document(Base):
     token_count: Mapped[int | None] = mapped_column(Integer)
     tokenizer_id: Mapped[str | None] = mapped_column(String(255))
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    # What the reader noticed and could not (or chose not to) keep, e.g. OCR'd or unreadable pages.
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     units: Mapped[list[DocumentUnit]] = relationship(
@@ -124,6 +126,11 @@ class DocumentUnit(Base):
     text: Mapped[str] = mapped_column(Text)
     start: Mapped[int] = mapped_column("start_offset", Integer)
     end: Mapped[int] = mapped_column("end_offset", Integer)
+    # Set when the text was read from the page image (OCR): tesseract's mean word confidence, 0-100.
+    ocr_confidence: Mapped[float | None] = mapped_column(Float)
+    # Running header/footer lines taken out of ``text``; kept so the page can be shown as printed.
+    removed_header: Mapped[str] = mapped_column(Text, default="")
+    removed_footer: Mapped[str] = mapped_column(Text, default="")
 
     document: Mapped[Document] = relationship(back_populates="units")
 

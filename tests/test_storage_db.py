@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from storage import Database, DatabaseLockedError, DatabaseUnavailableError, SessionStore, StorageError
 from storage.db import DEFAULT_FILENAME, alembic_config
@@ -37,10 +37,34 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def test_single_initial_revision() -> None:
+def test_revisions_form_one_line_from_the_initial_schema() -> None:
     revisions = list(ScriptDirectory.from_config(alembic_config()).walk_revisions())
-    assert len(revisions) == 1
-    assert revisions[0].down_revision is None
+    assert revisions[-1].down_revision is None
+    for newer, older in zip(revisions, revisions[1:], strict=False):
+        assert newer.down_revision == older.revision
+
+
+def test_upgrade_keeps_documents_stored_before_units_had_ocr_and_margins(backend: Backend) -> None:
+    db = Database(backend.url, backend.data_dir)
+    db.upgrade("0001_initial")
+    with db.engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO documents (id, sha256, filename, title, kind, size_bytes, page_count, text, metadata, "
+            "created_at) VALUES (1, 'ab', 'a.pdf', 'A', 'pdf', 3, 1, 'abc', '{}', CURRENT_TIMESTAMP)"
+        ))
+        connection.execute(text(
+            "INSERT INTO document_units (document_id, number, label, text, start_offset, end_offset) "
+            "VALUES (1, 1, 'page 1', 'abc', 0, 3)"
+        ))
+    db.upgrade()
+    with db.engine.connect() as connection:
+        row = connection.execute(text(
+            "SELECT u.text, u.ocr_confidence, u.removed_header, u.removed_footer, d.warnings "
+            "FROM document_units u JOIN documents d ON d.id = u.document_id"
+        )).one()
+    assert tuple(row[:4]) == ("abc", None, "", "")
+    assert row[4] in ("[]", [])
+    db.dispose()
 
 
 def test_upgrade_from_empty_matches_models(backend: Backend) -> None:
