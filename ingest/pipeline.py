@@ -12,7 +12,7 @@ from .pdf import read_pdf
 from .settings import DEFAULT_SETTINGS, MB, IngestSettings
 from .text import read_text
 from .titles import choose_title
-from .watchdog import Deadline, run_with_time_limit
+from .watchdog import ChildLimits, Deadline, ProgressCallback, run_isolated
 
 BLANK_CHECK_BYTES = 1 << 16
 
@@ -24,12 +24,15 @@ def extract(
     max_bytes: int | None = None,
     time_limit_s: float | None = None,
     settings: IngestSettings | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ExtractedDocument:
     """Turn an uploaded file into text split into citable units.
 
     The type is decided by content, not by ``filename`` (which only distinguishes Markdown from
     plain text and improves messages). ``max_bytes`` and ``time_limit_s`` override the matching
-    fields of ``settings`` (default :data:`DEFAULT_SETTINGS`: 200 MB, 60 s).
+    fields of ``settings`` (default :data:`DEFAULT_SETTINGS`: 200 MB, 60 s, plus time for OCR).
+    The work runs in a child process with those limits (see :mod:`ingest.watchdog`);
+    ``progress`` is called in this process with each :class:`~ingest.watchdog.Progress`.
 
     Every problem with the input raises :class:`IngestError`; ``TypeError`` is raised only when
     ``data`` is not bytes-like, which is a programming error rather than a bad upload.
@@ -45,9 +48,12 @@ def extract(
         )
     if not data or (len(data) <= BLANK_CHECK_BYTES and not data.strip()):
         raise IngestError(EMPTY, "The file is empty.")
-    return run_with_time_limit(
-        lambda deadline: _guarded(data, filename, limits, deadline), limits.time_limit_s
+    child = ChildLimits(
+        time_limit_s=limits.time_limit_s,
+        memory_bytes=limits.memory_limit_bytes,
+        max_extension_s=limits.ocr_seconds_per_page * limits.ocr_max_pages,
     )
+    return run_isolated(_guarded, (data, filename, limits), child, progress)
 
 
 def _limits(

@@ -18,6 +18,11 @@ DEFAULT_ZIP_MAX_RATIO: Final = 50.0
 DEFAULT_ZIP_RATIO_FLOOR_BYTES: Final = 16 * MB
 DEFAULT_ZIP_MAX_MEMBERS: Final = 10_000
 TITLE_MAX_CHARS: Final = 120
+DEFAULT_MEMORY_LIMIT_BYTES: Final = 3 * 1024 * MB
+DEFAULT_OCR_LANGUAGES: Final = "eng"
+DEFAULT_OCR_DPI: Final = 300
+DEFAULT_OCR_SECONDS_PER_PAGE: Final = 30.0
+DEFAULT_OCR_MAX_PAGES: Final = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,15 @@ class IngestSettings:
     zip_max_ratio: float = DEFAULT_ZIP_MAX_RATIO
     zip_ratio_floor_bytes: int = DEFAULT_ZIP_RATIO_FLOOR_BYTES
     zip_max_members: int = DEFAULT_ZIP_MAX_MEMBERS
+    # The extraction process's address space; a parser that needs more fails instead of the server.
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES
+    # Tesseract language codes joined with "+", e.g. "eng+deu"; each needs its language pack.
+    ocr_languages: str = DEFAULT_OCR_LANGUAGES
+    ocr_dpi: int = DEFAULT_OCR_DPI
+    # OCR is slow (seconds a page), so each page to recognise adds this much to the time limit...
+    ocr_seconds_per_page: float = DEFAULT_OCR_SECONDS_PER_PAGE
+    # ...for at most this many pages; further image-only pages are reported, not read.
+    ocr_max_pages: int = DEFAULT_OCR_MAX_PAGES
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0:
