@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
+scripts/ocr.sh || echo "OCR (tesseract) is not available: scanned pages will be reported, not read."
 exec .venv/bin/python -m app.launch "$@"

@@ -35,6 +35,11 @@ class Settings:
     max_new_tokens: int = 1024
     # Drafts per speculative step with the checkpoint's MTP head; -1 picks (see services.container).
     draft_tokens: int = -1
+    # Tesseract languages for scanned pages, joined by "+" (e.g. "eng+deu"); scripts/ocr.sh installs them.
+    ocr_languages: str = "eng"
+    # Uploads read at once (the rest wait in a queue), and the memory each reading process may use.
+    read_workers: int = 2
+    read_memory_mb: int = 3072
 
     @property
     def data_path(self) -> Path:

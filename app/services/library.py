@@ -10,9 +10,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ingest import IngestError, extract
+from ingest import IngestError, IngestSettings, extract
 from ingest.model import sha256_hex
+from ingest.watchdog import ProgressCallback
 from storage import DocumentInfo, DocumentStore, SearchHit, StorageError
+
+from .uploads import JobStatus, UploadQueue
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ class Library:
     """Upload handling on top of :class:`DocumentStore`.
 
     ``count_tokens`` may fail (for instance while the model is unavailable); the document is
-    then stored without a count rather than rejected.
+    then stored without a count rather than rejected. :meth:`add` reads a file now;
+    :meth:`submit` queues it, so that at most ``workers`` files are read at once.
     """
 
     def __init__(
@@ -62,19 +66,25 @@ class Library:
         count_tokens: TokenCounter | None = None,
         tokenizer_id: str | None = None,
         max_bytes: int | None = None,
+        ingest_settings: IngestSettings | None = None,
+        workers: int = 2,
     ) -> None:
         self.documents = documents
         self.count_tokens = count_tokens
         self.tokenizer_id = tokenizer_id
         self.max_bytes = max_bytes
+        self.ingest_settings = ingest_settings
+        self.queue = UploadQueue(self._read_queued, workers)
 
-    def add(self, data: bytes, filename: str) -> UploadResult:
+    def add(self, data: bytes, filename: str, progress: ProgressCallback | None = None) -> UploadResult:
         """Store one uploaded file unless identical bytes are already in the library."""
         existing = self.documents.get_by_sha256(sha256_hex(data))
         if existing is not None:
             return UploadResult(filename, "duplicate", existing, "Already in the library.")
         try:
-            extracted = extract(data, filename, max_bytes=self.max_bytes)
+            extracted = extract(
+                data, filename, max_bytes=self.max_bytes, settings=self.ingest_settings, progress=progress
+            )
         except IngestError as error:
             return UploadResult(filename, "failed", message=error.message)
         tokens = self._count(extracted.text)
@@ -90,6 +100,24 @@ class Library:
 
     def add_many(self, files: Iterable[tuple[str, bytes]]) -> list[UploadResult]:
         return [self.add(data, filename) for filename, data in files]
+
+    def submit(self, data: bytes, filename: str) -> int:
+        """Queue a file for reading and return its job id (see :meth:`status`)."""
+        existing = self.documents.get_by_sha256(sha256_hex(data))
+        if existing is not None:
+            duplicate = UploadResult(filename, "duplicate", existing, "Already in the library.")
+            return self.queue.finish_now(filename, duplicate)
+        return self.queue.submit(data, filename)
+
+    def status(self, job_id: int) -> JobStatus | None:
+        return self.queue.status(job_id)
+
+    def _read_queued(self, data: bytes, filename: str, progress: ProgressCallback) -> UploadResult:
+        try:
+            return self.add(data, filename, progress)
+        except Exception as error:  # e.g. the database went away: say so instead of losing the file silently
+            log.exception("adding %s failed", filename)
+            return UploadResult(filename, "failed", message=f"The file could not be added ({type(error).__name__}).")
 
     def _count(self, text: str) -> int | None:
         if self.count_tokens is None:

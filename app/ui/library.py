@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import streamlit as st
 
 from app.services.library import Library, UploadResult
+from app.services.uploads import JobStatus
 from app.ui import pickers, state
 from app.ui.citations import unit_word
 from app.ui.text import escape, find_spans, human_bytes, number, plural, to_markdown, when
-from storage import DocumentInfo, DocumentStore
+from storage import DocumentInfo, DocumentStore, UnitInfo
 
 FILE_TYPES = ["pdf", "docx", "txt", "md", "markdown"]
 RESULTS = "upload_results"
@@ -18,21 +19,62 @@ READER_DOC, READER_PAGE, CONFIRM_DELETE = "reader_document", "reader_page", "con
 SEARCH_LIMIT = 200
 SNIPPETS_PER_PAGE = 3
 READER_HEIGHT = 520
+POLL_S = 1.0
+AS_PRINTED = "reader_as_printed"
 
 
 def upload_panel(library: Library, limit_mb: int) -> None:
-    """Add every newly chosen file once, then show what happened to each file in the picker."""
+    """Queue every newly chosen file once, then follow each one until it is in the library."""
     files = st.file_uploader(
-        "Add documents: PDF, Word (.docx), text or Markdown", type=FILE_TYPES,
+        "Add documents: PDF (scans are read with OCR), Word (.docx), text or Markdown", type=FILE_TYPES,
         accept_multiple_files=True, key="uploader", max_upload_size=limit_mb,
     )
-    results: dict[str, UploadResult] = st.session_state.setdefault(RESULTS, {})
+    jobs: dict[str, int] = st.session_state.setdefault(RESULTS, {})
     for file in files or []:
-        if file.file_id not in results:
-            with st.spinner(f"Reading {escape(file.name)}…"):
-                results[file.file_id] = library.add(file.getvalue(), file.name)
-    for file in files or []:
-        show_result(results[file.file_id])
+        if file.file_id not in jobs:
+            jobs[file.file_id] = library.submit(file.getvalue(), file.name)
+    shown = [jobs[file.file_id] for file in files or []]
+    if shown:
+        upload_status(library, shown)
+
+
+def upload_status(library: Library, job_ids: list[int]) -> None:
+    """Each chosen file's place in the queue, reading progress or result; refreshes itself while any runs."""
+    statuses = [library.status(job_id) for job_id in job_ids]
+    running = any(status is not None and status.state != "done" for status in statuses)
+
+    def render() -> None:
+        current = [library.status(job_id) for job_id in job_ids]
+        for status in current:
+            if status is not None:
+                show_status(status)
+        still_running = any(status is not None and status.state != "done" for status in current)
+        if running and not still_running:
+            st.rerun()  # the whole page, so the new documents appear in the table below
+
+    st.fragment(render, run_every=POLL_S if running else None)()
+
+
+def show_status(status: JobStatus) -> None:
+    name = f"**{escape(status.filename)}**"
+    if status.state == "queued":
+        st.info(f"{name}: waiting to be read, number {status.position or 1} in the queue.",
+                icon=":material/hourglass_empty:")
+    elif status.state == "reading":
+        st.progress(min(status.done / status.total, 1.0) if status.total else 0.0, text=progress_line(status))
+    elif isinstance(status.result, UploadResult):
+        show_result(status.result)
+    else:
+        st.error(f"{name}: the file could not be read.", icon=":material/error:")
+
+
+def progress_line(status: JobStatus) -> str:
+    name = f"**{escape(status.filename)}**"
+    if status.phase == "ocr" and status.total:
+        return f"{name}: reading scanned pages with OCR, {min(status.done + 1, status.total)} of {status.total}…"
+    if status.total:
+        return f"{name}: reading page {min(status.done + 1, status.total)} of {status.total}…"
+    return f"{name}: reading…"
 
 
 def show_result(result: UploadResult) -> None:
@@ -45,7 +87,7 @@ def show_result(result: UploadResult) -> None:
             icon=":material/check_circle:",
         )
         for warning in result.warnings:
-            st.caption(escape(warning))
+            st.caption(f":material/info: {escape(warning)}")
     elif result.status == "duplicate" and document is not None:
         st.info(f"{name}: already in the library as “{escape(document.title)}”.", icon=":material/content_copy:")
     else:
@@ -114,9 +156,33 @@ def reader(store: DocumentStore, documents: Sequence[DocumentInfo], query: str =
         unit = units[pickers.pick(unit_word(document.kind).capitalize(), labels, READER_PAGE)]
     back.button("Previous", on_click=_step, args=(numbers, -1), width="stretch")
     forward.button("Next", on_click=_step, args=(numbers, 1), width="stretch")
+    reading_notes(document, units.values())
+    text = unit.text
+    has_margins = bool(unit.removed_header or unit.removed_footer)
+    if has_margins and st.toggle("Show the running header and footer left out of the text", key=AS_PRINTED):
+        text = unit.as_printed
+    if unit.ocr:
+        st.caption(ocr_note(unit))
     with st.container(border=True, height=READER_HEIGHT):
-        st.markdown(to_markdown(unit.text, find_spans(unit.text, query)))
+        st.markdown(to_markdown(text, find_spans(text, query)))
     return document
+
+
+def ocr_note(unit: UnitInfo) -> str:
+    confidence = unit.ocr_confidence
+    sure = f", confidence {confidence:.0f}%" if confidence is not None else ""
+    return f":material/document_scanner: This page was read with OCR from its image{sure}; words may be misread."
+
+
+def reading_notes(document: DocumentInfo, units) -> None:
+    """What reading the document left out or guessed, so nothing is lost without the user knowing."""
+    if not document.warnings:
+        return
+    ocr_pages = sum(1 for unit in units if unit.ocr)
+    title = "Notes on reading this document" + (f" ({plural(ocr_pages, 'page')} read with OCR)" if ocr_pages else "")
+    with st.expander(title, icon=":material/info:"):
+        for warning in document.warnings:
+            st.markdown(f"- {escape(warning)}")
 
 
 def _delete(store: DocumentStore, document: DocumentInfo) -> None:
