@@ -31,13 +31,15 @@ from .state_cache import CacheStats, StateCache
 
 
 class ContextTooLong(ValueError):
-    """The prompt would not fit the model's context; raised before any prefill."""
+    """The prompt and the room kept for the answer would not fit the model's context; raised
+    before any prefill."""
 
-    def __init__(self, tokens: int, limit: int):
-        self.tokens, self.limit = tokens, limit
+    def __init__(self, tokens: int, limit: int, reserved: int = 0, *, what: str = "documents and conversation",
+                 hint: str = "Select fewer or shorter documents, or start a new chat session."):
+        self.tokens, self.limit, self.reserved = tokens, limit, reserved
         super().__init__(
-            f"The selected documents and conversation take {tokens:,} tokens, more than the model's "
-            f"context of {limit:,}. Select fewer or shorter documents, or start a new chat session."
+            f"The selected {what} take {tokens:,} tokens, plus {reserved:,} reserved for the answer: "
+            f"{tokens + reserved:,}, more than the model's context of {limit:,}. {hint}"
         )
 
 
@@ -166,7 +168,7 @@ class AnalysisService:
     def summarize(self, document_ids: Sequence[int], *, progress=None, cancel=None) -> Iterator[AnswerEvent]:
         segments = [system_segment(self.tokenizer)] + [self.document_segment(d) for d in document_ids]
         segments.append(question_segment(self.tokenizer, SUMMARY_REQUEST))
-        self._check_fits(segments)
+        self._check_fits(segments, what="documents", hint="Select fewer or shorter documents.")
         report, text = RunReport(), ""
         for delta in self._answer(segments, self._depends_on(document_ids), report, progress, cancel):
             if delta.channel == "answer":
@@ -178,10 +180,15 @@ class AnalysisService:
                                              model_name=self.model_name)
         yield AnswerEvent("done", summary=summary)
 
-    def _check_fits(self, segments: list[Segment]) -> None:
+    @property
+    def answer_reserve(self) -> int:
+        """Tokens kept free for the answer (reasoning included): the most it may generate."""
+        return max(self.max_new_tokens, 1)
+
+    def _check_fits(self, segments: list[Segment], **message) -> None:
         total = sum(len(s.ids) for s in segments) + len(self.tokenizer.generation_prompt())
-        if total + 1 > self.context_limit:
-            raise ContextTooLong(total, self.context_limit)
+        if total + self.answer_reserve > self.context_limit:
+            raise ContextTooLong(total, self.context_limit, self.answer_reserve, **message)
 
     def _depends_on(self, document_ids: Sequence[int]) -> tuple[str, ...]:
         infos = [self.documents.get_document(d) for d in document_ids]

@@ -1,7 +1,9 @@
 """Summaries and chat transcripts as Markdown, Word (.docx) and PDF files.
 
 Both kinds of export are first turned into one neutral :class:`Report`, so the three
-writers share a single idea of what an export contains.
+writers share a single idea of what an export contains. The Markdown file passes model
+text through :mod:`.safe_markdown`, so opening it in a viewer fetches nothing and offers no
+links; Word and PDF files hold the text as plain runs, without hyperlinks or images.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from docx import Document
 
 from storage import ChatSessionInfo, MessageInfo, SessionDocumentInfo, SummaryInfo
 
+from . import safe_markdown
 from .pdf_export import render_pdf
 
 Format = Literal["md", "docx", "pdf"]
@@ -118,19 +121,25 @@ def transcript_report(
 
 
 def to_markdown(report: Report) -> str:
-    lines = [f"# {report.title}", ""]
-    lines += [f"- **{label}:** {value}" for label, value in report.details]
+    lines = [f"# {literal(report.title)}", ""]
+    lines += [f"- **{label}:** {literal(value)}" for label, value in report.details]
     for section in report.sections:
-        lines += ["", f"## {section.heading}", ""]
+        lines += ["", f"## {literal(section.heading)}", ""]
         if section.note:
             lines += [f"*{section.note}*", ""]
-        lines.append(section.text.strip() or "*(empty)*")
+        lines.append(safe_markdown.render(section.text.strip()) or "*(empty)*")
         if section.citations:
             lines += ["", "**Citations**", ""]
             for number, citation in enumerate(section.citations, 1):
                 quote = " ".join(citation.quote.split())
-                lines.append(f"{number}. {citation.where} ({citation.mark}): “{quote}”")
+                lines.append(f"{number}. {literal(citation.where)} ({citation.mark}): “{literal(quote)}”")
     return xml_safe("\n".join(lines).rstrip()) + "\n"
+
+
+def literal(value: str) -> str:
+    """One line of Markdown showing ``value`` literally: titles, document names and quotes
+    come from uploads or the model."""
+    return safe_markdown.plain(" ".join(value.split()))
 
 
 def xml_safe(text: str) -> str:

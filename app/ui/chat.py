@@ -76,22 +76,32 @@ def document_picker(sessions: SessionStore, documents: Sequence[DocumentInfo], c
 
 
 def context_budget(analysis: AnalysisService, document_ids: Sequence[int], limit: int) -> float:
-    """A bar of the tokens the selection takes against the model's context; returns the share."""
+    """A bar of the tokens the selection takes, plus the room kept for the answer, against the
+    model's context; returns the share of the context both take together (over 1: cannot ask)."""
     try:
         used = analysis.selection_tokens(list(document_ids)) if document_ids else 0
     except ValueError as error:
         st.error(escape(str(error)))
         return 0.0
+    reserved = analysis.answer_reserve
     share = used / limit if limit else 0.0
-    st.progress(min(share, 1.0), text=f"Context: {number(used)} of {number(limit)} tokens ({share:.0%})")
-    if share > 1:
-        st.error("The selected documents do not fit the model's context. Remove some documents to ask.")
+    needed = (used + reserved) / limit if limit else 0.0
+    st.progress(
+        min(needed, 1.0),
+        text=f"Context: {number(used)} of {number(limit)} tokens ({share:.0%}) for documents, "
+        f"{number(reserved)} reserved for the answer",
+    )
+    if needed > 1:
+        st.error(
+            f"The selected documents ({number(used)} tokens) and the {number(reserved)} tokens reserved for "
+            f"the answer do not fit the model's context of {number(limit)}. Remove some documents to ask."
+        )
     elif share >= WARN_SHARE:
         st.warning(
             f"The selected documents use {share:.0%} of the model's context; "
             "little room is left for the conversation."
         )
-    return share
+    return needed
 
 
 def chat_name(question: str) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 import streamlit as st
 
+from app.services import safe_markdown
 from app.ui import state
 from app.ui.text import escape, to_markdown
 from storage import DocumentInfo, DocumentStore
@@ -21,16 +22,21 @@ def unit_word(kind: str | None) -> str:
 
 
 def label(citation: dict[str, Any], document: DocumentInfo | None) -> str:
-    """``✓ Title, page 3 — “quote”``; the mark says whether the quote was found on that page."""
+    """``✓ Title, page 3 — “quote”``; the mark says whether the quote was found on that page.
+
+    Title and quote come from the model's answer (the title when no document matched), so
+    they go through the same escaping as the answer itself.
+    """
     mark = "✓" if citation.get("verified") else "⚠ not verified ·"
-    where = escape(str(citation.get("document_title") or "Unknown document"))
+    title = " ".join(str(citation.get("document_title") or "Unknown document").split())
+    where = safe_markdown.plain(title)
     page = citation.get("page")
     if page is not None:
         where += f", {unit_word(document.kind if document else None)} {page}"
     quote = " ".join(str(citation.get("quote") or "").split())
     if len(quote) > QUOTE_CHARS:
         quote = quote[: QUOTE_CHARS - 1].rstrip() + "…"
-    return f"{mark} {where} — “{escape(quote)}”"
+    return f"{mark} {where} — “{safe_markdown.plain(quote)}”"
 
 
 def show(documents: DocumentStore, owner: str, citations: Sequence[dict[str, Any]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app.services import safe_markdown
 from app.ui import citations
 from storage import DocumentStore, MessageInfo, MessageStats
 
@@ -29,9 +30,9 @@ def show(documents: DocumentStore, message: MessageInfo) -> None:
     with st.chat_message(message.role):
         if message.reasoning:
             with st.expander("Reasoning", expanded=False):
-                st.markdown(message.reasoning)
+                st.markdown(safe_markdown.render(message.reasoning))
         if message.text:
-            st.markdown(message.text)
+            st.markdown(safe_markdown.render(message.text))
         elif message.role == "assistant":
             st.caption("(no answer text)")
         note = STATUS_NOTES.get(message.status)

@@ -7,6 +7,7 @@ from typing import Any
 
 import streamlit as st
 
+from app.services import safe_markdown
 from app.services.jobs import JobSnapshot, StreamJob
 from app.ui.text import number, seconds
 
@@ -51,9 +52,9 @@ class _View:
         if snap.reasoning:
             if self.reasoning is None:
                 self.reasoning = self.reasoning_slot.expander("Reasoning", expanded=False).empty()
-            self.reasoning.markdown(snap.reasoning)
+            self.reasoning.markdown(safe_markdown.render(snap.reasoning))
         if snap.answer:
-            self.answer.markdown(snap.answer + CURSOR)
+            self.answer.markdown(safe_markdown.render(snap.answer) + CURSOR)
 
     def _status(self, snap: JobSnapshot) -> None:
         if snap.cancel_requested:

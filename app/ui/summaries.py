@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import streamlit as st
 
+from app.services import safe_markdown
 from app.services.analysis import AnalysisService
 from app.services.exports import summary_report, summary_title
 from app.services.jobs import StreamJob
@@ -81,7 +82,7 @@ def show(store: SummaryStore, documents_store, summary: SummaryInfo) -> None:
             f"{when(summary.created_at)} · model {escape(summary.model_name)} · "
             + "; ".join(escape(r.title) for r in summary.documents)
         )
-        st.markdown(summary.text or "*(empty)*")
+        st.markdown(safe_markdown.render(summary.text) or "*(empty)*")
         citations.show(documents_store, f"s{summary.id}", summary.citations)
     st.caption("Export")
     downloads.export_buttons(lambda: summary_report(summary), summary_title(summary), f"summary{summary.id}")
