@@ -45,3 +45,17 @@ def test_parse_and_verify_marks_each_citation():
 
 def test_answer_without_citations():
     assert parse_and_verify("No sources here.", DOCS) == []
+
+
+def test_citations_of_pages_read_with_ocr_are_marked():
+    from app.ui.citations import label
+
+    scanned = SimpleNamespace(number=2, text="The deposit is EUR 500.", ocr_confidence=87.5)
+    typed = SimpleNamespace(number=1, text="The rent is EUR 900.", ocr_confidence=None)
+    answer = '[doc: "Lease", page 2, "deposit is EUR 500"] and [doc: "Lease", page 1, "rent is EUR 900"]'
+    first, second = parse_and_verify(answer, {"Lease": (7, [typed, scanned])})
+    assert first["ocr"] is True and first["verified"]
+    assert "ocr" not in second
+    document = SimpleNamespace(kind="pdf")
+    assert ", page 2 (OCR) —" in label(first, document)
+    assert "(OCR)" not in label(second, document)

@@ -85,6 +85,8 @@ def parse_and_verify(answer: str, documents: dict[str, tuple[int, list]]) -> lis
             title, (document_id, units) = found
             citation.update(document_id=document_id, document_title=title)
             unit = next((u for u in units if u.number == page), None)
+            if unit is not None and getattr(unit, "ocr_confidence", None) is not None:
+                citation["ocr"] = True  # the page was read from its image: quotes may carry misreadings
             span = locate_quote(quote, unit.text) if unit is not None else None
             if span is not None:
                 citation.update(verified=True, start=span[0], end=span[1])

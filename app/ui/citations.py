@@ -10,11 +10,18 @@ import streamlit as st
 from app.services import safe_markdown
 from app.ui import state
 from app.ui.text import escape, to_markdown
-from storage import DocumentInfo, DocumentStore
+from storage import DocumentInfo, DocumentStore, UnitInfo
 
 OPEN_KEY = "open_citation"
 PAGE_HEIGHT = 360
 QUOTE_CHARS = 90
+
+
+def ocr_note(unit: UnitInfo) -> str:
+    """The mark of a page read with OCR, with how sure tesseract was."""
+    confidence = unit.ocr_confidence
+    sure = f", confidence {confidence:.0f}%" if confidence is not None else ""
+    return f":material/document_scanner: This page was read with OCR from its image{sure}; words may be misread."
 
 
 def unit_word(kind: str | None) -> str:
@@ -33,6 +40,8 @@ def label(citation: dict[str, Any], document: DocumentInfo | None) -> str:
     page = citation.get("page")
     if page is not None:
         where += f", {unit_word(document.kind if document else None)} {page}"
+        if citation.get("ocr"):
+            where += " (OCR)"
     quote = " ".join(str(citation.get("quote") or "").split())
     if len(quote) > QUOTE_CHARS:
         quote = quote[: QUOTE_CHARS - 1].rstrip() + "…"
@@ -74,6 +83,8 @@ def page_view(documents: DocumentStore, citation: dict[str, Any], document: Docu
     spans = [(start, end)] if citation.get("verified") and start is not None and end is not None else []
     with st.container(border=True, height=PAGE_HEIGHT):
         st.caption(f"{escape(document.title)} · {escape(unit.label)}")
+        if unit.ocr:
+            st.caption(ocr_note(unit))
         st.markdown(to_markdown(unit.text, spans))
     if not spans:
         st.caption("The quote was not found on this page, so nothing is highlighted.")

@@ -9,9 +9,9 @@ import streamlit as st
 from app.services.library import Library, UploadResult
 from app.services.uploads import JobStatus
 from app.ui import pickers, state
-from app.ui.citations import unit_word
+from app.ui.citations import ocr_note, unit_word
 from app.ui.text import escape, find_spans, human_bytes, number, plural, to_markdown, when
-from storage import DocumentInfo, DocumentStore, UnitInfo
+from storage import DocumentInfo, DocumentStore
 
 FILE_TYPES = ["pdf", "docx", "txt", "md", "markdown"]
 RESULTS = "upload_results"
@@ -166,12 +166,6 @@ def reader(store: DocumentStore, documents: Sequence[DocumentInfo], query: str =
     with st.container(border=True, height=READER_HEIGHT):
         st.markdown(to_markdown(text, find_spans(text, query)))
     return document
-
-
-def ocr_note(unit: UnitInfo) -> str:
-    confidence = unit.ocr_confidence
-    sure = f", confidence {confidence:.0f}%" if confidence is not None else ""
-    return f":material/document_scanner: This page was read with OCR from its image{sure}; words may be misread."
 
 
 def reading_notes(document: DocumentInfo, units) -> None:

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from app.services import safe_markdown
 from app.ui import chat as chat_ui
 from app.ui import context, messages, state, streaming
 
@@ -41,7 +42,7 @@ for message in chat_ui.visible_messages(sessions.list_messages(chat.id), job):
 
 if job is not None:
     with st.chat_message("user"):
-        st.markdown(job.label)
+        st.markdown(safe_markdown.render(job.label))
     with st.chat_message("assistant"):
         streaming.follow(job)
     st.rerun()
