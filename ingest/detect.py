@@ -11,6 +11,8 @@ import zipfile
 from typing import Literal
 
 from .errors import CORRUPT, ENCRYPTED, UNSUPPORTED, IngestError
+from .settings import DEFAULT_SETTINGS, IngestSettings
+from .zipguard import check_entry_count
 
 Container = Literal["pdf", "docx", "text"]
 
@@ -52,12 +54,16 @@ def extension(filename: str) -> str:
     return name.rsplit(".", 1)[1].lower() if "." in name.lstrip(".") else ""
 
 
-def detect_container(data: bytes, filename: str) -> Container:
-    """Classify ``data``; raises :class:`IngestError` for formats that cannot be read."""
+def detect_container(data: bytes, filename: str, settings: IngestSettings | None = None) -> Container:
+    """Classify ``data``; raises :class:`IngestError` for formats that cannot be read.
+
+    ``settings`` (default :data:`DEFAULT_SETTINGS`) only matters for ZIP containers, whose
+    entry count is checked against ``zip_max_members`` before their directory is read.
+    """
     if _looks_like_pdf(data):
         return "pdf"
     if data.startswith(ZIP_MAGICS):
-        return _classify_zip(data, filename)
+        return _classify_zip(data, filename, settings or DEFAULT_SETTINGS)
     if data.startswith(OLE2_MAGIC):
         raise _legacy_office_error(data)
     for signature, message in _BINARY_SIGNATURES:
@@ -84,16 +90,18 @@ def _looks_like_pdf(data: bytes) -> bool:
     return PDF_MAGIC in data[:PDF_HEADER_WINDOW] and (b"endobj" in data or b"startxref" in data)
 
 
-def _classify_zip(data: bytes, filename: str) -> Container:
+def _classify_zip(data: bytes, filename: str, settings: IngestSettings) -> Container:
     """A ZIP is only accepted when it holds a Word document's main part.
 
-    Only the central directory is read here, which is cheap and safe even for zip bombs.
+    Only the central directory is read here, and only once the end record has shown it to be
+    of a sane length (``zipfile`` parses all of it, however many entries it lists).
     """
+    what = "Word document" if extension(filename) == "docx" else "ZIP archive"
+    check_entry_count(data, settings.zip_max_members, what)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = set(archive.namelist())
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, KeyError) as exc:
-        what = "Word document" if extension(filename) == "docx" else "ZIP archive"
         raise IngestError(CORRUPT, f"The {what} is damaged or truncated and could not be opened.") from exc
     if DOCX_MAIN_PART in names:
         return "docx"

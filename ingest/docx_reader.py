@@ -5,6 +5,9 @@ and text inside content controls, hyperlinks, fields and tracked insertions is n
 (python-docx's ``Paragraph.text`` skips several of those). Headers, footers, comments,
 footnotes and floating text boxes live outside the body flow and are left out on purpose: they
 repeat or interrupt the text rather than continue it.
+
+python-docx only ever sees the package :func:`ingest.zipguard.unpack` re-built from capped,
+verified parts, never the upload itself; the page count is read from that package too.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .settings import IngestSettings
 from .text import PREAMBLE_LABEL, WHOLE_DOCUMENT_LABEL
 from .titles import sensible_title, trim_title
 from .watchdog import Deadline
-from .zipguard import check_archive
+from .zipguard import unpack
 
 _P, _T, _TBL, _TR, _TC = qn("w:p"), qn("w:t"), qn("w:tbl"), qn("w:tr"), qn("w:tc")
 _WRAPPERS = frozenset({qn("w:sdt"), qn("w:sdtContent"), qn("w:customXml")})
@@ -45,8 +48,11 @@ MAX_APP_XML_BYTES = 1 << 20
 
 def read_docx(data: bytes, deadline: Deadline, settings: IngestSettings) -> Extraction:
     """Read a DOCX into heading-delimited sections; raises IngestError on any failure."""
-    check_archive(data, settings)
-    document = _open(data)
+    package = unpack(data, settings, deadline)
+    deadline.check()
+    page_count = _page_count(package)
+    document = _open(package)
+    del package  # python-docx holds what it needs; the re-packed copy can go
     deadline.check()
     heading_styles = _heading_style_ids(document)
     sections = _sections(document.element.body, heading_styles, deadline)
@@ -55,15 +61,15 @@ def read_docx(data: bytes, deadline: Deadline, settings: IngestSettings) -> Extr
     first_heading = next(
         (s.label for s in sections if s.label not in (PREAMBLE_LABEL, WHOLE_DOCUMENT_LABEL)), None
     )
-    core_title, metadata = _metadata(document, data)
+    core_title, metadata = _metadata(document, page_count)
     return Extraction(
         kind="docx", sections=tuple(sections), metadata=metadata, title_hints=(core_title, first_heading)
     )
 
 
-def _open(data: bytes) -> docx.document.Document:
+def _open(package: bytes) -> docx.document.Document:
     try:
-        return docx.Document(io.BytesIO(data))
+        return docx.Document(io.BytesIO(package))
     except ValueError as exc:
         if "not a Word file" in str(exc):
             raise IngestError(
@@ -189,7 +195,7 @@ def _cell_text(cell: BaseOxmlElement) -> str:
     return text.replace("|", "\\|")
 
 
-def _metadata(document: docx.document.Document, data: bytes) -> tuple[str | None, DocumentMetadata]:
+def _metadata(document: docx.document.Document, page_count: int | None) -> tuple[str | None, DocumentMetadata]:
     """Core properties (title, author, dates) and the page count Word stored when saving."""
     try:
         core = document.core_properties
@@ -198,7 +204,7 @@ def _metadata(document: docx.document.Document, data: bytes) -> tuple[str | None
     except Exception:
         title = author = created = modified = None
     return title, DocumentMetadata(
-        author=author, created=created, modified=modified, page_count=_page_count(data)
+        author=author, created=created, modified=modified, page_count=page_count
     )
 
 
@@ -206,9 +212,10 @@ def _iso(value: object) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else None
 
 
-def _page_count(data: bytes) -> int | None:
+def _page_count(package: bytes) -> int | None:
+    """The page count Word stored, from the re-packed package whose sizes are true."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(io.BytesIO(package)) as archive:
             info = archive.getinfo("docProps/app.xml")
             if info.file_size > MAX_APP_XML_BYTES:
                 return None

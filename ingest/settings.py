@@ -17,6 +17,8 @@ DEFAULT_ZIP_MAX_TOTAL_BYTES: Final = 500 * MB
 DEFAULT_ZIP_MAX_RATIO: Final = 50.0
 DEFAULT_ZIP_RATIO_FLOOR_BYTES: Final = 16 * MB
 DEFAULT_ZIP_MAX_MEMBERS: Final = 10_000
+DEFAULT_ZIP_MAX_PART_BYTES: Final = 64 * MB
+DEFAULT_ZIP_MAX_DOCUMENT_BYTES: Final = 256 * MB
 TITLE_MAX_CHARS: Final = 120
 DEFAULT_MEMORY_LIMIT_BYTES: Final = 3 * 1024 * MB
 DEFAULT_OCR_LANGUAGES: Final = "eng"
@@ -40,6 +42,10 @@ class IngestSettings:
     zip_max_ratio: float = DEFAULT_ZIP_MAX_RATIO
     zip_ratio_floor_bytes: int = DEFAULT_ZIP_RATIO_FLOOR_BYTES
     zip_max_members: int = DEFAULT_ZIP_MAX_MEMBERS
+    # Hard caps on what a DOCX's XML parts really unpack to, one part and all of them together,
+    # whatever sizes the archive declares (see ingest.zipguard).
+    zip_max_part_bytes: int = DEFAULT_ZIP_MAX_PART_BYTES
+    zip_max_document_bytes: int = DEFAULT_ZIP_MAX_DOCUMENT_BYTES
     # The extraction process's address space; a parser that needs more fails instead of the server.
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES
     # Tesseract language codes joined with "+", e.g. "eng+deu"; each needs its language pack.
