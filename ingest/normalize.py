@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 LIGATURES = str.maketrans(
     {
@@ -24,6 +25,8 @@ LIGATURES = str.maketrans(
 )
 
 _LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x0b\x0c]")
+# Splits raw text into the lines normalize_text would make of it.
+LINE_SPLIT = re.compile(r"\r\n?|[\n\u2028\u2029\x0b\x0c]")
 _INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\ufeff\ud800-\udfff]")
 _TRAILING_SPACE = re.compile(r"[^\S\n]+(?=\n|\Z)")
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -74,40 +77,159 @@ def margin_key(line: str) -> str:
     return collapse_spaces(_DIGITS.sub("#", line)).casefold()
 
 
-def strip_repeated_margins(pages: Sequence[str], *, min_pages: int = 3) -> list[str]:
-    """Drop a page's first or last line when it repeats on most pages of the document.
+# Running headers and footers
 
-    Running headers, footers and page numbers would otherwise be repeated once per page in the
-    text and pollute search results. Only the outermost non-blank line at each end is
-    considered, and only for documents with at least ``min_pages`` pages, so short documents
-    and body text are never touched.
+# Outer share of the page height (at top and bottom) where running headers and footers sit.
+MARGIN_BAND = 0.15
+# How far (as a share of the page height) the same margin line may move from page to page.
+MARGIN_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class PageLine:
+    """One line of a page's text and where it sits.
+
+    ``height`` is the line's baseline as a share of the page height, from the bottom edge (0)
+    to the top edge (1), or None when the position is not known.
     """
-    if len(pages) < min_pages:
-        return list(pages)
-    split = [page.split("\n") for page in pages]
-    ends = [_outer_lines(lines) for lines in split]
-    first_counts = Counter(margin_key(lines[i]) for lines, (i, _) in zip(split, ends, strict=True) if i >= 0)
-    last_counts = Counter(margin_key(lines[j]) for lines, (_, j) in zip(split, ends, strict=True) if j >= 0)
-    majority = len(pages) / 2
-    headers = {key for key, count in first_counts.items() if count > majority}
-    footers = {key for key, count in last_counts.items() if count > majority}
-    if not headers and not footers:
-        return list(pages)
-    cleaned: list[str] = []
-    for lines, (first, last) in zip(split, ends, strict=True):
-        drop = set()
-        if first >= 0 and margin_key(lines[first]) in headers:
-            drop.add(first)
-        if last >= 0 and margin_key(lines[last]) in footers:
-            drop.add(last)
-        kept = [line for index, line in enumerate(lines) if index not in drop]
-        cleaned.append(_BLANK_RUNS.sub("\n\n", "\n".join(kept)).strip("\n"))
-    return cleaned
+
+    text: str
+    height: float | None = None
 
 
-def _outer_lines(lines: Sequence[str]) -> tuple[int, int]:
-    """Indices of the first and last non-blank lines, or (-1, -1) for a blank page."""
+@dataclass(frozen=True, slots=True)
+class MarginSplit:
+    """A page's text with its running header and footer lines taken out and kept apart."""
+
+    text: str
+    header: str = ""
+    footer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    page: int
+    line: int
+    key: str
+    text: str
+    height: float
+
+
+def split_running_margins(pages: Sequence[Sequence[PageLine]], *, min_pages: int = 3) -> list[MarginSplit]:
+    """Take running headers, footers and page numbers out of each page's text, keeping them apart.
+
+    Repeated text alone is no proof (an invoice's last line may be "Total due: $N" on every
+    page), so a line only counts as a running margin when all of these hold:
+
+    * it is the first or last non-blank line of its page;
+    * its position is known and lies in the top or bottom :data:`MARGIN_BAND` of the page;
+    * the same text (see :func:`margin_key`) sits at the same height, within
+      :data:`MARGIN_TOLERANCE`, on more than half of the pages of a document of at least
+      ``min_pages`` pages;
+    * where its digits differ between pages they count up, as page numbers do.
+
+    Only one line is taken from each end: peeling further would eat repeated body text of
+    forms and templates. A page is never emptied: if nothing else is left, it keeps its lines.
+    """
+    removed: list[set[int]] = [set() for _ in pages]
+    if len(pages) >= min_pages:
+        for page_index, line_index in _running_lines(_edge_candidates(pages), len(pages)):
+            removed[page_index].add(line_index)
+        for page, gone in zip(pages, removed, strict=True):
+            if gone and _first_filled(page, (i for i in range(len(page)) if i not in gone)) is None:
+                gone.clear()
+    return [_split(page, gone) for page, gone in zip(pages, removed, strict=True)]
+
+
+def strip_repeated_margins(pages: Sequence[str], *, min_pages: int = 3) -> list[str]:
+    """Plain-text pages (split at form feeds) without their running headers and footers.
+
+    Plain text has no coordinates, so a page's first non-blank line stands for its top edge and
+    its last for its bottom edge; the rules of :func:`split_running_margins` apply otherwise.
+    """
+    placed = [_edge_lines(page.split("\n")) for page in pages]
+    splits = split_running_margins(placed, min_pages=min_pages)
+    return [_BLANK_RUNS.sub("\n\n", split.text).strip("\n") for split in splits]
+
+
+def _edge_lines(lines: Sequence[str]) -> list[PageLine]:
     filled = [index for index, line in enumerate(lines) if line.strip()]
-    if not filled:
-        return -1, -1
-    return filled[0], filled[-1]
+    heights: dict[int, float] = {filled[-1]: 0.0, filled[0]: 1.0} if filled else {}
+    return [PageLine(line, heights.get(index)) for index, line in enumerate(lines)]
+
+
+def _edge_candidates(pages: Sequence[Sequence[PageLine]]) -> list[_Candidate]:
+    """The first and last non-blank lines of each page, where they sit in the margin band."""
+    candidates: list[_Candidate] = []
+    for page_index, page in enumerate(pages):
+        first = _first_filled(page, range(len(page)))
+        if first is None:
+            continue
+        last = _first_filled(page, range(len(page) - 1, first[0], -1)) or first
+        for line_index, key in dict.fromkeys((first, last)):
+            height = page[line_index].height
+            if height is not None and 0 <= height <= 1 and min(height, 1 - height) <= MARGIN_BAND:
+                candidates.append(_Candidate(page_index, line_index, key, page[line_index].text, height))
+    return candidates
+
+
+def _first_filled(page: Sequence[PageLine], indices: Iterable[int]) -> tuple[int, str] | None:
+    """Index and margin key of the first line among ``indices`` with any text, if there is one."""
+    for index in indices:
+        key = margin_key(normalize_text(page[index].text))
+        if key:
+            return index, key
+    return None
+
+
+def _running_lines(candidates: Sequence[_Candidate], page_count: int) -> list[tuple[int, int]]:
+    """(page, line) of each candidate that repeats at one height on most pages."""
+    groups: dict[str, list[_Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault(candidate.key, []).append(candidate)
+    found: list[tuple[int, int]] = []
+    for group in groups.values():
+        members = _densest_band(group)
+        if len(members) > page_count / 2 and _counts_like_page_numbers(members):
+            found.extend((member.page, member.line) for member in members)
+    return found
+
+
+def _densest_band(group: Sequence[_Candidate]) -> list[_Candidate]:
+    """The candidates, one per page, within :data:`MARGIN_TOLERANCE` of each other, on most pages."""
+    ordered = sorted(group, key=lambda c: c.height)
+    pages: Counter[int] = Counter()
+    best = (0, 0, 0)
+    start = 0
+    for end, candidate in enumerate(ordered):
+        pages[candidate.page] += 1
+        while candidate.height - ordered[start].height > MARGIN_TOLERANCE:
+            pages[ordered[start].page] -= 1
+            if not pages[ordered[start].page]:
+                del pages[ordered[start].page]
+            start += 1
+        if len(pages) > best[0]:
+            best = (len(pages), start, end + 1)
+    one_per_page = {c.page: c for c in reversed(ordered[best[1] : best[2]])}
+    return sorted(one_per_page.values(), key=lambda c: c.page)
+
+
+def _counts_like_page_numbers(members: Sequence[_Candidate]) -> bool:
+    """True when the lines' numbers are the same on every page or count up from page to page."""
+    numbers = [tuple(_number_order(n) for n in _DIGITS.findall(normalize_text(m.text))) for m in members]
+    if all(value == numbers[0] for value in numbers):
+        return True
+    return all(before < after for before, after in zip(numbers, numbers[1:], strict=False))
+
+
+def _number_order(digits: str) -> tuple[int, str]:
+    """Sort key of a run of (possibly non-ASCII) decimal digits, without int()'s length limit."""
+    plain = "".join(str(unicodedata.decimal(ch)) for ch in digits).lstrip("0")
+    return len(plain), plain
+
+
+def _split(page: Sequence[PageLine], gone: set[int]) -> MarginSplit:
+    kept = [line.text for index, line in enumerate(page) if index not in gone]
+    top = [page[index].text for index in sorted(gone) if (page[index].height or 0) >= 0.5]
+    bottom = [page[index].text for index in sorted(gone) if (page[index].height or 0) < 0.5]
+    return MarginSplit("\n".join(kept), "\n".join(top), "\n".join(bottom))

@@ -3,6 +3,10 @@
 pypdf is lenient with damaged files but can raise almost anything on hostile ones, so each
 stage (open, decrypt, per page) is guarded: an unreadable page is skipped with a warning,
 while a file that yields no page at all is reported as corrupt.
+
+Running headers and footers are taken out of the page text only where their position on the
+page proves them to be margins (see :mod:`ingest.pdf_layout`); they stay with the page as
+``removed_header``/``removed_footer`` and a warning says so.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ import io
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pypdf import PasswordType, PdfReader
 from pypdf.errors import DependencyError, FileNotDecryptedError, WrongPasswordError
 
 from .errors import CORRUPT, EMPTY, ENCRYPTED, SCANNED, IngestError
 from .model import DocumentMetadata, Extraction, Section
-from .normalize import collapse_spaces, normalize_text, strip_repeated_margins
+from .normalize import MarginSplit, PageLine, collapse_spaces, normalize_text, split_running_margins
+from .pdf_layout import read_page_lines
 from .titles import sensible_title
 from .watchdog import Deadline
 
@@ -35,17 +40,30 @@ def read_pdf(data: bytes, deadline: Deadline) -> Extraction:
     reader = _open(data)
     _unlock(reader)
     page_count = _page_count(reader)
-    texts, failed = _page_texts(reader, page_count, deadline)
-    pages = strip_repeated_margins([normalize_text(text, join_hyphens=True) for text in texts])
-    if not any(pages):
+    page_lines, failed = _page_lines(reader, page_count, deadline)
+    sections = [_section(n, split) for n, split in enumerate(split_running_margins(page_lines), start=1)]
+    if not any(section.text for section in sections):
         if len(failed) == page_count:
             raise IngestError(CORRUPT, _CORRUPT_MESSAGE)
         raise IngestError(SCANNED, "scanned: no text layer; OCR is not supported yet.")
-    sections = tuple(Section(f"page {n}", n, text) for n, text in enumerate(pages, start=1))
     title, metadata = _metadata(reader, page_count)
-    warnings = tuple(f"page {n} could not be read and was skipped" for n in failed)
+    warnings = [f"page {n} could not be read and was skipped" for n in failed]
+    trimmed = sum(1 for section in sections if section.removed_header or section.removed_footer)
+    if trimmed:
+        pages = f"{trimmed} page" if trimmed == 1 else f"{trimmed} pages"
+        warnings.append(f"Running headers/footers repeated on {pages} were left out of the text (shown in the reader)")
     return Extraction(
-        kind="pdf", sections=sections, metadata=metadata, title_hints=(title,), warnings=warnings
+        kind="pdf", sections=tuple(sections), metadata=metadata, title_hints=(title,), warnings=tuple(warnings)
+    )
+
+
+def _section(number: int, split: MarginSplit) -> Section:
+    return Section(
+        f"page {number}",
+        number,
+        normalize_text(split.text, join_hyphens=True),
+        removed_header=collapse_spaces(normalize_text(split.header)),
+        removed_footer=collapse_spaces(normalize_text(split.footer)),
     )
 
 
@@ -90,22 +108,21 @@ def _page_count(reader: PdfReader) -> int:
     return count
 
 
-def _page_texts(reader: PdfReader, page_count: int, deadline: Deadline) -> tuple[list[str], list[int]]:
-    """Raw text of each page and the numbers of pages whose extraction failed.
+def _page_lines(
+    reader: PdfReader, page_count: int, deadline: Deadline
+) -> tuple[list[list[PageLine]], list[int]]:
+    """Each page's text as positioned lines (empty for a page without text), and the numbers
+    of pages whose extraction failed.
 
     The deadline is also checked before every content-stream operator, so one pathological
     page cannot run far past the time limit.
     """
-
-    def check_deadline(*_: Any) -> None:
-        deadline.check()
-
-    texts: list[str] = []
+    pages: list[list[PageLine]] = []
     failed: list[int] = []
     for index in range(page_count):
         deadline.check()
         try:
-            text = reader.pages[index].extract_text(visitor_operand_before=check_deadline)
+            lines = read_page_lines(reader.pages[index], deadline.check)
         except IngestError:
             raise
         except _LOCKED_ERRORS as exc:
@@ -113,9 +130,9 @@ def _page_texts(reader: PdfReader, page_count: int, deadline: Deadline) -> tuple
         except Exception:
             logger.info("skipping unreadable PDF page %d", index + 1, exc_info=True)
             failed.append(index + 1)
-            text = ""
-        texts.append(text if isinstance(text, str) else "")
-    return texts, failed
+            lines = []
+        pages.append(lines)
+    return pages, failed
 
 
 def _metadata(reader: PdfReader, page_count: int) -> tuple[str | None, DocumentMetadata]:

@@ -207,7 +207,10 @@ def test_pdf_failing_pages_are_skipped_with_warning(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(pypdf.PageObject, "extract_text", flaky)
     doc = extract_ok(report_pdf(), "x.pdf")
     assert [u.number for u in doc.units] == [1, 3, 4]
-    assert doc.warnings == ("page 2 could not be read and was skipped",)
+    assert doc.warnings == (
+        "page 2 could not be read and was skipped",
+        "Running headers/footers repeated on 3 pages were left out of the text (shown in the reader)",
+    )
 
 
 def test_pdf_all_pages_failing_is_corrupt(monkeypatch: pytest.MonkeyPatch) -> None:
