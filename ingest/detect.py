@@ -25,8 +25,8 @@ DOCX_MAIN_PART = "word/document.xml"
 MARKDOWN_EXTENSIONS = frozenset({"md", "markdown", "mdown", "mkd", "mkdn"})
 
 _IMAGE_MESSAGE = (
-    "Images are not supported (OCR is not available yet); "
-    "upload a PDF with a text layer, a Word (.docx) document or a text file."
+    "Image files are not supported; put scanned pages in a PDF (its pages are read with OCR), "
+    "or upload a Word (.docx) document or a text file."
 )
 _BINARY_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", _IMAGE_MESSAGE),

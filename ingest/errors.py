@@ -24,7 +24,7 @@ DEFAULT_MESSAGES: Final[dict[str, str]] = {
     ENCRYPTED: "This PDF is password-protected; remove the password and upload it again.",
     CORRUPT: "The file appears to be damaged or truncated and could not be read.",
     EMPTY: "The file contains no text.",
-    SCANNED: "scanned: no text layer; OCR is not supported yet.",
+    SCANNED: "This PDF has no text layer, and no text could be read from its page images.",
     UNSUPPORTED: "This file type is not supported; upload a PDF, Word (.docx), text or Markdown file.",
     TOO_LARGE: "The file is larger than the upload limit.",
     ZIP_BOMB: "The document expands to an unreasonable size when unpacked and was rejected.",

@@ -7,6 +7,7 @@ and the model see the words an author wrote.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from collections import Counter
@@ -141,15 +142,21 @@ def split_running_margins(pages: Sequence[Sequence[PageLine]], *, min_pages: int
     return [_split(page, gone) for page, gone in zip(pages, removed, strict=True)]
 
 
-def strip_repeated_margins(pages: Sequence[str], *, min_pages: int = 3) -> list[str]:
-    """Plain-text pages (split at form feeds) without their running headers and footers.
+def split_text_page_margins(pages: Sequence[str], *, min_pages: int = 3) -> list[MarginSplit]:
+    """Plain-text pages (split at form feeds) with their running headers and footers kept apart.
 
     Plain text has no coordinates, so a page's first non-blank line stands for its top edge and
     its last for its bottom edge; the rules of :func:`split_running_margins` apply otherwise.
     """
     placed = [_edge_lines(page.split("\n")) for page in pages]
     splits = split_running_margins(placed, min_pages=min_pages)
-    return [_BLANK_RUNS.sub("\n\n", split.text).strip("\n") for split in splits]
+    return [dataclasses.replace(s, text=_BLANK_RUNS.sub("\n\n", s.text).strip("\n")) for s in splits]
+
+
+def margins_warning(trimmed_pages: int) -> str:
+    """The document warning that running margins were left out of ``trimmed_pages`` pages."""
+    pages = f"{trimmed_pages} page" if trimmed_pages == 1 else f"{trimmed_pages} pages"
+    return f"Running headers/footers repeated on {pages} were left out of the text (shown in the reader)"
 
 
 def _edge_lines(lines: Sequence[str]) -> list[PageLine]:

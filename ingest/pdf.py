@@ -1,4 +1,4 @@
-"""PDF uploads, read with pypdf.
+"""PDF uploads: the text layer read with pypdf, pages without one read with OCR (:mod:`ingest.ocr`).
 
 pypdf is lenient with damaged files but can raise almost anything on hostile ones, so each
 stage (open, decrypt, per page) is guarded: an unreadable page is skipped with a warning,
@@ -11,6 +11,7 @@ page proves them to be margins (see :mod:`ingest.pdf_layout`); they stay with th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Callable
@@ -22,8 +23,17 @@ from pypdf.errors import DependencyError, FileNotDecryptedError, WrongPasswordEr
 
 from .errors import CORRUPT, EMPTY, ENCRYPTED, SCANNED, IngestError
 from .model import DocumentMetadata, Extraction, Section
-from .normalize import MarginSplit, PageLine, collapse_spaces, normalize_text, split_running_margins
+from .normalize import (
+    MarginSplit,
+    PageLine,
+    collapse_spaces,
+    margins_warning,
+    normalize_text,
+    split_running_margins,
+)
+from .ocr import OcrOutcome, OcrPage, ocr_image_pages
 from .pdf_layout import read_page_lines
+from .settings import DEFAULT_SETTINGS, IngestSettings
 from .titles import sensible_title
 from .watchdog import Deadline
 
@@ -35,26 +45,53 @@ _CORRUPT_MESSAGE = "The PDF is damaged or truncated and could not be read."
 _LOCKED_ERRORS = (FileNotDecryptedError, WrongPasswordError)
 
 
-def read_pdf(data: bytes, deadline: Deadline) -> Extraction:
-    """Read every page's text layer; raises IngestError for locked, empty or image-only PDFs."""
+def read_pdf(data: bytes, deadline: Deadline, settings: IngestSettings = DEFAULT_SETTINGS) -> Extraction:
+    """Read every page's text layer, and with OCR the pages whose words are only in images.
+
+    Raises IngestError for locked or damaged PDFs and for PDFs in which neither gives any text.
+    """
     reader = _open(data)
     _unlock(reader)
     page_count = _page_count(reader)
     page_lines, failed = _page_lines(reader, page_count, deadline)
     sections = [_section(n, split) for n, split in enumerate(split_running_margins(page_lines), start=1)]
+    ocr = ocr_image_pages(data, [section.text for section in sections], settings, deadline)
+    sections = [_with_ocr(section, ocr.pages.get(section.number)) for section in sections]
+    failed = [n for n in failed if not sections[n - 1].text]
     if not any(section.text for section in sections):
         if len(failed) == page_count:
             raise IngestError(CORRUPT, _CORRUPT_MESSAGE)
-        raise IngestError(SCANNED, "scanned: no text layer; OCR is not supported yet.")
+        raise _no_text_error(ocr, page_count)
     title, metadata = _metadata(reader, page_count)
     warnings = [f"page {n} could not be read and was skipped" for n in failed]
+    warnings += ocr.warnings
     trimmed = sum(1 for section in sections if section.removed_header or section.removed_footer)
     if trimmed:
-        pages = f"{trimmed} page" if trimmed == 1 else f"{trimmed} pages"
-        warnings.append(f"Running headers/footers repeated on {pages} were left out of the text (shown in the reader)")
+        warnings.append(margins_warning(trimmed))
     return Extraction(
         kind="pdf", sections=tuple(sections), metadata=metadata, title_hints=(title,), warnings=tuple(warnings)
     )
+
+
+def _with_ocr(section: Section, page: OcrPage | None) -> Section:
+    """The page's OCR text in place of its text layer, which is kept when it adds something (a stamp)."""
+    text = normalize_text(page.text) if page is not None else ""
+    if not text:
+        return section
+    if section.text and collapse_spaces(section.text).casefold() not in collapse_spaces(text).casefold():
+        text = f"{section.text}\n\n{text}"
+    confidence = page.confidence if page.confidence is not None else 0.0
+    return dataclasses.replace(section, text=text, ocr_confidence=confidence)
+
+
+def _no_text_error(ocr: OcrOutcome, page_count: int) -> IngestError:
+    pages = "its page" if page_count == 1 else f"its {page_count} pages"
+    if ocr.unavailable:
+        return IngestError(SCANNED, f"This PDF has no text layer (it looks like a scan) and could not be read: "
+                                    f"{ocr.unavailable}.")
+    if ocr.pages:
+        return IngestError(SCANNED, f"This PDF has no text layer, and OCR found no text in the images of {pages}.")
+    return IngestError(EMPTY, f"This PDF contains no text: {pages} hold neither text nor images to read.")
 
 
 def _section(number: int, split: MarginSplit) -> Section:
@@ -121,6 +158,7 @@ def _page_lines(
     failed: list[int] = []
     for index in range(page_count):
         deadline.check()
+        deadline.report("reading", index, page_count)
         try:
             lines = read_page_lines(reader.pages[index], deadline.check)
         except IngestError:

@@ -87,10 +87,10 @@ def _guarded(data: bytes, filename: str, settings: IngestSettings, deadline: Dea
 
 
 def _extract(data: bytes, filename: str, settings: IngestSettings, deadline: Deadline) -> ExtractedDocument:
-    container = detect_container(data, filename)
+    container = detect_container(data, filename, settings)
     extraction: Extraction
     if container == "pdf":
-        extraction = read_pdf(data, deadline)
+        extraction = read_pdf(data, deadline, settings)
     elif container == "docx":
         extraction = read_docx(data, deadline, settings)
     else:

@@ -11,7 +11,7 @@ import charset_normalizer
 from .detect import is_markdown
 from .errors import EMPTY, UNSUPPORTED, IngestError
 from .model import DocumentMetadata, Extraction, Section
-from .normalize import collapse_spaces, normalize_text, strip_repeated_margins
+from .normalize import MarginSplit, collapse_spaces, margins_warning, normalize_text, split_text_page_margins
 from .watchdog import Deadline
 
 BOMS: tuple[tuple[bytes, str], ...] = (
@@ -120,14 +120,22 @@ def read_text(data: bytes, filename: str, deadline: Deadline) -> Extraction:
         sections = markdown_sections(text)
         hints = tuple(s.label for s in sections if s.label != PREAMBLE_LABEL)[:1]
         kind, page_count = "md", None
+        warnings = ()
     elif "\f" in raw:
         pages = _split_pages(raw)
-        sections = [Section(f"page {n}", n, page) for n, page in enumerate(pages, start=1) if page]
+        sections = [
+            Section(f"page {n}", n, page.text, removed_header=page.header, removed_footer=page.footer)
+            for n, page in enumerate(pages, start=1)
+            if page.text
+        ]
         hints, kind, page_count = (), "txt", len(pages)
+        trimmed = sum(1 for page in pages if page.header or page.footer)
+        warnings = (margins_warning(trimmed),) if trimmed else ()
     else:
         text = normalize_text(raw)
         sections = [Section(WHOLE_DOCUMENT_LABEL, 1, text)]
         hints, kind, page_count = (), "txt", None
+        warnings = ()
     deadline.check()
     if not any(section.text.strip() for section in sections):
         raise IngestError(EMPTY, "The file contains no text.")
@@ -136,15 +144,16 @@ def read_text(data: bytes, filename: str, deadline: Deadline) -> Extraction:
         sections=tuple(sections),
         metadata=DocumentMetadata(page_count=page_count),
         title_hints=hints,
+        warnings=warnings,
     )
 
 
-def _split_pages(raw: str) -> list[str]:
+def _split_pages(raw: str) -> list[MarginSplit]:
     """Form feeds separate pages in text exported from printers and terminals."""
     parts = raw.split("\f")
     if len(parts) > 1 and not parts[-1].strip():
         parts.pop()
-    return strip_repeated_margins([normalize_text(part) for part in parts])
+    return split_text_page_margins([normalize_text(part) for part in parts])
 
 
 def markdown_sections(text: str) -> list[Section]:

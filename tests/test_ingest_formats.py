@@ -18,6 +18,7 @@ from docx.oxml.parser import OxmlElement
 
 import ingest
 from ingest import ExtractedDocument, IngestError, IngestSettings
+from ingest.normalize import margins_warning
 from ingest.watchdog import Deadline
 
 
@@ -144,11 +145,12 @@ def test_pdf_with_empty_user_password_opens() -> None:
     assert "Body of page 1" in doc.text
 
 
-def test_pdf_without_text_layer_is_scanned() -> None:
+def test_pdf_of_blank_pages_is_empty_not_scanned() -> None:
+    """Nothing drawn at all: there is no image for OCR to read (scans are in tests/test_ingest_ocr.py)."""
     with pytest.raises(IngestError) as caught:
         ingest.extract(blank_pdf(2), "scan.pdf")
-    assert caught.value.reason == "scanned"
-    assert "OCR" in str(caught.value)
+    assert caught.value.reason == "empty"
+    assert "neither text nor images" in str(caught.value)
 
 
 def test_pdf_blank_page_is_skipped_but_numbering_kept() -> None:
@@ -494,3 +496,13 @@ def test_text_mentioning_pdf_header_stays_text() -> None:
 
 def test_pdf_header_after_leading_junk_is_still_pdf() -> None:
     assert extract_ok(b"\r\n   " + report_pdf(), "x.pdf").kind == "pdf"
+
+
+def test_text_form_feed_pages_keep_their_removed_margins() -> None:
+    pages = [f"ACME LEASE\nClause {n}: the tenant pays rent.\nPage {n}" for n in range(1, 5)]
+    doc = extract_ok("\f".join(pages).encode(), "lease.txt")
+    assert [u.text for u in doc.units] == [f"Clause {n}: the tenant pays rent." for n in range(1, 5)]
+    margins = [(u.removed_header, u.removed_footer) for u in doc.units]
+    assert margins == [("ACME LEASE", f"Page {n}") for n in range(1, 5)]
+    assert doc.warnings == (margins_warning(4),)
+    assert "4 pages were left out of the text" in doc.warnings[0]

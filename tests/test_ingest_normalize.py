@@ -9,7 +9,7 @@ import pytest
 
 from ingest.errors import IngestError
 from ingest.model import Section, layout_units
-from ingest.normalize import MarginSplit, PageLine, normalize_text, split_running_margins, strip_repeated_margins
+from ingest.normalize import MarginSplit, PageLine, normalize_text, split_running_margins, split_text_page_margins
 from ingest.text import markdown_sections
 from ingest.titles import choose_title, filename_stem, first_line, reads_as_words, sensible_title, trim_title
 
@@ -47,9 +47,15 @@ def test_hyphen_joining_only_between_lowercase_letters(raw: str, expected: str) 
     assert normalize_text(raw, join_hyphens=True) == expected
 
 
-def test_repeated_margins_removed_ignoring_digits() -> None:
+def strip_repeated_margins(pages: list[str]) -> list[str]:
+    return [split.text for split in split_text_page_margins(pages)]
+
+
+def test_repeated_margins_removed_ignoring_digits_and_kept_apart() -> None:
     pages = [f"Annual Report 2024\nBody {n}\nmore text\nPage {n}" for n in range(1, 6)]
-    assert strip_repeated_margins(pages) == [f"Body {n}\nmore text" for n in range(1, 6)]
+    splits = split_text_page_margins(pages)
+    assert [s.text for s in splits] == [f"Body {n}\nmore text" for n in range(1, 6)]
+    assert [(s.header, s.footer) for s in splits] == [("Annual Report 2024", f"Page {n}") for n in range(1, 6)]
 
 
 def test_margins_need_a_majority_and_three_pages() -> None:
