@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 
 from storage import Database
+from storage.db import alembic_config
 from tests.test_storage_support import BACKENDS, Backend, backend_for, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +161,7 @@ def test_two_processes_migrate_an_empty_sqlite_file(tmp_path: Path) -> None:
     backend = Backend("sqlite", None, tmp_path / "data")
     reports = run_workers(backend, tmp_path, chat_id=None, migrate=True, rounds=5)
     db = Database(None, backend.data_dir)
-    assert db.current_revision() == "0001_initial"
+    assert db.current_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
     storage = open_storage(backend)
     assert sorted(s.message_count for s in storage.chats.list_sessions()) == [5, 5]
     assert {r["chat_id"] for r in reports} == {s.id for s in storage.chats.list_sessions()}
