@@ -11,8 +11,10 @@ process:
 * the child reports progress (pages read, pages recognised) through the same pipe, and may ask
   for more time once, for OCR, within a bound the parent computed itself.
 
-Children are forked from a ``forkserver`` that has the readers imported already, so a child
-starts in milliseconds and never inherits the web server's threads or the model's memory.
+The child is a fresh interpreter (``python -m ingest.worker``), not a fork: it inherits none of
+the web server's threads, locks or model memory, and does not re-import the caller's main
+module as ``multiprocessing`` would (Streamlit's script runner and test runners replace it).
+Starting it costs about a third of a second, which the time limit does not count.
 Inside the child, :class:`Deadline` is also checked between pages and content operators, so a
 slow document usually stops itself cleanly before it is killed.
 """
@@ -20,14 +22,17 @@ slow document usually stops itself cleanly before it is killed.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
+import pickle
 import resource
+import select
 import signal
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 from .errors import CORRUPT, TIMEOUT, TOO_LARGE, IngestError
@@ -37,7 +42,8 @@ T = TypeVar("T")
 REAP_TIMEOUT_S = 5.0
 # CPU seconds above the wall-clock budget: the parent's kill normally comes first.
 CPU_SLACK_S = 5
-PRELOAD = ["ingest.pipeline"]
+# Starting Python and importing the readers takes well under a second; this bounds a stuck start.
+STARTUP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,37 +140,49 @@ def run_isolated(
     ``timeout`` IngestError once the deadline passes, after the child and everything it started
     are gone; a ``too_large`` one when the child ran out of its memory.
     """
-    context = _context()
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_child_main, args=(work, args, limits, sender), name="ingest-extract", daemon=True
+    cpu_s = int(limits.time_limit_s + limits.max_extension_s) + CPU_SLACK_S
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ingest.worker", str(limits.memory_bytes), str(cpu_s)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=_child_environment(),
     )
-    child.start()
-    sender.close()
     try:
-        return _await(child, receiver, limits, progress)
+        try:
+            child.stdin.write(pickle.dumps((work, args, limits.time_limit_s), protocol=pickle.HIGHEST_PROTOCOL))
+            child.stdin.close()
+        except OSError:  # it died before reading its job; what it left says why
+            pass
+        return _await(child, child.stdout.fileno(), limits, progress)
     finally:
         _kill_group(child)
-        receiver.close()
+        child.stdout.close()
 
 
-def _await(child: Any, receiver: Connection, limits: ChildLimits, progress: ProgressCallback | None) -> Any:
+def _child_environment() -> dict[str, str]:
+    """The caller's environment, with its module search path so the child finds ``work``."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [package_root, *(os.path.abspath(p) for p in sys.path if p)]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONSAFEPATH="1")
+
+
+def _await(child: subprocess.Popen, fd: int, limits: ChildLimits, progress: ProgressCallback | None) -> Any:
     limit_s = limits.time_limit_s
-    expires_at = time.monotonic() + limit_s
+    # The clock starts once the child has its readers imported and its job read.
+    expires_at = time.monotonic() + STARTUP_TIMEOUT_S
     extension_left = limits.max_extension_s
     while True:
         remaining = expires_at - time.monotonic()
         if remaining <= 0:
             raise timeout_error(limit_s)
-        try:
-            ready = receiver.poll(remaining)
-            message = receiver.recv() if ready else None
-        except (EOFError, OSError):
-            raise _died(child, limits) from None
-        if message is None:
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
             continue
+        message = read_frame(fd)
+        if message is None:
+            raise _died(child, limits)
         kind, payload = message
-        if kind == "progress":
+        if kind == "ready":
+            expires_at = time.monotonic() + limit_s
+        elif kind == "progress":
             if progress is not None:
                 progress(payload)
         elif kind == "extend":
@@ -180,12 +198,16 @@ def _await(child: Any, receiver: Connection, limits: ChildLimits, progress: Prog
             raise RuntimeError(f"unexpected message from the extraction process: {kind!r}")
 
 
-def _died(child: Any, limits: ChildLimits) -> IngestError:
+def _died(child: subprocess.Popen, limits: ChildLimits) -> IngestError:
     """The pipe closed without a result: the child was killed (out of memory, CPU) or crashed."""
-    child.join(REAP_TIMEOUT_S)
-    code = child.exitcode
-    if code in (-signal.SIGXCPU, -signal.SIGKILL):
-        return timeout_error(limits.time_limit_s) if code == -signal.SIGXCPU else memory_error(limits.memory_bytes)
+    try:
+        code = child.wait(REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    if code == -signal.SIGXCPU:
+        return timeout_error(limits.time_limit_s)
+    if code == -signal.SIGKILL:  # the kernel's out-of-memory killer
+        return memory_error(limits.memory_bytes)
     if code is not None and code < 0 and -code in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
         # Native parsers abort when an allocation fails under the address-space cap.
         return IngestError(
@@ -196,58 +218,48 @@ def _died(child: Any, limits: ChildLimits) -> IngestError:
     return IngestError(CORRUPT, "Reading the file stopped unexpectedly; it may be damaged or malformed.")
 
 
-def _kill_group(child: Any) -> None:
+def _kill_group(child: subprocess.Popen) -> None:
     """Kill the child and anything it started (it leads its own process group), then reap it."""
-    if child.pid is None:
-        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, signal.SIGKILL)
-    if child.is_alive():  # killed before it had made its own group
-        child.kill()
-    child.join(REAP_TIMEOUT_S)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(REAP_TIMEOUT_S)
 
 
-def _child_main(work: Callable[..., Any], args: tuple[Any, ...], limits: ChildLimits, sender: Connection) -> None:
-    os.setpgid(0, 0)
-    _limit(resource.RLIMIT_AS, limits.memory_bytes)
-    _limit(resource.RLIMIT_CPU, int(limits.time_limit_s + limits.max_extension_s) + CPU_SLACK_S)
-    deadline = Deadline(
-        limits.time_limit_s,
-        report=lambda p: sender.send(("progress", p)),
-        extend=lambda s: sender.send(("extend", s)),
-    )
-    try:
-        result = work(*args, deadline)
-    except IngestError as exc:
-        sender.send(("error", exc))
-    except MemoryError:
-        sender.send(("error", memory_error(limits.memory_bytes)))
-    except BaseException as exc:  # anything else is a programming error: keep its type and text
-        sender.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
-    else:
-        try:
-            sender.send(("ok", result))
-        except MemoryError:
-            sender.send(("error", memory_error(limits.memory_bytes)))
-    finally:
-        sender.close()
+# Messages between the processes: an 8-byte length, then a pickle.
+_LENGTH = struct.Struct(">Q")
 
 
-def _limit(which: int, value: int) -> None:
+def write_frame(fd: int, message: Any) -> None:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_LENGTH.pack(len(body)) + body)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_frame(fd: int) -> Any | None:
+    """The next message, or None when the other side has gone (mid-message included)."""
+    header = _read_exactly(fd, _LENGTH.size)
+    if header is None:
+        return None
+    body = _read_exactly(fd, _LENGTH.unpack(header)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _read_exactly(fd: int, count: int) -> bytes | None:
+    chunks: list[bytes] = []
+    while count:
+        chunk = os.read(fd, min(count, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
+def limit(which: int, value: int) -> None:
+    """Lower a resource limit of this process (never above its hard limit)."""
     _, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
     resource.setrlimit(which, (value, hard))
-
-
-_CONTEXT: Any = None
-
-
-def _context() -> Any:
-    """A forkserver context with the readers preloaded (created once per process)."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
-        _CONTEXT = context
-    return _CONTEXT

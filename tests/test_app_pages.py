@@ -124,6 +124,35 @@ def test_library_reader_escapes_document_text(services):
     assert "\\<b\\>bold\\<\\/b\\>" in shown and "\\[link\\]\\(http\\:\\/\\/x\\) \\$x\\$" in shown
 
 
+def test_library_reader_shows_removed_margins_on_request_and_reading_notes(services):
+    marker = word()
+    pages = [f"{marker} HEADER\nClause {n} of the lease {marker}.\nPage {n}" for n in range(1, 5)]
+    document = add_document(services, f"{marker}.txt", "\f".join(pages))
+    at = open_app("views/library.py", reader_document=document.id)
+    assert f"{marker} HEADER" not in texts(at.markdown)
+    notes = next(e for e in at.expander if e.label.startswith("Notes on reading this document"))
+    assert "left out of the text" in texts(notes.markdown)
+    at.toggle(key="reader_as_printed").set_value(True).run()
+    assert not at.exception, at.exception
+    assert f"{marker} HEADER" in texts(at.markdown)
+
+
+def test_library_reader_marks_pages_read_with_ocr(services):
+    from tests.test_ingest_ocr import CONTRACT, needs_tesseract, scanned
+
+    if needs_tesseract.args[0]:
+        pytest.skip(needs_tesseract.kwargs["reason"])
+    from app.services.library import Library
+
+    marker = word()
+    data = scanned([[f"Scanned schedule {marker}", *CONTRACT]])
+    result = Library(services.documents, tokenizer_id="test").add(data, f"{marker}.pdf")
+    assert result.ok, result.message
+    at = open_app("views/library.py", reader_document=result.document.id)
+    assert "read with OCR from its image, confidence" in texts(at.caption)
+    assert any("page read with OCR" in e.label for e in at.expander)
+
+
 def test_library_delete_asks_for_confirmation(services):
     document = add_document(services, f"{word()}.txt", "A document that will be deleted.")
     at = open_app("views/library.py", reader_document=document.id)
