@@ -14,7 +14,7 @@ process:
 The child is a fresh interpreter (``python -m ingest.worker``), not a fork: it inherits none of
 the web server's threads, locks or model memory, and does not re-import the caller's main
 module as ``multiprocessing`` would (Streamlit's script runner and test runners replace it).
-Starting it costs about a third of a second, which the time limit does not count.
+Starting it costs a fifth of a second or so, which the time limit does not count.
 Inside the child, :class:`Deadline` is also checked between pages and content operators, so a
 slow document usually stops itself cleanly before it is killed.
 """

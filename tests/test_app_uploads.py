@@ -102,3 +102,22 @@ def test_a_failure_outside_reading_is_reported_not_lost(storage, monkeypatch) ->
     monkeypatch.setattr(storage.documents, "add_document", broken_store)
     result = library.queue.wait(library.submit(b"Some text to keep.", "note.txt"), WAIT_S).result
     assert result.status == "failed" and "could not be added" in result.message
+
+
+def test_the_first_of_two_identical_files_is_the_one_added(storage, monkeypatch) -> None:
+    import app.services.library as library_module
+
+    real_extract = library_module.extract
+
+    def slow_for_the_first(data, filename, **kwargs):
+        if filename == "first.txt":
+            threading.Event().wait(0.5)
+        return real_extract(data, filename, **kwargs)
+
+    monkeypatch.setattr(library_module, "extract", slow_for_the_first)
+    library = Library(storage.documents, workers=2)
+    text = b"Clause 4: the deposit is returned within 30 days."
+    first, second = library.submit(text, "first.txt"), library.submit(text, "second.txt")
+    assert library.queue.wait(first, WAIT_S).result.status == "added"
+    assert library.queue.wait(second, WAIT_S).result.status == "duplicate"
+    assert [d.filename for d in storage.documents.list_documents()] == ["first.txt"]

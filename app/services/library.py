@@ -6,6 +6,7 @@ Each file gets its own result so one bad upload never hides what happened to the
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -75,6 +76,8 @@ class Library:
         self.max_bytes = max_bytes
         self.ingest_settings = ingest_settings
         self.queue = UploadQueue(self._read_queued, workers)
+        self._submit_lock = threading.Lock()
+        self._latest_by_content: dict[str, int] = {}
 
     def add(self, data: bytes, filename: str, progress: ProgressCallback | None = None) -> UploadResult:
         """Store one uploaded file unless identical bytes are already in the library."""
@@ -102,12 +105,28 @@ class Library:
         return [self.add(data, filename) for filename, data in files]
 
     def submit(self, data: bytes, filename: str) -> int:
-        """Queue a file for reading and return its job id (see :meth:`status`)."""
-        existing = self.documents.get_by_sha256(sha256_hex(data))
+        """Queue a file for reading and return its job id (see :meth:`status`).
+
+        A file with the same bytes as one still queued or being read waits for it, so the first
+        one chosen is the one added and the other is reported as its duplicate.
+        """
+        sha256 = sha256_hex(data)
+        existing = self.documents.get_by_sha256(sha256)
         if existing is not None:
             duplicate = UploadResult(filename, "duplicate", existing, "Already in the library.")
             return self.queue.finish_now(filename, duplicate)
-        return self.queue.submit(data, filename)
+        with self._submit_lock:
+            self._forget_finished()
+            earlier = self._latest_by_content.get(sha256)
+            job_id = self.queue.submit(data, filename, after=earlier)
+            self._latest_by_content[sha256] = job_id
+            return job_id
+
+    def _forget_finished(self) -> None:
+        for sha256, job_id in list(self._latest_by_content.items()):
+            status = self.queue.status(job_id)
+            if status is None or status.state == "done":
+                del self._latest_by_content[sha256]
 
     def status(self, job_id: int) -> JobStatus | None:
         return self.queue.status(job_id)

@@ -39,10 +39,11 @@ class JobStatus:
 
 
 class UploadJob:
-    def __init__(self, job_id: int, filename: str, data: bytes) -> None:
+    def __init__(self, job_id: int, filename: str, data: bytes, after: UploadJob | None = None) -> None:
         self.id = job_id
         self.filename = filename
         self.data: bytes | None = data
+        self.after = after
         self.state: JobState = "queued"
         self.progress: Any | None = None
         self.result: Any | None = None
@@ -67,9 +68,10 @@ class UploadQueue:
         self._ids = itertools.count(1)
         self._threads: list[threading.Thread] = []
 
-    def submit(self, data: bytes, filename: str) -> int:
+    def submit(self, data: bytes, filename: str, after: int | None = None) -> int:
+        """Queue a file; with ``after``, it is read only once that job has finished (same content)."""
         with self._lock:
-            job = UploadJob(next(self._ids), filename, data)
+            job = UploadJob(next(self._ids), filename, data, self._jobs.get(after) if after is not None else None)
             self._jobs[job.id] = job
             self._waiting.append(job)
             self._forget_old()
@@ -124,6 +126,9 @@ class UploadQueue:
                 job = self._waiting.popleft()
                 job.state = "reading"
                 data, job.data = job.data, None
+            if job.after is not None:
+                job.after.finished.wait()
+                job.after = None
             try:
                 result = self._read(data or b"", job.filename, lambda p, job=job: self._progress(job, p))
             except Exception as error:  # the reader reports bad files itself; this is a bug, keep serving
