@@ -7,7 +7,6 @@ sessions it needs, with text no other test uses, so the order of the tests does 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 import uuid
@@ -19,20 +18,6 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app" / "streamlit_app.py"
 TIMEOUT = 180
-
-
-@pytest.fixture(scope="module")
-def services(demo_checkpoint, tmp_path_factory):
-    from app.services.container import get_services
-    from app.settings import load_settings
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("DOCANALYST_")]:
-            patch.delenv(name)
-        patch.setenv("DOCANALYST_DATA_DIR", str(tmp_path_factory.mktemp("app-data")))
-        patch.setenv("DOCANALYST_MODEL", str(demo_checkpoint))
-        patch.setenv("DOCANALYST_MAX_NEW_TOKENS", "4")
-        yield get_services(load_settings())
 
 
 def open_app(page: str | None = None, **state) -> AppTest:

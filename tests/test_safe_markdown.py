@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
 import re
 import zipfile
 from datetime import UTC, datetime
@@ -244,29 +243,8 @@ def test_pdf_export_is_plain_text_without_links_or_images(make):
 # The app --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def services(demo_checkpoint, tmp_path_factory):
-    from app.services.container import get_services
-    from app.settings import load_settings
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("DOCANALYST_")]:
-            patch.delenv(name)
-        patch.setenv("DOCANALYST_DATA_DIR", str(tmp_path_factory.mktemp("app-data")))
-        patch.setenv("DOCANALYST_MODEL", str(demo_checkpoint))
-        patch.setenv("DOCANALYST_MAX_NEW_TOKENS", "4")
-        yield get_services(load_settings())
-
-
-def open_app(page: str | None = None, **state) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    for key, value in state.items():
-        at.session_state[key] = value
-    at.run()
-    if page is not None:
-        at.switch_page(page).run()
-    assert not at.exception, at.exception
-    return at
+# The page runner is the page tests' own; the ``services`` fixture comes from conftest.py.
+from tests.test_app_pages import open_app  # noqa: E402
 
 
 def assert_inert(at: AppTest) -> str:
