@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quant import QuantizedWeight, quantized_linear
 from . import native
 from .reference import linear_reference
 
@@ -30,8 +31,10 @@ def uses_native(x: Tensor, weight: Tensor) -> bool:
     return 0 < rows <= SMALL_M_MAX_ROWS and weight.is_contiguous() and not needs_grad and native.kernel() is not None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x `[..., K]`, weight `[N, K]`, bias `[N]` or None -> `[..., N]` in x.dtype."""
+def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """x `[..., K]`, weight `[N, K]` (a tensor or a quantized weight), bias `[N]` or None -> `[..., N]` in x.dtype."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     if not uses_native(x, weight):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
