@@ -23,6 +23,7 @@ from kernels.rotary import native as rotary_native
 
 from .config import ModelConfig
 from .layers import DecoderLayer, GatedAttention, GatedDeltaNet, SparseMoE
+from .quantization import quantized_weights
 from .state import AttentionLayerState, LayerState, LinearLayerState
 
 MAX_TOKENS = 16
@@ -35,11 +36,12 @@ def _kernels_present() -> bool:
 
 
 def _fits(module: torch.nn.Module, config: ModelConfig) -> bool:
-    """Whether every parameter is bf16 and contiguous, no projection has a bias, and the widths are
+    """Whether every weight is a bf16 tensor and contiguous, no projection has a bias, and the widths are
     ones the kernels take (multiples of 16, head dims up to the attention kernel's limit)."""
     widths = (config.hidden_size, config.head_dim, config.linear_value_head_dim, config.linear_key_head_dim)
     return (
         all(p.dtype == torch.bfloat16 and p.is_contiguous() and p.device.type == "cpu" for p in module.parameters())
+        and not quantized_weights(module)
         and not config.attention_bias
         and all(width % 16 == 0 for width in widths)
         and config.head_dim <= attention_native.MAX_HEAD_DIM

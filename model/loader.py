@@ -13,8 +13,20 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from kernels import native as native_kernels
+from kernels.quant import QuantizedRows, QuantizedWeight
 
 from .config import ConfigError, ModelConfig
+from .quantization import (
+    CheckpointScheme,
+    QuantizationError,
+    TensorGroups,
+    checkpoint_scheme,
+    convert,
+    dense,
+    quantizable,
+    quantized_weights,
+    resolve_weights,
+)
 from .qwen3_next import LanguageModel, Qwen3NextForCausalLM
 
 _EXPERT_TENSOR = re.compile(
@@ -71,12 +83,18 @@ def weights_identity(shards: list[Path]) -> str:
 
 @dataclass
 class _Target:
-    """Where checkpoint tensors land: a parameter, filled whole or one expert slice at a time."""
+    """Where checkpoint tensors land: a parameter, filled whole or one expert slice at a time.
+
+    A quantized parameter is held in ``quantized`` (a linear layer's weight) or in ``stacks``
+    (the experts: one stacked data and scale buffer per projection, filled expert by expert).
+    """
 
     shape: tuple[int, ...]
     tensor: torch.Tensor | None = None
     filled: set = field(default_factory=set)
     expected_parts: int = 1
+    quantized: QuantizedWeight | None = None
+    stacks: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def _targets(module: nn.Module, config: ModelConfig) -> dict[str, _Target]:
@@ -102,11 +120,18 @@ def _place(name: str, config: ModelConfig) -> tuple[str, tuple, object]:
     return f"{prefix}.gate_up_proj", (expert, rows), (expert, proj)
 
 
-def _copy_tensor(name, value, targets, config, dtype, device) -> None:
+def _copy_tensor(name, value, targets, config, dtype, device, weights: str | None = "bf16") -> None:
+    """Put one checkpoint weight (a tensor or a quantized weight) where it belongs, in the format
+    ``weights`` asks for (see :func:`model.quantization.convert`)."""
     param_name, index, part = _place(name, config)
     target = targets.get(param_name)
     if target is None:
         raise LoadError(f"The checkpoint has a tensor this model does not expect: {name}.")
+    stored = convert(value, weights, dtype) if quantizable(param_name) else dense(value, dtype)
+    if isinstance(stored, QuantizedWeight):
+        _place_quantized(name, stored, target, index, part, config, device)
+        return
+    value = stored
     if target.tensor is None:
         target.tensor = torch.empty(target.shape, dtype=dtype, device=device)
     destination = target.tensor[index] if index else target.tensor
@@ -118,17 +143,74 @@ def _copy_tensor(name, value, targets, config, dtype, device) -> None:
     target.filled.add(part)
 
 
+def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part, config, device) -> None:
+    """A linear layer's quantized weight, or one expert's, copied into its slot of the stacks."""
+    # Copies: a checkpoint tensor may view the file's memory map, which would then stay resident.
+    weight = QuantizedWeight(weight.format, weight.data.to(device, copy=True), weight.scale.to(device, copy=True),
+                             weight.shape, weight.group_size)
+    if target.tensor is not None or (not index and target.stacks):
+        raise LoadError(f"Tensor {name} is quantized but other parts of {name.rpartition('.')[0]} are not.")
+    if not index:
+        if tuple(weight.shape) != target.shape:
+            raise LoadError(
+                f"Tensor {name} has shape {list(weight.shape)} but the config implies {list(target.shape)}."
+            )
+        target.quantized = weight
+        target.filled.add(part)
+        return
+    expert, proj = part
+    width = config.moe_intermediate_size
+    expected = (width, target.shape[2]) if proj != "down_proj" else tuple(target.shape[1:])
+    if tuple(weight.shape) != expected:
+        raise LoadError(f"Tensor {name} has shape {list(weight.shape)} but the config implies {list(expected)}.")
+    stack = target.stacks.get(proj)
+    if stack is None:
+        experts = target.shape[0]
+        stack = QuantizedWeight(
+            weight.format, weight.data.new_empty((experts, *weight.data.shape)),
+            weight.scale.new_empty((experts, *weight.scale.shape)), (experts, *weight.shape), weight.group_size,
+        )
+        target.stacks[proj] = stack
+    if (stack.format, stack.data.shape[1:], stack.scale.shape[1:], stack.scale.dtype) != (
+        weight.format, weight.data.shape, weight.scale.shape, weight.scale.dtype
+    ):
+        raise LoadError(f"Tensor {name} is stored unlike the other experts of its layer.")
+    stack.data[expert].copy_(weight.data)
+    stack.scale[expert].copy_(weight.scale)
+    target.filled.add(part)
+
+
+def _installed_value(target: _Target) -> torch.Tensor | QuantizedWeight | QuantizedRows | None:
+    if target.quantized is not None:
+        return target.quantized
+    if target.stacks:
+        if "down_proj" in target.stacks:
+            return target.stacks["down_proj"]
+        if set(target.stacks) != {"gate_proj", "up_proj"}:
+            return None
+        return QuantizedRows((target.stacks["gate_proj"], target.stacks["up_proj"]))
+    return target.tensor
+
+
 def _install(module: nn.Module, targets: dict[str, _Target], config: ModelConfig) -> None:
-    if config.tie_word_embeddings and targets["lm_head.weight"].tensor is None:
+    head = targets["lm_head.weight"]
+    if config.tie_word_embeddings and _installed_value(head) is None:
         targets["lm_head.weight"] = targets["model.embed_tokens.weight"]
-    missing = [name for name, t in targets.items() if t.tensor is None or len(t.filled) < t.expected_parts]
+    missing = [name for name, t in targets.items()
+               if _installed_value(t) is None or len(t.filled) < t.expected_parts]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoadError(f"The checkpoint is missing tensors: {shown}.")
     for name, target in targets.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
-        setattr(owner, leaf, nn.Parameter(target.tensor, requires_grad=False))
+        value = _installed_value(target)
+        if isinstance(value, torch.Tensor):
+            setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+        else:
+            # A quantized weight is no parameter: layers and kernels take it where they take a tensor.
+            del owner._parameters[leaf]
+            setattr(owner, leaf, value)
 
 
 def fill_module(module: nn.Module, config: ModelConfig, tensors: dict[str, torch.Tensor],
@@ -140,17 +222,34 @@ def fill_module(module: nn.Module, config: ModelConfig, tensors: dict[str, torch
     _install(module, targets, config)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> LanguageModel:
-    """Load a Qwen3-Next checkpoint folder (single file or sharded safetensors)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LoadError(f"Model folder {folder} does not exist.")
+def read_config(folder: Path) -> tuple[ModelConfig, CheckpointScheme]:
+    """The model config and the checkpoint's quantization, with errors fit for a person."""
     if not (folder / "config.json").is_file():
         raise LoadError(f"No config.json in {folder}: this is not a Hugging Face model folder.")
     try:
-        config = ModelConfig.from_file(folder / "config.json")
-    except ConfigError as exc:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return ModelConfig.from_dict(raw), checkpoint_scheme(raw)
+    except (ConfigError, QuantizationError) as exc:
+        raise LoadError(str(exc)) from exc
+    except (OSError, ValueError, AttributeError) as exc:
+        raise LoadError(f"The config.json in {folder} is unreadable: {exc}") from exc
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None, weights: str | None = None) -> LanguageModel:
+    """Load a Qwen3-Next checkpoint folder (single file or sharded safetensors).
+
+    ``dtype`` is the compute dtype. ``weights`` None keeps the checkpoint's format (official FP8 and
+    compressed-tensors int8/int4 stay quantized in memory); "bf16" holds every weight in ``dtype``;
+    "int8"/"int4" quantize the large linear layers while loading, tensor by tensor.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoadError(f"Model folder {folder} does not exist.")
+    config, scheme = read_config(folder)
+    try:
+        wanted = resolve_weights(weights)
+    except QuantizationError as exc:
         raise LoadError(str(exc)) from exc
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -159,27 +258,38 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     with torch.device("meta"):
         module = Qwen3NextForCausalLM(config)
     targets = _targets(module, config)
+    groups = TensorGroups(scheme)
     extra: dict[str, torch.Tensor] = {}
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    value = handle.get_tensor(name)
-                    if name.startswith("mtp."):
-                        # A copy: the tensor may view the file's memory map, which would then stay
-                        # mapped (and resident) for as long as the model lives.
-                        extra[name] = value.to(device=device, dtype=dtype, copy=True)
-                    else:
-                        _copy_tensor(name, value, targets, config, dtype, device)
+                for tensor_name in handle.keys():
+                    for name, value in groups.feed(tensor_name, handle.get_tensor(tensor_name)):
+                        if name.startswith("mtp."):
+                            # A copy: the tensor may view the file's memory map, which would then stay
+                            # mapped (and resident) for as long as the model lives.
+                            extra[name] = dense(value, dtype).to(device=device, copy=True)
+                        else:
+                            _copy_tensor(name, value, targets, config, dtype, device, wanted)
+        except QuantizationError as exc:
+            raise LoadError(str(exc)) from exc
         except (SafetensorError, OSError, RuntimeError) as exc:
             if isinstance(exc, LoadError):
                 raise
             raise LoadError(f"The weight file {shard.name} is damaged or truncated ({exc}).") from exc
+    try:
+        groups.finish()
+    except QuantizationError as exc:
+        raise LoadError(str(exc)) from exc
     _install(module, targets, config)
+    formats = sorted({str(p.dtype) for p in module.parameters()} | {v.format for v in quantized_weights(module)})
     fingerprint = hashlib.sha256(
-        f"{config.digest()}|{weights_identity(shards)}|{dtype}|{native_kernels.numerics_identity()}".encode()
+        f"{config.digest()}|{weights_identity(shards)}|{dtype}|{wanted}|{formats}|"
+        f"{native_kernels.numerics_identity()}".encode()
     ).hexdigest()
     return LanguageModel(config, module, fingerprint, path=folder, extra_tensors=extra)
+
+
 
 
 def checkpoint_tensors(module: Qwen3NextForCausalLM, config: ModelConfig) -> dict[str, torch.Tensor]:

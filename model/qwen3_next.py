@@ -12,6 +12,7 @@ from kernels.native import flush_denormals
 from .config import ModelConfig
 from .few_tokens import FewTokenForward
 from .layers import DecoderLayer, Linear, ZeroCenteredRMSNorm
+from .quantization import quantized_weights
 from .rope import RotaryEmbedding
 from .state import LinearLayerState, ModelState, empty_kv
 
@@ -43,7 +44,8 @@ class LanguageModel:
         self.fingerprint = fingerprint
         self.path = path
         self.extra_tensors = extra_tensors or {}
-        weight = module.lm_head.weight
+        # The embedding is never quantized, so it tells the compute dtype.
+        weight = module.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.rotary = RotaryEmbedding(config, self.device)
         if self.device.type == "cpu":
@@ -64,7 +66,17 @@ class LanguageModel:
         return self._tokenizer
 
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+        """Resident bytes of every weight, quantized ones counted as stored (values plus scales)."""
+        dense = sum(p.numel() * p.element_size() for p in self.module.parameters())
+        quantized = {id(v): v.nbytes for v in quantized_weights(self.module)}
+        return dense + sum(quantized.values())
+
+    @property
+    def weight_formats(self) -> tuple[str, ...]:
+        """How the weights are held, e.g. ("bfloat16",) or ("bfloat16", "int4")."""
+        formats = {str(p.dtype).removeprefix("torch.") for p in self.module.parameters()}
+        formats |= {v.format for v in quantized_weights(self.module)}
+        return tuple(sorted(formats))
 
     def new_state(self, batch_size: int = 1) -> ModelState:
         cfg = self.config

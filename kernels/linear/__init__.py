@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant import QuantizedWeight, quantized_linear
+from ..quant import QuantizedRows, QuantizedWeight, quantized_linear
 from . import native
 from .reference import linear_reference
 
@@ -31,10 +31,13 @@ def uses_native(x: Tensor, weight: Tensor) -> bool:
     return 0 < rows <= SMALL_M_MAX_ROWS and weight.is_contiguous() and not needs_grad and native.kernel() is not None
 
 
-def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor | QuantizedWeight | QuantizedRows, bias: Tensor | None = None) -> Tensor:
     """x `[..., K]`, weight `[N, K]` (a tensor or a quantized weight), bias `[N]` or None -> `[..., N]` in x.dtype."""
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
+    if isinstance(weight, QuantizedRows):
+        out = torch.cat([quantized_linear(x, part) for part in weight.parts], dim=-1)
+        return out if bias is None else out + bias
     if not uses_native(x, weight):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])

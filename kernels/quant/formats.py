@@ -103,3 +103,48 @@ def scale_shape(format: str, shape: tuple[int, ...], group_size: int = 0) -> tup
     if format == INT8:
         return (*lead, rows, 1)
     return (*lead, rows, math.ceil(columns / (group_size or INT4_GROUP_SIZE)))
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedRows:
+    """Quantized weights stacked along their output rows, each keeping its own layout.
+
+    The experts' gate and up projections are used as one `[*, 2I, K]` weight, but in FP8 their
+    128-row scale blocks each start at their own first row, so they stay two weights here.
+    """
+
+    parts: tuple[QuantizedWeight, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = self.parts[0].shape
+        return (*first[:-2], sum(part.shape[-2] for part in self.parts), first[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def format(self) -> str:
+        return self.parts[0].format
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def is_contiguous(self) -> bool:
+        return all(part.is_contiguous() for part in self.parts)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def __getitem__(self, index: int) -> QuantizedRows:
+        return QuantizedRows(tuple(part[index] for part in self.parts))
