@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import re
@@ -145,9 +147,6 @@ def _copy_tensor(name, value, targets, config, dtype, device, weights: str | Non
 
 def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part, config, device) -> None:
     """A linear layer's quantized weight, or one expert's, copied into its slot of the stacks."""
-    # Copies: a checkpoint tensor may view the file's memory map, which would then stay resident.
-    weight = QuantizedWeight(weight.format, weight.data.to(device, copy=True), weight.scale.to(device, copy=True),
-                             weight.shape, weight.group_size)
     if target.tensor is not None or (not index and target.stacks):
         raise LoadError(f"Tensor {name} is quantized but other parts of {name.rpartition('.')[0]} are not.")
     if not index:
@@ -155,7 +154,9 @@ def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part
             raise LoadError(
                 f"Tensor {name} has shape {list(weight.shape)} but the config implies {list(target.shape)}."
             )
-        target.quantized = weight
+        # Copies: a checkpoint tensor may view the file's memory map, which would then stay resident.
+        target.quantized = QuantizedWeight(weight.format, weight.data.to(device, copy=True),
+                                           weight.scale.to(device, copy=True), weight.shape, weight.group_size)
         target.filled.add(part)
         return
     expert, proj = part
@@ -167,8 +168,9 @@ def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part
     if stack is None:
         experts = target.shape[0]
         stack = QuantizedWeight(
-            weight.format, weight.data.new_empty((experts, *weight.data.shape)),
-            weight.scale.new_empty((experts, *weight.scale.shape)), (experts, *weight.shape), weight.group_size,
+            weight.format, torch.empty((experts, *weight.data.shape), dtype=weight.data.dtype, device=device),
+            torch.empty((experts, *weight.scale.shape), dtype=weight.scale.dtype, device=device),
+            (experts, *weight.shape), weight.group_size,
         )
         target.stacks[proj] = stack
     if (stack.format, stack.data.shape[1:], stack.scale.shape[1:], stack.scale.dtype) != (
@@ -220,6 +222,13 @@ def fill_module(module: nn.Module, config: ModelConfig, tensors: dict[str, torch
     for name, value in tensors.items():
         _copy_tensor(name, value, targets, config, dtype, device)
     _install(module, targets, config)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed while loading back to the OS: quantizing on load frees many fp32
+    temporaries of a few MB, which glibc would otherwise keep in its heap (tens of MB)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def read_config(folder: Path) -> tuple[ModelConfig, CheckpointScheme]:
@@ -282,6 +291,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     except QuantizationError as exc:
         raise LoadError(str(exc)) from exc
     _install(module, targets, config)
+    release_freed_memory()
     formats = sorted({str(p.dtype) for p in module.parameters()} | {v.format for v in quantized_weights(module)})
     fingerprint = hashlib.sha256(
         f"{config.digest()}|{weights_identity(shards)}|{dtype}|{wanted}|{formats}|"

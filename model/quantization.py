@@ -15,6 +15,7 @@ converted checkpoint loads without converting again.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ PACKED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
 # Small or precision-sensitive projections stay in the compute dtype when quantizing on load,
 # as the official FP8 checkpoints keep them.
 KEEP_UNQUANTIZED = ("in_proj_ba", "shared_expert_gate", "lm_head")
+# The linear layers' weights: q/k/v/o_proj, in_proj_qkvz, out_proj, gate/up/down_proj.
+PROJECTION = re.compile(r"(?:^|\.)\w*proj\w*\.weight$")
 
 
 class QuantizationError(ValueError):
@@ -219,7 +222,7 @@ def quantizable(param_name: str) -> bool:
     """Whether on-load quantization applies: large linear weights and the routed experts."""
     if param_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
         return True
-    if not param_name.endswith("_proj.weight"):
+    if not PROJECTION.search(param_name):
         return False
     return not any(f".{keep}." in f".{param_name}" for keep in KEEP_UNQUANTIZED)
 

@@ -262,3 +262,77 @@ def test_broken_quantized_checkpoints_are_refused_clearly(fp8_folders, tmp_path,
 def test_unknown_weight_format_is_refused(oracle_folder):
     with pytest.raises(LoadError, match="Unknown weight format 'int3'"):
         load_model(oracle_folder, weights="int3")
+
+
+# A checkpoint of a few hundred MB whose weights are mostly experts, as in the published model.
+MEMORY_CONFIG = dict(
+    json.loads(json.dumps(__import__("model.demo", fromlist=["DEMO_CONFIG"]).DEMO_CONFIG)),
+    vocab_size=512, hidden_size=1024, num_experts=24, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=128, linear_num_key_heads=4, linear_num_value_heads=8,
+    linear_key_head_dim=128, linear_value_head_dim=128, mtp_num_hidden_layers=0,
+)
+RESIDENT_AFTER_LOAD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from model import load_model
+from model.loader import read_config
+from model.qwen3_next import Qwen3NextForCausalLM
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+# Building the module skeleton once first: torch's one-time set-up (~75 MB) is not the weights.
+with torch.device("meta"):
+    Qwen3NextForCausalLM(read_config(__import__("pathlib").Path({folder!r}))[0])
+before = anon()
+lm = load_model({folder!r}, dtype=torch.bfloat16, weights={weights!r})
+print(anon() - before, lm.parameter_bytes())
+"""
+
+
+def resident_after_load(folder: Path, weights: str | None) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    script = RESIDENT_AFTER_LOAD.format(root=root, folder=str(folder), weights=weights)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    resident, weights_bytes = (int(v) for v in done.stdout.split())
+    return resident, weights_bytes
+
+
+@pytest.fixture(scope="module")
+def large_folders(tmp_path_factory):
+    from model.config import ModelConfig
+    from model.demo import random_weights
+
+    root = tmp_path_factory.mktemp("large")
+    tensors = {k: v.to(torch.bfloat16) for k, v in random_weights(ModelConfig.from_dict(MEMORY_CONFIG), 0).items()}
+    for name, checkpoint in (("bf16", tensors), ("fp8", None)):
+        folder = root / name
+        folder.mkdir()
+        config = dict(MEMORY_CONFIG)
+        if checkpoint is None:
+            checkpoint = {}
+            for key, value in tensors.items():
+                if fp8_converted(key, value) or (".experts." in key and value.dim() == 2):
+                    data, scale = to_fp8_blocks(value)
+                    checkpoint[key], checkpoint[key.removesuffix(".weight") + ".weight_scale_inv"] = data, scale
+                else:
+                    checkpoint[key] = value
+            config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+        save_file(checkpoint, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_resident_memory_of_fp8_and_int4_weights(large_folders):
+    bf16_bytes = (large_folders / "bf16" / "model.safetensors").stat().st_size
+    fp8_bytes = (large_folders / "fp8" / "model.safetensors").stat().st_size
+    assert bf16_bytes > 250 * 1024**2
+    fp8_resident, fp8_weights = resident_after_load(large_folders / "fp8", None)
+    assert fp8_weights <= fp8_bytes * 1.01
+    assert fp8_resident <= 1.1 * fp8_bytes, (fp8_resident, fp8_bytes)
+    int4_resident, int4_weights = resident_after_load(large_folders / "bf16", "int4")
+    assert int4_weights <= 0.3 * bf16_bytes
+    assert int4_resident <= 0.3 * bf16_bytes, (int4_resident, bf16_bytes)
