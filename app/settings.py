@@ -25,6 +25,9 @@ class Settings:
     database_url: str = ""
     device: str = "cpu"
     dtype: str = ""
+    # How weights are held: "" keeps the checkpoint's format (FP8 and int8/int4 checkpoints stay
+    # quantized); "bf16" dequantizes; "int8"/"int4" quantize the large layers while loading.
+    weights: str = ""
     context_limit: int = 0
     memory_cache_mb: int = 2048
     disk_cache_mb: int = 20480

@@ -1,6 +1,6 @@
 """Command line: stream a completion from a checkpoint folder.
 
-    python -m model.generate --model DIR --prompt-file F [--max-new-tokens N] [--temperature T]
+    python -m model.generate --model DIR --prompt-file F [--weights int8|int4] [--max-new-tokens N] [--temperature T]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from .demo import DEMO_NOTICE, is_demo_checkpoint
 from .generation import Generation, GenerationSettings
 from .loader import LoadError, load_model
+from .quantization import WEIGHT_CHOICES
 from .sampling import SamplingParams
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -32,7 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
     parser.add_argument("--thinking", action="store_true", help="the checkpoint is a Thinking variant")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute precision")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
+                        help="hold weights in bf16, or quantize them to int8/int4 while loading "
+                             "(default: as the checkpoint stores them; FP8 stays FP8)")
     return parser.parse_args(argv)
 
 
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     text = sys.stdin.read() if str(args.prompt_file) == "-" else args.prompt_file.read_text(encoding="utf-8")
     try:
-        lm = load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+        lm = load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype), weights=args.weights)
     except LoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -294,7 +294,9 @@ def test_model_page_shows_the_checkpoint_and_a_demo_warning(services, demo_check
     assert "demo checkpoint is in use" in texts(at.warning)
     assert "DOCANALYST_MODEL" in texts(at.warning)
     assert str(demo_checkpoint) in texts(at.code)
-    assert {"Device", "Precision", "Weights in memory", "Hit rate"} <= {m.label for m in at.metric}
+    assert {"Device", "Compute precision", "Weights in memory", "Hit rate"} <= {m.label for m in at.metric}
+    weights = next(m for m in at.metric if m.label == "Weights in memory")
+    assert weights.delta in ("bf16", "fp32")
 
 
 def streaming_script() -> None:

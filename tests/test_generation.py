@@ -151,6 +151,27 @@ def test_command_line_streams_a_completion(demo_checkpoint, tmp_path, capsys):
     assert DEMO_NOTICE in captured.err
 
 
+def test_command_line_quantizes_on_request(demo_checkpoint, tmp_path, capsys):
+    from model.generate import main as generate_main
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Summarise the contract.", encoding="utf-8")
+    code = generate_main(["--model", str(demo_checkpoint), "--prompt-file", str(prompt_file),
+                          "--max-new-tokens", "3", "--weights", "int4"])
+    assert code == 0 and "3 generated" in capsys.readouterr().err
+
+
+def test_app_setting_weights_reaches_the_model(demo_checkpoint, tmp_path, monkeypatch):
+    from app.services.container import build_services
+    from app.settings import load_settings
+
+    monkeypatch.setenv("DOCANALYST_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DOCANALYST_MODEL", str(demo_checkpoint))
+    monkeypatch.setenv("DOCANALYST_WEIGHTS", "int8")
+    info = build_services(load_settings()).analysis.model_info()
+    assert "int8" in info.weight_formats
+
+
 def test_command_line_reports_a_bad_folder(tmp_path, capsys):
     from model.generate import main as generate_main
 

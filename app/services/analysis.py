@@ -53,6 +53,7 @@ class ModelInfo:
     parameter_bytes: int
     context_limit: int
     fingerprint: str
+    weight_formats: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class AnalysisService:
         demo = self.lm.path is not None and is_demo_checkpoint(self.lm.path)
         return ModelInfo(str(self.lm.path), demo, DEMO_NOTICE if demo else "", str(self.lm.device),
                          str(self.lm.dtype).removeprefix("torch."), self.lm.parameter_bytes(), self.context_limit,
-                         self.lm.fingerprint)
+                         self.lm.fingerprint, self.lm.weight_formats)
 
     def cache_stats(self) -> CacheStats:
         return self.cache.stats()

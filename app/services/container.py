@@ -64,7 +64,8 @@ def build_services(settings: Settings) -> Services:
     ensure_model(settings)
     storage = Storage.open(settings.data_path, settings.database_url or None,
                            blob_budget_bytes=settings.disk_cache_mb * 1024 * 1024)
-    lm = load_model(settings.model_path, device=settings.device, dtype=_DTYPES.get(settings.dtype.lower()))
+    lm = load_model(settings.model_path, device=settings.device, dtype=_DTYPES.get(settings.dtype.lower()),
+                    weights=settings.weights.lower() or None)
     analysis = AnalysisService(
         lm, storage.documents, storage.chats, storage.summaries, storage.blobs,
         context_limit=settings.context_limit, memory_budget_bytes=settings.memory_cache_mb * 1024 * 1024,

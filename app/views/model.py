@@ -5,6 +5,17 @@ import streamlit as st
 from app.ui import context
 from app.ui.text import human_bytes, number
 
+FORMAT_NAMES = {"fp8_block": "FP8 (128x128 blocks)", "int8": "int8", "int4": "int4 (groups of 128)",
+                "bfloat16": "bf16", "float32": "fp32"}
+
+
+def weight_formats(formats: tuple[str, ...]) -> str:
+    """How the weights are held, the quantized format first: "int4 (groups of 128) + bf16"."""
+    quantized = [FORMAT_NAMES.get(f, f) for f in formats if f in ("fp8_block", "int8", "int4")]
+    dense = [FORMAT_NAMES.get(f, f) for f in formats if f not in ("fp8_block", "int8", "int4")]
+    return " + ".join(quantized + dense)
+
+
 services = context.services()
 info = services.analysis.model_info()
 cache = services.analysis.cache_stats()
@@ -23,8 +34,9 @@ st.subheader("Checkpoint")
 st.code(info.path, language=None)
 device, dtype, weights, context_limit = st.columns(4)
 device.metric("Device", info.device)
-dtype.metric("Precision", info.dtype)
-weights.metric("Weights in memory", human_bytes(info.parameter_bytes))
+dtype.metric("Compute precision", info.dtype)
+weights.metric("Weights in memory", human_bytes(info.parameter_bytes), weight_formats(info.weight_formats),
+               delta_color="off", delta_arrow="off")
 context_limit.metric("Context (tokens)", number(info.context_limit))
 st.caption(f"Fingerprint {info.fingerprint}")
 
