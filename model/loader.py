@@ -195,8 +195,8 @@ def _installed_value(target: _Target) -> torch.Tensor | QuantizedWeight | Quanti
 
 
 def _install(module: nn.Module, targets: dict[str, _Target], config: ModelConfig) -> None:
-    head = targets["lm_head.weight"]
-    if config.tie_word_embeddings and _installed_value(head) is None:
+    head = targets.get("lm_head.weight")
+    if head is not None and config.tie_word_embeddings and _installed_value(head) is None:
         targets["lm_head.weight"] = targets["model.embed_tokens.weight"]
     missing = [name for name, t in targets.items()
                if _installed_value(t) is None or len(t.filled) < t.expected_parts]
