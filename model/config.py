@@ -1,4 +1,12 @@
-"""Qwen3-Next configuration parsed from a Hugging Face `config.json`."""
+"""Model configuration parsed from a Hugging Face `config.json`: Qwen3-Next, and the Qwen3.5 /
+Qwen3.6 families built on it (dense `qwen3_5`, MoE `qwen3_5_moe`).
+
+Qwen3.5 checkpoints are published as vision-language models whose `config.json` nests the text
+decoder's settings in `text_config` (the vision tower is not run here); text-only exports carry
+them at the top level (`qwen3_5_text`, `qwen3_5_moe_text`). Their family differences are facts
+of the config (dense MLP in every layer, or MoE in every layer with normalised top-k weights) and
+of the weight layout (model/checkpoint_layout.py); the decoder is the same module tree.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +19,31 @@ from typing import Any
 
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
-SUPPORTED_MODEL_TYPES = ("qwen3_next",)
+
+QWEN3_NEXT = "qwen3_next"
+QWEN3_5 = "qwen3_5"
+QWEN3_5_MOE = "qwen3_5_moe"
+# model_type -> family. The vision-language types nest the decoder's config in `text_config`.
+FAMILY_OF_MODEL_TYPE = {
+    "qwen3_next": QWEN3_NEXT,
+    "qwen3_5": QWEN3_5, "qwen3_5_text": QWEN3_5,
+    "qwen3_5_moe": QWEN3_5_MOE, "qwen3_5_moe_text": QWEN3_5_MOE,
+}
+COMPOSITE_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_OF_MODEL_TYPE)
+FAMILY_NAMES = {QWEN3_NEXT: "Qwen3-Next", QWEN3_5: "Qwen3.5 / Qwen3.6 (dense)", QWEN3_5_MOE: "Qwen3.5 / Qwen3.6 (MoE)"}
+# Defaults of transformers' Qwen3_5TextConfig / Qwen3_5MoeTextConfig where they differ from
+# Qwen3-Next's, for keys a config leaves out.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    QWEN3_5: dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                  num_key_value_heads=4, max_position_embeddings=32768),
+    QWEN3_5_MOE: dict(vocab_size=248320, hidden_size=2048, num_hidden_layers=40, num_key_value_heads=2,
+                      max_position_embeddings=32768, num_experts_per_tok=8, num_experts=256),
+}
 
 
 class ConfigError(ValueError):
-    """A config.json that does not describe a Qwen3-Next model this runtime can run."""
+    """A config.json that does not describe a model this runtime can run."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +59,10 @@ class RopeSettings:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    # Multimodal RoPE (Qwen3.5): frequency slots taken from the temporal/height/width position axes.
+    # Text alone has the same position on all three axes, so the tables equal plain RoPE's.
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +96,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     rope: RopeSettings = field(default_factory=RopeSettings)
+    family: str = QWEN3_NEXT
+
+    @property
+    def family_name(self) -> str:
+        return FAMILY_NAMES[self.family]
 
     @property
     def rotary_dim(self) -> int:
@@ -108,13 +145,15 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        family = FAMILY_OF_MODEL_TYPE.get(model_type)
+        if family is None:
             raise ConfigError(
-                f"This runtime runs Qwen3-Next checkpoints (model_type 'qwen3_next'); "
-                f"the config says model_type {model_type!r}."
+                f"This runtime runs Qwen3-Next and Qwen3.5 / Qwen3.6 checkpoints (model_type "
+                f"{', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)}); the config says model_type {model_type!r}."
             )
+        raw = _text_section(raw, model_type)
         defaults = cls()
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(_FAMILY_DEFAULTS.get(family, {}))
         for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
@@ -129,14 +168,42 @@ class ModelConfig:
         heads = values.get("num_attention_heads", defaults.num_attention_heads)
         values["head_dim"] = raw.get("head_dim") or hidden // heads
         values["mlp_only_layers"] = tuple(raw.get("mlp_only_layers") or ())
-        eos = raw.get("eos_token_id")
-        values["eos_token_id"] = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        values["eos_token_id"] = _token_ids(raw.get("eos_token_id"))
         layers = values.get("num_hidden_layers", defaults.num_hidden_layers)
         values["layer_types"] = _layer_types(raw, layers)
         values["rope"] = _rope_settings(raw, values.get("max_position_embeddings", 262144))
+        values["family"] = family
+        if family == QWEN3_5:
+            # Every layer has the dense SwiGLU MLP; the config's MoE keys (if any) mean nothing.
+            values.update(num_experts=0, decoder_sparse_step=1, mlp_only_layers=())
+        elif family == QWEN3_5_MOE:
+            # Every layer is sparse, and the router always renormalises its top-k weights.
+            values.update(decoder_sparse_step=1, mlp_only_layers=(), norm_topk_prob=True)
         config = cls(**values)
         _validate(config)
         return config
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if isinstance(value, list):
+        return tuple(value)
+    return (value,) if value is not None else ()
+
+
+def _text_section(raw: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The decoder's settings: `text_config` of a vision-language config, with what the outer
+    config decides (tying the output embedding, as transformers reads it there, and end tokens)."""
+    if model_type not in COMPOSITE_MODEL_TYPES:
+        return raw
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"A {model_type} config must hold the text decoder's settings in text_config.")
+    text = dict(text)
+    if raw.get("tie_word_embeddings") is not None:
+        text["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    eos = _token_ids(text.get("eos_token_id")) + _token_ids(raw.get("eos_token_id"))
+    text["eos_token_id"] = list(dict.fromkeys(eos))
+    return text
 
 
 def _layer_types(raw: dict[str, Any], num_layers: int) -> tuple[str, ...]:
@@ -165,7 +232,9 @@ def _rope_settings(raw: dict[str, Any], max_positions: int) -> RopeSettings:
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in ("default", "yarn"):
         raise ConfigError(f"RoPE type {rope_type!r} is not supported (only default and yarn).")
-    settings = RopeSettings(theta=float(theta), partial_rotary_factor=float(partial), rope_type=rope_type)
+    mrope = {"mrope_section": tuple(params.get("mrope_section") or ()),
+             "mrope_interleaved": bool(params.get("mrope_interleaved", False))}
+    settings = RopeSettings(theta=float(theta), partial_rotary_factor=float(partial), rope_type=rope_type, **mrope)
     if rope_type != "yarn":
         return settings
     original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
@@ -184,6 +253,7 @@ def _rope_settings(raw: dict[str, Any], max_positions: int) -> RopeSettings:
         mscale=params.get("mscale"),
         mscale_all_dim=params.get("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
+        **mrope,
     )
 
 
@@ -194,6 +264,8 @@ def _validate(config: ModelConfig) -> None:
         raise ConfigError("linear_num_value_heads must be a multiple of linear_num_key_heads.")
     if config.rotary_dim % 2:
         raise ConfigError("The rotary slice of each head (head_dim * partial_rotary_factor) must be even.")
+    if 2 * sum(config.rope.mrope_section) > config.rotary_dim:
+        raise ConfigError("mrope_section assigns more frequencies than the rotary slice of a head has.")
     if config.hidden_act != "silu":
         raise ConfigError(f"Activation {config.hidden_act!r} is not supported (Qwen3-Next uses silu).")
     if config.num_experts and not 0 < config.num_experts_per_tok <= config.num_experts:

@@ -1,4 +1,4 @@
-"""Load a Hugging Face Qwen3-Next checkpoint folder tensor by tensor."""
+"""Load a Hugging Face checkpoint folder (Qwen3-Next, Qwen3.5 / Qwen3.6) tensor by tensor."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import nn
 from kernels import native as native_kernels
 from kernels.quant import QuantizedRows, QuantizedWeight
 
+from .checkpoint_layout import CheckpointLayout, LayoutError
 from .config import ConfigError, ModelConfig
 from .quantization import (
     CheckpointScheme,
@@ -246,7 +247,7 @@ def read_config(folder: Path) -> tuple[ModelConfig, CheckpointScheme]:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None, weights: str | None = None) -> LanguageModel:
-    """Load a Qwen3-Next checkpoint folder (single file or sharded safetensors).
+    """Load a checkpoint folder (single file or sharded safetensors) of any supported family.
 
     ``dtype`` is the compute dtype. ``weights`` None keeps the checkpoint's format (official FP8 and
     compressed-tensors int8/int4 stay quantized in memory); "bf16" holds every weight in ``dtype``;
@@ -268,19 +269,23 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         module = Qwen3NextForCausalLM(config)
     targets = _targets(module, config)
     groups = TensorGroups(scheme)
+    layout = CheckpointLayout(config)
     extra: dict[str, torch.Tensor] = {}
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt", device="cpu") as handle:
                 for tensor_name in handle.keys():
-                    for name, value in groups.feed(tensor_name, handle.get_tensor(tensor_name)):
-                        if name.startswith("mtp."):
-                            # A copy: the tensor may view the file's memory map, which would then stay
-                            # mapped (and resident) for as long as the model lives.
-                            extra[name] = dense(value, dtype).to(device=device, copy=True)
-                        else:
-                            _copy_tensor(name, value, targets, config, dtype, device, wanted)
-        except QuantizationError as exc:
+                    if layout.skips(tensor_name):
+                        continue
+                    for stored_name, stored in groups.feed(tensor_name, handle.get_tensor(tensor_name)):
+                        for name, value in layout.feed(stored_name, stored):
+                            if name.startswith("mtp."):
+                                # A copy: the tensor may view the file's memory map, which would then
+                                # stay mapped (and resident) for as long as the model lives.
+                                extra[name] = dense(value, dtype).to(device=device, copy=True)
+                            else:
+                                _copy_tensor(name, value, targets, config, dtype, device, wanted)
+        except (QuantizationError, LayoutError) as exc:
             raise LoadError(str(exc)) from exc
         except (SafetensorError, OSError, RuntimeError) as exc:
             if isinstance(exc, LoadError):
@@ -288,7 +293,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
             raise LoadError(f"The weight file {shard.name} is damaged or truncated ({exc}).") from exc
     try:
         groups.finish()
-    except QuantizationError as exc:
+        layout.finish()
+    except (QuantizationError, LayoutError) as exc:
         raise LoadError(str(exc)) from exc
     _install(module, targets, config)
     release_freed_memory()

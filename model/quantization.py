@@ -39,9 +39,10 @@ WEIGHT_CHOICES = ("bf16", INT8, INT4)
 FP8_SCALE_SUFFIX = ".weight_scale_inv"
 PACKED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
 # Small or precision-sensitive projections stay in the compute dtype when quantizing on load,
-# as the official FP8 checkpoints keep them.
-KEEP_UNQUANTIZED = ("in_proj_ba", "shared_expert_gate", "lm_head")
-# The linear layers' weights: q/k/v/o_proj, in_proj_qkvz, out_proj, gate/up/down_proj.
+# as the official FP8 checkpoints keep them (Qwen3.5 stores in_proj_ba as in_proj_b and in_proj_a).
+KEEP_UNQUANTIZED = ("in_proj_ba", "in_proj_b", "in_proj_a", "shared_expert_gate", "lm_head")
+# The linear layers' weights: q/k/v/o_proj, in_proj_qkvz (or in_proj_qkv, in_proj_z), out_proj,
+# gate/up/down_proj.
 PROJECTION = re.compile(r"(?:^|\.)\w*proj\w*\.weight$")
 
 
