@@ -119,6 +119,26 @@ def split_rows(value: Tensor | QuantizedWeight, start: int, stop: int) -> Tensor
     return gather_rows([value], torch.arange(start, stop))
 
 
+def split_fused_experts(name: str, value: Tensor | QuantizedWeight, width: int
+                        ) -> list[tuple[str, Tensor | QuantizedWeight]] | None:
+    """A fused expert tensor (`...experts.gate_up_proj` `[E, 2 * width, H]` or `...experts.down_proj`)
+    as per-expert `(name, weight)` pairs; None for any other tensor."""
+    fused = _FUSED_EXPERTS.match(name)
+    if fused is None or value.dim() != 3:
+        return None
+    prefix, projection = fused.groups()
+    experts = value.shape[0]
+    if projection == "down_proj":
+        return [(f"{prefix}.{e}.down_proj.weight", value[e]) for e in range(experts)]
+    if value.shape[1] != 2 * width:
+        raise LayoutError(f"{name} has {value.shape[1]} rows per expert; the config implies {2 * width}.")
+    pairs = []
+    for e in range(experts):
+        pairs.append((f"{prefix}.{e}.gate_proj.weight", split_rows(value[e], 0, width)))
+        pairs.append((f"{prefix}.{e}.up_proj.weight", split_rows(value[e], width, 2 * width)))
+    return pairs
+
+
 class CheckpointLayout:
     """Turns a family's checkpoint tensors, as they stream in, into the runtime's names and layout."""
 
@@ -138,9 +158,9 @@ class CheckpointLayout:
             return [(name, value)]
         if name.startswith(LANGUAGE_MODEL_PREFIX):
             name = "model." + name[len(LANGUAGE_MODEL_PREFIX):]
-        fused = _FUSED_EXPERTS.match(name)
-        if fused and value.dim() == 3:
-            return self._split_experts(fused.group(1), fused.group(2), value)
+        experts = split_fused_experts(name, value, self.config.moe_intermediate_size)
+        if experts is not None:
+            return experts
         separate = _SEPARATE_PROJECTION.match(name)
         if not separate:
             return [(name, value)]
@@ -162,20 +182,6 @@ class CheckpointLayout:
                 f"together but the config implies {rows.numel()}."
             )
         return [(f"{prefix}.in_proj_{group}.weight", gather_rows(ordered, rows))]
-
-    def _split_experts(self, prefix: str, projection: str, value: Tensor | QuantizedWeight):
-        experts = value.shape[0]
-        if projection == "down_proj":
-            return [(f"{prefix}.{e}.down_proj.weight", value[e]) for e in range(experts)]
-        width = self.config.moe_intermediate_size
-        if value.shape[1] != 2 * width:
-            raise LayoutError(f"{prefix}.gate_up_proj has {value.shape[1]} rows per expert; the config implies "
-                              f"{2 * width}.")
-        pairs = []
-        for e in range(experts):
-            pairs.append((f"{prefix}.{e}.gate_proj.weight", split_rows(value[e], 0, width)))
-            pairs.append((f"{prefix}.{e}.up_proj.weight", split_rows(value[e], width, 2 * width)))
-        return pairs
 
     def finish(self) -> None:
         if self.pending:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantizedWeight
 
+from .checkpoint_layout import LayoutError, split_fused_experts
 from .loader import LoadError, read_config, shard_files
 from .quantization import (
     WEIGHT_CHOICES,
@@ -42,7 +43,7 @@ def quantize_checkpoint(source: Path, target: Path, weights: str, shard_bytes: i
     """Write ``source`` with its large linear layers in ``weights`` ("int8" or "int4") to ``target``."""
     if weights not in WEIGHT_CHOICES or weights == "bf16":
         raise QuantizationError(f"Choose int8 or int4, not {weights!r}.")
-    _, scheme = read_config(source)
+    config, scheme = read_config(source)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty.")
     target.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,11 @@ def quantize_checkpoint(source: Path, target: Path, weights: str, shard_bytes: i
         with safe_open(str(shard), framework="pt", device="cpu") as handle:
             for tensor_name in handle.keys():
                 for name, value in groups.feed(tensor_name, handle.get_tensor(tensor_name)):
-                    writer.add(_converted(name, value, weights))
+                    # Fused experts (Qwen3.5 MoE releases) are written per expert, as quantized
+                    # checkpoints store them.
+                    split = split_fused_experts(name, value, config.moe_intermediate_size)
+                    for expert_name, expert in split or [(name, value)]:
+                        writer.add(_converted(expert_name, expert, weights))
     groups.finish()
     writer.close()
     _copy_side_files(source, target, weights)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         quantize_checkpoint(args.source, args.target, args.weights, int(args.shard_gb * 1024**3))
-    except (LoadError, QuantizationError, FileExistsError) as exc:
+    except (LoadError, QuantizationError, LayoutError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Wrote {args.target} ({args.weights} weights).")

@@ -253,6 +253,23 @@ def test_int4_checkpoint_keeps_the_separate_projections_quantized(moe_oracle, tm
     assert torch.equal(saved.forward(ids, saved.new_state()), on_load.forward(ids, on_load.new_state()))
 
 
+def test_int4_checkpoint_of_fused_experts_holds_them_per_expert(tmp_path):
+    """A MoE checkpoint with fused experts (the bf16 releases) quantizes expert by expert."""
+    from kernels.quant import QuantizedRows
+    from model.demo import write_demo_checkpoint
+
+    folder = write_demo_checkpoint(tmp_path / "moe", seed=2, family="qwen3_5_moe", tokenizer=False)
+    quantize_checkpoint(folder, tmp_path / "q", "int4")
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.language_model.layers.0.mlp.experts.7.up_proj.weight_packed" in index
+    assert "mtp.layers.0.mlp.experts.0.gate_proj.weight" in index  # the MTP block stays unquantized
+    saved = load_model(tmp_path / "q", dtype=torch.float32)
+    assert isinstance(saved.module.model.layers[0].mlp.experts.gate_up_proj, QuantizedRows)
+    on_load = load_model(folder, dtype=torch.float32, weights="int4")
+    ids = tokens(saved, 30)
+    assert torch.equal(saved.forward(ids, saved.new_state()), on_load.forward(ids, on_load.new_state()))
+
+
 def test_fp8_checkpoint_keeps_the_grouped_projection_in_fp8(tmp_path):
     """Official FP8 layout on the published head dims (128): the regrouped rows move whole 128-row
     blocks, so in_proj_qkvz stays FP8; logits equal transformers on the exact dequantized weights."""
