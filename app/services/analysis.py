@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model import Generation, GenerationSettings, ModelState, PrefillProgress, SamplingParams, prefill
-from model.demo import DEMO_NOTICE, is_demo_checkpoint
+from model.demo import demo_notice, is_demo_checkpoint
 from model.generation import DEFAULT_PREFILL_CHUNK
 from model.generation import Cancelled as PrefillCancelled
 from model.speculative import SpeculativeGeneration
@@ -54,6 +54,7 @@ class ModelInfo:
     context_limit: int
     fingerprint: str
     weight_formats: tuple[str, ...] = ()
+    family: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ class AnalysisService:
 
     def model_info(self) -> ModelInfo:
         demo = self.lm.path is not None and is_demo_checkpoint(self.lm.path)
-        return ModelInfo(str(self.lm.path), demo, DEMO_NOTICE if demo else "", str(self.lm.device),
+        return ModelInfo(str(self.lm.path), demo, demo_notice(self.lm.path) if demo else "", str(self.lm.device),
                          str(self.lm.dtype).removeprefix("torch."), self.lm.parameter_bytes(), self.context_limit,
-                         self.lm.fingerprint, self.lm.weight_formats)
+                         self.lm.fingerprint, self.lm.weight_formats, self.lm.config.family_name)
 
     def cache_stats(self) -> CacheStats:
         return self.cache.stats()

@@ -24,7 +24,7 @@ st.title("Model")
 if info.is_demo:
     st.warning(
         f"**The demo checkpoint is in use: its answers are meaningless.** {info.notice}\n\n"
-        "Set the environment variable `DOCANALYST_MODEL` to a Qwen3-Next checkpoint folder, or put "
+        "Set the environment variable `DOCANALYST_MODEL` to a Qwen3-Next, Qwen3.5 or Qwen3.6 checkpoint folder, or put "
         f'`model = "/path/to/checkpoint"` in the settings file (`{context.settings_file()}`), '
         "then restart the app.",
         icon=":material/warning:",
@@ -32,6 +32,7 @@ if info.is_demo:
 
 st.subheader("Checkpoint")
 st.code(info.path, language=None)
+st.caption(f"Model family: **{info.family}**")
 device, dtype, weights, context_limit = st.columns(4)
 device.metric("Device", info.device)
 dtype.metric("Compute precision", info.dtype)
