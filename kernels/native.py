@@ -4,6 +4,9 @@ A library lands in a per-user cache folder named by its source's hash, written t
 name and renamed so parallel processes never load a half-written file. Anything missing (no
 compiler, no AVX-512 BF16, a failed build) makes `load` return None and callers keep PyTorch's
 path; set DOCANALYST_NATIVE=0 to force that.
+
+Every kernel is built for AVX-512 (with BF16 and AMX); a source may also be built for AVX2 + FMA
+(`isa="avx2"`), a variant that CPUs without AVX-512 BF16 run instead.
 """
 
 from __future__ import annotations
@@ -23,17 +26,37 @@ import torch  # imported before any kernel library, whose libgomp.so.1 then reso
 
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
          "-shared", "-fPIC"]
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
+# Instruction sets a source can be built for: the compiler flags, and the /proc/cpuinfo flags a CPU
+# must report to run the build.
+ISAS = {"avx512": (FLAGS, ("avx512_bf16",)), "avx2": (AVX2_FLAGS, ("avx2", "fma", "f16c"))}
 # Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
 # give a token the same bits whatever the call's size; that is what keeps speculative decoding exact.
 FEW_TOKENS = 16
 
 
-def _cpu_has_avx512_bf16() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split())
+
+
+def cpu_runs(isa: str) -> bool:
+    """Whether this CPU runs code built for `isa` (a key of ISAS)."""
+    return all(flag in _cpu_flags() for flag in ISAS[isa][1])
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    return cpu_runs("avx512")
+
+
+def compiler() -> str | None:
+    """The C compiler (CC, else cc), or None where there is none."""
+    return shutil.which(os.environ.get("CC", "cc"))
 
 
 @functools.cache
@@ -75,9 +98,11 @@ def numerics_identity() -> str:
     digest = hashlib.sha256()
     for source in sorted(Path(__file__).parent.rglob("*.[ch]")):
         digest.update(source.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + source.read_bytes())
-    runs = os.environ.get("DOCANALYST_NATIVE", "1") != "0" and _cpu_has_avx512_bf16() and shutil.which(
-        os.environ.get("CC", "cc")) is not None
-    digest.update(f"runs={runs}|amx={matmul_has_amx()}|flags={' '.join(FLAGS)}".encode())
+    enabled = os.environ.get("DOCANALYST_NATIVE", "1") != "0" and compiler() is not None
+    runs = enabled and _cpu_has_avx512_bf16()
+    # Where AVX-512 BF16 is missing, kernels with an AVX2 build run it.
+    avx2 = enabled and not runs and cpu_runs("avx2")
+    digest.update(f"runs={runs}|avx2={avx2}|amx={matmul_has_amx()}|flags={' '.join(FLAGS)}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -93,32 +118,41 @@ def _source_bytes(source: Path) -> bytes:
     return text + b"".join(_source_bytes(source.parent / name.decode()) for name in included)
 
 
-def _build(source: Path, compiler: str) -> Path:
-    digest = hashlib.sha256(_source_bytes(source) + " ".join([compiler, *FLAGS, *LIBRARIES]).encode()).hexdigest()[:16]
+def _build(source: Path, compiler: str, flags: list[str] = FLAGS) -> Path:
+    digest = hashlib.sha256(_source_bytes(source) + " ".join([compiler, *flags, *LIBRARIES]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source), *LIBRARIES], check=True, capture_output=True)
+        subprocess.run([compiler, *flags, "-o", str(partial), str(source), *LIBRARIES], check=True, capture_output=True)
         os.replace(partial, target)
     return target
 
 
+def build(source: Path, isa: str = "avx512") -> Path:
+    """The library of `source` built for `isa`, whether or not this CPU runs it (a build check);
+    raises CalledProcessError (compiler output in its stderr) or FileNotFoundError (no compiler)."""
+    cc = compiler()
+    if cc is None:
+        raise FileNotFoundError("no C compiler: set CC or install cc")
+    return _build(source, cc, ISAS[isa][0])
+
+
 @functools.cache
-def load(source: Path, function: str, argtypes: tuple):
-    """The C function `function` of `source` with its ctypes argument types, or None where it
-    cannot run here."""
-    if os.environ.get("DOCANALYST_NATIVE", "1") == "0" or not _cpu_has_avx512_bf16():
+def load(source: Path, function: str, argtypes: tuple, isa: str = "avx512"):
+    """The C function `function` of `source` built for `isa`, with its ctypes argument types, or
+    None where it cannot run here."""
+    if os.environ.get("DOCANALYST_NATIVE", "1") == "0" or not cpu_runs(isa):
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return None
     try:
         # torch is already imported, so the library's libgomp.so.1 resolves to the OpenMP runtime
         # torch loaded and both share one thread pool.
-        library = ctypes.CDLL(str(_build(source, compiler)))
+        library = ctypes.CDLL(str(_build(source, cc, ISAS[isa][0])))
     except (OSError, subprocess.CalledProcessError) as error:
         warnings.warn(f"native kernel {source.name} unavailable, using PyTorch's path: {error}", stacklevel=2)
         return None

@@ -1,8 +1,23 @@
 """Weights held quantized (official FP8 blocks, int8 per channel, int4 per group) and the linear
-layer over them. Layouts are in `formats.py`; `reference.py` is the exact definition."""
+layer over them. Layouts are in `formats.py`; `reference.py` is the exact definition; `native.py`
+binds the C kernel that takes decode and draft-verification calls (up to 16 rows) on the CPU.
+"""
 
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import native
 from .formats import FORMATS, FP8_BLOCK, INT4, INT4_GROUP_SIZE, INT8, QuantizedRows, QuantizedWeight
-from .reference import dequantize, fp8_block, pack_int4, quantize_int4, quantize_int8, quantized_linear, unpack_int4
+from .reference import (
+    dequantize,
+    fp8_block,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantized_linear_reference,
+    unpack_int4,
+)
 
 __all__ = [
     "FORMATS",
@@ -18,5 +33,26 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantized_linear",
+    "quantized_linear_reference",
     "unpack_int4",
+    "uses_native",
 ]
+
+
+def uses_native(x: Tensor, weight: QuantizedWeight) -> bool:
+    """Whether `quantized_linear(x, weight)` takes the native kernel."""
+    return native.supports(x, weight)
+
+
+def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """x `[..., K]` times a quantized weight `[N, K]`, plus bias `[N]` -> `[..., N]` in x.dtype, in fp32.
+
+    Up to 16 rows on a CPU the native kernel reads the quantized bytes directly (a row's bits do not
+    depend on the other rows); elsewhere the reference dequantizes tile by tile.
+    """
+    if not native.supports(x, weight):
+        return quantized_linear_reference(x, weight, bias)
+    out = native.quantized_linear_small_m(x.reshape(-1, x.shape[-1]), weight)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

@@ -1,7 +1,8 @@
 """Readable reference of the quantized formats: exact dequantization, round-to-nearest
 quantization, and the linear layer over a quantized weight.
 
-Every fast path is checked against :func:`dequantize` followed by an fp32 product.
+Every fast path is checked against :func:`dequantize` followed by an fp32 product;
+:func:`quantized_linear_reference` is also the path where the native kernel cannot run.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def fp8_block(data: Tensor, scale_inv: Tensor) -> QuantizedWeight:
     return QuantizedWeight(FP8_BLOCK, data, scale_inv, tuple(data.shape))
 
 
-def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+def quantized_linear_reference(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """x `[..., K]` times a quantized weight `[N, K]` -> `[..., N]` in x.dtype, computed in fp32.
 
     Up to :data:`ROWWISE_MAX_ROWS` rows each row is a matrix-vector product of its own; above,

@@ -1,0 +1,231 @@
+"""Native small-row kernels over quantized weights (kernels/quant/small_m_quant.c).
+
+Each build (AVX-512, AVX2 + FMA) is compiled on every machine with a C compiler, and run and checked
+wherever the CPU runs it, against x times the dequantized weight in float64.
+
+Tolerance: the kernel sums in fp32, in lanes of 8 or 16 and then a tree, with at most two
+roundings per product (a weight or x times its scale, then the product), so a result is within
+about (K / 8 + 8) * 2^-24 * sum_k |x_k w_k| of the exact sum: under 2.5e-6 of that sum for the K
+here. The tests allow 1e-5 of it (plus 1e-30 for sums that are exactly zero).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import native as native_build
+from kernels.linear import linear
+from kernels.quant import (
+    FP8_BLOCK,
+    INT4,
+    INT8,
+    QuantizedWeight,
+    dequantize,
+    fp8_block,
+    native,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantized_linear,
+    quantized_linear_reference,
+    uses_native,
+)
+
+RELATIVE_TOLERANCE = 1e-5
+FORMATS = [FP8_BLOCK, INT8, INT4]
+ROWS = [1, 3, 16]
+SHAPES = [(n, k) for n in (1, 7, 300) for k in (1, 129, 200, 257)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.fixture(params=native.VARIANTS)
+def isa(request):
+    """Each build this CPU runs."""
+    if native.kernel(request.param) is None:
+        flags = " ".join(native_build.ISAS[request.param][1])
+        pytest.skip(f"the {request.param} build cannot run here: it needs a C compiler and a CPU with {flags} "
+                    "(and DOCANALYST_NATIVE unset)")
+    return request.param
+
+
+def weight_of(format_name: str, shape: tuple[int, int], scale_dtype: torch.dtype = torch.float32, seed: int = 0,
+              group: int = 128) -> QuantizedWeight:
+    """A random weight `[N, K]` in `format_name`, its scales stored in `scale_dtype`."""
+    generator = torch.Generator().manual_seed(seed)
+    if format_name == FP8_BLOCK:
+        # Spread over e4m3's whole range, subnormals (below 2^-6) included.
+        magnitude = torch.exp2(torch.rand(shape, generator=generator) * 18 - 9)
+        sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
+        data = (sign * magnitude).clamp(-448, 448).to(torch.float8_e4m3fn)
+        blocks = (-(-shape[0] // 128), -(-shape[1] // 128))
+        scale = torch.rand(blocks, generator=generator) * 1e-3 + 1e-4
+        return fp8_block(data, scale.to(scale_dtype))
+    dense = torch.randn(shape, generator=generator) * 0.05
+    quantized = quantize_int8(dense) if format_name == INT8 else quantize_int4(dense, group)
+    return QuantizedWeight(quantized.format, quantized.data, quantized.scale.to(scale_dtype), quantized.shape,
+                           quantized.group_size)
+
+
+def random_x(rows: int, columns: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def run(x: torch.Tensor, weight: QuantizedWeight, isa: str, threads: int = 1) -> torch.Tensor:
+    """The kernel's fp32 output, written over NaNs so that an element it skips fails the checks."""
+    out = torch.full((x.shape[0], weight.shape[0]), float("nan"))
+    result = native.quantized_linear_small_m(x, weight, out=out, isa=isa, threads=threads)
+    assert result.data_ptr() == out.data_ptr()
+    return out
+
+
+def assert_close_to_exact(out: torch.Tensor, x: torch.Tensor, weight: QuantizedWeight) -> None:
+    w = dequantize(weight).double()
+    exact = x.double() @ w.T
+    magnitude = x.double().abs() @ w.abs().T
+    assert not out.isnan().any(), "an output was not written"
+    error = (out.double() - exact).abs()
+    worst = (error / (magnitude + 1e-300)).max().item()
+    assert bool((error <= RELATIVE_TOLERANCE * magnitude + 1e-30).all()), f"relative error {worst:.2e}"
+
+
+@pytest.mark.parametrize("scale_dtype", ["fp32", "bf16"], ids=lambda d: f"scale_{d}")
+@pytest.mark.parametrize("x_dtype", ["fp32", "bf16"], ids=lambda d: f"x_{d}")
+@pytest.mark.parametrize(("n", "k"), SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+@pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"{r}rows")
+@pytest.mark.parametrize("format_name", FORMATS)
+def test_matches_the_dequantized_product(isa, format_name, rows, n, k, x_dtype, scale_dtype):
+    weight = weight_of(format_name, (n, k), DTYPES[scale_dtype])
+    x = random_x(rows, k, DTYPES[x_dtype])
+    assert_close_to_exact(run(x, weight, isa), x, weight)
+
+
+@pytest.mark.parametrize("group", [32, 64, 256], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize(("n", "k"), [(7, 129), (300, 257)], ids=["7x129", "300x257"])
+def test_int4_groups_other_than_128(isa, n, k, group):
+    weight = weight_of(INT4, (n, k), group=group)
+    for rows in ROWS:
+        x = random_x(rows, k, torch.bfloat16)
+        assert_close_to_exact(run(x, weight, isa), x, weight)
+
+
+def test_x_rows_with_a_stride(isa):
+    """x may be a view whose rows are further apart than K (a slice of a wider activation)."""
+    weight = weight_of(FP8_BLOCK, (40, 200))
+    wide = random_x(5, 300, torch.bfloat16)
+    x = wide[:, 50:250]
+    assert x.stride() == (300, 1)
+    assert torch.equal(run(x, weight, isa), run(x.contiguous(), weight, isa))
+
+
+@pytest.mark.parametrize("flush_denormals", [False, True], ids=["denormals", "flush_denormals"])
+def test_every_finite_fp8_value_converts_exactly(isa, flush_denormals):
+    """All 254 finite e4m3 codes, subnormals included, even with denormals-are-zero set: a one-hot x
+    and a scale of 1 read each weight back exactly."""
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)
+    columns = codes.numel()
+    data = codes.view(torch.float8_e4m3fn).reshape(1, columns).repeat(3, 1)
+    weight = fp8_block(data, torch.ones(1, -(-columns // 128)))
+    # This thread's setting, as other tests left it: a denormal product survives unless flushed.
+    previous = float((torch.tensor([1e-39]) * 2).item()) == 0.0
+    torch.set_flush_denormal(flush_denormals)
+    try:
+        # threads=1 runs on this thread, whose setting was just made.
+        out = torch.cat([run(torch.eye(columns)[start : start + 16], weight, isa) for start in range(0, columns, 16)])
+    finally:
+        torch.set_flush_denormal(previous)
+    assert torch.equal(out, data.float().T)
+
+
+def test_every_int4_value_converts_exactly(isa):
+    """Nibbles 0..15 (values -8..7), odd K so the last byte's high nibble is padding."""
+    columns = 33
+    values = (torch.arange(2 * columns) % 16 - 8).to(torch.int8).reshape(2, columns)
+    weight = QuantizedWeight(INT4, pack_int4(values), torch.ones(2, 1), (2, columns), 128)
+    out = run(torch.eye(columns), weight, isa)
+    assert torch.equal(out, values.float().T)
+
+
+def test_fp8_nan_weights_give_nan_outputs_in_their_rows_only(isa):
+    """0x7f and 0xff are e4m3's NaNs; dequantize() keeps them, and so must the product."""
+    weight = weight_of(FP8_BLOCK, (20, 257))
+    data = weight.data.view(torch.uint8).clone()
+    data[3, 0] = 0x7F
+    data[11, 256] = 0xFF  # in the partial last line
+    data[19, 130] = 0x7F  # the last row, in a partial block of rows
+    broken = fp8_block(data.view(torch.float8_e4m3fn), weight.scale)
+    for rows in (1, 6):
+        x = random_x(rows, 257, torch.bfloat16)
+        out = run(x, broken, isa)
+        nan_rows = {3, 11, 19}
+        assert out[:, sorted(nan_rows)].isnan().all()
+        finite = [n for n in range(20) if n not in nan_rows]
+        assert_close_to_exact(out[:, finite], x, QuantizedWeight(FP8_BLOCK, weight.data[finite], weight.scale[:1],
+                                                                  (17, 257)))
+
+
+@pytest.mark.parametrize("x_dtype", ["fp32", "bf16"], ids=lambda d: f"x_{d}")
+@pytest.mark.parametrize("format_name", FORMATS)
+def test_a_rows_bits_do_not_depend_on_the_batch(isa, format_name, x_dtype):
+    """Each row alone, and each run of rows as its own batch, gives the bits it has in a batch of 16."""
+    weight = weight_of(format_name, (300, 257))
+    x = random_x(16, 257, DTYPES[x_dtype])
+    together = run(x, weight, isa)
+    for row in range(16):
+        assert torch.equal(run(x[row : row + 1], weight, isa), together[row : row + 1])
+    for start, stop in [(0, 3), (5, 12), (9, 16), (1, 6)]:
+        assert torch.equal(run(x[start:stop], weight, isa), together[start:stop])
+
+
+@pytest.mark.parametrize("format_name", FORMATS)
+def test_the_thread_count_does_not_change_the_bits(isa, format_name):
+    """Large enough to be split over threads: 1, 2 and 3 threads agree bit for bit."""
+    weight = weight_of(format_name, (1003, 300))
+    for rows in (1, 16):
+        x = random_x(rows, 300, torch.bfloat16)
+        single = run(x, weight, isa, threads=1)
+        assert_close_to_exact(single, x, weight)
+        for threads in (2, 3):
+            assert torch.equal(run(x, weight, isa, threads=threads), single)
+
+
+@pytest.mark.parametrize("isa_name", list(native_build.ISAS))
+def test_every_build_compiles(isa_name):
+    """Both builds compile here whatever this CPU runs (a build check for the other machines)."""
+    if native_build.compiler() is None:
+        pytest.skip("no C compiler")
+    assert native_build.build(native.SOURCE, isa_name).exists()
+
+
+def test_each_build_is_the_instruction_set_it_claims(isa):
+    assert native.lanes(isa) == {"avx512": 16, "avx2": 8}[isa]
+
+
+def test_quantized_linear_takes_the_native_kernel_for_a_few_rows():
+    if native.kernel() is None:
+        pytest.skip("no native build runs here")
+    weight = weight_of(INT4, (300, 257))
+    bias = torch.randn(300)
+    x = random_x(12, 257, torch.bfloat16).reshape(3, 4, 257)
+    assert uses_native(x, weight)
+    out = quantized_linear(x, weight, bias)
+    expected = (native.quantized_linear_small_m(x.reshape(12, 257), weight) + bias).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 4, 300)
+    assert torch.equal(out.reshape(12, 300), expected)
+    assert torch.equal(linear(x, weight, bias), out)
+    # One bf16 rounding from the reference at most.
+    torch.testing.assert_close(out, quantized_linear_reference(x, weight, bias), rtol=1e-2, atol=1e-3)
+
+
+def test_quantized_linear_keeps_the_reference_where_the_kernel_does_not_apply():
+    weight = weight_of(INT8, (30, 64))
+    few = random_x(16, 64, torch.float32)
+    assert not uses_native(random_x(17, 64, torch.float32), weight)  # above 16 rows
+    assert not uses_native(few.half(), weight)  # fp16 x
+    assert not uses_native(few.requires_grad_(), weight)  # a gradient may be asked for
+    stacked = quantize_int8(torch.randn(2, 30, 64))
+    assert not uses_native(few.detach(), stacked)  # a stack of experts, not one weight
+    assert not uses_native(few.detach(), weight_of(INT4, (30, 64), group=48))  # steps would straddle groups
+    x = random_x(17, 64, torch.float32)
+    assert torch.equal(quantized_linear(x, weight), quantized_linear_reference(x, weight))
