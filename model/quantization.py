@@ -215,7 +215,7 @@ def quantization_config(weights: str) -> dict[str, Any]:
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": args, "input_activations": None,
                                       "format": "pack-quantized"}},
-        "ignore": [f"re:.*{name}$" for name in KEEP_UNQUANTIZED] + ["re:.*mlp.gate$"],
+        "ignore": [f"re:.*{name}$" for name in KEEP_UNQUANTIZED] + ["re:.*mlp.gate$", "re:^(model\\.)?visual\\..*"],
     }
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantizedWeight
 
-from .checkpoint_layout import LayoutError, split_fused_experts
+from .checkpoint_layout import VISION_PREFIXES, LayoutError, split_fused_experts
 from .loader import LoadError, read_config, shard_files
 from .quantization import (
     WEIGHT_CHOICES,
@@ -65,8 +65,9 @@ def quantize_checkpoint(source: Path, target: Path, weights: str, shard_bytes: i
 
 
 def _converted(name: str, value: torch.Tensor | QuantizedWeight, weights: str) -> dict[str, torch.Tensor]:
-    if name.startswith("mtp.") or not quantizable(name) or value.dim() != 2:
-        # Kept as stored; an FP8 weight that stays unquantized is written in bf16.
+    if name.startswith(("mtp.", *VISION_PREFIXES)) or not quantizable(name) or value.dim() != 2:
+        # Kept as stored (the vision tower too, which this runtime does not run); an FP8 weight
+        # that stays unquantized is written in bf16.
         return {name: dense(value, DENSE_DTYPE) if isinstance(value, QuantizedWeight) else value.contiguous()}
     quantized = convert(value, weights, DENSE_DTYPE)
     return packed_tensors(name.removesuffix(".weight"), quantized)

@@ -242,9 +242,14 @@ def test_int4_on_load_matches_transformers_on_the_dequantized_weights(moe_oracle
 
 def test_int4_checkpoint_keeps_the_separate_projections_quantized(moe_oracle, tmp_path):
     """`python -m model.quantize` writes in_proj_qkv and in_proj_z as int4; loading gathers their
-    rows without dequantizing, bit for bit the model quantized while loading."""
+    rows without dequantizing, bit for bit the model quantized while loading. The vision tower,
+    which this runtime does not run, is left as it was."""
     folder = moe_oracle[0]
     quantize_checkpoint(folder, tmp_path / "q", "int4")
+    written = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"]
+    vision = [name for name in written if name.startswith("model.visual.")]
+    assert any(name.endswith("proj.weight") for name in vision)  # the vision tower is copied as stored
+    assert not any(name.endswith("weight_packed") for name in vision)
     saved = load_model(tmp_path / "q", dtype=torch.float32)
     on_load = load_model(folder, dtype=torch.float32, weights="int4")
     assert isinstance(saved.module.model.layers[1].linear_attn.in_proj_qkvz.weight, QuantizedWeight)
