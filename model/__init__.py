@@ -1,4 +1,5 @@
-"""Self-contained Qwen3-Next runtime: config, layers, state, loader, generation."""
+"""Self-contained Qwen3-Next runtime (also running the Qwen3.5 / Qwen3.6 families): config, layers, state,
+loader, generation."""
 
 from .config import ConfigError, ModelConfig
 from .generation import Generation, GenerationResult, GenerationSettings, PrefillProgress, TextDelta, prefill
