@@ -209,26 +209,26 @@ typedef struct {
     float *y;            /* [M, N] */
 } problem;
 
-/* The weight streams from memory once: each 64-byte line of a row requests the same line of the
- * next block's row into L2, as the bf16 kernel does (rows of a few KB are too short for the
- * hardware prefetcher to ramp up). One request per line: more cost more than they bring. */
-ALWAYS void prefetch_next(const problem *p, int64_t row, int64_t offset) {
-    if (row + ROW_BLOCK < p->N) _mm_prefetch((const char *)(p->w + (row + ROW_BLOCK) * p->ldw + offset), _MM_HINT_T1);
-}
-
 /* x rows m0 .. m0 + MB - 1 (of the copy `x`) times weight rows n0 .. n0 + R - 1; past N, row N - 1
- * again, not stored. */
+ * again, not stored.
+ *
+ * The weight streams from memory once: each 64-byte line of a row requests the same line of the
+ * next block's row (`ahead`; the row itself past the last block) into L2, as the bf16 kernel does
+ * (rows of a few KB are too short for the hardware prefetcher to ramp up). One request per line:
+ * more cost more than they bring. */
 #define TILE_SETUP                                                                              \
     const float *xs[X_GROUP];                                                                   \
-    const uint8_t *wr[ROW_BLOCK];                                                               \
+    const uint8_t *wr[ROW_BLOCK], *ahead[ROW_BLOCK];                                            \
     int64_t rows[ROW_BLOCK];                                                                    \
     vec acc[X_GROUP][ROW_BLOCK];                                                                \
     _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) xs[m] = x + (m0 + m) * p->ldx;         \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                       \
         rows[r] = n0 + r < p->N ? n0 + r : p->N - 1;                                            \
         wr[r] = p->w + rows[r] * p->ldw;                                                        \
+        ahead[r] = rows[r] + ROW_BLOCK < p->N ? wr[r] + ROW_BLOCK * p->ldw : wr[r];             \
         _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) acc[m][r] = vzero();               \
     }
+#define PREFETCH(r, offset) _mm_prefetch((const char *)(ahead[r] + (offset)), _MM_HINT_T1)
 
 /* One step of every row of the tile at byte k (count bytes left in a row): the step's x is loaded
  * once for all R weight rows. */
@@ -259,7 +259,7 @@ ALWAYS void fp8_tile(const problem *p, const float *x, int64_t m0, const int MB,
     int64_t k = 0;
     for (; k + 64 <= p->K; k += 64) {
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-            prefetch_next(p, rows[r], k);
+            PREFETCH(r, k);
             if (CHECK) seen[r] = nan_update(seen[r], wr[r] + k, 64);
         }
         _Pragma("GCC unroll 4") for (int step = 0; step < 64; step += FP8_STEP) FP8_STEP_TILE(k + step, FP8_STEP)
@@ -293,7 +293,7 @@ ALWAYS void int8_tile(const problem *p, const float *x, int64_t m0, const int MB
     TILE_SETUP
     int64_t k = 0;
     for (; k + 64 <= p->K; k += 64) {
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) prefetch_next(p, rows[r], k);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) PREFETCH(r, k);
         _Pragma("GCC unroll 8") for (int step = 0; step < 64; step += LANES) INT8_STEP_TILE(k + step, LANES)
     }
     for (; k < p->K; k += LANES) INT8_STEP_TILE(k, p->K - k)
@@ -333,7 +333,9 @@ ALWAYS void int4_tile(const problem *p, const float *x, int64_t m0, const int MB
         group_scale table[ROW_BLOCK];
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
             table[r] = int4_group(scale_at(p->scale, rows[r] * p->lds + g, p->scale_bf16));
-            for (int64_t line = first; line < byte_end; line += 64) prefetch_next(p, rows[r], line);
+            PREFETCH(r, first);
+            /* Groups of up to 128 columns fit a line; larger ones take the rest here. */
+            for (int64_t line = first + 64; line < byte_end; line += 64) PREFETCH(r, line);
         }
         int64_t b = first;
         for (; b + LANES <= byte_end; b += LANES) INT4_STEP_TILE(b, LANES)
