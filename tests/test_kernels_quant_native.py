@@ -100,6 +100,20 @@ def test_matches_the_dequantized_product(isa, format_name, rows, n, k, x_dtype, 
     assert_close_to_exact(run(x, weight, isa), x, weight)
 
 
+@pytest.mark.parametrize("bias_dtype", ["none", "fp32", "bf16"], ids=lambda d: f"bias_{d}")
+@pytest.mark.parametrize("out_dtype", ["fp32", "bf16"], ids=lambda d: f"out_{d}")
+@pytest.mark.parametrize("format_name", FORMATS)
+def test_bias_and_output_dtype_round_once_as_the_reference_does(isa, format_name, out_dtype, bias_dtype):
+    """The fp32 sum plus the bias, rounded once to the output's dtype, bit for bit."""
+    weight = weight_of(format_name, (300, 200))
+    x = random_x(3, 200, torch.bfloat16)
+    bias = None if bias_dtype == "none" else torch.randn(300).to(DTYPES[bias_dtype])
+    out = torch.full((3, 300), float("nan"), dtype=DTYPES[out_dtype])
+    native.quantized_linear_small_m(x, weight, bias, out=out, isa=isa, threads=1)
+    expected = run(x, weight, isa) + (0 if bias is None else bias.float())
+    assert torch.equal(out, expected.to(DTYPES[out_dtype]))
+
+
 @pytest.mark.parametrize("group", [32, 64, 256], ids=lambda g: f"group{g}")
 @pytest.mark.parametrize(("n", "k"), [(7, 129), (300, 257)], ids=["7x129", "300x257"])
 def test_int4_groups_other_than_128(isa, n, k, group):
@@ -211,6 +225,8 @@ def test_quantized_linear_takes_the_native_kernel_for_a_few_rows():
     assert uses_native(x, weight)
     out = quantized_linear(x, weight, bias)
     expected = (native.quantized_linear_small_m(x.reshape(12, 257), weight) + bias).to(torch.bfloat16)
+    one_dim = quantized_linear(x[0, 0], weight, bias)
+    assert one_dim.shape == (300,) and torch.equal(one_dim, expected[0])
     assert out.dtype == torch.bfloat16 and out.shape == (3, 4, 300)
     assert torch.equal(out.reshape(12, 300), expected)
     assert torch.equal(linear(x, weight, bias), out)

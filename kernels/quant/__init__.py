@@ -5,6 +5,7 @@ binds the C kernel that takes decode and draft-verification calls (up to 16 rows
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import native
@@ -48,11 +49,11 @@ def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
     """x `[..., K]` times a quantized weight `[N, K]`, plus bias `[N]` -> `[..., N]` in x.dtype, in fp32.
 
     Up to 16 rows on a CPU the native kernel reads the quantized bytes directly (a row's bits do not
-    depend on the other rows); elsewhere the reference dequantizes tile by tile.
+    depend on the other rows) and adds the bias before its one rounding to x.dtype, as the
+    reference does; elsewhere the reference dequantizes tile by tile.
     """
     if not native.supports(x, weight):
         return quantized_linear_reference(x, weight, bias)
-    out = native.quantized_linear_small_m(x.reshape(-1, x.shape[-1]), weight)
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    native.quantized_linear_small_m(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, bias, out)
+    return out

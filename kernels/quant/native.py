@@ -22,7 +22,8 @@ INT4_GROUP_MULTIPLE = 32
 _FORMAT_CODES = {FP8_BLOCK: 0, INT8: 1, INT4: 2}
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-_ARGTYPES = (_INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _PTR, _INT)
+_ARGTYPES = (_INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _PTR, _INT, _PTR, _INT, _INT)
+_HALF = (torch.float32, torch.bfloat16)
 
 assert set(VARIANTS) <= set(ISAS)
 
@@ -61,24 +62,30 @@ def supports(x: Tensor, weight: QuantizedWeight) -> bool:
     return 0 < rows <= MAX_ROWS and kernel() is not None
 
 
-def quantized_linear_small_m(x: Tensor, weight: QuantizedWeight, out: Tensor | None = None, isa: str | None = None,
+def quantized_linear_small_m(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None, out: Tensor | None = None,
+                             out_dtype: torch.dtype = torch.float32, isa: str | None = None,
                              threads: int | None = None) -> Tensor:
-    """x `[M, K]` fp32 or bf16 with unit column stride, weight `[N, K]` -> fp32 `[M, N]`, written
-    into `out` (contiguous fp32) when given, over `threads` threads (default: torch's count).
-    The caller checks that `kernel(isa)` is not None."""
+    """x `[M, K]` fp32 or bf16 with unit column stride, weight `[N, K]`, bias `[N]` or None ->
+    `[M, N]`: the fp32 sum plus the bias, rounded once to out_dtype (fp32 or bf16), written into
+    `out` (contiguous, M * N elements of out_dtype) when given, over `threads` threads (default:
+    torch's count). The caller checks that `kernel(isa)` is not None."""
     rows, columns = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     data = weight.data if weight.data.is_contiguous() else weight.data.contiguous()
-    scale = weight.scale.reshape(weight.scale.shape[0], -1)
-    if scale.dtype not in (torch.float32, torch.bfloat16):
-        scale = scale.float()
-    scale = scale.contiguous()
+    scale = weight.scale if weight.scale.dtype in _HALF else weight.scale.float()
+    scale = scale if scale.is_contiguous() else scale.contiguous()
+    if bias is not None:
+        bias = bias if bias.dtype in _HALF else bias.float()
+        bias = bias if bias.is_contiguous() else bias.contiguous()
     if out is None:
-        out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (rows, weight.shape[0])
+        out = torch.empty(rows, weight.shape[0], dtype=out_dtype)
+    if out.dtype not in _HALF or not out.is_contiguous() or out.numel() != rows * weight.shape[0]:
+        raise ValueError(f"out must be contiguous fp32 or bf16 with {rows} x {weight.shape[0]} elements")
     kernel(isa)(_FORMAT_CODES[weight.format], x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), rows, columns,
                 data.data_ptr(), data.shape[-1], weight.shape[0], scale.data_ptr(), int(scale.dtype == torch.bfloat16),
-                scale.shape[-1], weight.group_size or INT4_GROUP_SIZE, out.data_ptr(),
+                scale.shape[-1], weight.group_size or INT4_GROUP_SIZE,
+                None if bias is None else bias.data_ptr(), int(bias is not None and bias.dtype == torch.bfloat16),
+                out.data_ptr(), int(out.dtype == torch.bfloat16),
                 torch.get_num_threads() if threads is None else threads)
     return out

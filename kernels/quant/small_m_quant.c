@@ -5,7 +5,8 @@
  *   int8       data int8 [N, K], scale [N, 1]                       w = q * scale of its row
  *   int4       data uint8 [N, ceil(K/2)] (even column low nibble, value + 8),
  *              scale [N, ceil(K/group)]                             w = (nibble - 8) * scale of its group
- * Scales are fp32 or bf16.
+ * Scales are fp32 or bf16. The output, in fp32 or bf16, is the fp32 sum plus an optional bias (fp32
+ * or bf16), rounded once.
  *
  * Bits. Each output element is one chain of fused multiply-adds over its lanes in K order (the
  * lane holding k is fixed by the layout below), then the lanes summed by one fixed tree. The number
@@ -31,6 +32,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The shared scalar bf16 conversions (rounding as torch does); the header's AVX-512 helpers go
+ * unused in the AVX2 build, where GCC would warn about their ABI. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "../bf16_simd.h"
+#pragma GCC diagnostic pop
 
 enum { FORMAT_FP8_BLOCK = 0, FORMAT_INT8 = 1, FORMAT_INT4 = 2 };
 
@@ -190,10 +198,9 @@ ALWAYS void int4_to_vecs(__m128i bytes, group_scale scale, vec *even, vec *odd) 
 /* Elements of x per chunk of its prepared copy: int4 reads LANES bytes = 2 * LANES weights a step. */
 #define CHUNK (2 * LANES)
 
-static inline float scale_at(const void *scale, int64_t index, int bf16) {
-    if (!bf16) return ((const float *)scale)[index];
-    union { uint32_t u; float f; } bits = { (uint32_t)((const uint16_t *)scale)[index] << 16 };
-    return bits.f;
+/* Element `index` of an fp32 or bf16 array. */
+static inline float value_at(const void *values, int64_t index, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)values)[index]) : ((const float *)values)[index];
 }
 
 typedef struct {
@@ -206,8 +213,18 @@ typedef struct {
     int scale_bf16;
     int64_t lds;         /* scale row stride in elements */
     int64_t group;       /* int4 group along K */
-    float *y;            /* [M, N] */
+    const void *bias;    /* [N] or NULL */
+    int bias_bf16;
+    void *y;             /* [M, N] */
+    int y_bf16;
 } problem;
+
+/* y[m, n] = sum + bias[n], rounded to y's dtype. */
+static inline void put(const problem *p, int64_t m, int64_t n, float sum) {
+    if (p->bias != NULL) sum += value_at(p->bias, n, p->bias_bf16);
+    if (p->y_bf16) ((uint16_t *)p->y)[m * p->N + n] = float_to_bf16(sum);
+    else ((float *)p->y)[m * p->N + n] = sum;
+}
 
 /* x rows m0 .. m0 + MB - 1 (of the copy `x`) times weight rows n0 .. n0 + R - 1; past N, row N - 1
  * again, not stored.
@@ -273,7 +290,7 @@ ALWAYS void fp8_tile(const problem *p, const float *x, int64_t m0, const int MB,
         if (n0 + r >= p->N) break;
         if (CHECK) nan[r] = nan_found(seen[r]);
         _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++)
-            p->y[(m0 + m) * p->N + n0 + r] = nan[r] ? NAN : hsum(acc[m][r]);
+            put(p, m0 + m, n0 + r, nan[r] ? NAN : hsum(acc[m][r]));
     }
 }
 
@@ -299,8 +316,8 @@ ALWAYS void int8_tile(const problem *p, const float *x, int64_t m0, const int MB
     for (; k < p->K; k += LANES) INT8_STEP_TILE(k, p->K - k)
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
         if (n0 + r >= p->N) break;
-        float scale = scale_at(p->scale, rows[r] * p->lds, p->scale_bf16);
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) p->y[(m0 + m) * p->N + n0 + r] = hsum(acc[m][r]) * scale;
+        float scale = value_at(p->scale, rows[r] * p->lds, p->scale_bf16);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]) * scale);
     }
 }
 
@@ -332,7 +349,7 @@ ALWAYS void int4_tile(const problem *p, const float *x, int64_t m0, const int MB
         int64_t first = k0 / 2, byte_end = (end + 1) / 2;
         group_scale table[ROW_BLOCK];
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-            table[r] = int4_group(scale_at(p->scale, rows[r] * p->lds + g, p->scale_bf16));
+            table[r] = int4_group(value_at(p->scale, rows[r] * p->lds + g, p->scale_bf16));
             PREFETCH(r, first);
             /* Groups of up to 128 columns fit a line; larger ones take the rest here. */
             for (int64_t line = first + 64; line < byte_end; line += 64) PREFETCH(r, line);
@@ -343,7 +360,7 @@ ALWAYS void int4_tile(const problem *p, const float *x, int64_t m0, const int MB
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
         if (n0 + r >= p->N) break;
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) p->y[(m0 + m) * p->N + n0 + r] = hsum(acc[m][r]);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]));
     }
 }
 
@@ -372,7 +389,7 @@ ALWAYS void int4_tile(const problem *p, const float *x, int64_t m0, const int MB
  * product is (x * scale) * fp8, two roundings as in x * (fp8 * scale), in the other order. */
 static void fp8_scale_x(const problem *p, int64_t band, float *scaled) {
     for (int64_t k0 = 0; k0 < p->K; k0 += FP8_BLOCK) {
-        float scale = scale_at(p->scale, band * p->lds + k0 / FP8_BLOCK, p->scale_bf16) * 256.0f;
+        float scale = value_at(p->scale, band * p->lds + k0 / FP8_BLOCK, p->scale_bf16) * 256.0f;
         int64_t end = k0 + FP8_BLOCK < p->K ? k0 + FP8_BLOCK : p->K;
         for (int64_t m = 0; m < p->M; m++)
             for (int64_t k = k0; k < end; k++) scaled[m * p->ldx + k] = p->x[m * p->ldx + k] * scale;
@@ -388,7 +405,7 @@ static void run_blocks(const problem *p, int64_t first_block, int64_t end_block)
         scaled = calloc((size_t)(p->M * p->ldx), sizeof(float));
         if (scaled == NULL) {
             for (int64_t m = 0; m < p->M; m++)
-                for (int64_t n = first_block * ROW_BLOCK; n < end_block * ROW_BLOCK && n < p->N; n++) p->y[m * p->N + n] = NAN;
+                for (int64_t n = first_block * ROW_BLOCK; n < end_block * ROW_BLOCK && n < p->N; n++) put(p, m, n, NAN);
             return;
         }
         x = scaled;
@@ -409,12 +426,6 @@ static void run_blocks(const problem *p, int64_t first_block, int64_t end_block)
     free(scaled);
 }
 
-static inline float x_at(const void *x, int x_bf16, int64_t index) {
-    if (!x_bf16) return ((const float *)x)[index];
-    union { uint32_t u; float f; } bits = { (uint32_t)((const uint16_t *)x)[index] << 16 };
-    return bits.f;
-}
-
 /* fp32 copy of x [M, K] (fp32 or bf16, row stride ldx_in elements) in rows of ldx, zero past K;
  * for int4 each CHUNK holds its even columns, then its odd ones. */
 static void prepare_x(const void *x, int x_bf16, int64_t ldx_in, int64_t M, int64_t K, int format, float *out,
@@ -423,15 +434,15 @@ static void prepare_x(const void *x, int x_bf16, int64_t ldx_in, int64_t M, int6
         float *row = out + m * ldx;
         int64_t base = m * ldx_in;
         if (format != FORMAT_INT4) {
-            for (int64_t k = 0; k < K; k++) row[k] = x_at(x, x_bf16, base + k);
+            for (int64_t k = 0; k < K; k++) row[k] = value_at(x, base + k, x_bf16);
             for (int64_t k = K; k < ldx; k++) row[k] = 0.0f;
             continue;
         }
         for (int64_t c = 0; c < ldx; c += CHUNK)
             for (int i = 0; i < LANES; i++) {
                 int64_t k = c + 2 * i;
-                row[c + i] = k < K ? x_at(x, x_bf16, base + k) : 0.0f;
-                row[c + LANES + i] = k + 1 < K ? x_at(x, x_bf16, base + k + 1) : 0.0f;
+                row[c + i] = k < K ? value_at(x, base + k, x_bf16) : 0.0f;
+                row[c + LANES + i] = k + 1 < K ? value_at(x, base + k + 1, x_bf16) : 0.0f;
             }
     }
 }
@@ -439,25 +450,26 @@ static void prepare_x(const void *x, int x_bf16, int64_t ldx_in, int64_t M, int6
 /* Which build this is: 16 lanes (AVX-512) or 8 (AVX2). */
 void quant_small_m_lanes(int32_t *lanes) { *lanes = LANES; }
 
-/* y [M, N] fp32 = x [M, K] (fp32 or bf16, row stride ldx elements) times the weight [N, K] of
- * `format` (data rows of ldw bytes; scale fp32 or bf16, rows of lds elements; int4 group a multiple
- * of 2 * LANES). Weight rows are split over up to `threads` OpenMP threads when there are enough. */
+/* y [M, N] (fp32 or bf16) = x [M, K] (fp32 or bf16, row stride ldx elements) times the weight [N, K]
+ * of `format` (data rows of ldw bytes; scale fp32 or bf16, rows of lds elements; int4 group a
+ * multiple of 2 * LANES), plus bias [N] (fp32 or bf16) unless NULL. Weight rows are split over up
+ * to `threads` OpenMP threads when there are enough. */
 void quant_linear_small_m(int format, const void *x, int x_bf16, int64_t ldx, int64_t M, int64_t K, const void *w,
                           int64_t ldw, int64_t N, const void *scale, int scale_bf16, int64_t lds, int64_t group,
-                          float *y, int threads) {
+                          const void *bias, int bias_bf16, void *y, int y_bf16, int threads) {
     if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        memset(y, 0, (size_t)(M * N) * sizeof(float));
-        return;
-    }
     int64_t padded = (K + CHUNK - 1) / CHUNK * CHUNK;
-    float *prepared = aligned_alloc(64, (size_t)(M * padded) * sizeof(float));
-    if (prepared == NULL) {
-        for (int64_t i = 0; i < M * N; i++) y[i] = NAN;
+    float *prepared = aligned_alloc(64, (size_t)(M * (padded > 0 ? padded : CHUNK)) * sizeof(float));
+    problem p = { format, prepared, padded, M, K, N, (const uint8_t *)w, ldw, scale, scale_bf16, lds, group,
+                  bias, bias_bf16, y, y_bf16 };
+    if (prepared == NULL || K <= 0) {
+        /* An empty sum is 0; without memory for x, NaN says so. */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) put(&p, m, n, prepared == NULL ? NAN : 0.0f);
+        free(prepared);
         return;
     }
     prepare_x(x, x_bf16, ldx, M, K, format, prepared, padded);
-    problem p = { format, prepared, padded, M, K, N, (const uint8_t *)w, ldw, scale, scale_bf16, lds, group, y };
     int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
     if (threads <= 1 || N * K < (1 << 17)) {
         run_blocks(&p, 0, blocks);
