@@ -1,6 +1,7 @@
 """Weights held quantized (official FP8 blocks, int8 per channel, int4 per group) and the linear
 layer over them. Layouts are in `formats.py`; `reference.py` is the exact definition; `native.py`
-binds the C kernel that takes decode and draft-verification calls (up to 16 rows) on the CPU.
+binds the C kernel that takes decode and draft-verification calls (up to 16 rows) on the CPU;
+`triton_quant.py` is the CUDA path (weights decoded tile by tile inside one tiled GEMM).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..triton_utils import use_triton
 from . import native
 from .formats import FORMATS, FP8_BLOCK, INT4, INT4_GROUP_SIZE, INT8, QuantizedRows, QuantizedWeight
 from .reference import (
@@ -52,6 +54,11 @@ def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
     depend on the other rows) and adds the bias before its one rounding to x.dtype, as the
     reference does; elsewhere the reference dequantizes tile by tile.
     """
+    if use_triton(x):  # CUDA tensors; Triton is imported on this path only
+        from .triton_quant import quantized_linear_triton, supports_triton
+
+        if supports_triton(x, weight):
+            return quantized_linear_triton(x, weight, bias)
     if not native.supports(x, weight):
         return quantized_linear_reference(x, weight, bias)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
