@@ -91,15 +91,21 @@ def quantized(format_name, shape, seed=0):
 
 
 @pytest.mark.parametrize("format_name", ["fp8_block", "int8", "int4"])
-@pytest.mark.parametrize("tokens", [1, 5, 16, 17, 40], ids=lambda t: f"{t}rows")
-def test_linear_equals_dequantize_then_fp32_product(format_name, tokens):
+@pytest.mark.parametrize(
+    ("tokens", "dtype"),
+    [(1, torch.bfloat16), (5, torch.bfloat16), (16, torch.bfloat16), (17, torch.float32), (40, torch.float32)],
+    ids=["1rows-bf16", "5rows-bf16", "16rows-bf16", "17rows-fp32", "40rows-fp32"],
+)
+def test_linear_equals_dequantize_then_fp32_product(format_name, tokens, dtype):
+    """Decode-sized calls in bf16 and every fp32 call compute in fp32 on the exact weights (bf16
+    prefill chunks are the bf16 product, tested below)."""
     weight = quantized(format_name, (300, 200))
     generator = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, 200, generator=generator).to(torch.bfloat16)
+    x = torch.randn(tokens, 200, generator=generator).to(dtype)
     bias = torch.randn(300, generator=generator)
-    expected = (x.float() @ dequantize(weight).T + bias).to(torch.bfloat16)
+    expected = (x.float() @ dequantize(weight).T + bias).to(dtype)
     out = linear(x, weight, bias)
-    assert out.dtype == torch.bfloat16 and out.shape == (tokens, 300)
+    assert out.dtype == dtype and out.shape == (tokens, 300)
     torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-3)  # one bf16 rounding apart at most
 
 
@@ -123,3 +129,18 @@ def test_scales_of_the_wrong_shape_are_refused():
     data, scale = random_fp8((300, 200))
     with pytest.raises(ValueError, match="scale of shape"):
         QuantizedWeight(FP8_BLOCK, data, scale[:2, :1], (300, 200))
+
+
+@pytest.mark.parametrize("format_name", ["fp8_block", "int8", "int4"])
+@pytest.mark.parametrize("tokens", [17, 64], ids=lambda t: f"{t}rows")
+def test_bf16_prefill_path_is_the_bf16_product_of_the_exact_weights(format_name, tokens):
+    from kernels.quant import prefill
+
+    weight = quantized(format_name, (300, 200))
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 200, generator=generator).to(torch.bfloat16)
+    assert prefill.supports(x, weight) and not prefill.supports(x[:16], weight)
+    out = quantized_linear(x, weight)
+    expected = x.float() @ dequantize(weight).to(torch.bfloat16).float().T
+    # bf16 GEMM accumulates in fp32 and rounds once: within a bf16 step of the fp32 product.
+    torch.testing.assert_close(out.float(), expected, rtol=8e-3, atol=1e-3)

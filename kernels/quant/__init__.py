@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..triton_utils import use_triton
-from . import native
+from . import native, prefill
 from .formats import FORMATS, FP8_BLOCK, INT4, INT4_GROUP_SIZE, INT8, QuantizedRows, QuantizedWeight
 from .reference import (
     dequantize,
@@ -59,6 +59,8 @@ def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
 
         if supports_triton(x, weight):
             return quantized_linear_triton(x, weight, bias)
+    if prefill.supports(x, weight):
+        return prefill.quantized_linear_bf16(x, weight, bias)
     if not native.supports(x, weight):
         return quantized_linear_reference(x, weight, bias)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
