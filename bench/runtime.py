@@ -1,6 +1,7 @@
 """This runtime against transformers' Qwen3-Next on the same random weights, on CPU.
 
     python bench/runtime.py [--lengths 4096 16384 32768] [--decode-after 4096] [--dtype bf16]
+    python bench/runtime.py --weights int4 --skip-reference     # this runtime with int4 weights
 
 Both sides load the model in ../shared/reference/bench-config.json from one checkpoint folder
 and are measured in one process, alternating: prefill time (last position's logits only; the
@@ -10,6 +11,12 @@ loaded model during each prefill (sampled from /proc every 5 ms, after a warm-up
 side). Decode, and prompts up to 8,192 tokens, are measured --repeats times on each side
 (alternating) and the best of each side is reported with all runs. Prints JSON with both sides
 and ratios.
+
+--weights measures this runtime with its weights held in another format, loaded as the app would:
+int8 / int4 quantized while loading (`load_model(..., weights=...)`), fp8 from an FP8 copy of the
+checkpoint in the official layout (128 x 128 blocks, `bench/fp8_checkpoint.py`), kept FP8 in memory.
+The reference keeps the bf16 checkpoint in --dtype. The resident weight bytes and formats are
+reported with the results (`weights_bytes`, `weight_formats`).
 
 Each side runs in its own floating-point mode: this runtime flushes denormals to zero on every
 thread (as loading a CPU model does), while the reference runs as it does in a process of its
@@ -35,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.fp8_checkpoint import write_fp8_checkpoint  # noqa: E402
 from kernels.native import flush_denormals  # noqa: E402
 from model import load_model, prefill  # noqa: E402
 from model.demo import write_demo_checkpoint  # noqa: E402
@@ -42,6 +50,7 @@ from model.generation import DEFAULT_PREFILL_CHUNK  # noqa: E402
 
 BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHTS = ("bf16", "fp8", "int8", "int4")
 # A prefill of a few seconds swings by 10-20% from run to run on a shared machine; longer ones
 # average that out within the run.
 SHORT_PROMPT = 8192
@@ -129,6 +138,8 @@ def main() -> int:
     parser.add_argument("--decode-after", type=int, default=4096)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--weights", choices=WEIGHTS, default="bf16",
+                        help="format this runtime holds its weights in (bf16: dense in --dtype)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                         help="this runtime prefills in chunks of this many tokens, as the app does")
@@ -145,7 +156,10 @@ def main() -> int:
     dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_demo_checkpoint(Path(tmp) / "bench", config_overrides=json.loads(BENCH_CONFIG.read_text()))
-        lm = load_model(folder, dtype=dtype)
+        if args.weights == "fp8":
+            lm = load_model(write_fp8_checkpoint(folder, Path(tmp) / "bench-fp8"), dtype=dtype)
+        else:
+            lm = load_model(folder, dtype=dtype, weights=None if args.weights == "bf16" else args.weights)
         hf = None
         if not args.skip_reference:
             from transformers import AutoModelForCausalLM
@@ -164,7 +178,8 @@ def main() -> int:
         loaded_rss = rss_bytes()
         results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                    "prefill_chunk": args.prefill_chunk, "reference_flushes_denormals": args.reference_flush_denormals,
-                   "dtype": args.dtype, "weights_bytes": weights, "prefill": [], "decode": {}}
+                   "dtype": args.dtype, "weights": args.weights, "weight_formats": list(lm.weight_formats),
+                   "weights_bytes": weights, "prefill": [], "decode": {}}
         # Decode first: after the reference's 32K prefill this process decoded at under half the rate
         # of a fresh one (ours alone after its own 32K prefill did not slow down).
         decode_ids = torch.randint(0, 151000, (1, args.decode_after), generator=generator)
