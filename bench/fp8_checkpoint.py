@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from model.loader import shard_files  # noqa: E402
+from model.quantize import ShardWriter  # noqa: E402  (real_shapes takes it from here too)
 
 FP8_MAX = 448.0
 BLOCK = 128
@@ -96,48 +96,6 @@ def modules_to_not_convert(names: Iterable[str]) -> list[str]:
 def fp8_quantization_config(kept: list[str]) -> dict:
     return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK],
             "modules_to_not_convert": kept}
-
-
-class ShardWriter:
-    """Collects tensors and writes a safetensors shard whenever `shard_bytes` are pending; `close`
-    names the shards `model-0000i-of-0000n.safetensors` and writes the index."""
-
-    def __init__(self, folder: Path, shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.folder, self.shard_bytes = Path(folder), shard_bytes
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
-        self.names: list[str] = []
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            self.pending[name] = tensor
-            self.pending_bytes += tensor.numel() * tensor.element_size()
-            self.names.append(name)
-        if self.pending_bytes >= self.shard_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"part-{len(self.written) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-        self.written.append((name, list(self.pending)))
-        self.total_bytes += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        self.flush()
-        count = len(self.written)
-        weight_map = {}
-        for index, (old, names) in enumerate(self.written, 1):
-            new = f"model-{index:05d}-of-{count:05d}.safetensors"
-            (self.folder / old).rename(self.folder / new)
-            weight_map.update(dict.fromkeys(names, new))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
 def write_fp8_checkpoint(source: Path, target: Path, shard_bytes: int = DEFAULT_SHARD_BYTES,

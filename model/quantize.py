@@ -47,7 +47,7 @@ def quantize_checkpoint(source: Path, target: Path, weights: str, shard_bytes: i
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty.")
     target.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(target, shard_bytes)
+    writer = ShardWriter(target, shard_bytes)
     groups = TensorGroups(scheme)
     for shard in shard_files(source):
         with safe_open(str(shard), framework="pt", device="cpu") as handle:
@@ -73,11 +73,14 @@ def _converted(name: str, value: torch.Tensor | QuantizedWeight, weights: str) -
     return packed_tensors(name.removesuffix(".weight"), quantized)
 
 
-class _ShardWriter:
-    """Collects tensors and writes a safetensors shard whenever ``shard_bytes`` are pending."""
+class ShardWriter:
+    """Collects tensors and writes a safetensors shard whenever ``shard_bytes`` are pending; ``close``
+    names the shards ``model-0000i-of-0000n.safetensors`` and writes the index."""
 
-    def __init__(self, folder: Path, shard_bytes: int):
-        self.folder, self.shard_bytes = folder, shard_bytes
+    def __init__(self, folder: Path, shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder, self.shard_bytes = Path(folder), shard_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.names: list[str] = []
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.written: list[tuple[str, list[str]]] = []
@@ -87,6 +90,7 @@ class _ShardWriter:
         for name, tensor in tensors.items():
             self.pending[name] = tensor
             self.pending_bytes += tensor.numel() * tensor.element_size()
+            self.names.append(name)
         if self.pending_bytes >= self.shard_bytes:
             self._flush()
 
