@@ -84,17 +84,18 @@ def check_available(languages: str) -> None:
 
 def page_needs_ocr(page: pdfium.PdfPage, text_letters: int) -> bool:
     """Whether a page's words are in an image: no text layer but something drawn, or a stamped scan."""
-    kinds = [obj.type for obj in page.get_objects(max_depth=2)]
+    objects = list(page.get_objects(max_depth=2))
     if text_letters == 0:
-        return any(kind != pdfium_c.FPDF_PAGEOBJ_TEXT for kind in kinds)
+        return any(obj.type != pdfium_c.FPDF_PAGEOBJ_TEXT for obj in objects)
     if text_letters >= STAMP_MAX_LETTERS:
         return False
     width, height = page.get_size()
     page_area = max(width * height, 1.0)
-    for obj in page.get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE], max_depth=2):
-        left, bottom, right, top = obj.get_bounds()
-        if (right - left) * (top - bottom) >= PAGE_IMAGE_SHARE * page_area:
-            return True
+    for obj in objects:
+        if obj.type == pdfium_c.FPDF_PAGEOBJ_IMAGE:
+            left, bottom, right, top = obj.get_bounds()
+            if (right - left) * (top - bottom) >= PAGE_IMAGE_SHARE * page_area:
+                return True
     return False
 
 

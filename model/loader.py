@@ -27,8 +27,8 @@ from .quantization import (
     convert,
     dense,
     quantizable,
-    quantized_weights,
     resolve_weights,
+    weight_formats,
 )
 from .qwen3_next import LanguageModel, Qwen3NextForCausalLM
 
@@ -298,7 +298,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         raise LoadError(str(exc)) from exc
     _install(module, targets, config)
     release_freed_memory()
-    formats = sorted({str(p.dtype) for p in module.parameters()} | {v.format for v in quantized_weights(module)})
+    formats = list(weight_formats(module))
     fingerprint = hashlib.sha256(
         f"{config.digest()}|{weights_identity(shards)}|{dtype}|{wanted}|{formats}|"
         f"{native_kernels.numerics_identity()}".encode()

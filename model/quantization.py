@@ -249,6 +249,12 @@ def quantized_weights(module: torch.nn.Module) -> list[QuantizedWeight | Quantiz
     return [v for m in module.modules() for v in vars(m).values() if isinstance(v, QuantizedWeight | QuantizedRows)]
 
 
+def weight_formats(module: torch.nn.Module) -> tuple[str, ...]:
+    """How the module's weights are held, e.g. ("bfloat16",) or ("bfloat16", "int4")."""
+    formats = {str(p.dtype).removeprefix("torch.") for p in module.parameters()}
+    return tuple(sorted(formats | {v.format for v in quantized_weights(module)}))
+
+
 def dense(value: Tensor | QuantizedWeight, dtype: torch.dtype) -> Tensor:
     return dequantize(value).to(dtype) if isinstance(value, QuantizedWeight) else value.to(dtype)
 
@@ -267,4 +273,5 @@ __all__ = [
     "quantization_config",
     "quantized_weights",
     "resolve_weights",
+    "weight_formats",
 ]

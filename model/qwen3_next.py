@@ -12,7 +12,7 @@ from kernels.native import flush_denormals
 from .config import ModelConfig
 from .few_tokens import FewTokenForward
 from .layers import DecoderLayer, Linear, ZeroCenteredRMSNorm
-from .quantization import quantized_weights
+from .quantization import quantized_weights, weight_formats
 from .rope import RotaryEmbedding
 from .state import LinearLayerState, ModelState, empty_kv
 
@@ -74,9 +74,7 @@ class LanguageModel:
     @property
     def weight_formats(self) -> tuple[str, ...]:
         """How the weights are held, e.g. ("bfloat16",) or ("bfloat16", "int4")."""
-        formats = {str(p.dtype).removeprefix("torch.") for p in self.module.parameters()}
-        formats |= {v.format for v in quantized_weights(self.module)}
-        return tuple(sorted(formats))
+        return weight_formats(self.module)
 
     def new_state(self, batch_size: int = 1) -> ModelState:
         cfg = self.config

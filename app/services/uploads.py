@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ class JobStatus:
     done: int = 0
     total: int = 0
     result: Any | None = None
-    elapsed_s: float = 0.0
 
 
 class UploadJob:
@@ -47,7 +45,6 @@ class UploadJob:
         self.state: JobState = "queued"
         self.progress: Any | None = None
         self.result: Any | None = None
-        self.submitted_at = time.monotonic()
         self.finished = threading.Event()
 
 
@@ -102,7 +99,6 @@ class UploadQueue:
                 job_id=job.id, filename=job.filename, state=job.state, position=position,
                 phase=getattr(progress, "phase", None), done=getattr(progress, "done", 0),
                 total=getattr(progress, "total", 0), result=job.result,
-                elapsed_s=time.monotonic() - job.submitted_at,
             )
 
     def wait(self, job_id: int, timeout: float | None = None) -> JobStatus | None:
