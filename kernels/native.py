@@ -1,16 +1,19 @@
-"""Builds and loads the C kernels (`*.c` beside their op) with the system compiler, once per version.
+"""Builds and binds the C kernels (`*.c` beside their op) with the system compiler, once per version.
 
 A library lands in a per-user cache folder named by its source's hash, written to a temporary
 name and renamed so parallel processes never load a half-written file. Anything missing (no
-compiler, no AVX-512 BF16, a failed build) makes `load` return None and callers keep PyTorch's
-path; set DOCANALYST_NATIVE=0 to force that.
+compiler, no build the CPU runs, a failed build) makes a `Kernel` unavailable and callers keep
+PyTorch's path; set DOCANALYST_NATIVE=0 to force that.
 
-Every kernel is built for AVX-512 (with BF16 and AMX); a source may also be built for AVX2 + FMA
-(`isa="avx2"`), a variant that CPUs without AVX-512 BF16 run instead.
+A source is built for each instruction set it supports (ISAS: AVX-512 with BF16 and AMX, AVX2 +
+FMA + F16C); the process runs the first build in ISA_PREFERENCE that the CPU runs.
+DOCANALYST_ISA=avx2 makes an AVX-512 CPU run the AVX2 builds (and PyTorch's path where a kernel
+has none), to measure and test what AVX2-only CPUs get.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -31,6 +34,8 @@ LIBRARIES = ["-lm"]
 # Instruction sets a source can be built for: the compiler flags, and the /proc/cpuinfo flags a CPU
 # must report to run the build.
 ISAS = {"avx512": (FLAGS, ("avx512_bf16",)), "avx2": (AVX2_FLAGS, ("avx2", "fma", "f16c"))}
+# The order in which a kernel's builds are tried.
+ISA_PREFERENCE = ("avx512", "avx2")
 # Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
 # give a token the same bits whatever the call's size; that is what keeps speculative decoding exact.
 FEW_TOKENS = 16
@@ -50,8 +55,43 @@ def cpu_runs(isa: str) -> bool:
     return all(flag in _cpu_flags() for flag in ISAS[isa][1])
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    return cpu_runs("avx512")
+_forced_isa: str | None = None
+# Bumped whenever the ISA choice changes, so kernels re-resolve their build.
+_choice_generation = 0
+
+
+@functools.cache
+def isa_order() -> tuple[str, ...]:
+    """The instruction sets this process runs kernels for, best first: ISA_PREFERENCE filtered by
+    the CPU, starting at DOCANALYST_ISA (or `use_isa`'s choice) where one is set."""
+    forced = _forced_isa or os.environ.get("DOCANALYST_ISA") or None
+    if forced is not None and forced not in ISAS:
+        raise ValueError(f"DOCANALYST_ISA must be one of {', '.join(ISAS)}, not {forced!r}")
+    order = ISA_PREFERENCE[ISA_PREFERENCE.index(forced):] if forced else ISA_PREFERENCE
+    return tuple(isa for isa in order if cpu_runs(isa))
+
+
+@contextlib.contextmanager
+def use_isa(isa: str | None):
+    """Within the block, kernels run their `isa` build (None: the CPU's best), as DOCANALYST_ISA
+    would for a whole process; for tests that check every build this CPU runs."""
+    global _forced_isa
+    previous = _forced_isa
+    _set_forced_isa(isa)
+    try:
+        yield
+    finally:
+        _set_forced_isa(previous)
+
+
+def _set_forced_isa(isa: str | None) -> None:
+    global _forced_isa, _choice_generation
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"unknown instruction set {isa!r}")
+    _forced_isa = isa
+    _choice_generation += 1
+    isa_order.cache_clear()
+    numerics_identity.cache_clear()
 
 
 def compiler() -> str | None:
@@ -83,10 +123,9 @@ def flush_denormals(enabled: bool = True) -> bool:
     Decays of long contexts underflow to denormals, which x86 handles ~100x slower; PyTorch's own
     switch only reaches the calling thread. Without the native helper only this thread is set."""
     torch.set_flush_denormal(enabled)
-    helper = load(Path(__file__).with_name("denormals.c"), "set_flush_denormals", (ctypes.c_int, ctypes.c_int))
-    if helper is None:
+    if not DENORMALS.available():
         return False
-    helper(max(torch.get_num_threads(), os.cpu_count() or 1), int(enabled))
+    DENORMALS(max(torch.get_num_threads(), os.cpu_count() or 1), int(enabled))
     return True
 
 
@@ -99,10 +138,9 @@ def numerics_identity() -> str:
     for source in sorted(Path(__file__).parent.rglob("*.[ch]")):
         digest.update(source.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + source.read_bytes())
     enabled = os.environ.get("DOCANALYST_NATIVE", "1") != "0" and compiler() is not None
-    runs = enabled and _cpu_has_avx512_bf16()
-    # Where AVX-512 BF16 is missing, kernels with an AVX2 build run it.
-    avx2 = enabled and not runs and cpu_runs("avx2")
-    digest.update(f"runs={runs}|avx2={avx2}|amx={matmul_has_amx()}|flags={' '.join(FLAGS)}".encode())
+    isas = isa_order() if enabled else ()
+    flags = ";".join(" ".join(ISAS[isa][0]) for isa in isas)
+    digest.update(f"isas={','.join(isas)}|amx={matmul_has_amx()}|flags={flags}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -140,10 +178,12 @@ def build(source: Path, isa: str = "avx512") -> Path:
     return _build(source, cc, ISAS[isa][0])
 
 
+# Argument codes of a Kernel's signature and the ctypes type each passes as.
+_ARGUMENT_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "n": ctypes.c_int, "f": ctypes.c_float}
+
+
 @functools.cache
-def load(source: Path, function: str, argtypes: tuple, isa: str = "avx512"):
-    """The C function `function` of `source` built for `isa`, with its ctypes argument types, or
-    None where it cannot run here."""
+def _library(source: Path, isa: str) -> ctypes.CDLL | None:
     if os.environ.get("DOCANALYST_NATIVE", "1") == "0" or not cpu_runs(isa):
         return None
     cc = compiler()
@@ -152,11 +192,84 @@ def load(source: Path, function: str, argtypes: tuple, isa: str = "avx512"):
     try:
         # torch is already imported, so the library's libgomp.so.1 resolves to the OpenMP runtime
         # torch loaded and both share one thread pool.
-        library = ctypes.CDLL(str(_build(source, cc, ISAS[isa][0])))
+        return ctypes.CDLL(str(_build(source, cc, ISAS[isa][0])))
     except (OSError, subprocess.CalledProcessError) as error:
-        warnings.warn(f"native kernel {source.name} unavailable, using PyTorch's path: {error}", stacklevel=2)
+        warnings.warn(f"native kernel {source.name} ({isa}) unavailable, using PyTorch's path: {error}", stacklevel=3)
+        return None
+
+
+class Kernel:
+    """One C function of a kernel source, bound for each instruction set the source builds for.
+
+    `signature` spells the C parameters, one code each: p a pointer (pass a tensor, whose data
+    pointer goes, or None for NULL), i int64_t, n int, f float. `returns` is "n" for a function that
+    returns an int status, else None (void). Calling the kernel runs the build of `isa()`:
+
+        ROTARY = Kernel(HERE / "rotary_bf16.c", "rotary_bf16", "ppiiin", isas=("avx512", "avx2"))
+        if ROTARY.available(): ROTARY(x, cos, rows, width, half, threads)
+    """
+
+    def __init__(self, source: Path, function: str, signature: str, *, isas: tuple[str, ...] = ("avx512",),
+                 returns: str | None = None):
+        unknown = set(signature) - set(_ARGUMENT_TYPES) or set(isas) - set(ISAS)
+        if unknown:
+            raise ValueError(f"unknown signature codes or instruction sets {sorted(unknown)}")
+        self.source, self.function, self.signature, self.isas = Path(source), function, signature, tuple(isas)
+        self._returns = _ARGUMENT_TYPES[returns] if returns else None
+        self._entries: dict[str, object] = {}
+        self._chosen: tuple[int, str | None] = (-1, None)
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.source.name}:{self.function}, isas={self.isas})"
+
+    def isa(self) -> str | None:
+        """The build this process runs (the first of `isa_order()` the source has), or None."""
+        generation, chosen = self._chosen
+        if generation != _choice_generation:
+            chosen = next((isa for isa in isa_order() if isa in self.isas and self.entry(isa) is not None), None)
+            self._chosen = (_choice_generation, chosen)
+        return chosen
+
+    def available(self) -> bool:
+        return self.isa() is not None
+
+    def entry(self, isa: str):
+        """The bound C function of the `isa` build, or None where it cannot run here."""
+        if isa not in self._entries:
+            library = _library(self.source, isa) if isa in self.isas else None
+            entry = None
+            if library is not None:
+                entry = getattr(library, self.function)
+                entry.argtypes = [_ARGUMENT_TYPES[code] for code in self.signature]
+                entry.restype = self._returns
+            self._entries[isa] = entry
+        return self._entries[isa]
+
+    def __call__(self, *args, isa: str | None = None):
+        """Run the build of `isa` (default: `self.isa()`); tensors pass their data pointers."""
+        entry = self.entry(isa or self.isa())
+        if entry is None:
+            raise RuntimeError(f"{self!r} cannot run on this machine")
+        if len(args) != len(self.signature):
+            raise TypeError(f"{self.function} takes {len(self.signature)} arguments, got {len(args)}")
+        return entry(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+
+    def build_all(self) -> dict[str, Path]:
+        """Build every variant with the system compiler, whether or not this CPU runs it (a build
+        check); raises as `build` does."""
+        return {isa: build(self.source, isa) for isa in self.isas}
+
+
+def load(source: Path, function: str, argtypes: tuple, isa: str = "avx512"):
+    """The C function `function` of `source` built for `isa` with ctypes `argtypes`, or None where
+    it cannot run here. Superseded by Kernel."""
+    library = _library(Path(source), isa)
+    if library is None:
         return None
     entry = getattr(library, function)
     entry.argtypes = list(argtypes)
     entry.restype = None
     return entry
+
+
+DENORMALS = Kernel(Path(__file__).with_name("denormals.c"), "set_flush_denormals", "nn", isas=("avx512", "avx2"))

@@ -1,0 +1,157 @@
+/* fp32 vectors of the build's width, for kernel code written once for both instruction sets:
+ * VF_LANES = 16 (AVX-512) or 8 (AVX2 + FMA + F16C). Loads and stores of bf16 widen exactly and
+ * round like torch (to nearest even, NaN kept quiet); `_n` forms touch only the first `count`
+ * lanes (zeros past it on loads). A kernel's AVX2 build gives other bits than its AVX-512 build
+ * (fewer lanes, no bf16 dot products), each always the same ones. */
+#ifndef DOCANALYST_SIMD_H
+#define DOCANALYST_SIMD_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#define VF_INLINE static inline __attribute__((always_inline))
+
+#if defined(__AVX512F__)
+#define VF_LANES 16
+typedef __m512 vf;
+VF_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
+VF_INLINE vf vf_set1(float v) { return _mm512_set1_ps(v); }
+VF_INLINE vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+VF_INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
+VF_INLINE vf vf_load_n(const float *p, int64_t count) {
+    return count >= VF_LANES ? vf_load(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p);
+}
+VF_INLINE void vf_store_n(float *p, vf v, int64_t count) {
+    if (count >= VF_LANES) vf_store(p, v);
+    else _mm512_mask_storeu_ps(p, (__mmask16)((1u << count) - 1), v);
+}
+VF_INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+VF_INLINE vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+VF_INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+VF_INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
+VF_INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+VF_INLINE vf vf_min(vf a, vf b) { return _mm512_min_ps(a, b); }
+VF_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }   /* a * b + c */
+VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); } /* c - a * b */
+VF_INLINE vf vf_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* a * 2^n for integral n in the range exp needs. */
+VF_INLINE vf vf_scale2(vf a, vf n) { return _mm512_scalef_ps(a, n); }
+VF_INLINE vf vf_from_bf16_bits(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+VF_INLINE vf vf_load_bf16(const uint16_t *p) { return vf_from_bf16_bits(_mm256_loadu_si256((const __m256i *)p)); }
+VF_INLINE vf vf_load_bf16_n(const uint16_t *p, int64_t count) {
+    if (count >= VF_LANES) return vf_load_bf16(p);
+    return vf_from_bf16_bits(_mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), p));
+}
+VF_INLINE __m256i vf_bf16_bits(vf v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+VF_INLINE void vf_store_bf16(uint16_t *p, vf v) { _mm256_storeu_si256((__m256i *)p, vf_bf16_bits(v)); }
+VF_INLINE void vf_store_bf16_n(uint16_t *p, vf v, int64_t count) {
+    if (count >= VF_LANES) vf_store_bf16(p, v);
+    else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << count) - 1), vf_bf16_bits(v));
+}
+/* Sum of the lanes: halves added (lane j with j + 8, + 4, + 2, + 1), the same tree every time. */
+VF_INLINE float vf_hsum(vf v) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+VF_INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
+
+#else /* AVX2 + FMA + F16C */
+#define VF_LANES 8
+typedef __m256 vf;
+VF_INLINE __m256i vf_first_lanes(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+VF_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
+VF_INLINE vf vf_set1(float v) { return _mm256_set1_ps(v); }
+VF_INLINE vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+VF_INLINE void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
+VF_INLINE vf vf_load_n(const float *p, int64_t count) {
+    return count >= VF_LANES ? vf_load(p) : _mm256_maskload_ps(p, vf_first_lanes(count));
+}
+VF_INLINE void vf_store_n(float *p, vf v, int64_t count) {
+    if (count >= VF_LANES) vf_store(p, v);
+    else _mm256_maskstore_ps(p, vf_first_lanes(count), v);
+}
+VF_INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+VF_INLINE vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+VF_INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+VF_INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
+VF_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+VF_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
+VF_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+VF_INLINE vf vf_round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* a * 2^n for integral n in [-126, 127] (what exp's reduction gives after its clamp). */
+VF_INLINE vf vf_scale2(vf a, vf n) {
+    __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(a, _mm256_castsi256_ps(exponent));
+}
+VF_INLINE vf vf_from_bf16_bits(__m128i bits) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+VF_INLINE vf vf_load_bf16(const uint16_t *p) { return vf_from_bf16_bits(_mm_loadu_si128((const __m128i *)p)); }
+VF_INLINE vf vf_load_bf16_n(const uint16_t *p, int64_t count) {
+    if (count >= VF_LANES) return vf_load_bf16(p);
+    uint16_t padded[VF_LANES] = {0};
+    for (int64_t i = 0; i < count; i++) padded[i] = p[i];
+    return vf_load_bf16(padded);
+}
+VF_INLINE __m128i vf_bf16_bits(vf v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, quiet, nan);
+    /* Lanes hold values below 2^16: pack the two 128-bit halves' 32-bit lanes to 16 bits in order. */
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+VF_INLINE void vf_store_bf16(uint16_t *p, vf v) { _mm_storeu_si128((__m128i *)p, vf_bf16_bits(v)); }
+VF_INLINE void vf_store_bf16_n(uint16_t *p, vf v, int64_t count) {
+    if (count >= VF_LANES) { vf_store_bf16(p, v); return; }
+    uint16_t packed[VF_LANES];
+    vf_store_bf16(packed, v);
+    for (int64_t i = 0; i < count; i++) p[i] = packed[i];
+}
+VF_INLINE float vf_hsum(vf v) {
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+VF_INLINE float vf_hmax(vf v) {
+    __m128 b = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_max_ss(b, _mm_movehdup_ps(b)));
+}
+#endif
+
+/* e^x lane by lane (x clamped to [-87.3, 88.3]: below, and for -inf, ~1e-38, not 0): 2^n * poly(r), x = n ln2 + r,
+ * |r| <= ln2 / 2, ln2 split in two for an exact-ish reduction. */
+VF_INLINE vf vf_exp(vf x) {
+    x = vf_min(vf_max(x, vf_set1(-87.3f)), vf_set1(88.3f));
+    vf n = vf_round(vf_mul(x, vf_set1(1.44269504088896341f)));
+    vf r = vf_fnma(n, vf_set1(0.693359375f), x);
+    r = vf_fnma(n, vf_set1(-2.12194440e-4f), r);
+    vf p = vf_set1(1.0f / 5040);
+    p = vf_fma(p, r, vf_set1(1.0f / 720));
+    p = vf_fma(p, r, vf_set1(1.0f / 120));
+    p = vf_fma(p, r, vf_set1(1.0f / 24));
+    p = vf_fma(p, r, vf_set1(1.0f / 6));
+    p = vf_fma(p, r, vf_set1(0.5f));
+    p = vf_fma(p, r, vf_set1(1.0f));
+    p = vf_fma(p, r, vf_set1(1.0f));
+    return vf_scale2(p, n);
+}
+
+#endif
