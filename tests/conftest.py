@@ -48,3 +48,15 @@ def app_services(checkpoint: Path, tmp_path_factory, **settings: str):
 def services(demo_checkpoint, tmp_path_factory):
     """The app's services on the demo checkpoint, in a data folder of the test module's own."""
     yield from app_services(demo_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def native_isa(request) -> str:
+    """Each instruction set's kernel builds in turn (the AVX2 ones on AVX-512 CPUs too); skipped
+    for a set this CPU does not run."""
+    from kernels import native
+
+    if request.param not in native.isa_order():
+        pytest.skip(f"this CPU does not run {request.param} code")
+    with native.use_isa(request.param):
+        yield request.param
