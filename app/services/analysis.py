@@ -15,7 +15,7 @@ from model.speculative import SpeculativeGeneration
 from storage.dto import MessageInfo, MessageStats, SummaryInfo
 
 from .citations import parse_and_verify
-from .engine import Cancelled, FifoLock
+from .engine import Cancelled, ModelQueue
 from .prompting import (
     SUMMARY_REQUEST,
     DocumentForPrompt,
@@ -90,7 +90,7 @@ class AnalysisService:
         self.prefill_chunk, self.max_new_tokens = prefill_chunk, max_new_tokens
         self.sampling = sampling or SamplingParams()
         self.draft_tokens = draft_tokens
-        self.queue = FifoLock()
+        self.queue = ModelQueue()
         self._segments: dict[str, Segment] = {}
         self._segments_lock = threading.Lock()
 
