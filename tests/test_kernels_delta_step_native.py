@@ -4,7 +4,9 @@ The native step rounds to bf16 where the PyTorch path does (conv output, SiLU, b
 and keeps q/k norms, gates and the recurrent state in fp32; only the last bits of exp/log1p and
 fp32 summation orders differ. Tolerances: outputs within one bf16 step at their largest
 magnitude (2^-8 * max |reference|); recurrent states within 1e-5 * max |state| + 1e-7 (fp32
-reordering over a few tokens); conv tails bitwise. Tokens must not depend on the batch.
+reordering over a few tokens); conv tails bitwise. Tokens must not depend on the batch nor on
+the thread count. The native tests run once per build (AVX-512 BF16, AVX2 + FMA) this CPU runs;
+the delta rule has no reduction across vector lanes, so the two builds give the same bits.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 from kernels.causal_conv1d import causal_conv1d_update
 from kernels.gated_delta_rule import gated_delta_rule_from_gates
 from kernels.gated_delta_rule import native as delta_native
+from kernels.native import FEW_TOKENS, compiler, isa_order, use_isa
 
 requires_native = pytest.mark.skipif(
-    delta_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+    delta_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
 )
 
 # tokens, key heads, value heads, key dim, value dim, conv width
@@ -69,7 +72,7 @@ def native_path(case, t):
 
 @requires_native
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_native_step_matches_pytorch_path(case):
+def test_native_step_matches_pytorch_path(case, native_isa):
     t = inputs(case, seed=sum(case))
     assert delta_native.supports(t["mixed"], t["conv_state"], t["recurrent"], case[4])
     out, conv, state = native_path(case, t)
@@ -84,7 +87,7 @@ def test_native_step_matches_pytorch_path(case):
 
 @requires_native
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_tokens_fed_one_by_one_give_the_same_bits(case):
+def test_tokens_fed_one_by_one_give_the_same_bits(case, native_isa):
     t = inputs(case, seed=5)
     together, conv_together, state_together = native_path(case, t)
     conv, state, outs = t["conv_state"].clone(), t["recurrent"].clone(), []
@@ -102,7 +105,7 @@ def test_tokens_fed_one_by_one_give_the_same_bits(case):
 def test_native_step_declines_other_inputs():
     t = inputs(CASES[0], seed=1)
     assert not delta_native.supports(t["mixed"].float(), t["conv_state"].float(), t["recurrent"], 64)
-    long = torch.zeros(1, delta_native.MAX_TOKENS + 1, t["mixed"].shape[-1], dtype=torch.bfloat16)
+    long = torch.zeros(1, FEW_TOKENS + 1, t["mixed"].shape[-1], dtype=torch.bfloat16)
     assert not delta_native.supports(long, t["conv_state"], t["recurrent"], 64)
     assert not delta_native.supports(t["mixed"], t["conv_state"], t["recurrent"], 40)
 
@@ -126,7 +129,7 @@ def grouped_projections(case, t, seed: int):
 
 @requires_native
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_grouped_step_equals_step_on_split_inputs(case):
+def test_grouped_step_equals_step_on_split_inputs(case, native_isa):
     """Reading the projections in place gives the step's bits exactly (it only gathers)."""
     if delta_native.grouped_kernel() is None:
         pytest.skip("native kernel unavailable")
@@ -144,7 +147,7 @@ def test_grouped_step_equals_step_on_split_inputs(case):
 
 @requires_native
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_split_returns_the_pieces_the_projections_were_built_from(case):
+def test_split_returns_the_pieces_the_projections_were_built_from(case, native_isa):
     """split_projections undoes the checkpoint's per-key-head grouping exactly (pure copies)."""
     if delta_native.split_kernel() is None:
         pytest.skip("native kernel unavailable")
@@ -156,3 +159,40 @@ def test_split_returns_the_pieces_the_projections_were_built_from(case):
     qkv, z_out, b, a = delta_native.split_projections(qkvz[None], ba[None], key_heads, key_dim, heads, value_dim)
     assert torch.equal(qkv, t["mixed"]) and torch.equal(b, t["b"]) and torch.equal(a, t["a"])
     assert torch.equal(z_out, z.view(1, tokens, heads, value_dim))
+
+
+@requires_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_step_does_not_depend_on_the_thread_count(native_isa, threads):
+    """Value heads split over the threads (3: unevenly, more than the cores) give the bits of 2 threads."""
+    case = (5, 2, 6, 32, 48, 4)
+    t = inputs(case, seed=21)
+    expected = native_path(case, t)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = native_path(case, t)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
+
+
+@pytest.mark.skipif(not {"avx512", "avx2"} <= set(isa_order()), reason="needs a CPU that runs both builds")
+@requires_native
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_both_builds_give_the_same_bits(case):
+    """Every state column is the same fused multiply-add chain in both builds (no cross-lane sums)."""
+    t = inputs(case, seed=17)
+    results = []
+    for isa in ("avx512", "avx2"):
+        with use_isa(isa):
+            assert delta_native.STEP.isa() == isa
+            results.append(native_path(case, t))
+    assert all(torch.equal(x, y) for x, y in zip(*results, strict=True))
+
+
+def test_every_build_compiles():
+    if compiler() is None:
+        pytest.skip("no C compiler")
+    for entry in delta_native.KERNELS:
+        assert set(entry.build_all()) == {"avx512", "avx2"}

@@ -1,50 +1,59 @@
 """ctypes bindings of the native gated delta rule: `delta_step_bf16.c` (conv update, gates and delta
-rule for a few bf16 tokens) and `chunk_bf16.c` (the chunked form for prefill)."""
+rule for a few bf16 tokens), `split_bf16.c` (the checkpoint's grouped projections split apart) and
+`chunk_bf16.c` (the chunked form for prefill). Each is built for AVX-512 and for AVX2 + FMA + F16C;
+the CPU's best build runs (kernels.native.Kernel)."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
-from ..native import load
+from ..native import FEW_TOKENS, Kernel
 
-MAX_TOKENS = 16
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = (_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int)
+HERE = Path(__file__).parent
+ISAS = ("avx512", "avx2")
+# The C kernels step through the key and value dims this many floats at a time (one AVX-512
+# vector, two AVX2 ones), so K and V must be multiples of it.
+DIM_MULTIPLE = 16
+# Largest chunk the native chunked kernel takes. Its per-thread work block grows with the chunk
+# (about C (6 K + 3 V) + 2 C^2 floats: 288 KiB at C = 64, K = V = 128) and must stay in L2; the
+# triangular parts grow with C while the state products do not, so larger chunks only run slower.
+MAX_CHUNK = 64
+# Tokens per chunk of the native kernel when the caller leaves it open: 16 ran fastest of
+# 16/32/48/64 at 2,048 tokens (H=4, HV=8, K=V=64, 2 threads) for the same reason.
+CHUNK_SIZE = 16
 
-
-@functools.cache
-def kernel():
-    """The C function `gated_delta_step_bf16`, or None where it cannot run here."""
-    entry = load(Path(__file__).with_name("delta_step_bf16.c"), "gated_delta_step_bf16", _ARGTYPES)
-    if entry is not None:
-        entry.restype = ctypes.c_int
-    return entry
-
-
-_GROUPED_ARGTYPES = (_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR,
-                     ctypes.c_int)
-
-
-@functools.cache
-def grouped_kernel():
-    """The C function `gated_delta_step_grouped_bf16`, or None where it cannot run here."""
-    entry = load(Path(__file__).with_name("delta_step_bf16.c"), "gated_delta_step_grouped_bf16", _GROUPED_ARGTYPES)
-    if entry is not None:
-        entry.restype = ctypes.c_int
-    return entry
+STEP = Kernel(HERE / "delta_step_bf16.c", "gated_delta_step_bf16", "piiiiippippppppn", isas=ISAS, returns="n")
+GROUPED_STEP = Kernel(HERE / "delta_step_bf16.c", "gated_delta_step_grouped_bf16", "pipiiiiiippippppn",
+                      isas=ISAS, returns="n")
+SPLIT = Kernel(HERE / "split_bf16.c", "split_projections_bf16", "pipiiiiiippppn", isas=ISAS)
+CHUNK = Kernel(HERE / "chunk_bf16.c", "gated_delta_chunk_bf16", "ppiipiippiiiiifippiin", isas=("avx512",), returns="n")
+KERNELS = (STEP, GROUPED_STEP, SPLIT)
 
 
-_SPLIT_ARGTYPES = (_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, ctypes.c_int)
+def _runnable(entry: Kernel) -> Kernel | None:
+    return entry if entry.available() else None
 
 
-@functools.cache
-def split_kernel():
-    """The C function `split_projections_bf16`, or None where it cannot run here."""
-    return load(Path(__file__).with_name("split_bf16.c"), "split_projections_bf16", _SPLIT_ARGTYPES)
+def kernel() -> Kernel | None:
+    """The step `gated_delta_step_bf16`, or None where no build runs here."""
+    return _runnable(STEP)
+
+
+def grouped_kernel() -> Kernel | None:
+    """The step on grouped projections `gated_delta_step_grouped_bf16`, or None where no build runs here."""
+    return _runnable(GROUPED_STEP)
+
+
+def split_kernel() -> Kernel | None:
+    """`split_projections_bf16`, or None where no build runs here."""
+    return _runnable(SPLIT)
+
+
+def chunk_kernel() -> Kernel | None:
+    """The chunked form `gated_delta_chunk_bf16`, or None where no build runs here."""
+    return _runnable(CHUNK)
 
 
 def supports_split(qkvz: torch.Tensor, ba: torch.Tensor) -> bool:
@@ -79,13 +88,13 @@ def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, key_heads: int, key_
 
 
 def supports(mixed: torch.Tensor, conv_state: torch.Tensor, recurrent: torch.Tensor, value_dim: int) -> bool:
-    """mixed `[B, T, C]` bf16 on CPU with T <= MAX_TOKENS, a bf16 conv tail and an fp32 state."""
+    """mixed `[B, T, C]` bf16 on CPU with T <= FEW_TOKENS, a bf16 conv tail and an fp32 state."""
     return (
         mixed.device.type == "cpu"
         and mixed.dtype == conv_state.dtype == torch.bfloat16
         and recurrent.dtype == torch.float32
-        and 0 < mixed.shape[1] <= MAX_TOKENS
-        and value_dim % 16 == 0
+        and 0 < mixed.shape[1] <= FEW_TOKENS
+        and value_dim % DIM_MULTIPLE == 0
         and kernel() is not None
     )
 
@@ -116,24 +125,6 @@ def gated_delta_step(mixed: torch.Tensor, conv_state: torch.Tensor, conv_weight:
     return out, conv_state, recurrent
 
 
-MAX_CHUNK = 64
-# Tokens per chunk when the caller leaves it open: 16 ran fastest of 16/32/48/64 at 2,048 tokens
-# (H=4, HV=8, K=V=64, 2 threads): the state products cost the same per token whatever the
-# chunk, the triangular parts grow with it.
-CHUNK_SIZE = 16
-_CHUNK_ARGTYPES = (_PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
-                   _I64, _PTR, _PTR, _I64, _I64, ctypes.c_int)
-
-
-@functools.cache
-def chunk_kernel():
-    """The C function `gated_delta_chunk_bf16`, or None where it cannot run here."""
-    entry = load(Path(__file__).with_name("chunk_bf16.c"), "gated_delta_chunk_bf16", _CHUNK_ARGTYPES)
-    if entry is not None:
-        entry.restype = ctypes.c_int
-    return entry
-
-
 def supports_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, use_qk_l2norm: bool) -> bool:
     """q, k `[B, T, H, K]` and v `[B, T, HV, V]` bf16 on CPU, unit stride along the head dims, q and k
     laid out alike, K and V multiples of 16, L2-normalised q/k and a chunk of at most MAX_CHUNK."""
@@ -142,8 +133,8 @@ def supports_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and use_qk_l2norm
         and 0 < chunk_size <= MAX_CHUNK
-        and q.shape[-1] % 16 == 0
-        and v.shape[-1] % 16 == 0
+        and q.shape[-1] % DIM_MULTIPLE == 0
+        and v.shape[-1] % DIM_MULTIPLE == 0
         and q.stride() == k.stride()
         and q.stride(-1) == v.stride(-1) == 1
         and chunk_kernel() is not None
@@ -152,7 +143,7 @@ def supports_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                            *, scale: float | None = None, initial_state: torch.Tensor | None = None,
-                           output_final_state: bool = True, chunk_size: int = 32,
+                           output_final_state: bool = True, chunk_size: int = CHUNK_SIZE,
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The contract of `chunk.chunk_gated_delta_rule` with use_qk_l2norm, for inputs `supports_chunk` takes.
 
