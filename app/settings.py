@@ -43,6 +43,9 @@ class Settings:
     # Uploads read at once (the rest wait in a queue), and the memory each reading process may use.
     read_workers: int = 2
     read_memory_mb: int = 3072
+    # 1: read each added document into the model state cache in the background, so the first
+    # question about it only reads itself; 0: documents are read when first asked about.
+    read_ahead: int = 1
 
     @property
     def data_path(self) -> Path:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ingest import IngestSettings
 from model import load_model
 from model.mtp import mtp_tensor_names
 from model.speculative import DEFAULT_DRAFT_TOKENS
@@ -14,17 +15,27 @@ from storage.repository import Storage
 
 from ..settings import Settings
 from .analysis import AnalysisService
+from .jobs import JobRegistry
+from .library import Library
+from .reading import ReadAhead
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+MB = 1024 * 1024
 _lock = threading.Lock()
 _instances: dict[Settings, Services] = {}
 
 
 @dataclass(frozen=True)
 class Services:
+    """Everything the pages share; ``jobs`` holds the running answers and summaries and
+    ``reading`` the reads ahead (None when READ_AHEAD is off), for every tab alike."""
+
     settings: Settings
     storage: Storage
     analysis: AnalysisService
+    library: Library
+    jobs: JobRegistry
+    reading: ReadAhead | None
 
     @property
     def db(self):
@@ -72,7 +83,18 @@ def build_services(settings: Settings) -> Services:
         prefill_chunk=settings.prefill_chunk, max_new_tokens=settings.max_new_tokens,
         draft_tokens=draft_tokens_for(settings, lm),
     )
-    return Services(settings, storage, analysis)
+    reading = ReadAhead(analysis) if settings.read_ahead else None
+    library = Library(
+        storage.documents,
+        count_tokens=analysis.count_tokens,
+        tokenizer_id=lm.fingerprint,
+        max_bytes=settings.upload_limit_mb * MB,
+        ingest_settings=IngestSettings(memory_limit_bytes=settings.read_memory_mb * MB,
+                                       ocr_languages=settings.ocr_languages),
+        workers=settings.read_workers,
+        on_added=(lambda document: reading.submit(document.id)) if reading is not None else None,
+    )
+    return Services(settings, storage, analysis, library, JobRegistry(analysis.queue), reading)
 
 
 def get_services(settings: Settings) -> Services:

@@ -83,6 +83,15 @@ class ModelQueue:
         with self._condition:
             return ([self._holder] if self._holder is not None else []) + list(self._waiting)
 
+    def ahead_of(self, owner: Hashable) -> list[Turn] | None:
+        """The requests that will have the model before ``owner``'s (the holder first), None when
+        ``owner`` is not waiting."""
+        with self._condition:
+            index = next((i for i, t in enumerate(self._waiting) if t.owner == owner), None)
+            if index is None:
+                return None
+            return ([self._holder] if self._holder is not None else []) + self._waiting[:index]
+
     @property
     def queued(self) -> int:
         with self._condition:

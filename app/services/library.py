@@ -58,6 +58,7 @@ class Library:
     ``count_tokens`` may fail (for instance while the model is unavailable); the document is
     then stored without a count rather than rejected. :meth:`add` reads a file now;
     :meth:`submit` queues it, so that at most ``workers`` files are read at once.
+    ``on_added`` hears of each document added (the app queues a read ahead of questions).
     """
 
     def __init__(
@@ -69,12 +70,14 @@ class Library:
         max_bytes: int | None = None,
         ingest_settings: IngestSettings | None = None,
         workers: int = 2,
+        on_added: Callable[[DocumentInfo], None] | None = None,
     ) -> None:
         self.documents = documents
         self.count_tokens = count_tokens
         self.tokenizer_id = tokenizer_id
         self.max_bytes = max_bytes
         self.ingest_settings = ingest_settings
+        self.on_added = on_added
         self.queue = UploadQueue(self._read_queued, workers)
         self._submit_lock = threading.Lock()
         self._latest_by_content: dict[str, int] = {}
@@ -99,6 +102,7 @@ class Library:
             return UploadResult(filename, "failed", message=str(error))
         if not created:
             return UploadResult(filename, "duplicate", document, "Already in the library.")
+        self._announce(document)
         return UploadResult(filename, "added", document, "Added.", tuple(extracted.warnings))
 
     def add_many(self, files: Iterable[tuple[str, bytes]]) -> list[UploadResult]:
@@ -137,6 +141,14 @@ class Library:
         except Exception as error:  # e.g. the database went away: say so instead of losing the file silently
             log.exception("adding %s failed", filename)
             return UploadResult(filename, "failed", message=f"The file could not be added ({type(error).__name__}).")
+
+    def _announce(self, document: DocumentInfo) -> None:
+        if self.on_added is None:
+            return
+        try:
+            self.on_added(document)
+        except Exception:  # the document is stored; a failed follow-up must not turn that into a failure
+            log.exception("after adding %s", document.filename)
 
     def _count(self, text: str) -> int | None:
         if self.count_tokens is None:

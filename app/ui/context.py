@@ -12,9 +12,6 @@ from app.services.container import Services, get_services
 from app.services.library import Library
 from app.settings import Settings, SettingsError, load_settings
 from app.ui.text import escape
-from ingest import IngestSettings
-
-MB = 1024 * 1024
 
 
 @st.cache_resource(show_spinner="Loading the model; the first start can take a while…")
@@ -49,21 +46,5 @@ def services() -> Services:
         _fail("The app could not start.", error)
 
 
-@st.cache_resource(show_spinner=False)
-def _library(key: str, _services: Services) -> Library:
-    analysis, settings = _services.analysis, _services.settings
-    return Library(
-        _services.documents,
-        count_tokens=analysis.count_tokens,
-        tokenizer_id=analysis.model_info().fingerprint,
-        max_bytes=settings.upload_limit_mb * MB,
-        ingest_settings=IngestSettings(
-            memory_limit_bytes=settings.read_memory_mb * MB, ocr_languages=settings.ocr_languages
-        ),
-        workers=settings.read_workers,
-    )
-
-
 def library() -> Library:
-    built = services()
-    return _library(repr(built.settings), built)
+    return services().library
