@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.linear import SMALL_M_MAX_ROWS, uses_native
+from kernels.linear import uses_native
+from kernels.native import FEW_TOKENS
 
 from .generation import (
     Cancelled,
@@ -44,7 +45,7 @@ from .state import LinearLayerState, ModelState
 
 # A forward over at most this many tokens rounds each row as a one-token step does, where the
 # row-independent kernels run (bf16 on CPU): linear layers, attention and the recurrent delta rule.
-EXACT_VERIFY_ROWS = SMALL_M_MAX_ROWS
+EXACT_VERIFY_ROWS = FEW_TOKENS
 
 DEFAULT_DRAFT_TOKENS = 2
 _DEFAULT_SETTINGS = GenerationSettings()

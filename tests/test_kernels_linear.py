@@ -3,7 +3,8 @@
 Both sum exact bf16 products in fp32, in different orders, then round once to bf16. Tolerance:
 one bf16 rounding step of the result (2^-8 relative) plus the worst fp32 reordering error,
 K * 2^-24 * sum_k |x_k w_k|. Rows must also be bitwise independent of the batch they sit in and
-of the thread count: that is what lets draft verification reproduce decode steps exactly.
+of the thread count: that is what lets draft verification reproduce decode steps exactly. The
+native tests run once per build (AVX-512 BF16, AVX2 + FMA) this CPU runs.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from kernels import linear as linear_module
-from kernels.linear import SMALL_M_MAX_ROWS, linear, linear_reference, native, uses_native
+from kernels.linear import linear, linear_reference, native, uses_native
+from kernels.native import FEW_TOKENS, compiler
 
 requires_native = pytest.mark.skipif(
-    native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+    native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
 )
 
-SHAPES = [(1, 1, 1), (1, 17, 31), (2, 33, 32), (3, 300, 100), (5, 64, 512), (16, 129, 2048), (7, 16, 33)]
+SHAPES = [(1, 1, 1), (1, 17, 31), (2, 33, 32), (3, 300, 100), (5, 64, 512), (16, 129, 2048), (7, 16, 33),
+          (13, 70, 2050)]
 
 
 def shape_id(shape) -> str:
@@ -44,7 +47,7 @@ def assert_close_to_reference(actual: torch.Tensor, x: torch.Tensor, weight: tor
 
 @requires_native
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_native_matches_reference(shape) -> None:
+def test_native_matches_reference(shape, native_isa) -> None:
     x, weight = operands(shape, seed=sum(shape))
     with torch.no_grad():
         assert uses_native(x, weight)
@@ -55,7 +58,7 @@ def test_native_matches_reference(shape) -> None:
 
 @requires_native
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_native_fp32_output_matches_reference(shape) -> None:
+def test_native_fp32_output_matches_reference(shape, native_isa) -> None:
     x, weight = operands(shape, seed=7)
     actual = native.linear_small_m(x, weight, torch.float32)
     expected = linear_reference(x, weight, torch.float32)
@@ -65,7 +68,7 @@ def test_native_fp32_output_matches_reference(shape) -> None:
 
 @requires_native
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_rows_do_not_depend_on_batch_or_threads(shape) -> None:
+def test_rows_do_not_depend_on_batch_or_threads(shape, native_isa) -> None:
     x, weight = operands(shape, seed=3)
     with torch.no_grad():
         batch = linear(x, weight)
@@ -81,7 +84,23 @@ def test_rows_do_not_depend_on_batch_or_threads(shape) -> None:
 
 
 @requires_native
-def test_strided_rows_bias_and_leading_dims() -> None:
+@pytest.mark.parametrize("threads", [3, 5])
+def test_rows_do_not_depend_on_uneven_thread_splits(native_isa, threads) -> None:
+    """More threads than this CPU has cores, splitting the weight rows into uneven parts."""
+    x, weight = operands((9, 1000, 300), seed=12)
+    expected = native.linear_small_m(x, weight, torch.float32, threads=1)
+    assert torch.equal(native.linear_small_m(x, weight, torch.float32, threads=threads), expected)
+    assert torch.equal(native.linear_small_m(x[4:5], weight, torch.float32, threads=threads), expected[4:5])
+
+
+def test_every_build_compiles() -> None:
+    if compiler() is None:
+        pytest.skip("no C compiler")
+    assert set(native.LINEAR.build_all()) == {"avx512", "avx2"}
+
+
+@requires_native
+def test_strided_rows_bias_and_leading_dims(native_isa) -> None:
     x, weight = operands((4, 40, 96), seed=11)
     bias = torch.randn(40, generator=torch.Generator().manual_seed(1)).bfloat16()
     wide = torch.cat([x, x], dim=-1)[:, :96]  # row stride 192
@@ -93,7 +112,7 @@ def test_strided_rows_bias_and_leading_dims() -> None:
 
 
 @requires_native
-def test_special_values_propagate() -> None:
+def test_special_values_propagate(native_isa) -> None:
     x, weight = operands((2, 20, 64), seed=5)
     x[0, 3] = float("nan")
     x[1, 5] = float("inf")
@@ -105,7 +124,7 @@ def test_special_values_propagate() -> None:
 
 def test_other_cases_take_pytorch_path(monkeypatch) -> None:
     x, weight = operands((3, 24, 40), seed=2)
-    many = torch.randn(SMALL_M_MAX_ROWS + 1, 40).bfloat16()
+    many = torch.randn(FEW_TOKENS + 1, 40).bfloat16()
     assert not uses_native(x.float(), weight.float())
     assert not uses_native(many, weight)
     assert not uses_native(x, weight.t().contiguous().t())

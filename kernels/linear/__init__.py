@@ -1,8 +1,9 @@
 """Linear layers for a handful of rows (decode steps, draft verification, small expert groups).
 
 PyTorch's bf16 GEMM on CPU is slow for one row and rounds a row differently depending on how
-many rows share the call. On CPUs with AVX-512 BF16 the native kernel here is faster and gives
-each row the same bits whatever the batch; elsewhere, and for larger batches, `F.linear` runs.
+many rows share the call. On CPUs with AVX-512 BF16 or AVX2 + FMA the native kernel here is faster
+and gives each row the same bits whatever the batch, up to kernels.native.FEW_TOKENS rows; elsewhere,
+and for larger batches (where PyTorch's blocked GEMM is faster), `F.linear` runs.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..native import FEW_TOKENS
 from ..quant import QuantizedRows, QuantizedWeight, quantized_linear
 from . import native
 from .reference import linear_reference
 
-__all__ = ["SMALL_M_MAX_ROWS", "linear", "linear_reference", "uses_native"]
-
-# Above this many rows PyTorch's blocked GEMM (oneDNN) is the faster path.
-SMALL_M_MAX_ROWS = 16
+__all__ = ["linear", "linear_reference", "uses_native"]
 
 
 def uses_native(x: Tensor, weight: Tensor) -> bool:
@@ -28,7 +27,7 @@ def uses_native(x: Tensor, weight: Tensor) -> bool:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     # The native kernel has no backward: keep autograd's path whenever a gradient could be asked for.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return 0 < rows <= SMALL_M_MAX_ROWS and weight.is_contiguous() and not needs_grad and native.kernel() is not None
+    return 0 < rows <= FEW_TOKENS and weight.is_contiguous() and not needs_grad and native.kernel() is not None
 
 
 def linear(x: Tensor, weight: Tensor | QuantizedWeight | QuantizedRows, bias: Tensor | None = None) -> Tensor:

@@ -1,14 +1,18 @@
-/* bf16 linear layer for a few rows: y[m, n] = round_bf16(sum_k x[m, k] * w[n, k]).
+/* bf16 linear layer for a few rows: y[m, n] = round_bf16(sum_k x[m, k] * w[n, k]) (or the fp32 sum).
  *
- * Every output element is one dot product accumulated in fp32 by the same arithmetic: 32-wide
- * bf16 pair products in K order into 16 lanes, then the lanes summed by a fixed tree. Neither
- * the number of rows M, a row's position in the batch nor the thread split changes it, so a
- * token's projection is bit-identical whether computed alone (decode) or beside others (draft
- * verification). Weight rows go in blocks of 16 so one transpose-and-add tree reduces 16 dot
- * products at once.
+ * Every output element is one dot product accumulated in fp32 by the same arithmetic whatever the
+ * number of rows M, a row's position in the batch or the thread split (which only divides the
+ * weight rows), so a token's projection is bit-identical whether computed alone (decode) or beside
+ * others (draft verification). Built twice from this file, the Python side running the build the
+ * CPU runs; the two give different bits from each other, each always the same ones.
  *
- * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
+ * AVX-512 BF16: 32-wide bf16 pair products in K order into 16 lanes, then the lanes summed by a
+ * fixed tree. Weight rows go in blocks of 16 so one transpose-and-add tree reduces 16 dot products
+ * at once.
+ *
+ * AVX2 + FMA + F16C: weights widened to fp32 (exact) and fused multiply-adds into 8 lanes, see below.
  */
+#if defined(__AVX512BF16__)
 #include <omp.h>
 
 #include "../bf16_simd.h"
@@ -120,3 +124,163 @@ void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16
         if (first < end) run_blocks(x, ldx, M, w, ldw, N, K, y, ldy, fp32_out, first, end);
     }
 }
+
+#else /* AVX2 + FMA + F16C */
+/* Each output element: for every step of 16 columns in K order, two fused multiply-adds into 8 fp32
+ * lanes (the step's widened low and high halves, below), then the lanes summed by simd.h's fixed
+ * tree. Which tile an element goes through changes none of it.
+ *
+ * M <= 16 makes this bound by the weight's bytes: each block of ROW_BLOCK weight rows is read from
+ * memory once (the next block requested ahead into L2) and reused from cache for every group of up
+ * to X_GROUP rows of x, whose accumulators fit the 16 vector registers. x is widened to fp32 once
+ * per call, in the weights' widened order and padded with zeros past K (a partial last step of
+ * weights is zero-filled: it adds 0 * 0). */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../simd.h"
+/* The scalar bf16 rounding; the header's AVX-512 helpers go unused here, where GCC would warn
+ * about their ABI. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "../bf16_simd.h"
+#pragma GCC diagnostic pop
+
+/* Columns a step: 16 bf16 (32 bytes) widen into two vectors. */
+#define STEP 16
+#define ROW_BLOCK 8
+/* Tiles: one row of x takes R_ONE weight rows at a time (independent chains); groups of 2 to
+ * X_GROUP rows take R_MANY, sharing each converted weight. */
+#define X_GROUP 4
+#define R_ONE 8
+#define R_MANY 2
+
+/* 16 bf16 to fp32 by interleaving with zero halves (one shuffle per 8 values, no shift): `low`
+ * holds columns 0-3 and 8-11, `high` columns 4-7 and 12-15, the order x is prepared in. */
+VF_INLINE void widen16(__m256i bits, vf *low, vf *high) {
+    const __m256i zero = _mm256_setzero_si256();
+    *low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
+    *high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
+}
+
+/* STEP bf16 values, zeros past `count`. */
+VF_INLINE __m256i load_step(const uint16_t *p, int64_t count) {
+    if (count >= STEP) return _mm256_loadu_si256((const __m256i *)p);
+    uint16_t part[STEP] = { 0 };
+    memcpy(part, p, sizeof(uint16_t) * (size_t)count);
+    return _mm256_loadu_si256((const __m256i *)part);
+}
+
+/* x [M, K] bf16 -> [M, ldx] fp32 in widen16's order, zeros past K. */
+static void prepare_x(const uint16_t *x, int64_t ldx_in, int64_t M, int64_t K, float *out, int64_t ldx) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < ldx; k += STEP) {
+            vf low, high;
+            widen16(load_step(x + m * ldx_in + k, K - k), &low, &high);
+            vf_store(out + m * ldx + k, low);
+            vf_store(out + m * ldx + k + VF_LANES, high);
+        }
+}
+
+typedef struct {
+    const float *x;   /* prepared x [M, ldx] */
+    int64_t ldx, M;
+    const uint16_t *w;
+    int64_t ldw, N, K;
+    void *y;
+    int64_t ldy;
+    int fp32_out;
+} problem;
+
+/* One step of the tile at column k (count columns left in a row). */
+#define TILE_STEP(k, count)                                                                     \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                       \
+        vf low, high;                                                                           \
+        widen16(load_step(wr[r] + (k), count), &low, &high);                                    \
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {                                  \
+            acc[m][r] = vf_fma(vf_load(xs[m] + (k)), low, acc[m][r]);                           \
+            acc[m][r] = vf_fma(vf_load(xs[m] + (k) + VF_LANES), high, acc[m][r]);               \
+        }                                                                                       \
+    }
+
+/* x rows m0 .. m0 + MB - 1 times weight rows n0 .. n0 + R - 1 (past N, row N - 1 again, not stored).
+ * Each 64-byte line of a weight row requests the same line of the row ROW_BLOCK further on: rows
+ * of a few KB are too short for the hardware prefetcher to ramp up. */
+VF_INLINE void tile(const problem *p, int64_t m0, const int MB, int64_t n0, const int R) {
+    const float *xs[X_GROUP];
+    const uint16_t *wr[R_ONE], *ahead[R_ONE];
+    vf acc[X_GROUP][R_ONE];
+    _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) xs[m] = p->x + (m0 + m) * p->ldx;
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        int64_t row = n0 + r < p->N ? n0 + r : p->N - 1;
+        wr[r] = p->w + row * p->ldw;
+        ahead[r] = row + ROW_BLOCK < p->N ? wr[r] + ROW_BLOCK * p->ldw : wr[r];
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = vf_zero();
+    }
+    int64_t k = 0;
+    for (; k + 2 * STEP <= p->K; k += 2 * STEP) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm_prefetch((const char *)(ahead[r] + k), _MM_HINT_T1);
+        TILE_STEP(k, STEP)
+        TILE_STEP(k + STEP, STEP)
+    }
+    for (; k < p->K; k += STEP) TILE_STEP(k, p->K - k)
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        if (n0 + r >= p->N) break;
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
+            float sum = vf_hsum(acc[m][r]);
+            int64_t at = (m0 + m) * p->ldy + n0 + r;
+            if (p->fp32_out) ((float *)p->y)[at] = sum;
+            else ((uint16_t *)p->y)[at] = float_to_bf16(sum);
+        }
+    }
+}
+
+/* Blocks of ROW_BLOCK weight rows, each for all rows of x in groups of up to X_GROUP. */
+static void run_blocks(const problem *p, int64_t first_block, int64_t end_block) {
+    for (int64_t block = first_block; block < end_block; block++) {
+        int64_t n0 = block * ROW_BLOCK;
+        for (int64_t m0 = 0; m0 < p->M; m0 += X_GROUP) {
+            switch (p->M - m0 < X_GROUP ? p->M - m0 : X_GROUP) {
+            case 1: for (int sub = 0; sub < ROW_BLOCK; sub += R_ONE) tile(p, m0, 1, n0 + sub, R_ONE); break;
+            case 2: for (int sub = 0; sub < ROW_BLOCK; sub += R_MANY) tile(p, m0, 2, n0 + sub, R_MANY); break;
+            case 3: for (int sub = 0; sub < ROW_BLOCK; sub += R_MANY) tile(p, m0, 3, n0 + sub, R_MANY); break;
+            default: for (int sub = 0; sub < ROW_BLOCK; sub += R_MANY) tile(p, m0, 4, n0 + sub, R_MANY); break;
+            }
+        }
+    }
+}
+
+/* x [M, K] (row stride ldx), w [N, K] (row stride ldw), y [M, N] (row stride ldy), all in elements.
+ * Splits the weight rows over up to `threads` OpenMP threads when the matrix is large enough. */
+void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t ldw, int64_t N,
+                         int64_t K, void *y, int64_t ldy, int fp32_out, int threads) {
+    int64_t padded = (K + STEP - 1) / STEP * STEP;
+    /* A multiple of the alignment, as aligned_alloc requires, and never 0. */
+    float *prepared = aligned_alloc(32, sizeof(float) * (size_t)(M * padded + STEP));
+    if (prepared == NULL) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) {
+                if (fp32_out) ((float *)y)[m * ldy + n] = NAN;
+                else ((uint16_t *)y)[m * ldy + n] = 0x7fc0;
+            }
+        return;
+    }
+    prepare_x(x, ldx, M, K, prepared, padded);
+    problem p = { prepared, padded, M, w, ldw, N, K, y, ldy, fp32_out };
+    int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+    if (threads <= 1 || N * K < (1 << 17)) {
+        run_blocks(&p, 0, blocks);
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+            int count = omp_get_num_threads(), index = omp_get_thread_num();
+            int64_t per = (blocks + count - 1) / count;
+            int64_t first = index * per, end = first + per < blocks ? first + per : blocks;
+            if (first < end) run_blocks(&p, first, end);
+        }
+    }
+    free(prepared);
+}
+#endif
