@@ -7,7 +7,7 @@ import torch
 
 from kernels.attention import causal_attention, naive_causal_attention
 from kernels.attention import native as attention_native
-from kernels.native import FEW_TOKENS, matmul_has_amx
+from kernels.native import FEW_TOKENS, compiler, matmul_has_amx
 
 # The native kernel itself (the dispatcher may send prefill-sized calls to PyTorch's GEMM path).
 native_attention = attention_native.native_causal_attention
@@ -66,9 +66,17 @@ def test_reads_only_the_live_part_of_a_larger_buffer():
     torch.testing.assert_close(ours, reference, atol=FP32_ATOL, rtol=0)
 
 
-requires_native = pytest.mark.skipif(
-    attention_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
-)
+@pytest.fixture
+def native_build(native_isa):
+    """Each build of the kernel the CPU runs (the native_isa fixture), skipped where it cannot run."""
+    if attention_native.kernel() is None:
+        pytest.skip("native kernel needs a C compiler")
+    return native_isa
+
+
+def skip_without_tiles(amx: bool, isa: str) -> None:
+    if amx and isa != "avx512":
+        pytest.skip("the tile path is part of the AVX-512 build only")
 
 NATIVE_CASES = [
     # batch, queries, heads, kv heads, cached positions before the queries, head dim
@@ -85,6 +93,8 @@ NATIVE_CASES = [
     (1, 65, 4, 2, 0, 64),
     (1, 4, 8, 2, 100, 256),  # whole 64-key blocks: rows taken two at a time
     (1, 9, 16, 2, 191, 128),
+    (1, 3, 8, 1, 4500, 64),  # several 2048-key chunks of the AVX2 build, split over threads
+    (1, 20, 8, 2, 4090, 32),  # rows on both sides of a chunk boundary
 ]
 
 
@@ -108,10 +118,10 @@ TILE_UNITS = [
 ]
 
 
-@requires_native
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
-def test_native_kernel_matches_naive(case, amx):
+def test_native_kernel_matches_naive(case, amx, native_build):
+    skip_without_tiles(amx, native_build)
     q, k, v = native_operands(case, capacity_extra=37)
     dim = q.shape[-1]
     assert attention_native.supports(q, k, v)
@@ -122,10 +132,10 @@ def test_native_kernel_matches_naive(case, amx):
     torch.testing.assert_close(ours.float(), reference, atol=BF16_ATOL, rtol=0)
 
 
-@requires_native
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
-def test_native_rows_equal_one_token_calls(case, amx):
+def test_native_rows_equal_one_token_calls(case, amx, native_build):
+    skip_without_tiles(amx, native_build)
     """Query t alone, over the keys it sees, gives the bits it gets beside the others (any thread
     count), on either path as long as both calls take it."""
     q, k, v = native_operands(case)
@@ -162,10 +172,10 @@ def test_gate_multiplies_by_its_sigmoid(case):
     torch.testing.assert_close(ours.float(), reference, atol=BF16_ATOL, rtol=0)
 
 
-@requires_native
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
-def test_native_gate_rounds_like_pytorch(case, amx):
+def test_native_gate_rounds_like_pytorch(case, amx, native_build):
+    skip_without_tiles(amx, native_build)
     """The fused gate gives the bits of `attn * torch.sigmoid(gate)` in bf16, but where the kernel's
     own exp lands a sigmoid on the other side of a bf16 rounding boundary: one bf16 step at most."""
     q, k, v = native_operands(case, capacity_extra=5)
@@ -179,8 +189,7 @@ def test_native_gate_rounds_like_pytorch(case, amx):
     assert (fused != separate).float().mean().item() <= 0.01
 
 
-@requires_native
-def test_native_gated_rows_equal_one_token_calls():
+def test_native_gated_rows_equal_one_token_calls(native_build):
     q, k, v = native_operands((1, 9, 16, 2, 191, 128))
     gate = strided_gate(q, 3)
     past, scale = k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
@@ -191,6 +200,46 @@ def test_native_gated_rows_equal_one_token_calls():
         assert torch.equal(alone, together[:, t : t + 1]), f"query {t}"
 
 
+@pytest.mark.parametrize("case", [(1, 1, 16, 2, 5000, 64), (1, 5, 8, 1, 4500, 32), (1, 16, 4, 1, 2100, 16)],
+                         ids=case_id)
+def test_native_bits_do_not_depend_on_threads(case, native_build):
+    """Few rows over a long cache: with more threads than K/V heads the AVX2 build splits the keys
+    between threads; the bits stay those of one thread."""
+    q, k, v = native_operands(case)
+    scale = q.shape[-1] ** -0.5
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3, 5):
+            torch.set_num_threads(count)
+            results.append(native_attention(q, k, v, scale))
+    finally:
+        torch.set_num_threads(threads)
+    for count, result in zip((2, 3, 5), results[1:]):
+        assert torch.equal(result, results[0]), f"{count} threads"
+
+
+def test_native_keeps_future_keys_out(native_build):
+    """Keys past a row's position score far higher than the ones it sees (a leak of the causal mask
+    would dominate its output), and scores are large enough that a clamped exp would show."""
+    q, k, v = native_operands((1, 6, 8, 2, 40, 64))
+    past = k.shape[2] - q.shape[1]
+    # Positive queries score ~50 against the later keys (all 2), ~N(0, 4) against the earlier ones.
+    q = (q.abs() * 4).bfloat16()
+    k[:, :, past + 1 :] = 2
+    scale = q.shape[-1] ** -0.5
+    ours = native_attention(q, k, v, scale)
+    reference = naive_causal_attention(q.float(), k.float(), v.float(), scale)
+    torch.testing.assert_close(ours.float(), reference, atol=BF16_ATOL, rtol=0)
+
+
+def test_every_build_compiles():
+    if compiler() is None:
+        pytest.skip("no C compiler")
+    builds = attention_native.ATTENTION.build_all()
+    assert set(builds) == {"avx512", "avx2"} and all(path.exists() for path in builds.values())
+
+
 def test_native_kernel_declines_other_inputs():
     q, k, v = native_operands((1, 3, 4, 2, 5, 32))
     assert not attention_native.supports(q.float(), k.float(), v.float())
@@ -199,8 +248,7 @@ def test_native_kernel_declines_other_inputs():
     assert not attention_native.supports(wide, wide.transpose(1, 2), wide.transpose(1, 2))
 
 
-@requires_native
-def test_few_token_calls_take_the_native_kernel():
+def test_few_token_calls_take_the_native_kernel(native_build):
     """Decode and draft verification (up to FEW_TOKENS queries) always get the native kernel's bits, on
     which exact speculative decoding relies; longer calls may take PyTorch's GEMM path instead."""
     q, k, v = native_operands((1, FEW_TOKENS, 16, 2, 40, 128))

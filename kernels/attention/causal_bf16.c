@@ -23,12 +23,15 @@
  * bits still depend only on its own query and visible keys: decode and draft verification, which
  * both take this path on such CPUs, agree bit for bit.
  *
- * Built with AVX-512 BF16 (and AMX); the Python side only loads it on CPUs that report avx512_bf16.
+ * Built twice from this file: with AVX-512 BF16 (and AMX), the code below, and with AVX2 + FMA +
+ * F16C, causal_avx2.h (fp32 products, the same guarantees for a row's bits, no tile unit); the
+ * Python side runs the build the CPU has. The two builds give different bits from each other.
  */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 
+#if defined(__AVX512BF16__)
 #include "../bf16_simd.h"
 
 #define KEYS_PER_BLOCK 256
@@ -342,3 +345,7 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     }
     return failed ? -1 : 0;
 }
+
+#else /* AVX2 + FMA + F16C */
+#include "causal_avx2.h"
+#endif

@@ -1,28 +1,23 @@
-"""ctypes binding of `causal_bf16.c`: causal attention over a bf16 K/V cache on CPU."""
+"""ctypes binding of `causal_bf16.c`: causal attention over a bf16 K/V cache on CPU, built for AVX-512
+(with the AMX tile path) and for AVX2 + FMA; the CPU's best build runs."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
-from ..native import load, matmul_has_amx
+from ..native import Kernel, matmul_has_amx
 
 MAX_HEAD_DIM = 256
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _I64,
-             _I64, _PTR, _I64, _I64, ctypes.c_int, ctypes.c_int)
+
+ATTENTION = Kernel(Path(__file__).with_name("causal_bf16.c"), "attention_causal_bf16", "piippiiiiiiifpiipiinn",
+                   isas=("avx512", "avx2"), returns="n")
 
 
-@functools.cache
-def kernel():
-    """The C function `attention_causal_bf16`, or None where it cannot run here."""
-    entry = load(Path(__file__).with_name("causal_bf16.c"), "attention_causal_bf16", _ARGTYPES)
-    if entry is not None:
-        entry.restype = ctypes.c_int
-    return entry
+def kernel() -> Kernel | None:
+    """The kernel `attention_causal_bf16`, or None where no build of it runs here."""
+    return ATTENTION if ATTENTION.available() else None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
@@ -42,10 +37,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tens
 
 
 def tiles_apply(q: torch.Tensor) -> bool:
-    """Whether the kernel's AMX path takes q `[B, T, H, D]` by default: on a CPU whose matmuls use AMX,
-    for D a multiple of 32, whatever T (a row gets the same bits there too, alone or beside others,
-    so decode and draft verification still agree)."""
-    return q.shape[-1] % 32 == 0 and matmul_has_amx()
+    """Whether the kernel's AMX path takes q `[B, T, H, D]` by default: in the AVX-512 build on a CPU
+    whose matmuls use AMX, for D a multiple of 32, whatever T (a row gets the same bits there too,
+    alone or beside others, so decode and draft verification still agree)."""
+    return q.shape[-1] % 32 == 0 and matmul_has_amx() and ATTENTION.isa() == "avx512"
 
 
 def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -60,13 +55,11 @@ def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     kv_heads, total = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty(batch, length, heads, dim, dtype=q.dtype)
-    entry = kernel()
     gate_strides = (gate.stride(1), gate.stride(2)) if gate is not None else (0, 0)
     for b in range(batch):
-        gate_ptr = gate[b].data_ptr() if gate is not None else None
-        status = entry(q[b].data_ptr(), q.stride(1), q.stride(2), k[b].data_ptr(), v[b].data_ptr(), k.stride(1),
-                       k.stride(2), length, heads, kv_heads, dim, total - length, scale, out[b].data_ptr(),
-                       out.stride(1), out.stride(2), gate_ptr, *gate_strides, int(amx), torch.get_num_threads())
+        status = ATTENTION(q[b], q.stride(1), q.stride(2), k[b], v[b], k.stride(1), k.stride(2), length, heads,
+                           kv_heads, dim, total - length, scale, out[b], out.stride(1), out.stride(2),
+                           gate[b] if gate is not None else None, *gate_strides, int(amx), torch.get_num_threads())
         if status != 0:
             raise MemoryError("attention work buffers could not be allocated")
     return out
