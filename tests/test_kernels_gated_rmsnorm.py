@@ -12,6 +12,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm,
 
 from kernels.gated_rmsnorm import add_rms_norm, gated_rms_norm, norm, rms_norm
 from kernels.gated_rmsnorm import native as norm_native
+from kernels.native import compiler
 
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(3, 16), (2, 5, 4, 24), (1, 1, 128)]
@@ -83,16 +84,17 @@ def test_norms_do_not_modify_inputs() -> None:
 
 
 requires_native = pytest.mark.skipif(
-    norm_native.kernels() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+    norm_native.kernels() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
 )
 
 
 @requires_native
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("shape", [(1, 70, 16, 256), (300, 512), (2, 3, 5, 7, 64), (5, 4096)], ids=shape_id)
-def test_native_norms_match_pytorch_on_strided_rows(shape, gated):
+def test_native_norms_match_pytorch_on_strided_rows(shape, gated, native_isa):
     """The native kernel sums squares in another order: outputs within one bf16 step (2^-8
-    relative, 2^-8 * max absolute near zero) of norm.py; each row's bits independent of the batch."""
+    relative, 2^-8 * max absolute near zero) of norm.py; each row's bits independent of the batch
+    and of the thread count."""
     x = (randn(shape, 8) * 3).bfloat16()[..., : shape[-1] // 2]  # every other half-row: a strided view
     dim = x.shape[-1]
     weight = randn(dim, 9, scale=0.1, shift=1.0 if gated else 0.0).bfloat16()
@@ -110,6 +112,12 @@ def test_native_norms_match_pytorch_on_strided_rows(shape, gated):
         alone = (norm_native.gated_rms_norm(flat_x[row], flat_z[row], weight, 1e-6) if gated
                  else norm_native.rms_norm(flat_x[row], weight, 1e-6, True))
         assert torch.equal(alone, ours.reshape(-1, dim)[row])
+    single = (norm_native.gated_rms_norm(x, z, weight, 1e-6, threads=1) if gated
+              else norm_native.rms_norm(x, weight, 1e-6, True, threads=1))
+    assert torch.equal(single, ours)
+    odd_split = (norm_native.gated_rms_norm(x, z, weight, 1e-6, threads=3) if gated
+                 else norm_native.rms_norm(x, weight, 1e-6, True, threads=3))
+    assert torch.equal(odd_split, ours)
 
 
 def test_native_norms_decline_other_inputs():
@@ -122,7 +130,7 @@ def test_native_norms_decline_other_inputs():
 
 @requires_native
 @pytest.mark.parametrize("rows, dim", [(1, 512), (7, 48), (16, 2048)], ids=lambda v: str(v))
-def test_add_rms_norm_is_a_residual_add_then_the_native_norm(rows, dim):
+def test_add_rms_norm_is_a_residual_add_then_the_native_norm(rows, dim, native_isa):
     """Bitwise: the residual rounds as torch's bf16 add does, and the norm is rms_norm's own arithmetic
     (in place, and into a new sum through the dispatching function)."""
     residual = (randn((rows, dim), 13) * 4).bfloat16()
@@ -136,6 +144,27 @@ def test_add_rms_norm_is_a_residual_add_then_the_native_norm(rows, dim):
     norm_native.add_rms_norm(residual, delta, weight, 1e-6, True, out)
     assert torch.equal(residual, expected_sum)
     assert torch.equal(out, expected)
+
+
+@requires_native
+def test_add_rms_norm_rows_do_not_depend_on_batch_or_threads(native_isa):
+    residual = (randn((16, 2048), 19) * 4).bfloat16()
+    delta = randn((16, 2048), 20).bfloat16()
+    weight = randn(2048, 21, scale=0.1).bfloat16()
+    out, total = torch.empty_like(residual), torch.empty_like(residual)
+    norm_native.add_rms_norm(residual, delta, weight, 1e-6, True, out, total, threads=2)
+    for row, threads in ((0, 1), (9, 3)):
+        alone, alone_total = torch.empty(1, 2048, dtype=torch.bfloat16), torch.empty(1, 2048, dtype=torch.bfloat16)
+        norm_native.add_rms_norm(residual[row : row + 1], delta[row : row + 1], weight, 1e-6, True, alone,
+                                 alone_total, threads=threads)
+        assert torch.equal(alone, out[row : row + 1]) and torch.equal(alone_total, total[row : row + 1])
+
+
+def test_every_build_compiles():
+    if compiler() is None:
+        pytest.skip("no C compiler")
+    for kernel in (norm_native.RMS_NORM, norm_native.GATED_RMS_NORM, norm_native.ADD_RMS_NORM):
+        assert set(kernel.build_all()) == {"avx512", "avx2"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

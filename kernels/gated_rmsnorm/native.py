@@ -1,35 +1,29 @@
-"""ctypes binding of `norm_bf16.c`: the RMS norms over bf16 rows on CPU."""
+"""Binding of `norm_bf16.c` (AVX-512 BF16 and AVX2 + FMA + F16C builds): the RMS norms over bf16 rows on CPU."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
-from ..native import load
+from ..native import Kernel
 
 MAX_DIM = 16384
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SOURCE = Path(__file__).with_name("norm_bf16.c")
+_ISAS = ("avx512", "avx2")
+RMS_NORM = Kernel(_SOURCE, "rms_norm_bf16", "piiiiiiipnfpn", isas=_ISAS)
+GATED_RMS_NORM = Kernel(_SOURCE, "gated_rms_norm_bf16", "ppiiiiiiiiiipfpn", isas=_ISAS)
+ADD_RMS_NORM = Kernel(_SOURCE, "add_rms_norm_bf16", "pppiipnfpn", isas=_ISAS)
 
 
-@functools.cache
-def kernels():
-    """(rms_norm_bf16, gated_rms_norm_bf16) from the C file, or None where they cannot run here."""
-    source = Path(__file__).with_name("norm_bf16.c")
-    plain = load(source, "rms_norm_bf16", (_PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int,
-                                           ctypes.c_float, _PTR, ctypes.c_int))
-    gated = load(source, "gated_rms_norm_bf16", (_PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
-                                                 _I64, _PTR, ctypes.c_float, _PTR, ctypes.c_int))
-    return None if plain is None or gated is None else (plain, gated)
+def kernels() -> tuple[Kernel, Kernel] | None:
+    """(rms_norm_bf16, gated_rms_norm_bf16) where a build of them runs here, else None."""
+    return (RMS_NORM, GATED_RMS_NORM) if RMS_NORM.available() and GATED_RMS_NORM.available() else None
 
 
-@functools.cache
-def add_kernel():
-    """`add_rms_norm_bf16` from the C file, or None where it cannot run here."""
-    return load(Path(__file__).with_name("norm_bf16.c"), "add_rms_norm_bf16",
-                (_PTR, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int, ctypes.c_float, _PTR, ctypes.c_int))
+def add_kernel() -> Kernel | None:
+    """`add_rms_norm_bf16` where a build of it runs here, else None."""
+    return ADD_RMS_NORM if ADD_RMS_NORM.available() else None
 
 
 def _rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -70,34 +64,36 @@ def supports(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None = Non
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """The contract of `norm.rms_norm` for inputs `supports` takes; into `out` (contiguous) when given."""
+             out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """The contract of `norm.rms_norm` for inputs `supports` takes; into `out` (contiguous) when given,
+    on `threads` threads (default: torch's count)."""
     sizes, strides = _rows(x)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype)
-    kernels()[0](x.data_ptr(), *sizes, *strides, x.shape[-1], weight.data_ptr(), int(zero_centered), eps,
-                 out.data_ptr(), torch.get_num_threads())
+    RMS_NORM(x, *sizes, *strides, x.shape[-1], weight, int(zero_centered), eps, out, threads or torch.get_num_threads())
     return out
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """The contract of `norm.gated_rms_norm` for inputs `supports` takes; into `out` (contiguous) when given."""
+                   out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """The contract of `norm.gated_rms_norm` for inputs `supports` takes; into `out` (contiguous) when given,
+    on `threads` threads (default: torch's count)."""
     sizes, strides = _rows(x)
     _, gate_strides = _rows(z)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype)
-    kernels()[1](x.data_ptr(), z.data_ptr(), *sizes, *strides, *gate_strides, x.shape[-1], weight.data_ptr(), eps,
-                 out.data_ptr(), torch.get_num_threads())
+    GATED_RMS_NORM(x, z, *sizes, *strides, *gate_strides, x.shape[-1], weight, eps, out,
+                   threads or torch.get_num_threads())
     return out
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 zero_centered: bool, out: torch.Tensor, total: torch.Tensor | None = None) -> None:
+                 zero_centered: bool, out: torch.Tensor, total: torch.Tensor | None = None,
+                 threads: int | None = None) -> None:
     """total = residual + delta (rounded as torch's bf16 add rounds), then out = rms_norm(total): a
     residual connection and the next norm in one pass. total defaults to residual (updated in place).
     All `[rows, D]` contiguous bf16 with D a multiple of 16; the caller checks `add_kernel()` is not None."""
     rows, dim = residual.shape
     total = residual if total is None else total
-    add_kernel()(residual.data_ptr(), delta.data_ptr(), total.data_ptr(), rows, dim, weight.data_ptr(),
-                 int(zero_centered), eps, out.data_ptr(), torch.get_num_threads())
+    ADD_RMS_NORM(residual, delta, total, rows, dim, weight, int(zero_centered), eps, out,
+                 threads or torch.get_num_threads())
