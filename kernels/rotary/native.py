@@ -1,23 +1,20 @@
-"""ctypes binding of `rotary_bf16.c`: rotary embedding of bf16 heads on CPU, bit for bit the reference."""
+"""Binding of `rotary_bf16.c` (AVX-512 BF16 and AVX2 + FMA + F16C builds): rotary embedding of bf16
+heads on CPU, bit for bit the reference."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
-from ..native import load
+from ..native import Kernel
 
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = (_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, ctypes.c_int)
+ROTARY = Kernel(Path(__file__).with_name("rotary_bf16.c"), "rotary_bf16", "piiiiippipiin", isas=("avx512", "avx2"))
 
 
-@functools.cache
-def kernel():
-    """The C function `rotary_bf16`, or None where it cannot run here."""
-    return load(Path(__file__).with_name("rotary_bf16.c"), "rotary_bf16", _ARGTYPES)
+def kernel() -> Kernel | None:
+    """The kernel where a build of it runs here, else None."""
+    return ROTARY if ROTARY.available() else None
 
 
 def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -34,13 +31,15 @@ def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     )
 
 
-def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+                threads: int | None = None) -> None:
     """Writes `apply_rotary_reference(x, cos, sin)` into out `[T, H, D]` (any token/head strides, unit
-    stride along D) for x `[T, H, D]`; cos/sin `[T, R]` (R = 0 copies)."""
+    stride along D, not overlapping x) for x `[T, H, D]`; cos/sin `[T, R]` (R = 0 copies); on
+    `threads` threads (default: torch's count)."""
     length, heads, dim = x.shape
     cos, sin = cos.contiguous(), sin.contiguous()
-    kernel()(x.data_ptr(), x.stride(0), x.stride(1), length, heads, dim, cos.data_ptr(), sin.data_ptr(), cos.shape[-1],
-             out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads())
+    ROTARY(x, x.stride(0), x.stride(1), length, heads, dim, cos, sin, cos.shape[-1], out, out.stride(0), out.stride(1),
+           threads or torch.get_num_threads())
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
