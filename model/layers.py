@@ -14,6 +14,7 @@ from kernels.gated_rmsnorm import add_rms_norm, gated_rms_norm, rms_norm
 from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
 from kernels.moe import native as moe_native
+from kernels.quant import prefill as quant_prefill
 from kernels.rotary import apply_rotary
 from kernels.rowwise import per_token
 
@@ -187,6 +188,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Runs each expert once on the tokens routed to it; experts nobody chose cost nothing."""
+        if quant_prefill.supports_experts(x, self.gate_up_proj, self.down_proj):
+            # Prefill chunks over quantized experts: the bf16 experts on the routed experts' exact weights.
+            return quant_prefill.quantized_experts(x, weights, experts, self.gate_up_proj, self.down_proj,
+                                                   moe_experts)
         return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
 
 

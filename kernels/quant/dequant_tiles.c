@@ -1,0 +1,214 @@
+/* Dequantization of quantized weight rows into bf16 (or fp32) tiles, for prefill's GEMMs.
+ *
+ * out[e][r][c] = value(weight e, row first_row + r, column c) * scale of its block / row / group,
+ * the product taken in fp32 exactly as reference.dequantize() takes it (value first, so a NaN keeps
+ * the value's bits), then, for bf16 tiles, rounded as torch's fp32 -> bf16 conversion rounds:
+ * to nearest even, every NaN written as 0xFFFF. The tile is bit-identical to
+ * dequantize(weight, rows).to(torch.bfloat16).
+ *
+ * Formats (see formats.py); data strides are in bytes, scale strides in scale elements:
+ *   fp8_block  e4m3 bytes, scale[row / 128][column / 128]
+ *   int8       int8 bytes, scale[row][0]
+ *   int4       uint8 pairs (even column in the low nibble, value + 8), scale[row][column / group]
+ * Scales are fp32 or bf16.
+ *
+ * `experts` (NULL: one weight at `data`) lists the experts of a stacked weight to dequantize, the
+ * i-th into slot i of `out` (out + i * out_expert_stride): the experts nobody routed to are not read. Rows are shared out over OpenMP threads in blocks of ROW_BLOCK.
+ *
+ * Built with AVX-512 (16 lanes) and with AVX2 + FMA + F16C (8 lanes); both give the same bits, the
+ * reference's.
+ */
+#include <omp.h>
+#include <string.h>
+
+#include "../simd.h"
+
+enum { FORMAT_FP8_BLOCK = 0, FORMAT_INT8 = 1, FORMAT_INT4 = 2 };
+
+#define FP8_BLOCK 128
+/* Rows a thread takes at a time: enough work per scheduling step, few enough to balance 2 threads
+ * over a 128-row expert slice. */
+#define ROW_BLOCK 16
+/* e4m3: exponent bias 7 against fp32's 127; subnormals are m * 2^-9; 0x7F / 0xFF are NaN, which
+ * torch's conversion writes as 0x7FF00000 with the sign. */
+#define FP8_BIAS_SHIFT ((127 - 7) << 23)
+#define FP8_SUBNORMAL_UNIT (1.0f / 512.0f)
+#define FP8_NAN_BITS 0x7FF00000
+#define BF16_NAN 0xFFFF
+
+/* One weight value before its scale, in plain C: the fp8 bits as described above. */
+static inline float fp8_value(uint8_t byte) {
+    uint32_t magnitude = byte & 0x7F, bits;
+    if (magnitude == 0x7F) {
+        bits = FP8_NAN_BITS;
+    } else if (magnitude < 8) {
+        float value = (float)magnitude * FP8_SUBNORMAL_UNIT;
+        memcpy(&bits, &value, sizeof bits);
+    } else {
+        bits = (magnitude << 20) + FP8_BIAS_SHIFT;
+    }
+    bits |= (uint32_t)(byte & 0x80) << 24;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+static inline float raw_value(int format, const uint8_t *row, int64_t column) {
+    if (format == FORMAT_FP8_BLOCK) return fp8_value(row[column]);
+    if (format == FORMAT_INT8) return (float)(int8_t)row[column];
+    uint8_t pair = row[column / 2];
+    return (float)((column % 2 ? pair >> 4 : pair & 0x0F) - 8);
+}
+
+#if defined(__AVX512F__)
+typedef __m512i vi;
+VF_INLINE vi vi_set1(int v) { return _mm512_set1_epi32(v); }
+VF_INLINE vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
+VF_INLINE vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
+VF_INLINE vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
+VF_INLINE vi vi_select(vi when_false, vi when_true, __mmask16 mask) { return _mm512_mask_blend_epi32(mask, when_false, when_true); }
+VF_INLINE __mmask16 vi_less(vi a, vi b) { return _mm512_cmplt_epi32_mask(a, b); }
+VF_INLINE __mmask16 vi_equal(vi a, vi b) { return _mm512_cmpeq_epi32_mask(a, b); }
+typedef __mmask16 vmask;
+/* VF_LANES bytes widened to 32-bit lanes, unsigned and signed. */
+VF_INLINE vi bytes_u32(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+VF_INLINE vi bytes_i32(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+/* VF_LANES / 2 bytes of int4 pairs -> VF_LANES nibbles in column order (low nibble first). */
+VF_INLINE vi nibbles_u32(const uint8_t *p) {
+    __m128i pairs = _mm_loadl_epi64((const __m128i *)p), low_mask = _mm_set1_epi8(0x0F);
+    __m128i low = _mm_and_si128(pairs, low_mask), high = _mm_and_si128(_mm_srli_epi16(pairs, 4), low_mask);
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
+}
+VF_INLINE vf vi_to_vf(vi v) { return _mm512_cvtepi32_ps(v); }
+VF_INLINE vf vi_as_vf(vi v) { return _mm512_castsi512_ps(v); }
+VF_INLINE vi vf_as_vi(vf v) { return _mm512_castps_si512(v); }
+VF_INLINE vi vi_shift_left(vi v, int n) { return _mm512_slli_epi32(v, n); }
+/* torch's rounding of fp32 to bf16: to nearest even; NaN -> 0xFFFF. */
+VF_INLINE __m256i bf16_bits(vf v) {
+    vi bits = vf_as_vi(v);
+    vi odd = vi_and(_mm512_srli_epi32(bits, 16), vi_set1(1));
+    vi rounded = _mm512_srli_epi32(vi_add(bits, vi_add(odd, vi_set1(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vi_set1(BF16_NAN));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+VF_INLINE void store_bf16(uint16_t *p, vf v) { _mm256_storeu_si256((__m256i *)p, bf16_bits(v)); }
+#else
+typedef __m256i vi;
+VF_INLINE vi vi_set1(int v) { return _mm256_set1_epi32(v); }
+VF_INLINE vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
+VF_INLINE vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
+VF_INLINE vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
+typedef __m256i vmask;
+VF_INLINE vi vi_select(vi when_false, vi when_true, vmask mask) { return _mm256_blendv_epi8(when_false, when_true, mask); }
+VF_INLINE vmask vi_less(vi a, vi b) { return _mm256_cmpgt_epi32(b, a); }
+VF_INLINE vmask vi_equal(vi a, vi b) { return _mm256_cmpeq_epi32(a, b); }
+VF_INLINE vi bytes_u32(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+VF_INLINE vi bytes_i32(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+VF_INLINE vi nibbles_u32(const uint8_t *p) {
+    int32_t word;
+    memcpy(&word, p, sizeof word);
+    __m128i pairs = _mm_cvtsi32_si128(word), low_mask = _mm_set1_epi8(0x0F);
+    __m128i low = _mm_and_si128(pairs, low_mask), high = _mm_and_si128(_mm_srli_epi16(pairs, 4), low_mask);
+    return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
+}
+VF_INLINE vf vi_to_vf(vi v) { return _mm256_cvtepi32_ps(v); }
+VF_INLINE vf vi_as_vf(vi v) { return _mm256_castsi256_ps(v); }
+VF_INLINE vi vf_as_vi(vf v) { return _mm256_castps_si256(v); }
+VF_INLINE vi vi_shift_left(vi v, int n) { return _mm256_slli_epi32(v, n); }
+VF_INLINE __m128i bf16_bits(vf v) {
+    vi bits = vf_as_vi(v);
+    vi odd = vi_and(_mm256_srli_epi32(bits, 16), vi_set1(1));
+    vi rounded = _mm256_srli_epi32(vi_add(bits, vi_add(odd, vi_set1(0x7FFF))), 16);
+    rounded = _mm256_blendv_epi8(rounded, vi_set1(BF16_NAN), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    /* Lanes hold values below 2^16: pack the two halves' 32-bit lanes to 16 bits in order. */
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+VF_INLINE void store_bf16(uint16_t *p, vf v) { _mm_storeu_si128((__m128i *)p, bf16_bits(v)); }
+#endif
+
+/* VF_LANES fp8 values from their bytes, the bits of fp8_value() lane by lane. */
+VF_INLINE vf fp8_values(const uint8_t *p) {
+    vi bytes = bytes_u32(p);
+    vi magnitude = vi_and(bytes, vi_set1(0x7F));
+    vi normal = vi_add(vi_shift_left(magnitude, 20), vi_set1(FP8_BIAS_SHIFT));
+    vi subnormal = vf_as_vi(vf_mul(vi_to_vf(magnitude), vf_set1(FP8_SUBNORMAL_UNIT)));
+    vi bits = vi_select(normal, subnormal, vi_less(magnitude, vi_set1(8)));
+    bits = vi_select(bits, vi_set1(FP8_NAN_BITS), vi_equal(magnitude, vi_set1(0x7F)));
+    return vi_as_vf(vi_or(bits, vi_shift_left(vi_and(bytes, vi_set1(0x80)), 24)));
+}
+
+/* VF_LANES raw values from `column` on (even for int4). */
+VF_INLINE vf raw_values(int format, const uint8_t *row, int64_t column) {
+    if (format == FORMAT_FP8_BLOCK) return fp8_values(row + column);
+    if (format == FORMAT_INT8) return vi_to_vf(bytes_i32(row + column));
+    return vi_to_vf(vi_add(nibbles_u32(row + column / 2), vi_set1(-8)));
+}
+
+static inline void store_values(void *out, int out_bf16, int64_t column, vf values, int64_t count) {
+    if (out_bf16) {
+        if (count == VF_LANES) {
+            store_bf16((uint16_t *)out + column, values);
+        } else {
+            uint16_t packed[VF_LANES];
+            store_bf16(packed, values);
+            memcpy((uint16_t *)out + column, packed, count * sizeof(uint16_t));
+        }
+    } else {
+        vf_store_n((float *)out + column, values, count);
+    }
+}
+
+static inline float scale_at(const void *scale, int scale_bf16, int64_t index) {
+    if (!scale_bf16) return ((const float *)scale)[index];
+    uint32_t bits = (uint32_t)((const uint16_t *)scale)[index] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* One row: columns in segments sharing one scale (a 128-column fp8 block, the int8 row, an int4
+ * group), full vectors from the row's bytes, a segment's last partial vector through a staging array. */
+static void dequantize_row(int format, const uint8_t *row, const void *scale_row, int scale_bf16, int64_t segment,
+                           int64_t columns, void *out, int out_bf16) {
+    for (int64_t start = 0, index = 0; start < columns; start += segment, index++) {
+        int64_t stop = start + segment < columns ? start + segment : columns;
+        vf scale = vf_set1(scale_at(scale_row, scale_bf16, index));
+        int64_t column = start;
+        /* int4 vectors start on a byte; an odd-sized group's odd starts go through the staging array. */
+        if (format != FORMAT_INT4 || column % 2 == 0)
+            for (; column + VF_LANES <= stop; column += VF_LANES)
+                store_values(out, out_bf16, column, vf_mul(raw_values(format, row, column), scale), VF_LANES);
+        for (; column < stop; column += VF_LANES) {
+            int64_t count = stop - column < VF_LANES ? stop - column : VF_LANES;
+            float staged[VF_LANES] = {0};
+            for (int64_t i = 0; i < count; i++) staged[i] = raw_value(format, row, column + i);
+            store_values(out, out_bf16, column, vf_mul(vf_load(staged), scale), count);
+        }
+    }
+}
+
+void dequantize_rows(int format, const uint8_t *data, int64_t data_expert_stride, int64_t data_row_stride,
+                     const void *scale, int scale_bf16, int64_t scale_expert_stride, int64_t scale_row_stride,
+                     int64_t group, const int64_t *experts, int64_t expert_count, int64_t first_row, int64_t rows,
+                     int64_t columns, void *out, int out_bf16, int64_t out_expert_stride, int64_t out_row_stride,
+                     int threads) {
+    int64_t segment = format == FORMAT_FP8_BLOCK ? FP8_BLOCK : format == FORMAT_INT8 ? columns : group;
+    int64_t blocks_per_expert = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    int64_t out_element = out_bf16 ? sizeof(uint16_t) : sizeof(float);
+    int64_t scale_element = scale_bf16 ? sizeof(uint16_t) : sizeof(float);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < expert_count * blocks_per_expert; task++) {
+        int64_t slot = task / blocks_per_expert, expert = experts ? experts[slot] : 0;
+        int64_t r0 = task % blocks_per_expert * ROW_BLOCK;
+        int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t row = first_row + r;
+            int64_t scale_row = format == FORMAT_FP8_BLOCK ? row / FP8_BLOCK : row;
+            const uint8_t *bytes = data + expert * data_expert_stride + row * data_row_stride;
+            const char *scales = (const char *)scale + (expert * scale_expert_stride + scale_row * scale_row_stride) *
+                                                            scale_element;
+            char *target = (char *)out + (slot * out_expert_stride + r * out_row_stride) * out_element;
+            dequantize_row(format, bytes, scales, scale_bf16, segment, columns, target, out_bf16);
+        }
+    }
+}

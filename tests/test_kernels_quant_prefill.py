@@ -1,0 +1,161 @@
+"""Quantized prefill on the CPU: the native dequantizer against the reference dequantize(), bit for
+bit in each build, and the prefill paths built on it (linear layers and routed experts) against the
+same products on the reference's tiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.moe import moe_experts
+from kernels.quant import FP8_BLOCK, INT4, INT8, QuantizedRows, QuantizedWeight, dequantize, fp8_block, prefill
+from kernels.quant import dequant_native, quantize_int4, quantize_int8
+
+SHAPES = [(1, 1), (7, 129), (130, 257), (300, 200), (256, 384), (17, 33)]
+SHAPE_IDS = [f"{n}x{k}" for n, k in SHAPES]
+
+pytestmark = pytest.mark.skipif(not dequant_native.available(), reason="no native dequantizer build runs here")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of a tensor's bits, so NaNs compare too."""
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def random_weight(format_name: str, shape, seed: int = 0, group: int = 128, scale_dtype=torch.float32):
+    """A quantized weight of ``shape`` (a leading expert dimension allowed) with random values and scales."""
+    generator = torch.Generator().manual_seed(seed)
+    dense = torch.randn(*shape, generator=generator) * 0.05
+    if format_name == INT8:
+        weight = quantize_int8(dense)
+    elif format_name == INT4:
+        weight = quantize_int4(dense, group)
+    else:
+        data = (torch.randn(*shape, generator=generator) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        blocks = (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
+        weight = fp8_block(data, torch.rand(*blocks, generator=generator) * 1e-3 + 1e-4)
+    if scale_dtype != weight.scale.dtype:
+        weight = QuantizedWeight(weight.format, weight.data, weight.scale.to(scale_dtype), weight.shape,
+                                 weight.group_size)
+    return weight
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("rows", "columns"), SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
+def test_native_tiles_are_the_reference_dequantization_bit_for_bit(native_isa, format_name, rows, columns, dtype):
+    weight = random_weight(format_name, (rows, columns), seed=rows * columns)
+    assert torch.equal(bits(dequant_native.dequantize(weight, dtype=dtype)), bits(dequantize(weight).to(dtype)))
+    # Row slices that start and end inside an FP8 block.
+    for start, stop in [(rows // 3, rows), (rows // 2, max(rows // 2, rows - 5)), (129, rows)]:
+        if start <= stop <= rows:
+            expected = dequantize(weight, slice(start, stop)).to(dtype)
+            assert torch.equal(bits(dequant_native.dequantize(weight, slice(start, stop), dtype)), bits(expected))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("group", [32, 50, 33, 128, 256], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize("columns", [1, 15, 64, 257, 300], ids=lambda c: f"k{c}")
+def test_int4_groups_and_scale_dtypes(native_isa, group, columns, scale_dtype):
+    """Groups that are no multiple of a vector (or odd, so a group starts inside a byte), odd
+    widths, scales in each stored dtype."""
+    weight = random_weight(INT4, (9, columns), seed=group + columns, group=group, scale_dtype=scale_dtype)
+    expected = dequantize(weight).to(torch.bfloat16)
+    assert torch.equal(bits(dequant_native.dequantize(weight)), bits(expected))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_scale_dtypes(native_isa, scale_dtype):
+    weight = random_weight(INT8, (33, 270), seed=4, scale_dtype=scale_dtype)
+    assert torch.equal(bits(dequant_native.dequantize(weight)), bits(dequantize(weight).to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_every_fp8_byte_with_special_scales(native_isa, dtype):
+    """All 256 e4m3 bytes (zeros of both signs, subnormals, the largest values, NaN 0x7F / 0xFF) in
+    every column position of a row, under ordinary, zero, infinite, NaN, tiny and bf16-overflowing
+    block scales."""
+    data = ((torch.arange(259) + 17 * torch.arange(300)[:, None]) % 256).to(torch.uint8)
+    scale = torch.tensor([[1e-3, 0.0, float("inf")], [float("nan"), 1e-38, 3e36], [-2.0, 1.0, 7.5]])
+    weight = fp8_block(data.view(torch.float8_e4m3fn), scale)
+    expected = dequantize(weight).to(dtype)
+    assert expected.isnan().any() and expected.isinf().any()  # the specials are exercised
+    assert torch.equal(bits(dequant_native.dequantize(weight, dtype=dtype)), bits(expected))
+
+
+@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
+def test_stacked_experts_fill_only_the_listed_slots(native_isa, format_name):
+    weight = random_weight(format_name, (6, 140, 96), seed=2)
+    ids = torch.tensor([1, 4, 5])
+    buffer = torch.full((3, 200, 96), 7.0, dtype=torch.bfloat16)
+    out = dequant_native.dequantize_into(weight, buffer[:, 20:160], experts=ids)  # strided rows and experts
+    for slot, expert in enumerate(ids.tolist()):
+        assert torch.equal(bits(out[slot]), bits(dequantize(weight[expert]).to(torch.bfloat16)))
+    assert (buffer[:, :20] == 7).all() and (buffer[:, 160:] == 7).all()
+
+
+def test_bad_arguments_are_refused():
+    weight = random_weight(INT8, (4, 3, 32))
+    with pytest.raises(ValueError, match="expert ids"):
+        dequant_native.dequantize_into(weight, torch.empty(1, 3, 32, dtype=torch.bfloat16), experts=torch.tensor([4]))
+    with pytest.raises(ValueError, match="out must be"):
+        dequant_native.dequantize_into(weight[0], torch.empty(3, 31, dtype=torch.bfloat16))
+
+
+def reference_tiles(monkeypatch):
+    """Makes the prefill path dequantize through the reference (as where no native build runs)."""
+    monkeypatch.setattr(dequant_native, "available", lambda: False)
+
+
+@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
+@pytest.mark.parametrize(("tokens", "rows", "columns"), [(17, 300, 200), (40, 33, 257), (20, 2049, 2048)],
+                         ids=["17x300x200", "40x33x257", "20x2049x2048-two-tiles"])
+def test_prefill_linear_is_unchanged_by_the_native_tiles(monkeypatch, format_name, tokens, rows, columns):
+    weight = random_weight(format_name, (rows, columns), seed=tokens)
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(2, tokens, columns, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(rows, generator=generator).to(torch.bfloat16)
+    native = prefill.quantized_linear_bf16(x, weight, bias)
+    with monkeypatch.context() as patch:
+        reference_tiles(patch)
+        expected = prefill.quantized_linear_bf16(x, weight, bias)
+    assert native.shape == (2, tokens, rows) and torch.equal(bits(native), bits(expected))
+
+
+def routed_case(format_name: str, tokens: int, experts: int = 8, top_k: int = 3, hidden: int = 64, width: int = 32):
+    generator = torch.Generator().manual_seed(tokens)
+    gate = random_weight(format_name, (experts, width, hidden), seed=1)
+    up = random_weight(format_name, (experts, width, hidden), seed=2)
+    down = random_weight(format_name, (experts, hidden, width), seed=3)
+    x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
+    # Expert 2 gets no token: it must not be needed.
+    logits = torch.randn(tokens, experts, generator=generator)
+    logits[:, 2] = -torch.inf
+    weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    return x, weights.to(torch.bfloat16), ids, QuantizedRows((gate, up)), down
+
+
+def dense_stack(weight) -> torch.Tensor:
+    parts = weight.parts if isinstance(weight, QuantizedRows) else (weight,)
+    return torch.cat([dequantize(part) for part in parts], dim=-2).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
+def test_quantized_experts_are_the_bf16_experts_on_the_exact_weights(format_name):
+    x, weights, ids, gate_up, down = routed_case(format_name, tokens=50)
+    assert prefill.supports_experts(x, gate_up, down) and not prefill.supports_experts(x[:16], gate_up, down)
+    out = prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)
+    expected = moe_experts(x, weights, ids, dense_stack(gate_up), dense_stack(down))
+    assert torch.equal(bits(out), bits(expected))
+
+
+@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT4])
+def test_experts_in_groups_give_the_bits_of_one_call(monkeypatch, format_name):
+    """A buffer of two experts: three groups, each token-expert pair its own row, the sums in
+    ascending expert order as one call takes them."""
+    x, weights, ids, gate_up, down = routed_case(format_name, tokens=120, experts=6, top_k=2)
+    one_call = prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)
+    per_expert = 2 * (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2])
+    monkeypatch.setattr(prefill, "EXPERT_BUFFER_BYTES", 2 * per_expert)
+    grouped = prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)
+    assert torch.equal(bits(grouped), bits(one_call))
