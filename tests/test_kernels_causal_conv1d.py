@@ -10,6 +10,7 @@ from transformers.models.qwen3_next import modeling_qwen3_next as reference
 
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update, conv
 from kernels.causal_conv1d import native as conv_native
+from kernels.native import compiler
 
 # fp32: prefill runs the same F.conv1d as the reference (observed bitwise equal); the step sums
 # the W products in another order: observed <= 7e-7 absolute on O(1) outputs, a few ulps.
@@ -154,7 +155,7 @@ def test_invalid_inputs() -> None:
 
 
 requires_native = pytest.mark.skipif(
-    conv_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+    conv_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
 )
 
 
@@ -162,7 +163,7 @@ requires_native = pytest.mark.skipif(
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "fresh"])
 @pytest.mark.parametrize("shape", [(1, 300, 1024, 4), (2, 5, 40, 4), (1, 1, 20, 3), (1, 2, 17, 4)],
                          ids=lambda s: "B{}-T{}-D{}-W{}".format(*s))
-def test_native_conv_equals_pytorch_bitwise(shape, with_state):
+def test_native_conv_equals_pytorch_bitwise(shape, with_state, native_isa):
     """Taps summed in fp32 in order and rounded where the PyTorch path rounds (observed bitwise
     equal to oneDNN's conv here; BF16 tolerances allow a summation-order flip elsewhere)."""
     batch, length, channels, taps = shape
@@ -179,3 +180,22 @@ def test_native_conv_equals_pytorch_bitwise(shape, with_state):
     assert ours.transpose(1, 2).is_contiguous()
     if state is not None:
         assert torch.equal(state, before)
+
+
+@requires_native
+def test_native_conv_bits_do_not_depend_on_threads(native_isa):
+    """Channels are lanes of their own: any split of them over threads gives the same bits."""
+    generator = torch.Generator().manual_seed(21)
+    x = torch.randn(1, 37, 1000, generator=generator).bfloat16().transpose(1, 2)
+    weight = torch.randn(1000, 4, generator=generator).bfloat16()
+    state = torch.randn(1, 1000, 3, generator=generator).bfloat16()
+    expected, expected_state = conv_native.causal_conv1d(x, weight, state, "silu", threads=1)
+    for threads in (2, 3):
+        ours, ours_state = conv_native.causal_conv1d(x, weight, state, "silu", threads=threads)
+        assert torch.equal(ours, expected) and torch.equal(ours_state, expected_state)
+
+
+def test_every_build_compiles():
+    if compiler() is None:
+        pytest.skip("no C compiler")
+    assert set(conv_native.CONV.build_all()) == {"avx512", "avx2"}

@@ -1,14 +1,18 @@
 /* Causal depthwise conv1d with optional SiLU over a bf16 sequence laid out token-major (the
- * projections' layout), for prefill chunks: 16 channels per vector, taps summed in fp32 in order
+ * projections' layout), for prefill chunks: a vector of channels at a time, taps summed in fp32 in order
  * (oldest first), rounded to bf16, then SiLU in fp32 rounded to bf16, as conv.causal_conv1d does.
+ * Channels are independent lanes, so neither the thread split nor the batch changes a bit.
  *
- * Built with AVX-512 BF16; the Python side only loads it on CPUs that report avx512_bf16.
+ * Built twice from this file: with AVX-512 BF16 (16 channels per vector) and with AVX2 + FMA + F16C
+ * (8); the Python side runs the build the CPU runs. The sums are the same arithmetic in both; only
+ * the SiLU's exp differs (its clamp), each build always giving the same bits.
  */
 #include <omp.h>
 
-#include "../bf16_simd.h"
-
 #define MAX_TAPS 16
+
+#if defined(__AVX512BF16__)
+#include "../bf16_simd.h"
 
 static inline __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
 
@@ -46,3 +50,43 @@ void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, ui
             for (int64_t c = 0; c < here; c++) tail[(c0 + c) * keep + j] = float_to_bf16(history[j][c]);
     }
 }
+
+#else /* AVX2 + FMA + F16C: the same steps on 8 channels */
+#include "../simd.h"
+/* The scalar bf16 conversions; the header's AVX-512 helpers go unused here, where GCC would warn
+ * about their ABI. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "../bf16_simd.h"
+#pragma GCC diagnostic pop
+
+VF_INLINE vf round_to_bf16(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
+
+/* As the AVX-512 build: x [T, C] (row stride ldx); tail [C, W - 1] in and out; weight [C, W];
+ * y [T, C] (row stride ldy). W at most MAX_TAPS. */
+void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, uint16_t *tail, const uint16_t *weight,
+                        int64_t W, int silu, uint16_t *y, int64_t ldy, int threads) {
+    int64_t blocks = (C + VF_LANES - 1) / VF_LANES, keep = W - 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < blocks; block++) {
+        int64_t c0 = block * VF_LANES, here = C - c0 < VF_LANES ? C - c0 : VF_LANES;
+        float taps[MAX_TAPS][VF_LANES], history[MAX_TAPS][VF_LANES];
+        for (int64_t w = 0; w < W; w++)
+            for (int64_t c = 0; c < VF_LANES; c++) taps[w][c] = c < here ? bf16_to_float(weight[(c0 + c) * W + w]) : 0.0f;
+        /* history[j] = input at t - keep + j for the current t; starts from the carried tail. */
+        for (int64_t j = 0; j < keep; j++)
+            for (int64_t c = 0; c < VF_LANES; c++) history[j][c] = c < here ? bf16_to_float(tail[(c0 + c) * keep + j]) : 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            vf_store(history[keep], vf_load_bf16_n(x + t * ldx + c0, here));
+            vf sum = vf_mul(vf_load(history[0]), vf_load(taps[0]));
+            for (int64_t w = 1; w < W; w++) sum = vf_add(sum, vf_mul(vf_load(history[w]), vf_load(taps[w])));
+            vf rounded = round_to_bf16(sum);
+            if (silu) rounded = vf_div(rounded, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), rounded))));
+            vf_store_bf16_n(y + t * ldy + c0, rounded, here);
+            for (int64_t j = 0; j < keep; j++) vf_store(history[j], vf_load(history[j + 1]));
+        }
+        for (int64_t j = 0; j < keep; j++)
+            for (int64_t c = 0; c < here; c++) tail[(c0 + c) * keep + j] = float_to_bf16(history[j][c]);
+    }
+}
+#endif

@@ -1,24 +1,21 @@
-"""ctypes binding of `conv_bf16.c`: the causal depthwise conv over a token-major bf16 sequence on CPU."""
+"""Binding of `conv_bf16.c` (AVX-512 BF16 and AVX2 + FMA + F16C builds): the causal depthwise conv
+over a token-major bf16 sequence on CPU."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
-from ..native import load
+from ..native import Kernel
 
 MAX_TAPS = 16
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = (_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_int)
+CONV = Kernel(Path(__file__).with_name("conv_bf16.c"), "causal_conv1d_bf16", "piiippinpin", isas=("avx512", "avx2"))
 
 
-@functools.cache
-def kernel():
-    """The C function `causal_conv1d_bf16`, or None where it cannot run here."""
-    return load(Path(__file__).with_name("conv_bf16.c"), "causal_conv1d_bf16", _ARGTYPES)
+def kernel() -> Kernel | None:
+    """The kernel where a build of it runs here, else None."""
+    return CONV if CONV.available() else None
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias, conv_state, activation) -> bool:
@@ -38,9 +35,10 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias, conv_state, activation
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None,
-                  activation: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  activation: str | None, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract of `conv.causal_conv1d` for inputs `supports` takes. y comes back as a `[B, D, T]`
-    view of a token-major `[B, T, D]` tensor (so `y.transpose(1, 2)` is contiguous)."""
+    view of a token-major `[B, T, D]` tensor (so `y.transpose(1, 2)` is contiguous). On `threads`
+    threads (default: torch's count)."""
     batch, channels, length = x.shape
     taps = weight.shape[1]
     if conv_state is None:
@@ -50,6 +48,6 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     weight = weight.contiguous()
     y = torch.empty(batch, length, channels, dtype=x.dtype)
     for b in range(batch):
-        kernel()(x[b].data_ptr(), x.stride(2), length, channels, tail[b].data_ptr(), weight.data_ptr(), taps,
-                 int(activation is not None), y[b].data_ptr(), channels, torch.get_num_threads())
+        CONV(x[b], x.stride(2), length, channels, tail[b], weight, taps, int(activation is not None), y[b], channels,
+             threads or torch.get_num_threads())
     return y.transpose(1, 2), tail
