@@ -1,4 +1,5 @@
-"""The native sparse-MoE block for a few bf16 tokens against the PyTorch path it mirrors.
+"""The native MoE kernels (the sparse-MoE block for a few bf16 tokens, the routed experts for many)
+against the PyTorch paths they mirror, each test under every instruction set's build the CPU runs.
 
 The native block rounds to bf16 at the same steps as the PyTorch path; what may differ is the
 last bit of exp/sigmoid and the fp32 summation order inside dot products, which a later bf16
@@ -14,11 +15,29 @@ import torch.nn.functional as F
 
 from kernels.moe import native as moe_native
 from kernels.moe import reference
-from kernels.native import FEW_TOKENS, matmul_has_amx
+from kernels.native import FEW_TOKENS, compiler, matmul_has_amx
 
-requires_native = pytest.mark.skipif(
-    moe_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
-)
+
+@pytest.fixture
+def block_kernel(native_isa):
+    """The sparse-MoE block's build for `native_isa` (skipped where it cannot run)."""
+    if moe_native.kernel() is None:
+        pytest.skip("native kernel needs a C compiler")
+    return native_isa
+
+
+@pytest.fixture
+def experts_kernel(native_isa):
+    """The routed-experts kernel's build for `native_isa` (skipped where it cannot run)."""
+    if moe_native.experts_kernel() is None:
+        pytest.skip("native kernel needs a C compiler")
+    return native_isa
+
+
+@pytest.mark.skipif(compiler() is None, reason="needs a C compiler")
+def test_every_build_compiles():
+    for kernel in (moe_native.SPARSE_MOE, moe_native.EXPERTS):
+        assert set(kernel.build_all()) == {"avx512", "avx2"}
 
 # tokens, hidden, experts, top-k, expert width, shared width, normalise
 CASES = [(1, 64, 8, 2, 32, 32, True), (3, 80, 10, 3, 48, 16, False), (16, 128, 64, 4, 64, 96, True)]
@@ -57,9 +76,8 @@ def native_path(x, w, top_k, normalize):
                                  w["shared_up_proj"], w["shared_down"], w["shared_gate"])
 
 
-@requires_native
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_native_block_matches_pytorch_path(case):
+def test_native_block_matches_pytorch_path(case, block_kernel):
     x, w, top_k, normalize = block(case, seed=sum(case))
     assert moe_native.supports(x, *w.values(), top_k=top_k)
     ours = native_path(x, w, top_k, normalize)
@@ -69,9 +87,8 @@ def test_native_block_matches_pytorch_path(case):
     torch.testing.assert_close(ours.float(), expected.float(), atol=tolerance, rtol=0)
 
 
-@requires_native
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_tokens_do_not_depend_on_the_batch_or_threads(case):
+def test_tokens_do_not_depend_on_the_batch_or_threads(case, block_kernel):
     x, w, top_k, normalize = block(case, seed=7)
     together = native_path(x, w, top_k, normalize)
     for token in range(x.shape[0]):
@@ -84,17 +101,13 @@ def test_tokens_do_not_depend_on_the_batch_or_threads(case):
         torch.set_num_threads(threads)
 
 
-def test_native_block_declines_other_inputs():
+def test_native_block_declines_other_inputs(block_kernel):
     x, w, top_k, _ = block(CASES[0], seed=1)
     assert not moe_native.supports(x.float(), *w.values(), top_k=top_k)
-    many = torch.zeros(moe_native.MAX_TOKENS + 1, x.shape[1], dtype=torch.bfloat16)
+    many = torch.zeros(FEW_TOKENS + 1, x.shape[1], dtype=torch.bfloat16)
     assert not moe_native.supports(many, *w.values(), top_k=top_k)
     assert not moe_native.supports(x, w["router"].t(), top_k=top_k)
 
-
-requires_native_experts = pytest.mark.skipif(
-    moe_native.experts_kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
-)
 
 # tokens, hidden, experts, top-k, expert width: odd sizes leave partial tiles of 4 rows and of
 # 64 columns, and input widths whose pairs are not a multiple of 16; the last has the widths and
@@ -104,12 +117,17 @@ EXPERT_CASES = [
 ]
 
 
-# The pair dot-product path everywhere; the AMX tile path where the CPU has it (odd widths in the
-# cases fall back to the pair path inside the kernel).
+# The pair dot-product path (AVX-512) or the fp32 one (AVX2) everywhere; the AMX tile path where the
+# CPU has it (odd widths in the cases fall back to the pair path inside the kernel).
 TILE_UNITS = [
     pytest.param(False, id="pairs"),
     pytest.param(True, id="amx", marks=pytest.mark.skipif(not matmul_has_amx(), reason="CPU without AMX tiles")),
 ]
+
+
+def skip_tiles_without_them(amx: bool, isa: str) -> None:
+    if amx and isa != "avx512":
+        pytest.skip("only the AVX-512 build has a tile path")
 
 
 def expert_operands(case, seed: int):
@@ -124,11 +142,11 @@ def expert_operands(case, seed: int):
     return x, weights, chosen, gate_up, down
 
 
-@requires_native_experts
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "N{}-H{}-E{}-k{}-I{}".format(*c))
-def test_native_experts_match_the_grouped_pytorch_path(case, amx):
+def test_native_experts_match_the_grouped_pytorch_path(case, amx, experts_kernel):
     """Same bf16 rounding steps as reference.experts_swiglu: two bf16 steps at the largest output."""
+    skip_tiles_without_them(amx, experts_kernel)
     x, weights, chosen, gate_up, down = expert_operands(case, seed=sum(case))
     experts = case[2]
     assert moe_native.supports_experts(x, weights, gate_up, down)
@@ -145,10 +163,10 @@ def test_native_experts_match_the_grouped_pytorch_path(case, amx):
         assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=amx), ours)
 
 
-@requires_native_experts
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", [EXPERT_CASES[0], EXPERT_CASES[1]], ids=["tile-widths", "odd-widths"])
-def test_native_experts_do_not_depend_on_the_thread_count(case, amx):
+def test_native_experts_do_not_depend_on_the_thread_count(case, amx, experts_kernel):
+    skip_tiles_without_them(amx, experts_kernel)
     x, weights, chosen, gate_up, down = expert_operands(case, seed=7)
     threads = torch.get_num_threads()
     try:
@@ -160,8 +178,7 @@ def test_native_experts_do_not_depend_on_the_thread_count(case, amx):
         torch.set_num_threads(threads)
 
 
-@requires_native_experts
-def test_few_tokens_never_take_the_tile_path():
+def test_few_tokens_never_take_the_tile_path(experts_kernel):
     """Decode and draft verification must give a token the same bits whatever the call's size."""
     tokens = FEW_TOKENS
     x, weights, chosen, gate_up, down = expert_operands((tokens, 512, 8, 2, 64), seed=3)

@@ -20,13 +20,73 @@
  * roundings go through the conversion instruction (fp32 denormals to zero), so the last bits can
  * differ from the chains above.
  *
- * Built with AVX-512 BF16 (and AMX); the Python side only loads it on CPUs that report avx512_bf16.
+ * The AVX2 + FMA + F16C build (no bf16 dot products, no tiles) runs the same steps on fp32 sums:
+ * moe_avx2.h's cache-blocked dot products read each expert's weights as stored, widening them in
+ * registers, for up to 48 of its tokens at a time. Each output is one fixed chain of fused
+ * multiply-adds, so few-token calls give a token the same bits whatever the call's size; the bits
+ * differ from the AVX-512 build's.
  */
 #include <omp.h>
 #include <stdlib.h>
 
+#include "../simd.h"
+#if defined(__AVX512BF16__)
 #include "../amx.h"
 #include "../bf16_simd.h"
+#else
+/* The scalar bf16 conversions; the header's AVX-512 helpers go unused here, where GCC would warn
+ * about their ABI. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "../bf16_simd.h"
+#pragma GCC diagnostic pop
+#include "moe_avx2.h"
+#endif
+
+/* Slots (token n's s-th choice is slot n * top_k + s) grouped by expert, tokens ascending within
+ * each (a counting sort): expert e's slots are order[start[e] .. start[e + 1]), start zeroed by the
+ * caller. Returns the largest group's size, or -1 when a work buffer cannot be allocated. */
+static int64_t group_slots(const int64_t *experts, int64_t slots, int64_t E, int64_t *start, int64_t *order) {
+    for (int64_t s = 0; s < slots; s++) start[experts[s] + 1]++;
+    int64_t largest = 0;
+    for (int64_t e = 0; e < E; e++) {
+        largest = start[e + 1] > largest ? start[e + 1] : largest;
+        start[e + 1] += start[e];
+    }
+    int64_t *fill = malloc(sizeof(int64_t) * (size_t)E);
+    if (!fill) return -1;
+    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+    for (int64_t s = 0; s < slots; s++) order[fill[experts[s]]++] = s;
+    free(fill);
+    return largest;
+}
+
+/* out[n] = bf16 of token n's routed outputs (routed [slots, H] bf16) summed in fp32 in ascending
+ * expert order: index_add_'s order. */
+static void sum_routed(const uint16_t *routed, const int64_t *experts, int64_t N, int64_t H, int64_t top_k,
+                       uint16_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        /* This token's slots in ascending expert order (top_k is small: insertion sort). */
+        int64_t ranked[64];
+        int64_t used = top_k < 64 ? top_k : 64;
+        for (int64_t s = 0; s < used; s++) {
+            int64_t slot = n * top_k + s, at = s;
+            while (at > 0 && experts[ranked[at - 1]] > experts[slot]) {
+                ranked[at] = ranked[at - 1];
+                at--;
+            }
+            ranked[at] = slot;
+        }
+        for (int64_t d = 0; d < H; d += VF_LANES) {
+            vf sum = vf_zero();
+            for (int64_t s = 0; s < used; s++) sum = vf_add(sum, vf_load_bf16_n(routed + ranked[s] * H + d, H - d));
+            vf_store_bf16_n(out + n * H + d, sum, H - d);
+        }
+    }
+}
+
+#if defined(__AVX512BF16__)
 
 typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
 
@@ -283,37 +343,12 @@ static void swiglu(const uint16_t *h, int64_t R, int64_t I, uint16_t *act) {
     }
 }
 
-/* x [N, H]; weights [N, k] bf16; experts [N, k] int64 in [0, E); gate_up [E, 2I, H]; down [E, H, I];
- * out [N, H]; amx: use the tile unit where the widths allow. Returns 0, or -1 when a work buffer
- * cannot be allocated. */
-int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *weights, const int64_t *experts,
-                     int64_t top_k, int64_t E, const uint16_t *gate_up, const uint16_t *down, int64_t I,
-                     uint16_t *out, int amx, int threads) {
+/* Every expert with tokens: routed[slot] = bf16(expert output of the slot's token * its weight), for
+ * the grouping of group_slots. Returns nonzero when a work buffer cannot be allocated. */
+static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, int64_t top_k, int64_t E,
+                       const int64_t *start, const int64_t *order, int64_t largest, const uint16_t *gate_up,
+                       const uint16_t *down, int64_t I, uint16_t *routed, int amx, int threads) {
     amx = amx && H % 32 == 0 && I % 32 == 0 && amx_permitted();
-    int64_t slots = N * top_k;
-    int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *order = malloc(sizeof(int64_t) * (size_t)slots);
-    uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(slots * H));
-    if (!start || !order || !routed) {
-        free(start), free(order), free(routed);
-        return -1;
-    }
-    /* Slots grouped by expert, tokens ascending within each (a counting sort). */
-    for (int64_t s = 0; s < slots; s++) start[experts[s] + 1]++;
-    int64_t largest = 0;
-    for (int64_t e = 0; e < E; e++) {
-        largest = start[e + 1] > largest ? start[e + 1] : largest;
-        start[e + 1] += start[e];
-    }
-    int64_t *fill = malloc(sizeof(int64_t) * (size_t)E);
-    if (!fill) {
-        free(start), free(order), free(routed);
-        return -1;
-    }
-    for (int64_t e = 0; e < E; e++) fill[e] = start[e];
-    for (int64_t s = 0; s < slots; s++) order[fill[experts[s]]++] = s;
-    free(fill);
-
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -370,32 +405,81 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
         free(scales), free(packed), free(packed_act), free(tokens), free(targets);
         free(gathered), free(h), free(act), free(y);
     }
-    if (!failed) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            /* This token's slots in ascending expert order (top_k is small: insertion sort). */
-            int64_t ranked[64];
-            int64_t used = top_k < 64 ? top_k : 64;
-            for (int64_t s = 0; s < used; s++) {
-                int64_t slot = n * top_k + s, at = s;
-                while (at > 0 && experts[ranked[at - 1]] > experts[slot]) {
-                    ranked[at] = ranked[at - 1];
-                    at--;
+    return failed;
+}
+
+#else /* AVX2 + FMA + F16C */
+
+/* An expert's tokens taken at a time: its weights are read once per this many of them. */
+#define CHUNK_TOKENS 96
+
+/* run_experts of the AVX-512 build, on moe_avx2.h's fp32 dot products (`amx` is ignored). */
+static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, int64_t top_k, int64_t E,
+                       const int64_t *start, const int64_t *order, int64_t largest, const uint16_t *gate_up,
+                       const uint16_t *down, int64_t I, uint16_t *routed, int amx, int threads) {
+    (void)amx;
+    int64_t H16 = padded_width(H), I16 = padded_width(I);
+    int64_t chunk = largest < 1 ? 1 : largest < CHUNK_TOKENS ? largest : CHUNK_TOKENS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        /* A chunk's widened tokens, gate/up sums, widened SwiGLU and down sums, and their rows. */
+        float *wide_x = malloc(sizeof(float) * (size_t)(chunk * H16));
+        float *sums = malloc(sizeof(float) * (size_t)(chunk * 2 * I));
+        float *wide_act = malloc(sizeof(float) * (size_t)(chunk * I16));
+        float *y = malloc(sizeof(float) * (size_t)(chunk * H));
+        float *scratch = malloc(sizeof(float) * DOT_SCRATCH);
+        uint16_t *act = malloc(sizeof(uint16_t) * (size_t)I);
+        const float **rows = malloc(sizeof(float *) * (size_t)(2 * chunk));
+        float **outputs = malloc(sizeof(float *) * (size_t)(2 * chunk));
+        int usable = wide_x && sums && wide_act && y && scratch && act && rows && outputs;
+        failed |= !usable;
+        for (int64_t r = 0; usable && r < chunk; r++) {
+            rows[r] = wide_x + r * H16, rows[chunk + r] = wide_act + r * I16;
+            outputs[r] = sums + r * 2 * I, outputs[chunk + r] = y + r * H;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < E; e++) {
+            int64_t count = start[e + 1] - start[e];
+            if (!usable || count == 0) continue;
+            for (int64_t c0 = 0; c0 < count; c0 += chunk) {
+                const int64_t *mine = order + start[e] + c0;
+                int64_t m = count - c0 < chunk ? count - c0 : chunk;
+                for (int64_t r = 0; r < m; r++) widen_row(x + (mine[r] / top_k) * H, H, wide_x + r * H16);
+                dot_products(rows, m, gate_up + e * 2 * I * H, H, 2 * I, H, outputs, 0, scratch);
+                for (int64_t r = 0; r < m; r++) {
+                    swiglu_row(sums + r * 2 * I, sums + r * 2 * I + I, I, act);
+                    widen_row(act, I, wide_act + r * I16);
                 }
-                ranked[at] = slot;
-            }
-            for (int64_t d = 0; d < H; d += 16) {
-                int64_t here = H - d < 16 ? H - d : 16;
-                __mmask16 live = (__mmask16)((1u << here) - 1);
-                __m512 sum = _mm512_setzero_ps();
-                for (int64_t s = 0; s < used; s++) {
-                    __m256i v = _mm256_maskz_loadu_epi16(live, routed + ranked[s] * H + d);
-                    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+                dot_products(rows + chunk, m, down + e * H * I, I, H, I, outputs + chunk, 0, scratch);
+                for (int64_t r = 0; r < m; r++) {
+                    vf scale = vf_set1(bf16_to_float(weights[mine[r]]));
+                    for (int64_t h = 0; h < H; h += VF_LANES)
+                        vf_store_bf16_n(routed + mine[r] * H + h,
+                                        vf_mul(round_lanes(vf_load_n(y + r * H + h, H - h)), scale), H - h);
                 }
-                _mm256_mask_storeu_epi16(out + n * H + d, live, to_bf16(sum));
             }
         }
+        free(wide_x), free(sums), free(wide_act), free(y), free(scratch), free(act), free(rows), free(outputs);
     }
+    return failed;
+}
+#endif
+
+/* x [N, H]; weights [N, k] bf16; experts [N, k] int64 in [0, E); gate_up [E, 2I, H]; down [E, H, I];
+ * out [N, H]; amx: use the tile unit where the widths allow (AVX-512 build). Returns 0, or -1 when a
+ * work buffer cannot be allocated. */
+int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *weights, const int64_t *experts,
+                     int64_t top_k, int64_t E, const uint16_t *gate_up, const uint16_t *down, int64_t I,
+                     uint16_t *out, int amx, int threads) {
+    int64_t slots = N * top_k;
+    int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)slots);
+    uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(slots * H));
+    int64_t largest = start && order && routed ? group_slots(experts, slots, E, start, order) : -1;
+    int failed = largest < 0 || run_experts(x, H, weights, top_k, E, start, order, largest, gate_up, down, I, routed,
+                                            amx, threads);
+    if (!failed) sum_routed(routed, experts, N, H, top_k, out, threads);
     free(start), free(order), free(routed);
     return failed ? -1 : 0;
 }

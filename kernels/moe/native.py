@@ -1,37 +1,40 @@
-"""ctypes binding of `sparse_moe_bf16.c`: the sparse MoE block for a few bf16 tokens on CPU."""
+"""ctypes bindings of the MoE kernels, each built for AVX-512 (BF16, AMX) and for AVX2 + FMA + F16C:
+`sparse_moe_bf16.c`, the whole sparse MoE block for a few bf16 tokens, and `experts_bf16.c`, the
+routed experts for many tokens."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
-from ..native import load, tiles_pay_off
+from ..native import FEW_TOKENS, Kernel, tiles_pay_off
 
-MAX_TOKENS = 16
+HERE = Path(__file__).parent
+# The most experts a token may take (the kernels' per-token arrays).
 MAX_TOP_K = 64
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = (_PTR, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
-             ctypes.c_int)
+
+SPARSE_MOE = Kernel(HERE / "sparse_moe_bf16.c", "sparse_moe_bf16", "piipiinppipppippn", isas=("avx512", "avx2"),
+                    returns="n")
+EXPERTS = Kernel(HERE / "experts_bf16.c", "moe_experts_bf16", "piippiippipnn", isas=("avx512", "avx2"), returns="n")
 
 
-@functools.cache
-def kernel():
-    """The C function `sparse_moe_bf16`, or None where it cannot run here."""
-    entry = load(Path(__file__).with_name("sparse_moe_bf16.c"), "sparse_moe_bf16", _ARGTYPES)
-    if entry is not None:
-        entry.restype = ctypes.c_int
-    return entry
+def kernel() -> Kernel | None:
+    """The sparse-MoE block kernel, or None where no build of it runs here."""
+    return SPARSE_MOE if SPARSE_MOE.available() else None
+
+
+def experts_kernel() -> Kernel | None:
+    """The routed-experts kernel, or None where no build of it runs here."""
+    return EXPERTS if EXPERTS.available() else None
 
 
 def supports(x: torch.Tensor, *weights: torch.Tensor, top_k: int) -> bool:
-    """x `[N, H]`: bf16 on CPU, at most MAX_TOKENS tokens, contiguous bf16 weights."""
+    """x `[N, H]`: bf16 on CPU, at most FEW_TOKENS tokens, contiguous bf16 weights."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
-        and 0 < x.shape[0] <= MAX_TOKENS
+        and 0 < x.shape[0] <= FEW_TOKENS
         and top_k <= MAX_TOP_K
         and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
         and kernel() is not None
@@ -48,25 +51,12 @@ def sparse_moe(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: boo
     tokens, hidden = x.shape
     if out is None:
         out = torch.empty_like(x)
-    status = kernel()(x.data_ptr(), tokens, hidden, router.data_ptr(), router.shape[0], top_k, int(normalize),
-                      gate_up.data_ptr(), down.data_ptr(), down.shape[2], shared_gate_proj.data_ptr(),
-                      shared_up_proj.data_ptr(), shared_down.data_ptr(), shared_gate_proj.shape[0],
-                      shared_gate.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    status = SPARSE_MOE(x, tokens, hidden, router, router.shape[0], top_k, int(normalize), gate_up, down,
+                        down.shape[2], shared_gate_proj, shared_up_proj, shared_down, shared_gate_proj.shape[0],
+                        shared_gate, out, torch.get_num_threads())
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out
-
-
-_EXPERTS_ARGTYPES = (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int, ctypes.c_int)
-
-
-@functools.cache
-def experts_kernel():
-    """The C function `moe_experts_bf16`, or None where it cannot run here."""
-    entry = load(Path(__file__).with_name("experts_bf16.c"), "moe_experts_bf16", _EXPERTS_ARGTYPES)
-    if entry is not None:
-        entry.restype = ctypes.c_int
-    return entry
 
 
 def supports_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -89,16 +79,15 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     """x `[N, H]`; weights, experts `[N, k]`; gate_up `[E, 2I, H]`; down `[E, H, I]` -> `[N, H]` bf16,
     the contract of `reference.experts_swiglu`. `amx`: use AMX tiles (default: for more than a few
     tokens on CPUs whose matmuls use them; never for few tokens, whose bits must not depend on the
-    call's size)."""
+    call's size; the AVX2 build has none)."""
     if amx is None:
         amx = tiles_pay_off(x.shape[0])
     x, weights = x.contiguous(), weights.contiguous()
     experts = experts.to(torch.int64).contiguous()
     tokens, hidden = x.shape
     out = torch.empty_like(x)
-    status = experts_kernel()(x.data_ptr(), tokens, hidden, weights.data_ptr(), experts.data_ptr(), weights.shape[1],
-                              gate_up.shape[0], gate_up.data_ptr(), down.data_ptr(), down.shape[2], out.data_ptr(),
-                              int(amx), torch.get_num_threads())
+    status = EXPERTS(x, tokens, hidden, weights, experts, weights.shape[1], gate_up.shape[0], gate_up, down,
+                     down.shape[2], out, int(amx), torch.get_num_threads())
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out
