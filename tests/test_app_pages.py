@@ -52,6 +52,18 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
+def settle(at: AppTest) -> AppTest:
+    """Wait for every answer and summary of the page's services (they run on worker threads), then
+    rerun the page."""
+    from app.services.container import get_services
+    from app.settings import load_settings
+
+    assert get_services(load_settings()).jobs.wait_all(TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 def settle_uploads(at: AppTest, limit_s: float = 60.0) -> None:
     """Rerun the page until no upload is waiting or being read (they are read on worker threads)."""
     stop = time.monotonic() + limit_s
@@ -164,6 +176,7 @@ def test_ask_streams_an_answer_with_stats_across_two_documents(services):
 
     at.chat_input[0].set_value("When does the lease start?").run()
     assert not at.exception, at.exception
+    settle(at)
     messages = services.sessions.list_messages(chat_id)
     assert [m.role for m in messages] == ["user", "assistant"]
     assert messages[1].status == "complete"
@@ -177,6 +190,67 @@ def test_ask_streams_an_answer_with_stats_across_two_documents(services):
     fresh = at.session_state["chat_session_id"]
     assert fresh != chat_id and services.sessions.list_messages(fresh) == []
     assert [d.document_id for d in services.sessions.get_documents(fresh)] == [first.id, second.id]
+
+
+def wait_until(condition, limit_s: float = TIMEOUT) -> None:
+    stop = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < stop, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_second_tab_follows_a_running_answer_and_then_shows_it(services):
+    from app.ui.text import escape
+
+    document = add_document(services, f"{word()}.txt", "The tenant pays the rent on the first day.")
+    chat = services.sessions.create_session("Two tabs", [document.id])
+    question = f"Who pays the rent {word()}?"
+    first = open_app(chat_session_id=chat.id)
+    with services.analysis.queue.turn():  # the model is busy: the answer waits in line
+        first.chat_input[0].set_value(question).run()
+        assert not first.exception, first.exception
+        job = services.jobs.get(f"ask:{chat.id}")
+        wait_until(lambda: job.snapshot().position == 1)
+        second = open_app(chat_session_id=chat.id)  # a new session: another tab, or the first one reloaded
+        assert "Waiting for the model: next in line" in texts(second.caption)
+        assert question in texts(second.chat_message[-2].markdown)
+        assert "Unfinished" not in texts(second.caption)
+        assert any(b.label == "Stop" for b in second.button)
+        assert second.chat_input[0].proto.disabled
+        assert f"Answer “{escape(question)}”: next in line" in texts(second.sidebar.caption)
+    settle(second)
+    messages = services.sessions.list_messages(chat.id)
+    assert [m.role for m in messages] == ["user", "assistant"] and messages[1].status == "complete"
+    answer = second.chat_message[-1]
+    assert "tokens from cache" in texts(answer.caption) and "Unfinished" not in texts(answer.caption)
+    assert not second.chat_input[0].proto.disabled
+    assert not any(b.label == "Stop" for b in second.button)
+
+
+def test_an_answer_whose_worker_is_gone_is_marked_unfinished(services):
+    chat = services.sessions.create_session("Gone")
+    services.sessions.append_message(chat.id, "user", "A question from before a restart")
+    services.sessions.append_message(chat.id, "assistant", "Half an answer", status="streaming")
+    at = open_app(chat_session_id=chat.id)
+    assert "Half an answer" in texts(at.chat_message[-1].markdown)
+    assert "Unfinished: the app stopped while this answer was being written." in texts(at.chat_message[-1].caption)
+
+
+def test_library_shows_reads_ahead_with_their_place_and_progress(services):
+    from app.ui.text import escape
+
+    marker = word()
+    with services.analysis.queue.turn():  # the model is busy: the read waits
+        result = services.library.add(f"Read ahead {marker}. The rent is due monthly.".encode(), f"{marker}.txt")
+        assert result.status == "added"
+        title = escape(result.document.title)
+        at = open_app("views/library.py")
+        assert f"**{title}**: waiting to be read ahead, next" in at.get("progress")[0].proto.text
+        assert f"Reading ahead “{title}”: waiting for the model" in texts(at.sidebar.caption)
+    assert services.reading.wait(result.document.id, TIMEOUT).state == "done"
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.get("progress") and "Reading ahead" not in texts(at.sidebar.caption)
 
 
 def test_ask_opens_a_citation_with_the_quote_highlighted(services):
@@ -228,7 +302,9 @@ def test_ask_shows_a_question_that_is_too_long_as_an_error(services, monkeypatch
     at = open_app(chat_session_id=chat.id)
     at.chat_input[0].set_value("Why? " * 80).run()
     assert not at.exception, at.exception
+    settle(at)
     assert "more than the model" in texts(at.error)
+    assert "more than the model" not in texts(open_app(chat_session_id=chat.id).error)  # only where asked
     assert services.sessions.list_messages(chat.id) == []
 
 
@@ -257,6 +333,7 @@ def test_summaries_summarise_list_and_offer_exports(services):
     picker.set_value([document.id]).run()
     button(at, "Summarise").click().run()
     assert not at.exception, at.exception
+    settle(at)
     summaries = services.summaries.list_summaries()
     assert summaries and summaries[0].documents[0].title == document.title
     assert next(s for s in at.selectbox if s.label == "Summary").value == summaries[0].id
@@ -300,7 +377,8 @@ def test_model_page_shows_the_checkpoint_and_a_demo_warning(services, demo_check
 
 
 def streaming_script() -> None:
-    """Drives the live view with a scripted job: progress first, then reasoning, then the answer."""
+    """Draws a scripted job that has read its prompt, reasoned and written part of its answer."""
+    import threading
     import time
 
     from app.services.jobs import StreamJob
@@ -311,14 +389,19 @@ def streaming_script() -> None:
         def __init__(self, text: str, channel: str) -> None:
             self.kind, self.text, self.channel, self.message, self.summary = "delta", text, channel, None, None
 
+    hold = threading.Event()
+
     def start(progress, cancel):
-        progress(PrefillProgress(100, 400, 0.5))
-        time.sleep(0.3)
+        progress(PrefillProgress(400, 400, 0.5))
         yield Event("Thinking about it. ", "reasoning")
         yield Event("The answer", "answer")
         yield Event(" is 42.", "answer")
+        hold.wait(5)  # still running while the page draws it
 
-    streaming.follow(StreamJob(start, label="Question"))
+    job = StreamJob(start, label="Question")
+    while not job.snapshot().answer.endswith("42."):
+        time.sleep(0.01)
+    streaming.live(job)
 
 
 def test_live_view_puts_reasoning_in_a_collapsed_expander_above_the_answer():
@@ -327,8 +410,9 @@ def test_live_view_puts_reasoning_in_a_collapsed_expander_above_the_answer():
     expander = at.expander[0]
     assert expander.label == "Reasoning" and not expander.proto.expanded
     assert "Thinking about it." in texts(expander.markdown)
-    assert "The answer is 42." in texts(at.markdown)
-    assert not any(b.label == "Stop" for b in at.button)
+    assert "The answer is 42. ▌" in texts(at.markdown)
+    assert any(b.label == "Stop" for b in at.button)
+    assert not at.get("progress")  # writing: the prompt's progress bar is gone
 
 
 def test_prefill_progress_line_has_tokens_speed_and_time_left():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import app_services
-from tests.test_app_pages import add_document, open_app, texts, word
+from tests.test_app_pages import add_document, open_app, settle, texts, word
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,14 @@ def test_ask_answers_and_a_follow_up_reads_the_conversation_from_cache(services)
 
     at.chat_input[0].set_value("When does the lease start?").run()
     assert not at.exception, at.exception
+    settle(at)
     first = services.sessions.list_messages(chat_id)
     assert [m.role for m in first] == ["user", "assistant"] and first[1].status == "complete"
     assert first[1].stats.prefill_tokens > 0
 
     at.chat_input[0].set_value("And when does it end?").run()
     assert not at.exception, at.exception
+    settle(at)
     messages = services.sessions.list_messages(chat_id)
     assert [m.role for m in messages] == ["user", "assistant"] * 2 and messages[3].status == "complete"
     follow_up = messages[3].stats

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from storage import MessageInfo, StorageError, SummaryInfo
 
-from .engine import ModelQueue
+from .engine import READ, ModelQueue
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,8 @@ class JobRegistry:
         if not position or ahead is None:
             return position, (0.0 if position == 0 else None)
         by_owner = {j.owner: j for j in self.running()}
-        waits = [by_owner[t.owner].remaining_s(self.decode_rate) if t.owner in by_owner else 0.0 for t in ahead]
+        waits = [0.0 if t.priority == READ else
+                 by_owner[t.owner].remaining_s(self.decode_rate) if t.owner in by_owner else None for t in ahead]
         return position, (None if None in waits else sum(waits))
 
     def _forget_old(self) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import streamlit as st
 
 from app.services.analysis import AnalysisService
-from app.services.jobs import StreamJob
+from app.services.jobs import Busy, JobRegistry, StreamJob
 from app.ui import pickers, state
 from app.ui.text import escape, number, unique_labels
 from storage import ChatSessionInfo, DocumentInfo, MessageInfo, SessionStore
@@ -15,6 +15,7 @@ from storage import ChatSessionInfo, DocumentInfo, MessageInfo, SessionStore
 DEFAULT_NAME = "New chat"
 NAME_LENGTH = 60
 WARN_SHARE = 0.8
+QUESTION = "question"
 
 
 def job_key(chat_id: int) -> str:
@@ -110,35 +111,58 @@ def chat_name(question: str) -> str:
 
 
 def start_ask(
-    analysis: AnalysisService, sessions: SessionStore, chat: ChatSessionInfo, question: str
+    analysis: AnalysisService, sessions: SessionStore, jobs: JobRegistry, chat: ChatSessionInfo, question: str
 ) -> StreamJob:
     """Start answering on a worker thread; the first question also names a new chat session."""
+    job = jobs.start(
+        job_key(chat.id),
+        lambda progress, cancel: analysis.ask(chat.id, question, progress=progress, cancel=cancel),
+        kind="answer", label=question, max_tokens=analysis.max_new_tokens,
+        busy="An answer is already being written in this chat session.",
+    )
     if chat.name == DEFAULT_NAME and chat.message_count == 0:
         sessions.rename_session(chat.id, chat_name(question))
-    job = StreamJob(
-        lambda progress, cancel: analysis.ask(chat.id, question, progress=progress, cancel=cancel),
-        label=question,
-    )
-    return state.start_job(job_key(chat.id), job)
+    state.watch(job.id)
+    return job
 
 
-def finished_job_cleared(chat_id: int) -> StreamJob | None:
-    """The chat session's running answer; a finished one is dropped and its error shown once."""
-    job = state.job(job_key(chat_id))
-    if job is None or not job.done:
+def submit(analysis: AnalysisService, sessions: SessionStore, jobs: JobRegistry, chat: ChatSessionInfo) -> None:
+    """The chat input's callback: runs before the page, so the page already shows the answer running."""
+    question = st.session_state.get(QUESTION)
+    if not question:
+        return
+    try:
+        start_ask(analysis, sessions, jobs, chat, question)
+    except Busy as error:  # another tab asked in this chat session a moment ago
+        state.flash("error", escape(str(error)))
+
+
+def running_job(jobs: JobRegistry, chat_id: int) -> StreamJob | None:
+    """The chat session's answer being written, whichever tab asked. One that ended with an error
+    (nothing was saved) is reported in each tab that watched it, until the next question."""
+    job = jobs.get(job_key(chat_id))
+    if job is None:
+        return None
+    if not job.done:
+        state.watch(job.id)
         return job
-    state.forget_job(job_key(chat_id))
-    error = job.snapshot().error
-    if error:
-        st.error(escape(error))
+    if state.watched(job.id):
+        error = job.snapshot().error
+        if error:
+            st.error(escape(error))
     return None
 
 
 def visible_messages(history: Sequence[MessageInfo], job: StreamJob | None) -> list[MessageInfo]:
-    """Stored messages, minus the ones a running answer is still drawing live."""
+    """Stored messages, minus the question and answer a running job is still drawing live.
+
+    Only the job's own answer is hidden: an earlier answer still marked as being written has
+    lost its worker (the app stopped) and is shown with that note."""
+    shown = list(history)
     if job is None:
-        return list(history)
-    shown = [m for m in history if m.status != "streaming"]
+        return shown
+    if shown and shown[-1].role == "assistant" and shown[-1].status == "streaming":
+        shown.pop()
     if shown and shown[-1].role == "user" and shown[-1].text == job.label:
         shown.pop()
     return shown

@@ -9,7 +9,6 @@ from typing import NoReturn
 import streamlit as st
 
 from app.services.container import Services, get_services
-from app.services.library import Library
 from app.settings import Settings, SettingsError, load_settings
 from app.ui.text import escape
 
@@ -44,7 +43,3 @@ def services() -> Services:
         return _build(repr(current), current)
     except Exception as error:  # a bad model folder or database must explain itself, not crash the page
         _fail("The app could not start.", error)
-
-
-def library() -> Library:
-    return services().library

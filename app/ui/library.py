@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import streamlit as st
 
 from app.services.library import Library, UploadResult
+from app.services.reading import ReadAhead, ReadStatus
 from app.services.uploads import JobStatus
 from app.ui import pickers, state
 from app.ui.citations import ocr_note, unit_word
-from app.ui.text import escape, find_spans, human_bytes, number, plural, to_markdown, when
+from app.ui.text import escape, find_spans, human_bytes, number, plural, seconds, to_markdown, when
 from storage import DocumentInfo, DocumentStore
 
 FILE_TYPES = ["pdf", "docx", "txt", "md", "markdown"]
@@ -53,6 +54,46 @@ def upload_status(library: Library, job_ids: list[int]) -> None:
             st.rerun()  # the whole page, so the new documents appear in the table below
 
     st.fragment(render, run_every=POLL_S if running else None)()
+
+
+def reads_panel(reading: ReadAhead | None) -> None:
+    """Each document being read ahead of questions: its place in line, progress and time left;
+    refreshes itself while any read runs, and the page once they are all done."""
+    if reading is None:
+        return
+    running = bool(reading.active())
+
+    def render() -> None:
+        current = reading.active()
+        if current:
+            st.caption("Reading the new documents ahead, so the first question about each one answers sooner. "
+                       "Questions go first.")
+        for read in current:
+            show_read(read)
+        for read in reading.statuses():
+            if read.state in ("skipped", "failed"):
+                st.caption(f":material/info: “{escape(read.title)}” was not read ahead: {escape(read.message)}")
+        if running and not current:
+            st.rerun()
+
+    st.fragment(render, run_every=POLL_S if running else None)()
+
+
+def show_read(read: ReadStatus) -> None:
+    share = min(read.done / read.total, 1.0) if read.total else 0.0
+    if read.state == "queued":
+        place = "next" if read.position in (None, 1) else f"number {read.position} in line"
+        st.progress(0.0, text=f"**{escape(read.title)}**: waiting to be read ahead, {place}")
+    elif read.state == "paused":
+        st.progress(share, text=f"**{escape(read.title)}**: paused while an answer is written, "
+                                f"{number(read.done)} of {number(read.total)} tokens read")
+    else:
+        parts = [f"**{escape(read.title)}**: reading ahead, {number(read.done)} of {number(read.total)} tokens"]
+        if read.tokens_per_s > 0:
+            parts.append(f"{read.tokens_per_s:,.0f} tok/s")
+        if read.eta_s is not None:
+            parts.append(f"about {seconds(read.eta_s)} left")
+        st.progress(share, text=" · ".join(parts))
 
 
 def show_status(status: JobStatus) -> None:
@@ -179,14 +220,16 @@ def reading_notes(document: DocumentInfo, units) -> None:
             st.markdown(f"- {escape(warning)}")
 
 
-def _delete(store: DocumentStore, document: DocumentInfo) -> None:
+def _delete(store: DocumentStore, document: DocumentInfo, reading: ReadAhead | None) -> None:
+    if reading is not None:
+        reading.cancel(document.id)
     store.delete_document(document.id)
     st.session_state.pop(CONFIRM_DELETE, None)
     st.session_state.pop(READER_DOC, None)
     state.flash("success", f"Deleted “{escape(document.title)}”.")
 
 
-def delete_control(store: DocumentStore, document: DocumentInfo) -> None:
+def delete_control(store: DocumentStore, document: DocumentInfo, reading: ReadAhead | None = None) -> None:
     """Delete behind a confirmation, because chat sessions and summaries lose the document."""
     if st.session_state.get(CONFIRM_DELETE) != document.id:
         st.button(
@@ -199,5 +242,5 @@ def delete_control(store: DocumentStore, document: DocumentInfo) -> None:
         "text, but the document can no longer be read or asked about."
     )
     yes, no = st.columns(2)
-    yes.button("Delete", type="primary", on_click=_delete, args=(store, document), width="stretch")
+    yes.button("Delete", type="primary", on_click=_delete, args=(store, document, reading), width="stretch")
     no.button("Cancel", on_click=lambda: st.session_state.pop(CONFIRM_DELETE, None), width="stretch")

@@ -1,4 +1,9 @@
-"""Per-tab UI state kept in ``st.session_state``; nothing here is shared between tabs."""
+"""Per-tab UI state kept in ``st.session_state``; nothing here is shared between tabs.
+
+Running answers and summaries are not kept here but in the process-wide job registry
+(``services.jobs``), so they outlive a closed or reloaded tab; a tab only remembers which jobs
+it has watched, to report how they ended.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,8 @@ from typing import Any
 
 import streamlit as st
 
-from app.services.jobs import StreamJob
-
 CHAT_ID = "chat_session_id"
-_JOBS = "stream_jobs"
+_WATCHED = "watched_jobs"
 _FLASH = "flash_messages"
 
 
@@ -21,21 +24,13 @@ def set_current_chat(chat_id: int | None) -> None:
     st.session_state[CHAT_ID] = chat_id
 
 
-def _jobs() -> dict[str, StreamJob]:
-    return st.session_state.setdefault(_JOBS, {})
+def watch(job_id: str) -> None:
+    """Remember that this tab has shown the job running, so it reports how the job ended."""
+    st.session_state.setdefault(_WATCHED, set()).add(job_id)
 
 
-def job(key: str) -> StreamJob | None:
-    return _jobs().get(key)
-
-
-def start_job(key: str, new_job: StreamJob) -> StreamJob:
-    _jobs()[key] = new_job
-    return new_job
-
-
-def forget_job(key: str) -> None:
-    _jobs().pop(key, None)
+def watched(job_id: str) -> bool:
+    return job_id in st.session_state.get(_WATCHED, set())
 
 
 def flash(kind: str, text: str) -> None:

@@ -1,8 +1,13 @@
-"""Showing a running :class:`StreamJob`: prefill progress, reasoning, the growing answer, Stop."""
+"""Showing a running :class:`StreamJob`: its place in line, prefill progress, reasoning, the growing
+answer, Stop.
+
+The view is a fragment that reruns itself every ``POLL_S`` seconds and draws the job's latest
+snapshot; the job lives in the process-wide registry, so any tab can draw it and a closed tab
+loses nothing. When the job ends the whole page reruns to show what was saved.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import streamlit as st
@@ -11,7 +16,7 @@ from app.services import safe_markdown
 from app.services.jobs import JobSnapshot, StreamJob
 from app.ui.text import number, seconds
 
-POLL_S = 0.1
+POLL_S = 0.3
 CURSOR = " ▌"
 
 
@@ -25,65 +30,43 @@ def progress_text(progress: Any) -> str:
     return " · ".join(parts)
 
 
-class _View:
-    """Placeholders for one job; each poll updates only what changed."""
-
-    def __init__(self, job: StreamJob) -> None:
-        self.status = st.empty()
-        self.reasoning_slot = st.empty()
-        self.reasoning: Any | None = None
-        self.answer = st.empty()
-        stop = st.empty()
-        if stop.button("Stop", key=f"stop:{job.id}", icon=":material/stop_circle:"):
-            job.cancel()
-        self.stop = stop
-        self.shown: tuple[Any, ...] | None = None
-
-    def update(self, snap: JobSnapshot) -> None:
-        progress = snap.progress
-        fingerprint = (
-            len(snap.answer), len(snap.reasoning), snap.cancel_requested,
-            None if progress is None else (progress.done, progress.total),
-        )
-        if fingerprint == self.shown:
-            return
-        self.shown = fingerprint
-        self._status(snap)
-        if snap.reasoning:
-            if self.reasoning is None:
-                self.reasoning = self.reasoning_slot.expander("Reasoning", expanded=False).empty()
-            self.reasoning.markdown(safe_markdown.render(snap.reasoning))
-        if snap.answer:
-            self.answer.markdown(safe_markdown.render(snap.answer) + CURSOR)
-
-    def _status(self, snap: JobSnapshot) -> None:
-        if snap.cancel_requested:
-            self.status.caption("Stopping…")
-        elif snap.answer or snap.reasoning:
-            self.status.empty()
-        elif snap.progress is None:
-            self.status.caption("Waiting for the model…")
-        else:
-            progress = snap.progress
-            share = progress.done / progress.total if progress.total else 1.0
-            self.status.progress(min(max(share, 0.0), 1.0), text=progress_text(progress))
-
-    def clear(self) -> None:
-        self.status.empty()
-        self.stop.empty()
+def place_text(position: int | None, starts_in_s: float | None = None) -> str:
+    """Where a request stands in the model's queue: "next in line · starts in about 4.0 s"."""
+    if position is None:
+        return "Waiting for the model…"
+    if position == 0:
+        return "Starting…"
+    line = "Waiting for the model: " + ("next in line" if position == 1 else f"number {position} in line")
+    if starts_in_s is not None:
+        line += f" · starts in about {seconds(starts_in_s)}"
+    return line
 
 
-def follow(job: StreamJob) -> JobSnapshot:
-    """Render the job's output as it grows; returns once the job has finished.
+def draw(snap: JobSnapshot) -> None:
+    """One frame of a running job: status or progress, reasoning (collapsed), answer so far."""
+    progress = snap.progress
+    if snap.cancel_requested:
+        st.caption("Stopping…")
+    elif snap.writing:
+        pass
+    elif progress is None:
+        st.caption(place_text(snap.position, snap.starts_in_s))
+    else:
+        share = progress.done / progress.total if progress.total else 1.0
+        st.progress(min(max(share, 0.0), 1.0), text=progress_text(progress))
+    if snap.reasoning:
+        with st.expander("Reasoning", expanded=False):
+            st.markdown(safe_markdown.render(snap.reasoning))
+    if snap.answer:
+        st.markdown(safe_markdown.render(snap.answer) + CURSOR)
 
-    A click anywhere reruns the page and abandons this loop, which is fine: the job keeps
-    running on its thread and the next run picks it up again.
-    """
-    view = _View(job)
-    while True:
-        snap = job.snapshot()
-        view.update(snap)
-        if snap.done:
-            view.clear()
-            return snap
-        time.sleep(POLL_S)
+
+@st.fragment(run_every=POLL_S)
+def live(job: StreamJob) -> None:
+    """Follow ``job`` until it ends, then rerun the page so the saved result replaces this view."""
+    snap = job.snapshot()
+    if snap.done:
+        st.rerun()
+    draw(snap)
+    st.button("Stop", key=f"stop:{job.id}", icon=":material/stop_circle:", on_click=job.cancel,
+              disabled=snap.cancel_requested)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import streamlit as st
@@ -9,12 +10,12 @@ import streamlit as st
 from app.services import safe_markdown
 from app.services.analysis import AnalysisService
 from app.services.exports import summary_report, summary_title
-from app.services.jobs import StreamJob
-from app.ui import citations, downloads, pickers, state
+from app.services.jobs import JobRegistry, StreamJob
+from app.ui import citations, downloads, pickers, state, streaming
 from app.ui.text import escape, unique_labels, when
 from storage import DocumentInfo, SessionStore, SummaryInfo, SummaryStore
 
-JOB = "summary"
+MINE = "summary_job"
 PICKED, CHOSEN, CONFIRM = "summary_documents", "summary_chosen", "summary_confirm_delete"
 
 
@@ -35,24 +36,41 @@ def document_picker(sessions: SessionStore, documents: Sequence[DocumentInfo]) -
     return list(st.session_state[PICKED])
 
 
-def start(analysis: AnalysisService, document_ids: Sequence[int]) -> StreamJob:
+def start(analysis: AnalysisService, jobs: JobRegistry, documents: Sequence[DocumentInfo],
+          document_ids: Sequence[int]) -> StreamJob:
+    """Write a summary on a worker thread, registered for every tab; this tab remembers it as its own."""
     ids = list(document_ids)
-    job = StreamJob(lambda progress, cancel: analysis.summarize(ids, progress=progress, cancel=cancel))
-    return state.start_job(JOB, job)
+    titles = {d.id: d.title for d in documents}
+    job = jobs.start(
+        f"summary:{uuid.uuid4().hex}",
+        lambda progress, cancel: analysis.summarize(ids, progress=progress, cancel=cancel),
+        kind="summary", label="; ".join(titles.get(i, str(i)) for i in ids), max_tokens=analysis.max_new_tokens,
+    )
+    st.session_state[MINE] = job.key
+    state.watch(job.id)
+    return job
 
 
-def running_job() -> StreamJob | None:
-    """The summary being written; a finished one is dropped, its result chosen or its error shown."""
-    job = state.job(JOB)
+def own_job(jobs: JobRegistry) -> StreamJob | None:
+    """The summary this tab started, while it runs; once it ends, its summary is chosen or its error shown."""
+    job = jobs.get(st.session_state.get(MINE, ""))
     if job is None or not job.done:
         return job
-    state.forget_job(JOB)
+    st.session_state.pop(MINE, None)
     snap = job.snapshot()
-    if snap.error:
+    if state.watched(job.id) and snap.error:
         st.error(escape(snap.error))
     elif snap.summary is not None:
         st.session_state[CHOSEN] = snap.summary.id
     return None
+
+
+def running(jobs: JobRegistry) -> None:
+    """Every summary being written, whichever tab started it."""
+    for job in jobs.running(kind="summary"):
+        with st.container(border=True):
+            st.caption(f"Summary of {escape(job.label)}")
+            streaming.live(job)
 
 
 def label(summary: SummaryInfo) -> str:

@@ -3,8 +3,8 @@
 import streamlit as st
 
 from app.services import safe_markdown
+from app.ui import activity, context, messages, state, streaming
 from app.ui import chat as chat_ui
-from app.ui import context, messages, state, streaming
 
 services = context.services()
 analysis, sessions = services.analysis, services.sessions
@@ -18,6 +18,7 @@ if model.is_demo:
         icon=":material/science:",
     )
 state.show_flashes()
+activity.sidebar(services)
 
 chat = chat_ui.current_chat(sessions)
 chat_ui.chat_picker(sessions, chat)
@@ -29,13 +30,12 @@ if not documents:
 selected = chat_ui.document_picker(sessions, documents, chat)
 share = chat_ui.context_budget(analysis, selected, model.context_limit)
 
-job = chat_ui.finished_job_cleared(chat.id)
-question = st.chat_input(
+job = chat_ui.running_job(services.jobs, chat.id)
+st.chat_input(
     "Ask about the selected documents" if selected else "Choose documents above to ask about them",
-    disabled=job is not None or not selected or share > 1,
+    key=chat_ui.QUESTION, disabled=job is not None or not selected or share > 1,
+    on_submit=chat_ui.submit, args=(analysis, sessions, services.jobs, chat),
 )
-if question and job is None:
-    job = chat_ui.start_ask(analysis, sessions, chat, question)
 
 for message in chat_ui.visible_messages(sessions.list_messages(chat.id), job):
     messages.show(services.documents, message)
@@ -44,5 +44,4 @@ if job is not None:
     with st.chat_message("user"):
         st.markdown(safe_markdown.render(job.label))
     with st.chat_message("assistant"):
-        streaming.follow(job)
-    st.rerun()
+        streaming.live(job)

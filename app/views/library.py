@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.ui import context, state
+from app.ui import activity, context, state
 from app.ui import library as library_ui
 
 services = context.services()
@@ -10,8 +10,10 @@ store = services.documents
 
 st.title("Library")
 state.show_flashes()
+activity.sidebar(services)
 
-library_ui.upload_panel(context.library(), services.settings.upload_limit_mb)
+library_ui.upload_panel(services.library, services.settings.upload_limit_mb)
+library_ui.reads_panel(services.reading)
 
 documents = store.list_documents()
 if not documents:
@@ -24,8 +26,8 @@ library_ui.document_table(documents)
 search, read = st.columns([2, 3], gap="large")
 with search:
     st.subheader("Search")
-    query = library_ui.search_panel(context.library())
+    query = library_ui.search_panel(services.library)
 with read:
     st.subheader("Read")
     shown = library_ui.reader(store, documents, query)
-    library_ui.delete_control(store, shown)
+    library_ui.delete_control(store, shown, services.reading)

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.ui import context
+from app.ui import activity, context
 from app.ui.text import human_bytes, number
 
 FORMAT_NAMES = {"fp8_block": "FP8 (128x128 blocks)", "int8": "int8", "int4": "int4 (groups of 128)",
@@ -21,6 +21,7 @@ info = services.analysis.model_info()
 cache = services.analysis.cache_stats()
 
 st.title("Model")
+activity.sidebar(services)
 if info.is_demo:
     st.warning(
         f"**The demo checkpoint is in use: its answers are meaningless.** {info.notice}\n\n"

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.ui import context, state
+from app.ui import activity, context, state
 from app.ui import sessions as sessions_ui
 
 services = context.services()
@@ -10,6 +10,7 @@ sessions = services.sessions
 
 st.title("Chat sessions")
 state.show_flashes()
+activity.sidebar(services)
 
 chats = sessions.list_sessions()
 if not chats:

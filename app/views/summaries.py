@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.ui import context, state, streaming
+from app.ui import activity, context, state
 from app.ui import summaries as summary_ui
 
 services = context.services()
@@ -10,19 +10,17 @@ analysis = services.analysis
 
 st.title("Summaries")
 state.show_flashes()
+activity.sidebar(services)
 
 documents = services.documents.list_documents()
+mine = summary_ui.own_job(services.jobs)
 if documents:
     picked = summary_ui.document_picker(services.sessions, documents)
-    job = summary_ui.running_job()
-    if st.button("Summarise", type="primary", disabled=not picked or job is not None):
-        job = summary_ui.start(analysis, picked)
-    if job is not None:
-        with st.container(border=True):
-            streaming.follow(job)
-        st.rerun()
+    st.button("Summarise", type="primary", disabled=not picked or mine is not None,
+              on_click=summary_ui.start, args=(analysis, services.jobs, documents, picked))
 else:
     st.info("The library is empty. Add documents on the Library page to summarise them.")
+summary_ui.running(services.jobs)
 
 summaries = services.summaries.list_summaries()
 st.subheader(f"Past summaries ({len(summaries)})")
