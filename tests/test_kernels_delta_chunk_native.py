@@ -6,6 +6,7 @@ Tolerances: outputs (rounded to bf16 by both) within one bf16 step at their larg
 (2^-8 * max |reference|), final states within 2e-5 * max |state| (fp32 reordering, compounded
 over the chunks). Against the naive recurrence on the same inputs the bound is the one the
 PyTorch chunked form is held to in test_kernels_gated_delta_rule.py (states: atol 1e-5, rtol 1e-4).
+The native tests run once per build (AVX-512 BF16, AVX2 + FMA) this CPU runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kernels.gated_delta_rule import chunk_gated_delta_rule, gated_delta_rule, n
 from kernels.gated_delta_rule import native as delta_native
 
 requires_native = pytest.mark.skipif(
-    delta_native.chunk_kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16"
+    delta_native.chunk_kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
 )
 
 # batch, tokens, key heads, value heads, key dim, value dim, chunk
@@ -55,7 +56,7 @@ def assert_outputs_close(ours, reference):
 @requires_native
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "zeros"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_native_chunk_matches_pytorch_chunk(case, with_state):
+def test_native_chunk_matches_pytorch_chunk(case, with_state, native_isa):
     q, k, v, g, beta, state = inputs(case, with_state=with_state)
     chunk = case[-1]
     assert delta_native.supports_chunk(q, k, v, chunk, use_qk_l2norm=True)
@@ -70,7 +71,7 @@ def test_native_chunk_matches_pytorch_chunk(case, with_state):
 
 @requires_native
 @pytest.mark.parametrize("case", CASES[:2], ids=case_id)
-def test_native_chunk_matches_naive_recurrence(case):
+def test_native_chunk_matches_naive_recurrence(case, native_isa):
     q, k, v, g, beta, state = inputs(case, seed=1)
     ours, ours_state = delta_native.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, chunk_size=case[-1])
     reference, reference_state = naive_gated_delta_rule(q, k, v, g, beta, initial_state=state)
@@ -79,7 +80,7 @@ def test_native_chunk_matches_naive_recurrence(case):
 
 
 @requires_native
-def test_native_chunk_leaves_the_initial_state_alone_and_splits_cleanly():
+def test_native_chunk_leaves_the_initial_state_alone_and_splits_cleanly(native_isa):
     """Two calls carrying the state between them equal one call over both halves (chunk-aligned)."""
     q, k, v, g, beta, state = inputs(CASES[0])
     before = state.clone()
@@ -96,7 +97,7 @@ def test_native_chunk_leaves_the_initial_state_alone_and_splits_cleanly():
 
 
 @requires_native
-def test_auto_mode_takes_the_native_kernel_for_long_bf16_inputs():
+def test_auto_mode_takes_the_native_kernel_for_long_bf16_inputs(native_isa):
     q, k, v, g, beta, state = inputs(CASES[0])
     auto, _ = gated_delta_rule(q, k, v, g, beta, initial_state=state)
     native, _ = delta_native.chunk_gated_delta_rule(
@@ -114,7 +115,7 @@ def test_native_chunk_declines_other_inputs():
 
 
 @requires_native
-def test_native_chunk_does_not_depend_on_the_thread_count():
+def test_native_chunk_does_not_depend_on_the_thread_count(native_isa):
     q, k, v, g, beta, state = inputs(CASES[0], seed=3)
     threads = torch.get_num_threads()
     try:

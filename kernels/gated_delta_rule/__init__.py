@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..native import FEW_TOKENS
 from ..rowwise import per_token
 from ..triton_utils import triton_importable, use_triton
 from . import native
@@ -36,17 +37,19 @@ __all__ = [
     "triton_available",
 ]
 
-# Longest input that "auto" runs token by token. Measured on CPU with bench/ops.py --sweep
-# (B=1, H=4, HV=8, K=V=64, 1 or 2 threads): the per-token loop costs ~0.05 ms a token, a
-# single chunk ~0.35-0.45 ms up to 16 tokens; they break even between 8 and 12 tokens. 16 is
-# kept anyway: the per-token loop rounds each token exactly as a one-token decode step does, so
-# draft verification over up to 16 tokens reproduces decoding bit for bit.
-RECURRENT_MAX_LEN = 16
-# The same switch for the Triton kernels on CUDA: a guess until measured on a GPU
-# (bench/kernels.py --sweep); the chunked path costs four launches whatever T is.
-TRITON_RECURRENT_MAX_LEN = 16
+# Longest input that "auto" runs token by token: the few-token limit. The per-token loop rounds
+# each token exactly as a one-token decode step does, so draft verification over up to FEW_TOKENS
+# tokens reproduces decoding bit for bit. Speed alone would cut over earlier: on CPU
+# (bench/ops.py --sweep, B=1, H=4, HV=8, K=V=64, 1 or 2 threads) the per-token loop costs
+# ~0.05 ms a token, a single chunk ~0.35-0.45 ms up to 16 tokens; they break even at 8-12 tokens.
+RECURRENT_MAX_LEN = FEW_TOKENS
+# The same switch, for the same reason, for the Triton kernels on CUDA (the chunked path costs four
+# launches whatever T is; bench/kernels.py --sweep measures where speed alone would put it).
+TRITON_RECURRENT_MAX_LEN = FEW_TOKENS
 # Tokens per chunk of PyTorch's chunked form: 32 beat 64 on the CPUs measured (smaller
-# triangular systems, same matmul volume).
+# triangular systems, same matmul volume). The other chunked forms choose their own, each for its
+# hardware: the native kernel native.CHUNK_SIZE (16: one head's chunk at a time, in cache), the
+# Triton kernels triton_chunk.CHUNK (64: four 16-row blocks of the GPU's matrix units).
 CHUNK_SIZE = 32
 
 Mode = Literal["auto", "chunk", "recurrent", "naive"]

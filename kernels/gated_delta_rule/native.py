@@ -21,15 +21,17 @@ DIM_MULTIPLE = 16
 # triangular parts grow with C while the state products do not, so larger chunks only run slower.
 MAX_CHUNK = 64
 # Tokens per chunk of the native kernel when the caller leaves it open: 16 ran fastest of
-# 16/32/48/64 at 2,048 tokens (H=4, HV=8, K=V=64, 2 threads) for the same reason.
+# 16/32/48/64 at 2,048 tokens (H=4, HV=8, K=V=64, 2 threads; AVX-512) and at 4,096 tokens of the
+# 80B's shapes (H=16, HV=32, K=V=128; AVX2), for the same reason. PyTorch's chunked form takes 32
+# (the package's CHUNK_SIZE): it multiplies all heads' chunks at once, where this works on one.
 CHUNK_SIZE = 16
 
 STEP = Kernel(HERE / "delta_step_bf16.c", "gated_delta_step_bf16", "piiiiippippppppn", isas=ISAS, returns="n")
 GROUPED_STEP = Kernel(HERE / "delta_step_bf16.c", "gated_delta_step_grouped_bf16", "pipiiiiiippippppn",
                       isas=ISAS, returns="n")
 SPLIT = Kernel(HERE / "split_bf16.c", "split_projections_bf16", "pipiiiiiippppn", isas=ISAS)
-CHUNK = Kernel(HERE / "chunk_bf16.c", "gated_delta_chunk_bf16", "ppiipiippiiiiifippiin", isas=("avx512",), returns="n")
-KERNELS = (STEP, GROUPED_STEP, SPLIT)
+CHUNK = Kernel(HERE / "chunk_bf16.c", "gated_delta_chunk_bf16", "ppiipiippiiiiifippiin", isas=ISAS, returns="n")
+KERNELS = (STEP, GROUPED_STEP, SPLIT, CHUNK)
 
 
 def _runnable(entry: Kernel) -> Kernel | None:
