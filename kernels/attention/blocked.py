@@ -36,8 +36,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      gate: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `naive_causal_attention`: q `[B, T, H, D]`, k/v `[B, KVH, S, D]`, gate None or
     `[B, T, H, D]` -> `[B, T, H, D]`."""
-    # Where the CPU has AMX tiles, prefill-sized calls the kernel cannot tile (D not a multiple of 32)
-    # run faster on PyTorch's flash kernel (AMX GEMMs) than on the kernel's pair dot products.
+    # Where the CPU has AMX tiles, prefill-sized calls the kernel cannot tile (D not a multiple of 32, or
+    # the AVX2 build chosen by DOCANALYST_ISA) run faster on PyTorch's flash kernel (AMX GEMMs) than on
+    # the kernel's dot products. Without AMX (AVX2-only CPUs among them) the kernel takes every call.
     if native.supports(q, k, v, gate) and (native.tiles_apply(q) or not tiles_pay_off(q.shape[1])):
         return native.native_causal_attention(q, k, v, scale, gate)
     out = _ungated(q, k, v, scale)
