@@ -8,17 +8,17 @@
  * split over threads by chunk (decode: few rows, long cache) or not (prefill) with the same bits.
  *
  * Bits of a row never depend on the call's size, the row's place in it or the thread count:
- *  - scores: lane l of a row's 8-lane chain adds q[d] k[d] for d = 16m + 2l, 16m + 2l + 1 in m
- *    order, then the lanes are summed by one fixed tree (reduce_rows);
+ *  - scores: lane l of a row's 8-lane chain adds q[d] k[d] for d = 16m + c, 16m + c + 4 (c = l for
+ *    l < 4, l + 4 above) in m order, then the lanes are summed by one fixed tree (reduce_rows);
  *  - softmax: vectors hold GROUP_ROWS rows, one per lane; keys a row does not see get probability
  *    exactly 0 (vf_exp never returns 0, so they are masked), which adds nothing to its sum chain;
  *  - values: lane d of a row's output is one chain over the keys in order.
  * Up to GROUP_ROWS rows share every load of a key and up to 4 every load of a value, which makes a
  * decode step (8 query heads per K/V head) read each K and V row from memory once.
  *
- * bf16 pairs widen to fp32 with one shift (even element) and one mask (odd element), so queries,
- * outputs and accumulators are kept in "split" order: per 16 channels, the 8 even ones then the 8
- * odd ones.
+ * 16 bf16 widen to fp32 with two interleaves against zero (shuffles, which leave the multiply-add
+ * ports free), so queries, outputs and accumulators are kept in "split" order: per 16 channels,
+ * channels 0-3 and 8-11, then 4-7 and 12-15.
  */
 #ifndef DOCANALYST_CAUSAL_AVX2_H
 #define DOCANALYST_CAUSAL_AVX2_H
@@ -39,11 +39,11 @@ typedef struct {
     int64_t step;
 } States;
 
-/* 16 bf16 (8 pairs) as fp32: the even elements and the odd ones. */
-ALWAYS void widen_pairs(const uint16_t *p, vf *even, vf *odd) {
-    __m256i pairs = _mm256_loadu_si256((const __m256i *)p);
-    *even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-    *odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u)));
+/* 16 bf16 as fp32 in split order: low = channels 0-3 and 8-11, high = 4-7 and 12-15. */
+ALWAYS void widen16(const uint16_t *p, vf *low, vf *high) {
+    __m256i bits = _mm256_loadu_si256((const __m256i *)p), zero = _mm256_setzero_si256();
+    *low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
+    *high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
 }
 
 /* Lane r = sum of acc[r]'s lanes ((0+1)+(2+3)) + ((4+5)+(6+7)) for r < R, 0 above. */
@@ -70,11 +70,11 @@ ALWAYS void score_keys(const int R, const int J, const float *qs, const uint16_t
             }
     for (int64_t m = 0; m < D; m += 16)
         for (int i = 0; i < J; i++) {
-            vf even, odd;
-            widen_pairs(keys + (j + i) * ld + m, &even, &odd);
+            vf low, high;
+            widen16(keys + (j + i) * ld + m, &low, &high);
             for (int r = 0; r < R; r++) {
-                acc[i][r] = vf_fma(vf_load(qs + r * D + m), even, acc[i][r]);
-                acc[i][r] = vf_fma(vf_load(qs + r * D + m + 8), odd, acc[i][r]);
+                acc[i][r] = vf_fma(vf_load(qs + r * D + m), low, acc[i][r]);
+                acc[i][r] = vf_fma(vf_load(qs + r * D + m + 8), high, acc[i][r]);
             }
         }
     for (int i = 0; i < J; i++) scores[j + i] = reduce_rows(acc[i], R);
@@ -121,27 +121,27 @@ ALWAYS int softmax_of(const vf *scores, int seen, __m256i n, float scale, float 
 ALWAYS void value_steps(const int R, const int S, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
                         const float *correction, int rescale, const uint16_t *values, int64_t ld, int64_t m,
                         int seen) {
-    vf even[VALUE_ROWS][4], odd[VALUE_ROWS][4];
+    vf low[VALUE_ROWS][4], high[VALUE_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int s = 0; s < S; s++) {
-            even[r][s] = vf_load(acc[r] + m + 16 * s), odd[r][s] = vf_load(acc[r] + m + 16 * s + 8);
+            low[r][s] = vf_load(acc[r] + m + 16 * s), high[r][s] = vf_load(acc[r] + m + 16 * s + 8);
             if (rescale) {
                 vf c = vf_set1(correction[lane + r]);
-                even[r][s] = vf_mul(even[r][s], c), odd[r][s] = vf_mul(odd[r][s], c);
+                low[r][s] = vf_mul(low[r][s], c), high[r][s] = vf_mul(high[r][s], c);
             }
         }
     for (int j = 0; j < seen; j++)
         for (int s = 0; s < S; s++) {
-            vf v_even, v_odd;
-            widen_pairs(values + j * ld + m + 16 * s, &v_even, &v_odd);
+            vf v_low, v_high;
+            widen16(values + j * ld + m + 16 * s, &v_low, &v_high);
             for (int r = 0; r < R; r++) {
                 vf p = vf_set1(probs[j][lane + r]);
-                even[r][s] = vf_fma(p, v_even, even[r][s]);
-                odd[r][s] = vf_fma(p, v_odd, odd[r][s]);
+                low[r][s] = vf_fma(p, v_low, low[r][s]);
+                high[r][s] = vf_fma(p, v_high, high[r][s]);
             }
         }
     for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) vf_store(acc[r] + m + 16 * s, even[r][s]), vf_store(acc[r] + m + 16 * s + 8, odd[r][s]);
+        for (int s = 0; s < S; s++) vf_store(acc[r] + m + 16 * s, low[r][s]), vf_store(acc[r] + m + 16 * s + 8, high[r][s]);
 }
 
 /* All D channels, S steps of 16 at a time (R * 2S chains in flight), the rest one step at a time. */
@@ -249,8 +249,7 @@ static void fold(float *into_max, float *into_sum, float *into_acc, float max, f
 static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, const uint16_t *gate) {
     vf inverse = vf_set1(1.0f / sum);
     for (int64_t m = 0; m < D; m += 16) {
-        vf even = vf_mul(vf_load(acc + m), inverse), odd = vf_mul(vf_load(acc + m + 8), inverse);
-        vf low = _mm256_unpacklo_ps(even, odd), high = _mm256_unpackhi_ps(even, odd);
+        vf low = vf_mul(vf_load(acc + m), inverse), high = vf_mul(vf_load(acc + m + 8), inverse);
         vf ordered[2] = { _mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31) };
         for (int h = 0; h < 2; h++) {
             vf attn = vf_from_bf16_bits(vf_bf16_bits(ordered[h]));
@@ -267,9 +266,9 @@ static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, co
 /* A query row [D] bf16 as fp32 in split order. */
 static void split_query(const uint16_t *q, int64_t D, float *qs) {
     for (int64_t m = 0; m < D; m += 16) {
-        vf even, odd;
-        widen_pairs(q + m, &even, &odd);
-        vf_store(qs + m, even), vf_store(qs + m + 8, odd);
+        vf low, high;
+        widen16(q + m, &low, &high);
+        vf_store(qs + m, low), vf_store(qs + m + 8, high);
     }
 }
 
