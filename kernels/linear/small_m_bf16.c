@@ -237,7 +237,9 @@ VF_INLINE void tile(const problem *p, int64_t m0, const int MB, int64_t n0, cons
     }
 }
 
-/* Blocks of ROW_BLOCK weight rows, each for all rows of x in groups of up to X_GROUP. */
+/* Blocks of ROW_BLOCK weight rows, each for all rows of x in groups of up to X_GROUP (a tile's
+ * group size is a constant: one case each). */
+_Static_assert(X_GROUP == 4 && ROW_BLOCK % R_ONE == 0 && ROW_BLOCK % R_MANY == 0, "one case per group size");
 static void run_blocks(const problem *p, int64_t first_block, int64_t end_block) {
     for (int64_t block = first_block; block < end_block; block++) {
         int64_t n0 = block * ROW_BLOCK;
