@@ -1,0 +1,502 @@
+/* Dot products of a few rows of x with a weight read straight from its stored bytes, shared by the
+ * quantized small-row linear layer (small_m_quant.c) and the quantized sparse MoE block
+ * (sparse_moe_quant.c): y[m, n] = sum_k x[m, k] * w[n, k], the sum in fp32. Formats (see formats.py):
+ *   fp8_block  data e4m3 [N, K], scale [ceil(N/128), ceil(K/128)]   w = fp8 * scale of its block
+ *   int8       data int8 [N, K], scale [N, 1]                       w = q * scale of its row
+ *   int4       data uint8 [N, ceil(K/2)] (even column low nibble, value + 8),
+ *              scale [N, ceil(K/group)]                             w = (nibble - 8) * scale of its group
+ *   bf16       data bf16 [N, K], no scale (the MoE's router and shared-expert gate, kept as stored)
+ * Scales are fp32 or bf16. An output, in fp32 or bf16, is the fp32 sum plus an optional bias (fp32
+ * or bf16), rounded once.
+ *
+ * Bits. Each output element is one chain of fused multiply-adds over its lanes in K order (the
+ * lane holding k is fixed by the layout below), then the lanes summed by one fixed tree. The number
+ * of rows M, a row's place among them and the split of weight rows over threads change none of it,
+ * so a token's output is bit-identical alone (decode) or beside others (draft verification). Scales
+ * cost no multiply per weight: int4 looks its weights up in a 16-entry table of (i - 8) * scale
+ * (exactly dequantize()'s fp32 weights), int8 scales the finished sum, fp8 multiplies x by the
+ * block scales once per 128 weight rows (all rows of a block share them).
+ *
+ * Memory. With up to 16 rows of x the work is bound by the weight's bytes: each block of 8 weight
+ * rows is read from memory once (the next block requested ahead) and reused from cache for every
+ * group of up to 4 rows of x (the groups' accumulators fit the vector registers). x is converted to
+ * fp32 once (prepare_row), padded with zeros (so a partial last step of weights, zero-filled past
+ * K, adds 0 * 0) and, for int4, reordered so that nibbles need no interleaving.
+ *
+ * Compiled with AVX-512 (16 lanes) or with AVX2 + FMA + F16C (8 lanes): the two builds give
+ * different bits from each other (lane count), each always the same ones.
+ */
+#ifndef DOCANALYST_QUANT_DOT_H
+#define DOCANALYST_QUANT_DOT_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The shared scalar bf16 conversions (rounding as torch does); the header's AVX-512 helpers go
+ * unused in the AVX2 build, where GCC would warn about their ABI. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "../bf16_simd.h"
+#pragma GCC diagnostic pop
+
+enum { FORMAT_FP8_BLOCK = 0, FORMAT_INT8 = 1, FORMAT_INT4 = 2, FORMAT_BF16 = 3 };
+
+#define FP8_BLOCK 128
+/* Weight rows a thread takes at a time (16, or a 16-row sweep, measured slower). */
+#define ROW_BLOCK 8
+/* Rows of x one pass over the weights takes (the kernels' callers send at most this many). */
+#define QUANT_MAX_ROWS 16
+#define ALWAYS static inline __attribute__((always_inline))
+
+#if defined(__AVX512F__)
+#define LANES 16
+/* Tiles: up to X_GROUP rows of x share one pass over a block's weights; a single row takes R_ONE
+ * weight rows at a time (independent chains), more rows R_MANY. With 32 registers: 16 accumulators,
+ * the group's x and the converted weights. */
+#define X_GROUP 4
+#define R_ONE 8
+#define R_MANY 4
+typedef __m512 vec;
+ALWAYS vec vzero(void) { return _mm512_setzero_ps(); }
+ALWAYS vec vset1(float v) { return _mm512_set1_ps(v); }
+ALWAYS vec vload(const float *p) { return _mm512_loadu_ps(p); }
+ALWAYS vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+ALWAYS vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+
+ALWAYS float hsum(vec v) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+/* LANES bytes, zeros past `count`. */
+ALWAYS __m128i load_bytes(const uint8_t *p, int64_t count) {
+    if (count >= LANES) return _mm_loadu_si128((const __m128i *)p);
+    return _mm_maskz_loadu_epi8((__mmask16)((1u << count) - 1), p);
+}
+
+ALWAYS vec int8_to_vec(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
+
+/* LANES bf16 weights (zeros past `count`), widened exactly. */
+ALWAYS vec load_bf16_vec(const uint8_t *p, int64_t count) {
+    __m256i bits = count >= LANES ? _mm256_loadu_si256((const __m256i *)p)
+                                  : _mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+/* e4m3 has no x86 instruction, but its bits shifted into an fp16 are that fp16's bits for value
+ * * 2^-8, subnormals included (both formats' subnormals have their smallest exponent's scale), and
+ * the F16C conversion to fp32 is exact (and, unlike arithmetic, ignores denormals-are-zero).
+ * Sign-extending a byte to 16 bits and shifting left by 7 puts sign, exponent and mantissa in place
+ * with the sign copied into the exponent's top bit, which the mask clears: 3 integer ops per 32
+ * weights, then the conversions; a table needs a gather (several times slower) or four permutes.
+ * The 2^8 is folded into x's copy with the block scales (fp8_scale_x). */
+#define FP8_STEP 32
+ALWAYS void fp8_to_vecs(__m256i bytes, vec *low, vec *high) {
+    __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(bytes), 7), _mm512_set1_epi16((short)0xBFFF));
+    *low = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    *high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+
+ALWAYS __m256i load_fp8(const uint8_t *p, int64_t count) {
+    if (count >= FP8_STEP) return _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_maskz_loadu_epi8((__mmask32)((1u << count) - 1), p);
+}
+
+/* NaN bytes (0x7f, 0xff: e4m3's only non-finite) are those whose low 7 bits are all set; `seen`
+ * keeps per byte lane the least of ~byte & 0x7f over a row's 64-byte lines, 0 once a NaN passed. */
+typedef __m512i nan_seen;
+ALWAYS nan_seen nan_none(void) { return _mm512_set1_epi8(0x7f); }
+ALWAYS nan_seen nan_update(nan_seen seen, const uint8_t *p, int64_t count) {
+    __m512i bytes = count >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((((__mmask64)1 << count) - 1), p);
+    return _mm512_min_epu8(seen, _mm512_andnot_si512(bytes, _mm512_set1_epi8(0x7f)));
+}
+ALWAYS int nan_found(nan_seen seen) { return _mm512_cmpeq_epi8_mask(seen, _mm512_setzero_si512()) != 0; }
+
+/* int4: a group's 16 possible weights, (i - 8) * scale, as a table indexed by nibble. */
+typedef vec group_scale;
+ALWAYS group_scale int4_group(float scale) {
+    return vmul(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), vset1(scale));
+}
+
+/* LANES packed bytes -> 2 * LANES weights: even columns (low nibbles) and odd columns (high
+ * nibbles), each looked up in the group's table (the permute reads only an index's low 4 bits). */
+ALWAYS void int4_to_vecs(__m128i bytes, group_scale table, vec *even, vec *odd) {
+    __m512i wide = _mm512_cvtepu8_epi32(bytes);
+    *even = _mm512_permutexvar_ps(wide, table);
+    *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(wide, 4), table);
+}
+
+#else /* AVX2 + FMA + F16C */
+#define LANES 8
+/* 16 registers: 8 accumulators at most (4 x 2 beat 2 x 4 here: fewer passes over the weights). */
+#define X_GROUP 4
+#define R_ONE 8
+#define R_MANY 2
+typedef __m256 vec;
+ALWAYS vec vzero(void) { return _mm256_setzero_ps(); }
+ALWAYS vec vset1(float v) { return _mm256_set1_ps(v); }
+ALWAYS vec vload(const float *p) { return _mm256_loadu_ps(p); }
+ALWAYS vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+ALWAYS vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+
+ALWAYS float hsum(vec v) {
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+ALWAYS __m128i load_bytes(const uint8_t *p, int64_t count) {
+    if (count >= LANES) return _mm_loadl_epi64((const __m128i *)p);
+    uint64_t bits = 0;
+    memcpy(&bits, p, (size_t)count);
+    return _mm_cvtsi64_si128((long long)bits);
+}
+
+ALWAYS vec int8_to_vec(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); }
+
+ALWAYS vec load_bf16_vec(const uint8_t *p, int64_t count) {
+    __m128i bits;
+    if (count >= LANES) {
+        bits = _mm_loadu_si128((const __m128i *)p);
+    } else {
+        uint16_t padded[LANES] = { 0 };
+        memcpy(padded, p, (size_t)count * 2);
+        bits = _mm_loadu_si128((const __m128i *)padded);
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+/* As the AVX-512 build: e4m3 bits shifted into fp16 ones (value * 2^-8), then F16C. */
+#define FP8_STEP 16
+ALWAYS void fp8_to_vecs(__m128i bytes, vec *low, vec *high) {
+    __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), _mm256_set1_epi16((short)0xBFFF));
+    *low = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *high = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+ALWAYS __m128i load_fp8(const uint8_t *p, int64_t count) {
+    if (count >= FP8_STEP) return _mm_loadu_si128((const __m128i *)p);
+    uint8_t bytes[16] = { 0 };
+    memcpy(bytes, p, (size_t)count);
+    return _mm_loadu_si128((const __m128i *)bytes);
+}
+
+typedef __m256i nan_seen;
+ALWAYS nan_seen nan_none(void) { return _mm256_set1_epi8(0x7f); }
+ALWAYS nan_seen nan_update(nan_seen seen, const uint8_t *p, int64_t count) {
+    const __m256i low7 = _mm256_set1_epi8(0x7f);
+    for (int64_t i = 0; i < 64 && i < count; i += 32) {
+        __m256i bytes;
+        if (count - i >= 32) {
+            bytes = _mm256_loadu_si256((const __m256i *)(p + i));
+        } else {
+            uint8_t tail[32] = { 0 };
+            memcpy(tail, p + i, (size_t)(count - i));
+            bytes = _mm256_loadu_si256((const __m256i *)tail);
+        }
+        seen = _mm256_min_epu8(seen, _mm256_andnot_si256(bytes, low7));
+    }
+    return seen;
+}
+ALWAYS int nan_found(nan_seen seen) {
+    return _mm256_movemask_epi8(_mm256_cmpeq_epi8(seen, _mm256_setzero_si256())) != 0;
+}
+
+typedef vec group_scale;
+ALWAYS group_scale int4_group(float scale) { return vset1(scale); }
+
+ALWAYS void int4_to_vecs(__m128i bytes, group_scale scale, vec *even, vec *odd) {
+    const __m256i low = _mm256_set1_epi32(15), offset = _mm256_set1_epi32(8);
+    __m256i wide = _mm256_cvtepu8_epi32(bytes);
+    *even = vmul(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(wide, low), offset)), scale);
+    *odd = vmul(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(wide, 4), offset)), scale);
+}
+#endif
+
+/* Elements of x per chunk of its prepared copy: int4 reads LANES bytes = 2 * LANES weights a step. */
+#define CHUNK (2 * LANES)
+
+/* The length of a prepared row of K elements: whole chunks, at least one. */
+static inline int64_t prepared_width(int64_t K) { return K > 0 ? (K + CHUNK - 1) / CHUNK * CHUNK : CHUNK; }
+
+/* Element `index` of an fp32 or bf16 array. */
+static inline float value_at(const void *values, int64_t index, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)values)[index]) : ((const float *)values)[index];
+}
+
+/* One row of x [K] (fp32 or bf16) as the weight's `format` reads it, into `out` [ldx]: fp32, zero
+ * past K; for int4 each CHUNK holds its even columns, then its odd ones. */
+static void prepare_row(const void *x, int x_bf16, int64_t K, int format, float *out, int64_t ldx) {
+    if (format != FORMAT_INT4) {
+        for (int64_t k = 0; k < K; k++) out[k] = value_at(x, k, x_bf16);
+        for (int64_t k = K; k < ldx; k++) out[k] = 0.0f;
+        return;
+    }
+    for (int64_t c = 0; c < ldx; c += CHUNK)
+        for (int i = 0; i < LANES; i++) {
+            int64_t k = c + 2 * i;
+            out[c + i] = k < K ? value_at(x, k, x_bf16) : 0.0f;
+            out[c + LANES + i] = k + 1 < K ? value_at(x, k + 1, x_bf16) : 0.0f;
+        }
+}
+
+/* One product: M <= QUANT_MAX_ROWS rows of prepared x times a weight [N, K], into M output rows. */
+typedef struct {
+    int format;
+    const float *const *x; /* M rows prepared by prepare_row for `format`, ldx elements each */
+    int64_t ldx, M, K, N;
+    const uint8_t *w;      /* [N, ldw] bytes */
+    int64_t ldw;
+    const void *scale;
+    int scale_bf16;
+    int64_t lds;           /* scale row stride in elements */
+    int64_t group;         /* int4 group along K */
+    const void *bias;      /* [N] or NULL */
+    int bias_bf16;
+    void *const *y;        /* M output rows of N elements */
+    int y_bf16;
+} problem;
+
+/* y[m][n] = sum + bias[n], rounded to y's dtype. */
+static inline void put(const problem *p, int64_t m, int64_t n, float sum) {
+    if (p->bias != NULL) sum += value_at(p->bias, n, p->bias_bf16);
+    if (p->y_bf16) ((uint16_t *)p->y[m])[n] = float_to_bf16(sum);
+    else ((float *)p->y[m])[n] = sum;
+}
+
+/* x rows m0 .. m0 + MB - 1 (of the rows `x`) times weight rows n0 .. n0 + R - 1; past N, row N - 1
+ * again, not stored.
+ *
+ * The weight streams from memory once: each 64-byte line of a row requests the same line of the
+ * next block's row (`ahead`; the row itself past the last block) into L2 (rows of a few KB are too
+ * short for the hardware prefetcher to ramp up). One request per line: more cost more than they
+ * bring. */
+#define TILE_SETUP                                                                              \
+    const float *xs[X_GROUP];                                                                   \
+    const uint8_t *wr[ROW_BLOCK], *ahead[ROW_BLOCK];                                            \
+    int64_t rows[ROW_BLOCK];                                                                    \
+    vec acc[X_GROUP][ROW_BLOCK];                                                                \
+    _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) xs[m] = x[m0 + m];                     \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                       \
+        rows[r] = n0 + r < p->N ? n0 + r : p->N - 1;                                            \
+        wr[r] = p->w + rows[r] * p->ldw;                                                        \
+        ahead[r] = rows[r] + ROW_BLOCK < p->N ? wr[r] + ROW_BLOCK * p->ldw : wr[r];             \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) acc[m][r] = vzero();               \
+    }
+#define PREFETCH(r, offset) _mm_prefetch((const char *)(ahead[r] + (offset)), _MM_HINT_T1)
+
+/* One step of every row of the tile at byte k (count bytes left in a row): the step's x is loaded
+ * once for all R weight rows. */
+#define FP8_STEP_TILE(k, count)                                                                 \
+    {                                                                                           \
+        vec xl[X_GROUP], xh[X_GROUP];                                                           \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                                  \
+            xl[m] = vload(xs[m] + (k));                                                         \
+            xh[m] = vload(xs[m] + (k) + LANES);                                                 \
+        }                                                                                       \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+            vec low, high;                                                                      \
+            fp8_to_vecs(load_fp8(wr[r] + (k), count), &low, &high);                             \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                              \
+                acc[m][r] = vfma(xl[m], low, acc[m][r]);                                        \
+                acc[m][r] = vfma(xh[m], high, acc[m][r]);                                       \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+/* x here already carries the block scales (fp8_scale_x), so the weights are used as converted. With
+ * CHECK (the first pass over a block), NaN weights are looked for, a line at a time. */
+ALWAYS void fp8_tile(const problem *p, const float *const *x, int64_t m0, const int MB, int64_t n0, const int R,
+                     const int CHECK, int *nan) {
+    TILE_SETUP
+    nan_seen seen[ROW_BLOCK];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) seen[r] = nan_none();
+    int64_t k = 0;
+    for (; k + 64 <= p->K; k += 64) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            PREFETCH(r, k);
+            if (CHECK) seen[r] = nan_update(seen[r], wr[r] + k, 64);
+        }
+        _Pragma("GCC unroll 4") for (int step = 0; step < 64; step += FP8_STEP) FP8_STEP_TILE(k + step, FP8_STEP)
+    }
+    if (k < p->K) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+            if (CHECK) seen[r] = nan_update(seen[r], wr[r] + k, p->K - k);
+        for (; k < p->K; k += FP8_STEP) FP8_STEP_TILE(k, p->K - k)
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        if (n0 + r >= p->N) break;
+        if (CHECK) nan[r] = nan_found(seen[r]);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++)
+            put(p, m0 + m, n0 + r, nan[r] ? NAN : hsum(acc[m][r]));
+    }
+}
+
+#define INT8_STEP_TILE(k, count)                                                                \
+    {                                                                                           \
+        vec xv[X_GROUP];                                                                        \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) xv[m] = vload(xs[m] + (k));        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+            vec w = int8_to_vec(load_bytes(wr[r] + (k), count));                                \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) acc[m][r] = vfma(xv[m], w, acc[m][r]); \
+        }                                                                                       \
+    }
+
+ALWAYS void int8_tile(const problem *p, const float *const *x, int64_t m0, const int MB, int64_t n0, const int R,
+                      const int CHECK, int *nan) {
+    (void)CHECK, (void)nan;
+    TILE_SETUP
+    int64_t k = 0;
+    for (; k + 64 <= p->K; k += 64) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) PREFETCH(r, k);
+        _Pragma("GCC unroll 8") for (int step = 0; step < 64; step += LANES) INT8_STEP_TILE(k + step, LANES)
+    }
+    for (; k < p->K; k += LANES) INT8_STEP_TILE(k, p->K - k)
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        if (n0 + r >= p->N) break;
+        float scale = value_at(p->scale, rows[r] * p->lds, p->scale_bf16);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]) * scale);
+    }
+}
+
+/* bf16 weights: element k at byte 2k, LANES a step, a 64-byte line every 32 elements. */
+#define BF16_STEP_TILE(k, count)                                                                \
+    {                                                                                           \
+        vec xv[X_GROUP];                                                                        \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) xv[m] = vload(xs[m] + (k));        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+            vec w = load_bf16_vec(wr[r] + 2 * (k), count);                                      \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) acc[m][r] = vfma(xv[m], w, acc[m][r]); \
+        }                                                                                       \
+    }
+
+ALWAYS void bf16_tile(const problem *p, const float *const *x, int64_t m0, const int MB, int64_t n0, const int R,
+                      const int CHECK, int *nan) {
+    (void)CHECK, (void)nan;
+    TILE_SETUP
+    int64_t k = 0;
+    for (; k + 32 <= p->K; k += 32) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) PREFETCH(r, 2 * k);
+        _Pragma("GCC unroll 4") for (int step = 0; step < 32; step += LANES) BF16_STEP_TILE(k + step, LANES)
+    }
+    for (; k < p->K; k += LANES) BF16_STEP_TILE(k, p->K - k)
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        if (n0 + r >= p->N) break;
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]));
+    }
+}
+
+/* Byte b holds columns 2b and 2b + 1; the prepared x has a chunk's even columns, then its odd ones. */
+#define INT4_STEP_TILE(b, count)                                                                \
+    {                                                                                           \
+        vec xe[X_GROUP], xo[X_GROUP];                                                           \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                                  \
+            xe[m] = vload(xs[m] + 2 * (b));                                                     \
+            xo[m] = vload(xs[m] + 2 * (b) + LANES);                                             \
+        }                                                                                       \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+            vec even, odd;                                                                      \
+            int4_to_vecs(load_bytes(wr[r] + (b), count), table[r], &even, &odd);                \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                              \
+                acc[m][r] = vfma(xe[m], even, acc[m][r]);                                       \
+                acc[m][r] = vfma(xo[m], odd, acc[m][r]);                                        \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+/* The group must be a multiple of CHUNK, so a step's LANES bytes never straddle two groups. */
+ALWAYS void int4_tile(const problem *p, const float *const *x, int64_t m0, const int MB, int64_t n0, const int R,
+                      const int CHECK, int *nan) {
+    (void)CHECK, (void)nan;
+    TILE_SETUP
+    for (int64_t k0 = 0, g = 0; k0 < p->K; k0 += p->group, g++) {
+        int64_t end = k0 + p->group < p->K ? k0 + p->group : p->K;
+        int64_t first = k0 / 2, byte_end = (end + 1) / 2;
+        group_scale table[ROW_BLOCK];
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            table[r] = int4_group(value_at(p->scale, rows[r] * p->lds + g, p->scale_bf16));
+            PREFETCH(r, first);
+            /* Groups of up to 128 columns fit a line; larger ones take the rest here. */
+            for (int64_t line = first + 64; line < byte_end; line += 64) PREFETCH(r, line);
+        }
+        int64_t b = first;
+        for (; b + LANES <= byte_end; b += LANES) INT4_STEP_TILE(b, LANES)
+        if (b < byte_end) INT4_STEP_TILE(b, byte_end - b)
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        if (n0 + r >= p->N) break;
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]));
+    }
+}
+
+/* One block of ROW_BLOCK weight rows for all rows of x, in groups of up to X_GROUP rows, each in
+ * tiles of R_ONE or R_MANY weight rows. Which tile a row goes through changes no bits. */
+#define RUN_TILES(tile, mb, r, check)                                                           \
+    for (int sub = 0; sub < ROW_BLOCK && n0 + sub < p->N; sub += (r))                           \
+        tile(p, x, m0, mb, n0 + sub, r, check, nan + sub);
+/* Every group size up to X_GROUP (at most 8) has its own case: a tile's MB is a constant. */
+#define GROUP_CASE(tile, mb, check)                                                             \
+    case mb: if ((mb) <= X_GROUP) { RUN_TILES(tile, (mb) <= X_GROUP ? (mb) : 1, R_MANY, check) } break;
+#define RUN_GROUP(tile, check)                                                                  \
+    switch (p->M - m0 < X_GROUP ? p->M - m0 : X_GROUP) {                                        \
+    case 1: RUN_TILES(tile, 1, R_ONE, check) break;                                             \
+    GROUP_CASE(tile, 2, check) GROUP_CASE(tile, 3, check) GROUP_CASE(tile, 4, check)            \
+    GROUP_CASE(tile, 5, check) GROUP_CASE(tile, 6, check) GROUP_CASE(tile, 7, check)            \
+    GROUP_CASE(tile, 8, check)                                                                  \
+    }
+#define RUN_BLOCK(tile)                                                                         \
+    for (int64_t m0 = 0; m0 < p->M; m0 += X_GROUP) {                                            \
+        if (m0 == 0) { RUN_GROUP(tile, 1) } else { RUN_GROUP(tile, 0) }                         \
+    }
+
+/* fp8: x times the block scales of the 128-row band `band` (and 2^8, see fp8_to_vecs), into the
+ * rows `scaled` (zero past K, as prepared rows are). Every row of a ROW_BLOCK lies in one band, so
+ * each weight is used as converted; a product is (x * scale) * fp8, two roundings as in
+ * x * (fp8 * scale), in the other order. */
+static void fp8_scale_x(const problem *p, int64_t band, float *const *scaled) {
+    for (int64_t k0 = 0; k0 < p->K; k0 += FP8_BLOCK) {
+        float scale = value_at(p->scale, band * p->lds + k0 / FP8_BLOCK, p->scale_bf16) * 256.0f;
+        int64_t end = k0 + FP8_BLOCK < p->K ? k0 + FP8_BLOCK : p->K;
+        for (int64_t m = 0; m < p->M; m++)
+            for (int64_t k = k0; k < end; k++) scaled[m][k] = p->x[m][k] * scale;
+    }
+    for (int64_t m = 0; m < p->M; m++)
+        for (int64_t k = p->K; k < p->ldx; k++) scaled[m][k] = 0.0f;
+}
+
+/* Weight rows [first_block, end_block) * ROW_BLOCK of the product, for all its rows of x. fp8 needs
+ * `scratch` of QUANT_MAX_ROWS * ldx floats for its scaled copy of x (the others ignore it). */
+static void run_blocks(const problem *p, int64_t first_block, int64_t end_block, float *scratch) {
+    const float *const *x = p->x;
+    float *scaled[QUANT_MAX_ROWS];
+    int64_t band = -1;
+    if (p->format == FORMAT_FP8_BLOCK) {
+        for (int64_t m = 0; m < p->M; m++) scaled[m] = scratch + m * p->ldx;
+        x = (const float *const *)scaled;
+    }
+    for (int64_t block = first_block; block < end_block; block++) {
+        int64_t n0 = block * ROW_BLOCK;
+        /* NaN weights (fp8 only) are found in the first pass and make their outputs NaN, as dequantize's would. */
+        int nan[ROW_BLOCK] = { 0 };
+        if (p->format == FORMAT_FP8_BLOCK) {
+            if (n0 / FP8_BLOCK != band) fp8_scale_x(p, band = n0 / FP8_BLOCK, scaled);
+            RUN_BLOCK(fp8_tile)
+        } else if (p->format == FORMAT_INT8) {
+            RUN_BLOCK(int8_tile)
+        } else if (p->format == FORMAT_INT4) {
+            RUN_BLOCK(int4_tile)
+        } else {
+            RUN_BLOCK(bf16_tile)
+        }
+    }
+}
+
+/* Blocks of ROW_BLOCK weight rows in a product. */
+static inline int64_t row_blocks(const problem *p) { return (p->N + ROW_BLOCK - 1) / ROW_BLOCK; }
+
+#endif
