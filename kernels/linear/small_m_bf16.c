@@ -240,15 +240,17 @@ VF_INLINE void tile(const problem *p, int64_t m0, const int MB, int64_t n0, cons
 /* Blocks of ROW_BLOCK weight rows, each for all rows of x in groups of up to X_GROUP (a tile's
  * group size is a constant: one case each). */
 _Static_assert(X_GROUP == 4 && ROW_BLOCK % R_ONE == 0 && ROW_BLOCK % R_MANY == 0, "one case per group size");
+#define BLOCK_TILES(MB, R) \
+    for (int sub = 0; sub < ROW_BLOCK && n0 + sub < p->N; sub += (R)) tile(p, m0, MB, n0 + sub, R)
 static void run_blocks(const problem *p, int64_t first_block, int64_t end_block) {
     for (int64_t block = first_block; block < end_block; block++) {
         int64_t n0 = block * ROW_BLOCK;
         for (int64_t m0 = 0; m0 < p->M; m0 += X_GROUP) {
             switch (p->M - m0 < X_GROUP ? p->M - m0 : X_GROUP) {
-            case 1: for (int sub = 0; sub < ROW_BLOCK; sub += R_ONE) tile(p, m0, 1, n0 + sub, R_ONE); break;
-            case 2: for (int sub = 0; sub < ROW_BLOCK; sub += R_MANY) tile(p, m0, 2, n0 + sub, R_MANY); break;
-            case 3: for (int sub = 0; sub < ROW_BLOCK; sub += R_MANY) tile(p, m0, 3, n0 + sub, R_MANY); break;
-            default: for (int sub = 0; sub < ROW_BLOCK; sub += R_MANY) tile(p, m0, 4, n0 + sub, R_MANY); break;
+            case 1: BLOCK_TILES(1, R_ONE); break;
+            case 2: BLOCK_TILES(2, R_MANY); break;
+            case 3: BLOCK_TILES(3, R_MANY); break;
+            default: BLOCK_TILES(4, R_MANY); break;
             }
         }
     }
