@@ -166,7 +166,7 @@ static inline __attribute__((always_inline)) void gemm_tile(int64_t inner, const
 }
 
 /* C (+)= sign * A B; rows a multiple of 4, width a multiple of 16, row-major with leading dims. */
-static void gemm(int64_t rows, int64_t inner, int64_t width, const float *a, int64_t lda, const float *b,
+static inline __attribute__((always_inline)) void gemm(int64_t rows, int64_t inner, int64_t width, const float *a, int64_t lda, const float *b,
                  int64_t ldb, float *c, int64_t ldc, int negate, int accumulate) {
     for (int64_t i = 0; i < rows;) {
         /* 6-row tiles while the rest stays a sum of 6s and 4s (16 = 6 + 4 + 6, 128 = 20 x 6 + 4 + 4). */
