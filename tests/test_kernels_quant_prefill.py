@@ -44,6 +44,7 @@ def random_weight(format_name: str, shape, seed: int = 0, group: int = 128, scal
 @pytest.mark.parametrize(("rows", "columns"), SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
 def test_native_tiles_are_the_reference_dequantization_bit_for_bit(native_isa, format_name, rows, columns, dtype):
+    assert dequant_native.DEQUANTIZE.isa() == native_isa  # the build under test, not a fallback
     weight = random_weight(format_name, (rows, columns), seed=rows * columns)
     assert torch.equal(bits(dequant_native.dequantize(weight, dtype=dtype)), bits(dequantize(weight).to(dtype)))
     # Row slices that start and end inside an FP8 block.

@@ -53,7 +53,7 @@ static inline float fp8_value(uint8_t byte) {
     return out;
 }
 
-static inline float raw_value(int format, const uint8_t *row, int64_t column) {
+VF_INLINE float raw_value(int format, const uint8_t *row, int64_t column) {
     if (format == FORMAT_FP8_BLOCK) return fp8_value(row[column]);
     if (format == FORMAT_INT8) return (float)(int8_t)row[column];
     uint8_t pair = row[column / 2];
@@ -144,7 +144,7 @@ VF_INLINE vf raw_values(int format, const uint8_t *row, int64_t column) {
     return vi_to_vf(vi_add(nibbles_u32(row + column / 2), vi_set1(-8)));
 }
 
-static inline void store_values(void *out, int out_bf16, int64_t column, vf values, int64_t count) {
+VF_INLINE void store_values(void *out, int out_bf16, int64_t column, vf values, int64_t count) {
     if (out_bf16) {
         if (count == VF_LANES) {
             store_bf16((uint16_t *)out + column, values);
@@ -167,9 +167,10 @@ static inline float scale_at(const void *scale, int scale_bf16, int64_t index) {
 }
 
 /* One row: columns in segments sharing one scale (a 128-column fp8 block, the int8 row, an int4
- * group), full vectors from the row's bytes, a segment's last partial vector through a staging array. */
-static void dequantize_row(int format, const uint8_t *row, const void *scale_row, int scale_bf16, int64_t segment,
-                           int64_t columns, void *out, int out_bf16) {
+ * group), full vectors from the row's bytes, a segment's last partial vector through a staging array.
+ * Inlined once per format and output dtype, so the inner loop has no branch on either. */
+VF_INLINE void dequantize_row_as(const int format, const int out_bf16, const uint8_t *row, const void *scale_row,
+                                 int scale_bf16, int64_t segment, int64_t columns, void *out) {
     for (int64_t start = 0, index = 0; start < columns; start += segment, index++) {
         int64_t stop = start + segment < columns ? start + segment : columns;
         vf scale = vf_set1(scale_at(scale_row, scale_bf16, index));
@@ -185,6 +186,20 @@ static void dequantize_row(int format, const uint8_t *row, const void *scale_row
             store_values(out, out_bf16, column, vf_mul(vf_load(staged), scale), count);
         }
     }
+}
+
+static void dequantize_row(int format, const uint8_t *row, const void *scale_row, int scale_bf16, int64_t segment,
+                           int64_t columns, void *out, int out_bf16) {
+#define ROW_AS(f, b) dequantize_row_as(f, b, row, scale_row, scale_bf16, segment, columns, out)
+    switch (format * 2 + (out_bf16 != 0)) {
+    case FORMAT_FP8_BLOCK * 2: ROW_AS(FORMAT_FP8_BLOCK, 0); break;
+    case FORMAT_FP8_BLOCK * 2 + 1: ROW_AS(FORMAT_FP8_BLOCK, 1); break;
+    case FORMAT_INT8 * 2: ROW_AS(FORMAT_INT8, 0); break;
+    case FORMAT_INT8 * 2 + 1: ROW_AS(FORMAT_INT8, 1); break;
+    case FORMAT_INT4 * 2: ROW_AS(FORMAT_INT4, 0); break;
+    default: ROW_AS(FORMAT_INT4, 1); break;
+    }
+#undef ROW_AS
 }
 
 void dequantize_rows(int format, const uint8_t *data, int64_t data_expert_stride, int64_t data_row_stride,
