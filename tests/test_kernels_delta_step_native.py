@@ -24,7 +24,8 @@ requires_native = pytest.mark.skipif(
 )
 
 # tokens, key heads, value heads, key dim, value dim, conv width
-CASES = [(1, 4, 8, 64, 64, 4), (3, 2, 6, 32, 48, 4), (16, 1, 2, 128, 128, 3)]
+# (the last: 36 channels, so the AVX2 conv's 8-channel vectors leave 4 for its scalar remainder)
+CASES = [(1, 4, 8, 64, 64, 4), (3, 2, 6, 32, 48, 4), (16, 1, 2, 128, 128, 3), (2, 1, 1, 10, 16, 4)]
 
 
 def case_id(case) -> str:

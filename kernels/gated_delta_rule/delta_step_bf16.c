@@ -185,21 +185,61 @@ static void head_step(float *state, const float *q, const float *k, const float 
     }
 }
 
+/* bf16 -> fp32 -> bf16 as round_bf16 does, lane by lane. */
+static inline __attribute__((always_inline)) vf round_to_bf16(vf x) { return vf_from_bf16_bits(vf_bf16_bits(x)); }
+
+/* conv_silu on channels c .. c + VF_LANES - 1 for all T tokens, one channel a lane: the same
+ * operations in the same order (the fused multiply-adds the compiler makes of conv_silu's sum;
+ * expf stays libm's, called lane by lane), so the same bits. window holds (W - 1 + T) x VF_LANES
+ * bf16: the tails, then the tokens. */
+static void conv_silu_lanes(uint16_t *conv_state, const uint16_t *conv_weight, int64_t W, const uint16_t *mixed,
+                            int64_t T, int64_t C, int64_t c, uint16_t *window, float *activated) {
+    int64_t taps = W - 1;
+    for (int64_t i = 0; i < taps; i++)
+        for (int l = 0; l < VF_LANES; l++) window[i * VF_LANES + l] = conv_state[(c + l) * taps + i];
+    for (int64_t t = 0; t < T; t++) memcpy(window + (taps + t) * VF_LANES, mixed + t * C + c, sizeof(uint16_t) * VF_LANES);
+    for (int64_t t = 0; t < T; t++) {
+        vf sum = vf_zero();
+        for (int64_t i = 0; i < W; i++) {
+            float weight[VF_LANES];
+            for (int l = 0; l < VF_LANES; l++) weight[l] = bf16_to_float(conv_weight[(c + l) * W + i]);
+            sum = vf_fma(vf_load_bf16(window + (t + i) * VF_LANES), vf_load(weight), sum);
+        }
+        vf y = round_to_bf16(sum);
+        float decay[VF_LANES];
+        vf_store(decay, y);
+        for (int l = 0; l < VF_LANES; l++) decay[l] = expf(-decay[l]);
+        vf_store(activated + t * C + c, round_to_bf16(vf_div(y, vf_add(vf_set1(1.0f), vf_load(decay)))));
+    }
+    for (int64_t i = 0; i < taps; i++)
+        for (int l = 0; l < VF_LANES; l++) conv_state[(c + l) * taps + i] = window[(T + i) * VF_LANES + l];
+}
+
 /* As the AVX-512 build (same arguments, same values). The conv runs first for all tokens (each
- * channel through its own tail, in token order), then each thread takes whole value heads through
- * every token, so a head's state is read from memory once per call. */
+ * channel through its own tail, in token order, VF_LANES channels at a time), then each thread
+ * takes whole value heads through every token, so a head's state is read from memory once per call. */
 int gated_delta_step_bf16(const uint16_t *mixed, int64_t T, int64_t Hk, int64_t HV, int64_t Dk, int64_t Dv,
                           uint16_t *conv_state, const uint16_t *conv_weight, int64_t W, const uint16_t *a,
                           const uint16_t *b, const float *decay_rate, const float *dt_bias, float *state,
                           uint16_t *out, int threads) {
     int64_t C = 2 * Hk * Dk + HV * Dv, group = HV / Hk;
+    int64_t window = (W - 1 + T) * VF_LANES, lane_channels = C / VF_LANES * VF_LANES;
     float *activated = malloc(sizeof(float) * T * C);
-    if (!activated) return -1;
+    uint16_t *windows = malloc(sizeof(uint16_t) * window * (threads > 0 ? threads : 1));
+    if (!activated || !windows) {
+        free(activated);
+        free(windows);
+        return -1;
+    }
     float scale = 1.0f / sqrtf((float)Dk);
 #pragma omp parallel num_threads(threads)
     {
+        uint16_t *own = windows + window * omp_get_thread_num();
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < C; c++)
+        for (int64_t c = 0; c < lane_channels; c += VF_LANES)
+            conv_silu_lanes(conv_state, conv_weight, W, mixed, T, C, c, own, activated);
+#pragma omp single
+        for (int64_t c = lane_channels; c < C; c++)
             for (int64_t t = 0; t < T; t++)
                 activated[t * C + c] = conv_silu(conv_state + c * (W - 1), conv_weight + c * W, W, mixed[t * C + c]);
 #pragma omp for schedule(static)
@@ -217,6 +257,7 @@ int gated_delta_step_bf16(const uint16_t *mixed, int64_t T, int64_t Hk, int64_t 
         }
     }
     free(activated);
+    free(windows);
     return 0;
 }
 #endif
