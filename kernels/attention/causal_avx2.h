@@ -30,6 +30,7 @@
 #define GROUP_ROWS VF_LANES   /* rows scored together, one per lane of a score vector */
 #define VALUE_ROWS 4          /* rows weighting values together */
 #define TILE_ROWS 256         /* rows of one K/V head that share each block read from memory */
+#define SPLIT_BYTES (256 << 20) /* most memory the chunks' states of a call split by chunk may take */
 #define ALWAYS static inline __attribute__((always_inline))
 
 /* Softmax states of rows: row r's running max (of scaled scores), sum of probabilities and fp32
@@ -285,7 +286,7 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     int64_t tiles = (per_head + TILE_ROWS - 1) / TILE_ROWS, chunks = (past + T + CHUNK_KEYS - 1) / CHUNK_KEYS;
     /* Too few (head, tile) items for the threads: one item per chunk, each chunk's states kept
      * apart and folded afterwards, in the order a single item folds them. */
-    int split = KVH * tiles < threads && chunks > 1;
+    int split = KVH * tiles < threads && chunks > 1 && KVH * per_head * chunks * (D + 2) * 4 <= SPLIT_BYTES;
     int64_t items = KVH * tiles * (split ? chunks : 1);
     int64_t tile_rows = per_head < TILE_ROWS ? per_head : TILE_ROWS;
     float *parts = NULL, *part_max = NULL, *part_sum = NULL;
