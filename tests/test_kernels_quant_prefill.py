@@ -142,7 +142,7 @@ def dense_stack(weight) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
-def test_quantized_experts_are_the_bf16_experts_on_the_exact_weights(format_name):
+def test_quantized_experts_are_the_bf16_experts_on_the_exact_weights(native_isa, format_name):
     x, weights, ids, gate_up, down = routed_case(format_name, tokens=50)
     assert prefill.supports_experts(x, gate_up, down) and not prefill.supports_experts(x[:16], gate_up, down)
     out = prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)
@@ -151,7 +151,7 @@ def test_quantized_experts_are_the_bf16_experts_on_the_exact_weights(format_name
 
 
 @pytest.mark.parametrize("format_name", [FP8_BLOCK, INT4])
-def test_experts_in_groups_give_the_bits_of_one_call(monkeypatch, format_name):
+def test_experts_in_groups_give_the_bits_of_one_call(native_isa, monkeypatch, format_name):
     """A buffer of two experts: three groups, each token-expert pair its own row, the sums in
     ascending expert order as one call takes them."""
     x, weights, ids, gate_up, down = routed_case(format_name, tokens=120, experts=6, top_k=2)
