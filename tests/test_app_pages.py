@@ -446,3 +446,28 @@ def test_draft_tokens_default_to_mtp_only_for_a_real_checkpoint(demo_checkpoint,
     assert draft_tokens_for(settings(DOCANALYST_MODEL="x", DOCANALYST_DRAFT_TOKENS="3"), lm) == 3
     lm.extra_tensors.clear()  # a checkpoint without an MTP head
     assert draft_tokens_for(configured, lm) == 0
+
+
+def test_activity_lines_say_where_each_request_stands():
+    from types import SimpleNamespace
+
+    from app.services.jobs import JobSnapshot
+    from app.services.reading import ReadStatus
+    from app.ui.activity import job_line, read_line
+    from model import PrefillProgress
+
+    job = SimpleNamespace(kind="answer", label="When does the lease start")
+    base = dict(answer="", reasoning="", progress=None, done=False, cancel_requested=False, error=None,
+                message=None, summary=None, elapsed_s=1.0)
+    waiting = JobSnapshot(**base, position=2, starts_in_s=12.0)
+    assert job_line(job, waiting) == "Answer “When does the lease start”: number 2 in line · starts in about 12.0 s"
+    reading = JobSnapshot(**{**base, "progress": PrefillProgress(250, 1000, 1.0)}, position=0, eta_s=3.0)
+    assert job_line(job, reading).endswith(": reading the prompt, 25% · about 3.0 s left")
+    writing = JobSnapshot(**{**base, "answer": "It starts"}, generated=12, position=0, eta_s=8.0)
+    assert job_line(job, writing).endswith(": writing, 12 tokens · at most about 8.0 s left")
+
+    read = ReadStatus(1, "Lease", "reading", done=400, total=1000, eta_s=12.0)
+    assert read_line(read) == "Reading ahead “Lease”: 40%, about 12.0 s left"
+    assert read_line(ReadStatus(1, "Lease", "paused", done=400, total=1000)).endswith("paused for an answer at 40%")
+    assert read_line(ReadStatus(1, "Lease", "queued", position=3)).endswith("waiting, number 3 among the reads")
+    assert read_line(ReadStatus(1, "Lease", "queued")).endswith("waiting for the model")

@@ -16,7 +16,7 @@ from app.services import safe_markdown
 from app.services.jobs import JobSnapshot, StreamJob
 from app.ui.text import number, seconds
 
-POLL_S = 0.3
+POLL_S = 0.5
 CURSOR = " ▌"
 
 
