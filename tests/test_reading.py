@@ -126,6 +126,36 @@ def test_an_answer_goes_before_a_running_read_which_resumes_where_it_stopped(chu
         assert torch.equal(tensor, expected[name]), name
 
 
+def test_a_read_stops_when_an_answer_has_read_its_document_meanwhile(chunked, monkeypatch):
+    services = chunked
+    log: list[tuple[str, int]] = []
+    reached, answer_waiting = threading.Event(), threading.Event()
+    real_prefill = reading_module.prefill
+
+    def gated_prefill(lm, state, ids, *, progress, **kwargs):
+        def heard(p):
+            log.append(("read", p.done))
+            progress(p)
+            if len(ids) > 4 * CHUNK and p.done >= CHUNK and not reached.is_set():
+                reached.set()
+                assert answer_waiting.wait(WAIT_S)
+
+        return real_prefill(lm, state, ids, progress=heard, **kwargs)
+
+    monkeypatch.setattr(reading_module, "prefill", gated_prefill)
+    document = upload(services, document_text(words=40))
+    assert reached.wait(WAIT_S)
+    job = ask(services, [document.id], "What is paid?", log)  # the same document: the answer reads it itself
+    while services.analysis.queue.queued < 1:
+        threading.Event().wait(0.01)
+    answer_waiting.set()
+    assert job.wait(WAIT_S) and job.snapshot().error is None
+    read = services.reading.wait(document.id, WAIT_S)
+    assert read.state == "done" and read.yields == 1 and read.done == read.total
+    first_answer = log.index(next(e for e in log if e[0] == "answer"))
+    assert not [e for e in log[first_answer:] if e[0] == "read"]  # nothing read twice
+
+
 def test_a_waiting_answer_goes_before_a_waiting_read(chunked, monkeypatch):
     services = chunked
     small = services.library.add(b"Another short note, about the garden.", "garden.txt").document

@@ -195,12 +195,12 @@ class ReadAhead:
                 with analysis.queue.turn(read.cancel, priority=READ) as turn:
                     with self._lock:
                         read.state = "reading"
-                    if state is None:
-                        index, state = analysis.cache.longest_prefix(keys)
-                        state = state or analysis.lm.new_state()
+                    covered, cached = analysis.cache.longest_prefix(keys)
+                    if state is None or covered > index:  # first turn, or an answer read this meanwhile
+                        index, state = covered, cached or analysis.lm.new_state()
                         base = state.seen_tokens
                         with self._lock:
-                            read.total = sum(len(s.ids) for s in segments[index:])
+                            read.total = read.done + sum(len(s.ids) for s in segments[index:])
                     stop = _Either(read.cancel, turn.yield_requested)
                     while index < len(segments):
                         self._prefill_segment(read, state, segments[index], base, stop)
