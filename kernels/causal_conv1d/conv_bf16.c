@@ -62,31 +62,43 @@ void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, ui
 
 VF_INLINE vf round_to_bf16(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
 
+/* Channels a task takes: one 64-byte line of a token's bf16 row, so each line of x and y is
+ * touched by one task only (strided token rows otherwise cost a line and a page walk per vector). */
+#define GROUP (4 * VF_LANES)
+
 /* As the AVX-512 build: x [T, C] (row stride ldx); tail [C, W - 1] in and out; weight [C, W];
  * y [T, C] (row stride ldy). W at most MAX_TAPS. */
 void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, uint16_t *tail, const uint16_t *weight,
                         int64_t W, int silu, uint16_t *y, int64_t ldy, int threads) {
-    int64_t blocks = (C + VF_LANES - 1) / VF_LANES, keep = W - 1;
+    int64_t groups = (C + GROUP - 1) / GROUP, keep = W - 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t block = 0; block < blocks; block++) {
-        int64_t c0 = block * VF_LANES, here = C - c0 < VF_LANES ? C - c0 : VF_LANES;
-        float taps[MAX_TAPS][VF_LANES], history[MAX_TAPS][VF_LANES];
+    for (int64_t group = 0; group < groups; group++) {
+        int64_t c0 = group * GROUP, width = C - c0 < GROUP ? C - c0 : GROUP;
+        /* Inputs counted from the oldest carried one: input u sits in rows u mod W and u mod W + W,
+         * so the W inputs of token t (u = t .. t + W - 1) are the W rows from t mod W on, and no
+         * row ever moves. */
+        float taps[MAX_TAPS][GROUP], history[2 * MAX_TAPS][GROUP];
         for (int64_t w = 0; w < W; w++)
-            for (int64_t c = 0; c < VF_LANES; c++) taps[w][c] = c < here ? bf16_to_float(weight[(c0 + c) * W + w]) : 0.0f;
-        /* history[j] = input at t - keep + j for the current t; starts from the carried tail. */
+            for (int64_t c = 0; c < GROUP; c++) taps[w][c] = c < width ? bf16_to_float(weight[(c0 + c) * W + w]) : 0.0f;
         for (int64_t j = 0; j < keep; j++)
-            for (int64_t c = 0; c < VF_LANES; c++) history[j][c] = c < here ? bf16_to_float(tail[(c0 + c) * keep + j]) : 0.0f;
+            for (int64_t c = 0; c < GROUP; c++)
+                history[j][c] = history[j + W][c] = c < width ? bf16_to_float(tail[(c0 + c) * keep + j]) : 0.0f;
         for (int64_t t = 0; t < T; t++) {
-            vf_store(history[keep], vf_load_bf16_n(x + t * ldx + c0, here));
-            vf sum = vf_mul(vf_load(history[0]), vf_load(taps[0]));
-            for (int64_t w = 1; w < W; w++) sum = vf_add(sum, vf_mul(vf_load(history[w]), vf_load(taps[w])));
-            vf rounded = round_to_bf16(sum);
-            if (silu) rounded = vf_div(rounded, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), rounded))));
-            vf_store_bf16_n(y + t * ldy + c0, rounded, here);
-            for (int64_t j = 0; j < keep; j++) vf_store(history[j], vf_load(history[j + 1]));
+            int64_t oldest = t % W, newest = (t + keep) % W;
+            for (int64_t v = 0; v < width; v += VF_LANES) {
+                vf input = vf_load_bf16_n(x + t * ldx + c0 + v, width - v);
+                vf_store(history[newest] + v, input);
+                vf_store(history[newest + W] + v, input);
+                vf sum = vf_mul(vf_load(history[oldest] + v), vf_load(taps[0] + v));
+                for (int64_t w = 1; w < W; w++) sum = vf_add(sum, vf_mul(vf_load(history[oldest + w] + v), vf_load(taps[w] + v)));
+                vf rounded = round_to_bf16(sum);
+                if (silu) rounded = vf_div(rounded, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), rounded))));
+                vf_store_bf16_n(y + t * ldy + c0 + v, rounded, width - v);
+            }
         }
+        /* The last W - 1 inputs: u = T .. T + W - 2. */
         for (int64_t j = 0; j < keep; j++)
-            for (int64_t c = 0; c < here; c++) tail[(c0 + c) * keep + j] = float_to_bf16(history[j][c]);
+            for (int64_t c = 0; c < width; c++) tail[(c0 + c) * keep + j] = float_to_bf16(history[(T + j) % W][c]);
     }
 }
 #endif
