@@ -161,7 +161,7 @@ requires_native = pytest.mark.skipif(
 
 @requires_native
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "fresh"])
-@pytest.mark.parametrize("shape", [(1, 300, 1024, 4), (2, 5, 40, 4), (1, 1, 20, 3), (1, 2, 17, 4)],
+@pytest.mark.parametrize("shape", [(1, 300, 1024, 4), (2, 5, 40, 4), (1, 1, 20, 3), (1, 2, 17, 4), (1, 9, 77, 16)],
                          ids=lambda s: "B{}-T{}-D{}-W{}".format(*s))
 def test_native_conv_equals_pytorch_bitwise(shape, with_state, native_isa):
     """Taps summed in fp32 in order and rounded where the PyTorch path rounds (observed bitwise
