@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rotary import apply_rotary, apply_rotary_reference
 from kernels.native import compiler
+from kernels.rotary import apply_rotary, apply_rotary_reference
 from kernels.rotary import native as rotary_native
 
 requires_native = pytest.mark.skipif(
