@@ -144,15 +144,20 @@ int gated_delta_step_bf16(const uint16_t *mixed, int64_t T, int64_t Hk, int64_t 
 /* One value head, one token, on `slices` vectors of state columns starting at state (row stride
  * Dv): projected = k^T (decay S); update = beta v - beta projected; S = decay S + k update;
  * out = q^T S, rounded to bf16. Per column the same operations in the same order as the
- * AVX-512 build's head_step, which stores decay S between the passes where this recomputes it. */
+ * AVX-512 build's head_step, which stores decay S between the passes where this recomputes it.
+ * Where next is not NULL, the same columns of the next state to update are requested into L2 during
+ * the first pass (a decode step reads each state from memory once; this overlaps the reads). */
 static inline __attribute__((always_inline)) void head_step_columns(float *state, int64_t Dv, const float *q,
                                                                   const float *k, const float *v, vf decay, vf beta,
-                                                                  int64_t Dk, uint16_t *out, const int slices) {
+                                                                  int64_t Dk, uint16_t *out, const float *next,
+                                                                  const int slices) {
     vf acc[COLUMN_SLICES], update[COLUMN_SLICES];
     for (int s = 0; s < slices; s++) acc[s] = vf_zero();
     for (int64_t i = 0; i < Dk; i++) {
         vf ki = vf_set1(k[i]);
         const float *row = state + i * Dv;
+        if (next) /* a 64-byte line holds two vectors */
+            for (int s = 0; s < slices; s += 2) _mm_prefetch((const char *)(next + i * Dv + s * VF_LANES), _MM_HINT_T1);
         for (int s = 0; s < slices; s++) acc[s] = vf_fma(ki, vf_mul(vf_load(row + s * VF_LANES), decay), acc[s]);
     }
     for (int s = 0; s < slices; s++) {
@@ -171,16 +176,19 @@ static inline __attribute__((always_inline)) void head_step_columns(float *state
     for (int s = 0; s < slices; s++) vf_store_bf16(out + s * VF_LANES, acc[s]);
 }
 
-/* One value head, one token: state [Dk, Dv] updated in place, out [Dv] bf16. Dv % 16 == 0. */
+/* One value head, one token: state [Dk, Dv] updated in place, out [Dv] bf16. Dv % 16 == 0.
+ * next: the state [Dk, Dv] to prefetch, or NULL. */
 static void head_step(float *state, const float *q, const float *k, const float *v, float decay, float beta,
-                      int64_t Dk, int64_t Dv, uint16_t *out) {
+                      int64_t Dk, int64_t Dv, uint16_t *out, const float *next) {
     vf decay_v = vf_set1(decay), beta_v = vf_set1(beta);
     for (int64_t j = 0; j < Dv; j += COLUMN_SLICES * VF_LANES) {
+        float *columns = state + j;
+        const float *next_columns = next ? next + j : NULL;
         switch ((Dv - j) >= COLUMN_SLICES * VF_LANES ? COLUMN_SLICES : (int)((Dv - j) / VF_LANES)) {
-        case 8: head_step_columns(state + j, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, 8); break;
-        case 6: head_step_columns(state + j, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, 6); break;
-        case 4: head_step_columns(state + j, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, 4); break;
-        default: head_step_columns(state + j, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, 2); break;
+        case 8: head_step_columns(columns, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, next_columns, 8); break;
+        case 6: head_step_columns(columns, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, next_columns, 6); break;
+        case 4: head_step_columns(columns, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, next_columns, 4); break;
+        default: head_step_columns(columns, Dv, q, k, v + j, decay_v, beta_v, Dk, out + j, next_columns, 2); break;
         }
     }
 }
@@ -252,7 +260,8 @@ int gated_delta_step_bf16(const uint16_t *mixed, int64_t T, int64_t Hk, int64_t 
                 float decay, beta;
                 head_gates(a[t * HV + hv], b[t * HV + hv], decay_rate[hv], dt_bias[hv], &decay, &beta);
                 head_step(state + hv * Dk * Dv, row + hk * Dk, row + Hk * Dk + hk * Dk, row + 2 * Hk * Dk + hv * Dv,
-                          decay, beta, Dk, Dv, out + (t * HV + hv) * Dv);
+                          decay, beta, Dk, Dv, out + (t * HV + hv) * Dv,
+                          t == T - 1 && hv + 1 < HV ? state + (hv + 1) * Dk * Dv : NULL);
             }
         }
     }
