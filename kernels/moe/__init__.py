@@ -1,9 +1,9 @@
 """Routed mixture of experts: top-k softmax router and grouped SwiGLU experts.
 
 Each function runs the Triton kernels for CUDA tensors when Triton imports; on CPU the experts
-of many bf16 tokens run in the native kernel (`experts_bf16.c`); everything else runs the
-PyTorch reference in `reference.py` (the numerics of `model.layers.Router` / `Experts`), with
-few-row projections through `kernels.linear`.
+of many bf16 tokens run in the native kernel (`experts_bf16.c`, built for AVX-512 and for AVX2);
+everything else runs the PyTorch reference in `reference.py` (the numerics of `model.layers.Router` /
+`Experts`), with few-row projections through `kernels.linear`.
 """
 
 from __future__ import annotations
