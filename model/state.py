@@ -2,7 +2,9 @@
 
 Gated DeltaNet layers keep a fixed-size recurrent state and the tail of their causal
 convolution; attention layers keep K/V for every position seen. The state is the runtime's
-only interface for caching: it can be cloned, moved, measured, saved and restored.
+only interface for caching: it can be cloned, moved, measured, saved and restored, and
+`checkpoint()` freezes it into an immutable `Checkpoint` that forks new states without copying
+K/V (see `model.kv_memory` for how).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .kv_memory import KVGeometry, LayerKV, mapping_supported
 
 STATE_FORMAT = "qwen3next-state/1"
 _INITIAL_KV_CAPACITY = 256
@@ -35,27 +39,45 @@ class LinearLayerState:
 
 
 class AttentionLayerState:
-    """K/V `[B, KVH, capacity, D]`, grown by doubling so decode never re-copies per token."""
+    """K/V `[B, KVH, capacity, D]`, grown by doubling so decode never re-copies per token.
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+    `memory` is set when K/V live in a `LayerKV` reservation (CPU states reserved with an
+    address space): checkpoints then map their K/V into it instead of copying.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, memory: LayerKV | None = None):
         self.key = key
         self.value = value
+        self.memory = memory
 
     def ensure_capacity(self, needed: int) -> None:
         capacity = self.key.shape[2]
         if needed > capacity:
-            self.reserve(max(needed, 2 * capacity))
+            self.reserve(max(needed, 2 * capacity), used=capacity)
 
-    def reserve(self, capacity: int) -> None:
-        """Grow to exactly `capacity` positions (a prompt of known length then never doubles)."""
+    def reserve(self, capacity: int, used: int | None = None, address_space: int = 0) -> None:
+        """Make room for `capacity` positions, keeping the first `used` (default: all).
+
+        With `address_space` on a CPU state the K/V move once into a reservation of that many
+        positions (or `capacity`, if more), which then holds every later growth without a copy.
+        """
         old_capacity = self.key.shape[2]
-        if capacity <= old_capacity:
+        mapped = address_space > 0 and mapping_supported(self.key.device)
+        if capacity <= old_capacity and (self.memory is not None or not mapped):
+            return
+        keep = old_capacity if used is None else min(used, old_capacity)
+        if mapped:
+            memory = LayerKV(KVGeometry.of(self.key), max(capacity, address_space))
+            memory.key[:, :, :keep] = self.key[:, :, :keep]
+            memory.value[:, :, :keep] = self.value[:, :, :keep]
+            self.key, self.value, self.memory = memory.key, memory.value, memory
             return
         for name in ("key", "value"):
             old = getattr(self, name)
             grown = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
-            grown[:, :, :old_capacity] = old
+            grown[:, :, :keep] = old[:, :, :keep]
             setattr(self, name, grown)
+        self.memory = None
 
     def tensors(self, used: int) -> dict[str, torch.Tensor]:
         return {"key": self.key[:, :, :used], "value": self.value[:, :, :used]}
@@ -65,12 +87,27 @@ LayerState = LinearLayerState | AttentionLayerState
 
 
 class ModelState:
-    """State of `batch_size` sequences that have all consumed `seen_tokens` tokens."""
+    """State of `batch_size` sequences that have all consumed `seen_tokens` tokens.
+
+    `base` is the checkpoint this state extends: its K/V below `base.seen_tokens` are the
+    checkpoint's, unless the state has since been moved back before that point (tracked by the
+    lowest `seen_tokens` since, because positions are only ever written at `seen_tokens`).
+    """
 
     def __init__(self, layers: list[LayerState], fingerprint: str, seen_tokens: int = 0):
         self.layers = layers
         self.fingerprint = fingerprint
-        self.seen_tokens = seen_tokens
+        self._seen_tokens = self.low_water = seen_tokens
+        self.base = None
+
+    @property
+    def seen_tokens(self) -> int:
+        return self._seen_tokens
+
+    @seen_tokens.setter
+    def seen_tokens(self, value: int) -> None:
+        self._seen_tokens = value
+        self.low_water = min(self.low_water, value)
 
     @property
     def batch_size(self) -> int:
@@ -90,11 +127,25 @@ class ModelState:
                 named[f"layers.{index}.{name}"] = tensor
         return named
 
-    def reserve(self, tokens: int) -> None:
-        """Make room for `tokens` positions in every attention layer, without the doubling slack."""
+    def reserve(self, tokens: int, address_space: int = 0) -> None:
+        """Make room for `tokens` positions in every attention layer, without the doubling slack.
+
+        `address_space` (the model's context): CPU states reserve that many positions of address
+        space once, so growth never copies K/V again (see `AttentionLayerState.reserve`).
+        """
         for layer in self.layers:
             if isinstance(layer, AttentionLayerState):
-                layer.reserve(tokens)
+                layer.reserve(tokens, used=self.seen_tokens, address_space=address_space)
+
+    def checkpoint(self):
+        """Freeze this state into an immutable `Checkpoint` (copying only K/V added since `base`).
+
+        This state continues from the checkpoint: mapped K/V are remapped onto it, so the copy
+        does not stay in memory twice.
+        """
+        from .checkpoint import take_checkpoint
+
+        return take_checkpoint(self)
 
     def nbytes(self) -> int:
         """Bytes of live state (K/V counted up to `seen_tokens`, not the spare capacity)."""
