@@ -4,6 +4,11 @@ A state file is first written under a temporary name in the destination
 folder, flushed with fsync, renamed over its final name (atomic on POSIX and
 Windows) and the folder itself is fsynced so the rename survives a power
 loss.  Readers therefore see either no file or a complete one.
+
+Integrity is checked per block: sealing a file records the SHA-256 of every
+``BLOCK_SIZE``-byte block, and a reader verifies blocks in the background
+(``BlockCheck``) while it already uses the file, instead of hashing a file of
+several gigabytes before the first byte is used.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +25,10 @@ from storage.errors import StorageError, translate_os_error
 BLOB_SUFFIX = ".state"
 TEMP_PREFIX = ".writing-"
 TEMP_SUFFIX = ".part"
+BLOCK_SIZE = 64 << 20
 _CHUNK = 1 << 20
+# Threads hashing one file's blocks: hashlib releases the GIL, so they run in parallel.
+VERIFY_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def file_sha256(path: Path) -> str:
@@ -71,8 +80,28 @@ def write_temp(folder: Path, write: Callable[[Path], None]) -> Path:
     return temp
 
 
-def seal(temp: Path) -> tuple[str, int]:
-    """Flush the finished file to disk and return its SHA-256 and size.
+def block_digests(path: Path, block_size: int = BLOCK_SIZE) -> list[str]:
+    """SHA-256 of each ``block_size``-byte block of the file (the last one may be shorter)."""
+    digests = []
+    with path.open("rb") as handle:
+        while True:
+            digest = hashlib.sha256()
+            left = block_size
+            while left and (chunk := handle.read(min(_CHUNK * 16, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+            if left == block_size:
+                return digests
+            digests.append(digest.hexdigest())
+
+
+def root_checksum(digests: list[str]) -> str:
+    """The checksum a row keeps for a block-checked file: SHA-256 over its block digests."""
+    return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()
+
+
+def seal(temp: Path, block_size: int = BLOCK_SIZE) -> tuple[str, int, list[str]]:
+    """Flush the finished file to disk; return its root checksum, size and block digests.
 
     An empty or absent file means the writer saved somewhere else (some
     libraries append their own suffix); storing it would cache nothing.
@@ -82,9 +111,83 @@ def seal(temp: Path) -> tuple[str, int]:
             raise StorageError("The model state writer did not write anything to the file it was given.")
         with temp.open("r+b") as handle:
             os.fsync(handle.fileno())
-        return file_sha256(temp), temp.stat().st_size
+        digests = block_digests(temp, block_size)
+        return root_checksum(digests), temp.stat().st_size, digests
     except OSError as error:
         raise translate_os_error(error, "save the model state file") from error
+
+
+class BlockCheck:
+    """Verifies a file's blocks against their digests on background threads.
+
+    ``wait()`` returns True once every block matched, False as soon as one did not (or the file
+    could not be read). Reading the file also brings it into the page cache for its user.
+    """
+
+    def __init__(self, path: Path, block_size: int, digests: list[str], threads: int = VERIFY_THREADS):
+        self.path, self.block_size, self.digests = path, block_size, list(digests)
+        self.failed_block: int | None = None
+        self._next = 0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._running = max(1, min(threads, len(self.digests)))
+        for _ in range(self._running):
+            threading.Thread(target=self._work, name="checkpoint-verify", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._done.wait(timeout)
+        return self._done.is_set() and self.failed_block is None
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def _work(self) -> None:
+        index = 0
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            fd = None
+            self._fail(0)
+        try:
+            buffer = bytearray(min(self.block_size, _CHUNK * 16))
+            while fd is not None and self.failed_block is None:
+                with self._lock:
+                    index, self._next = self._next, self._next + 1
+                if index >= len(self.digests):
+                    break
+                # The disk reads the next block while this one is hashed.
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, (index + 1) * self.block_size, self.block_size, os.POSIX_FADV_WILLNEED)
+                if self._hash_block(fd, index, buffer) != self.digests[index]:
+                    self._fail(index)
+        except OSError:
+            self._fail(index)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self._done.set()
+
+    def _hash_block(self, fd: int, index: int, buffer: bytearray) -> str:
+        digest = hashlib.sha256()
+        view = memoryview(buffer)
+        offset, end = index * self.block_size, (index + 1) * self.block_size
+        while offset < end:
+            count = os.preadv(fd, [view[:min(len(view), end - offset)]], offset)
+            if count == 0:
+                break
+            digest.update(view[:count])
+            offset += count
+        return digest.hexdigest()
+
+    def _fail(self, index: int) -> None:
+        with self._lock:
+            if self.failed_block is None:
+                self.failed_block = index
+        self._done.set()
 
 
 def install(temp: Path, target: Path) -> None:

@@ -1,10 +1,15 @@
 """Model state checkpoints: large files on disk, bookkeeping rows in the database.
 
 A checkpoint lets the model skip re-reading a long document.  Files are
-written atomically (see ``storage.blob_files``) and verified against a
-stored SHA-256 on every read, because loading a truncated
-or corrupted state would silently produce wrong answers.  Total size is kept
-under a byte budget by evicting the least recently used checkpoints.
+written atomically (see ``storage.blob_files``) and verified against stored
+per-block SHA-256 digests, because using a truncated or corrupted state would
+silently produce wrong answers: ``get`` verifies the whole file before
+returning it, ``open`` returns at once and leaves the caller to run the
+block check (``BlobHandle.check``) while it uses the file, and to drop what
+it computed if the check fails.  A checkpoint may extend a parent checkpoint
+(its file then holds only what it added); it is removed whenever its parent
+is, and ``open`` refuses it if its parent changed.  Total size is kept under
+a byte budget by evicting the least recently used checkpoints.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, and_, delete, func, select, true, update
 from sqlalchemy.orm import Session
 
-from storage.blob_files import blob_name, file_sha256, install, is_ours, seal, write_temp
+from storage.blob_files import BLOCK_SIZE, BlockCheck, blob_name, install, is_ours, seal, write_temp
 from storage.db import Database
 from storage.dto import BlobStats, CheckpointInfo
 from storage.errors import ConflictError, StorageError
@@ -26,17 +32,45 @@ from storage.models import StateCheckpoint, utcnow
 log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 512
+# Longest chain of checkpoints extending one another that ``open`` follows (a guard, not a limit
+# reached in practice: a chat adds one link per turn).
+MAX_CHAIN = 10_000
+
+
+@dataclass(frozen=True)
+class BlobHandle:
+    """A checkpoint file as ``open`` found it: usable at once, not yet verified.
+
+    ``parent_key`` names the checkpoint this one extends (None for a complete one).
+    """
+
+    key: str
+    path: Path
+    size: int
+    checksum: str
+    token_count: int
+    parent_key: str | None
+    block_size: int
+    block_digests: tuple[str, ...]
+
+    def check(self) -> BlockCheck:
+        """Start verifying every block in the background."""
+        return BlockCheck(self.path, self.block_size, list(self.block_digests))
+
+    def verify(self) -> bool:
+        return self.check().wait()
 
 
 class BlobStore:
     """Checkpoint files in ``folder`` with their rows in ``db``, capped at ``budget_bytes``."""
 
-    def __init__(self, db: Database, folder: Path | str, budget_bytes: int) -> None:
-        if budget_bytes <= 0:
-            raise ValueError("budget_bytes must be positive")
+    def __init__(self, db: Database, folder: Path | str, budget_bytes: int, block_size: int = BLOCK_SIZE) -> None:
+        if budget_bytes <= 0 or block_size <= 0:
+            raise ValueError("budget_bytes and block_size must be positive")
         self.db = db
         self.folder = Path(folder)
         self.budget_bytes = budget_bytes
+        self.block_size = block_size
 
     def put(
         self,
@@ -45,6 +79,7 @@ class BlobStore:
         token_count: int,
         write: Callable[[Path], None],
         depends_on: Iterable[str] = (),
+        parent: tuple[str, str] | None = None,
     ) -> CheckpointInfo | None:
         """Store a checkpoint written by ``write(path)`` and return its bookkeeping.
 
@@ -52,14 +87,15 @@ class BlobStore:
         the complete state there.  If it raises, nothing is recorded and the
         temporary file is removed; an ``OSError`` (such as a full disk) is
         reported as ``BlobWriteError``, anything else propagates unchanged.
+        ``parent`` is (key, checksum) of the checkpoint this file extends.
         Returns None when the file alone exceeds the budget, because storing
         it would evict everything else and then itself (or when a concurrent
-        writer evicted it again straight away).
+        writer evicted it again straight away), or when the parent is gone.
         """
         _check_key(key)
         temp = write_temp(self.folder, write)
         try:
-            checksum, size = seal(temp)
+            checksum, size, digests = seal(temp, self.block_size)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -70,12 +106,16 @@ class BlobStore:
         name = blob_name(key, checksum)
         install(temp, self.folder / name)
         try:
-            replaced = self._record(key, fingerprint, token_count, name, checksum, size, depends_on)
+            recorded, stale = self._record(key, fingerprint, token_count, name, checksum, size, depends_on,
+                                           parent, digests)
         except BaseException:
             self._discard_unreferenced(name)
             raise
-        if replaced and replaced != name:
-            self._remove_files([replaced])
+        self._remove_files(stale)
+        if not recorded:
+            log.info("checkpoint %s was not kept: the checkpoint it extends is gone", key)
+            self._discard_unreferenced(name)
+            return None
         try:
             self._evict()
         except StorageError as error:
@@ -90,13 +130,34 @@ class BlobStore:
         corrupt file (removed together with its row).  Storage failures are
         logged and reported as a miss, since the caller can always recompute.
         The file may be evicted by another process after this returns, so
-        callers should treat a failed load as a miss too.
+        callers should treat a failed load as a miss too.  Large files are
+        better read through ``open``, which does not hash them first.
+        """
+        handle = self.open(key, fingerprint)
+        if handle is None:
+            return None
+        if not handle.verify():
+            log.warning("checkpoint %s is corrupt; discarding it", key)
+            self.discard(handle)
+            return None
+        return handle.path
+
+    def open(self, key: str, fingerprint: str) -> BlobHandle | None:
+        """The checkpoint file for ``key``, not yet verified (see ``BlobHandle.check``), or None.
+
+        Marks the checkpoint and every checkpoint it extends as used.  None as
+        for ``get``; a file that is missing or of the wrong size, or one whose
+        parent is gone or changed, is removed with its row.
         """
         try:
-            return self._get(key, fingerprint)
+            return self._open(key, fingerprint)
         except (StorageError, OSError) as error:
             log.warning("checkpoint lookup for %s failed: %s", key, error)
             return None
+
+    def discard(self, handle: BlobHandle) -> None:
+        """Remove a checkpoint that failed its check (and what extends it), unless replaced meanwhile."""
+        self._discard_if_unchanged(handle.key, handle.path.name, handle.checksum)
 
     def info(self, key: str) -> CheckpointInfo | None:
         with self.db.session(readonly=True) as session:
@@ -160,28 +221,32 @@ class BlobStore:
                 continue
         return removed
 
-    def _get(self, key: str, fingerprint: str) -> Path | None:
-        with self.db.session(readonly=True) as session:
+    def _open(self, key: str, fingerprint: str) -> BlobHandle | None:
+        handle = None
+        with self.db.session() as session:
             row = session.scalar(select(StateCheckpoint).where(StateCheckpoint.key == key))
             if row is None or row.model_fingerprint != fingerprint:
                 return None
-            name, expected = row.path, row.checksum
-        path = self.folder / name
-        try:
-            actual = file_sha256(path)
-        except FileNotFoundError:
-            actual = None
-        if actual != expected:
-            log.warning("checkpoint %s is %s; discarding it", key, "missing" if actual is None else "corrupt")
-            self._discard_if_unchanged(key, name, expected)
-            return None
-        with self.db.session() as session:
-            session.execute(
-                update(StateCheckpoint)
-                .where(StateCheckpoint.key == key, StateCheckpoint.checksum == expected)
-                .values(last_used_at=utcnow())
-            )
-        return path
+            chain = _chain(session, row)
+            path = self.folder / row.path
+            try:
+                intact = chain is not None and path.stat().st_size == row.size_bytes
+            except FileNotFoundError:
+                intact = False
+            if not intact:
+                log.warning("checkpoint %s is %s; discarding it", key,
+                            "missing" if chain is not None else "cut off from the checkpoint it extends")
+                doomed = _delete_where(session, StateCheckpoint.id == row.id)
+            else:
+                doomed = []
+                session.execute(update(StateCheckpoint).where(StateCheckpoint.id.in_([r.id for r in chain]))
+                                .values(last_used_at=utcnow()))
+                block_size = row.block_size or row.size_bytes
+                digests = tuple(row.block_checksums) if row.block_checksums is not None else (row.checksum,)
+                handle = BlobHandle(row.key, path, row.size_bytes, row.checksum, row.token_count, row.parent_key,
+                                    block_size, digests)
+        self._remove_files(doomed)
+        return handle
 
     def _record(
         self,
@@ -192,11 +257,14 @@ class BlobStore:
         checksum: str,
         size: int,
         depends_on: Iterable[str],
-    ) -> str | None:
-        """Insert or update the row for ``key``; returns the file name it used to point at.
+        parent: tuple[str, str] | None = None,
+        digests: list[str] | None = None,
+    ) -> tuple[bool, list[str]]:
+        """Insert or update the row for ``key``; returns (recorded, files no longer referenced).
 
-        A concurrent insert of the same key (possible on PostgreSQL) surfaces
-        as a conflict, after which the now-existing row is updated instead.
+        Not recorded when ``parent`` is gone. Replacing a key drops its old file and the
+        checkpoints that extended the old version. A concurrent insert of the same key (possible
+        on PostgreSQL) surfaces as a conflict, after which the now-existing row is updated instead.
         """
         values = {
             "model_fingerprint": fingerprint,
@@ -205,15 +273,25 @@ class BlobStore:
             "path": name,
             "checksum": checksum,
             "depends_on": sorted(set(depends_on)),
+            "parent_key": parent[0] if parent else None,
+            "parent_checksum": parent[1] if parent else None,
+            "block_size": self.block_size if digests is not None else None,
+            "block_checksums": digests,
         }
         for attempt in range(2):
             try:
                 with self.db.session() as session:
-                    return self._upsert(session, key, values)
+                    if parent is not None and not _has_version(session, *parent):
+                        return False, []
+                    previous = self._upsert(session, key, values)
+                    stale = [previous] if previous and previous != name else []
+                    stale += _delete_where(session, and_(StateCheckpoint.parent_key == key,
+                                                         StateCheckpoint.parent_checksum != checksum))
+                    return True, stale
             except ConflictError:
                 if attempt:
                     raise
-        return None
+        return False, []
 
     @staticmethod
     def _upsert(session: Session, key: str, values: dict[str, object]) -> str | None:
@@ -230,20 +308,31 @@ class BlobStore:
         return previous
 
     def _evict(self) -> None:
-        """Drop least recently used checkpoints until the total fits the budget."""
+        """Drop least recently used checkpoints until the total fits the budget.
+
+        Evicting a checkpoint evicts the checkpoints extending it too (they cannot be read alone).
+        """
         with self.db.session() as session:
             rows = session.execute(
-                select(StateCheckpoint.id, StateCheckpoint.path, StateCheckpoint.size_bytes).order_by(
-                    StateCheckpoint.last_used_at, StateCheckpoint.id
-                )
+                select(StateCheckpoint.id, StateCheckpoint.key, StateCheckpoint.parent_key,
+                       StateCheckpoint.size_bytes).order_by(StateCheckpoint.last_used_at, StateCheckpoint.id)
             ).all()
+            children: dict[str, list] = {}
+            for row in rows:
+                if row.parent_key is not None:
+                    children.setdefault(row.parent_key, []).append(row)
             total = sum(row.size_bytes for row in rows)
-            doomed: list[int] = []
+            doomed: set[int] = set()
             for row in rows:
                 if total <= self.budget_bytes:
                     break
-                doomed.append(row.id)
-                total -= row.size_bytes
+                pending = [row]
+                while pending:
+                    victim = pending.pop()
+                    if victim.id not in doomed:
+                        doomed.add(victim.id)
+                        total -= victim.size_bytes
+                        pending.extend(children.get(victim.key, ()))
             names = _delete_where(session, StateCheckpoint.id.in_(doomed)) if doomed else []
         if names:
             log.info("evicted %d checkpoint(s) to stay within %d bytes", len(names), self.budget_bytes)
@@ -307,11 +396,50 @@ class BlobStore:
 
 
 def _delete_where(session: Session, condition: ColumnElement[bool]) -> list[str]:
-    """Delete matching rows and return their file names (RETURNING is not portable to every backend)."""
-    names = list(session.scalars(select(StateCheckpoint.path).where(condition)))
-    if names:
-        session.execute(delete(StateCheckpoint).where(condition))
+    """Delete matching rows and every row extending them; return their file names.
+
+    (RETURNING is not portable to every backend, hence the select first.)
+    """
+    found = session.execute(select(StateCheckpoint.id, StateCheckpoint.key, StateCheckpoint.path)
+                            .where(condition)).all()
+    ids = {row.id for row in found}
+    names = [row.path for row in found]
+    keys = {row.key for row in found}
+    while keys:
+        extending = session.execute(
+            select(StateCheckpoint.id, StateCheckpoint.key, StateCheckpoint.path)
+            .where(StateCheckpoint.parent_key.in_(keys))
+        ).all()
+        extending = [row for row in extending if row.id not in ids]
+        ids.update(row.id for row in extending)
+        names += [row.path for row in extending]
+        keys = {row.key for row in extending}
+    if ids:
+        session.execute(delete(StateCheckpoint).where(StateCheckpoint.id.in_(ids)))
     return names
+
+
+def _has_version(session: Session, key: str, checksum: str) -> bool:
+    """Whether ``key`` exists with this checksum (locked until commit where the backend can)."""
+    found = session.scalar(
+        select(StateCheckpoint.id)
+        .where(StateCheckpoint.key == key, StateCheckpoint.checksum == checksum)
+        .with_for_update()
+    )
+    return found is not None
+
+
+def _chain(session: Session, row: StateCheckpoint) -> list[StateCheckpoint] | None:
+    """``row`` and the checkpoints it extends, nearest first; None if one is gone or changed."""
+    chain, seen = [row], {row.key}
+    while row.parent_key is not None:
+        parent = session.scalar(select(StateCheckpoint).where(StateCheckpoint.key == row.parent_key))
+        if parent is None or parent.checksum != row.parent_checksum or parent.key in seen or len(chain) > MAX_CHAIN:
+            return None
+        chain.append(parent)
+        seen.add(parent.key)
+        row = parent
+    return chain
 
 
 def _check_key(key: str) -> None:

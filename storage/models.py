@@ -202,6 +202,12 @@ class StateCheckpoint(Base):
 
     ``depends_on`` lists the document hashes whose text went into the state,
     so deleting a document can find and drop every checkpoint built from it.
+    A checkpoint that extends another (a follow-up turn) names it in ``parent_key``
+    with the checksum of the version it extends; its file holds only what it added,
+    so it goes whenever that parent goes.  ``block_checksums`` are the SHA-256 of
+    each ``block_size``-byte block of the file and ``checksum`` the SHA-256 over
+    them, so reads verify blocks as they go instead of hashing the whole file first
+    (rows written before blocks existed have NULL there and a whole-file checksum).
     """
 
     __tablename__ = "state_checkpoints"
@@ -216,3 +222,7 @@ class StateCheckpoint(Base):
     depends_on: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    parent_key: Mapped[str | None] = mapped_column(String(512), index=True)
+    parent_checksum: Mapped[str | None] = mapped_column(String(64))
+    block_size: Mapped[int | None] = mapped_column(BigInteger)
+    block_checksums: Mapped[list[str] | None] = mapped_column(JSON)
