@@ -264,10 +264,11 @@ void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16
     /* A multiple of the alignment, as aligned_alloc requires, and never 0. */
     float *prepared = aligned_alloc(32, sizeof(float) * (size_t)(M * padded + STEP));
     if (prepared == NULL) {
+        /* No memory for x's copy: NaN outputs rather than numbers that look right. */
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) {
                 if (fp32_out) ((float *)y)[m * ldy + n] = NAN;
-                else ((uint16_t *)y)[m * ldy + n] = 0x7fc0;
+                else ((uint16_t *)y)[m * ldy + n] = float_to_bf16(NAN);
             }
         return;
     }
