@@ -100,14 +100,23 @@ def compiler() -> str | None:
 
 
 @functools.cache
+def _cpu_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 def matmul_has_amx() -> bool:
     """Whether PyTorch's bf16 matmuls run on AMX tiles here (oneDNN), and so whether the kernels' own
     AMX paths may run: on such CPUs tiles beat the pair dot-product instruction several times over.
-    DOCANALYST_AMX=0 makes this False (to test the other paths)."""
-    if os.environ.get("DOCANALYST_AMX", "1") == "0":
-        return False
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+    DOCANALYST_AMX=0 makes this False (to test the other paths), and so do the AVX2 builds
+    (DOCANALYST_ISA=avx2 stands for a CPU without AVX-512, which has no AMX either)."""
+    return os.environ.get("DOCANALYST_AMX", "1") != "0" and "avx512" in isa_order() and _cpu_has_amx()
+
+
+def native_bf16_matmul() -> bool:
+    """Whether bf16 matrix products run natively here (AVX-512 BF16, AMX): elsewhere PyTorch's bf16
+    GEMM is an order of magnitude slower than its fp32 one, and bf16 weights are widened first."""
+    return "avx512" in isa_order()
 
 
 def tiles_pay_off(tokens: int) -> bool:

@@ -144,3 +144,28 @@ def test_build_native_kernels_reports_each_op():
     ready = build_native_kernels()
     assert set(ready) == {"attention", "conv", "delta_rule", "linear", "moe", "norms", "rotary"}
     assert ready["linear"] == (native.kernel() is not None)
+
+
+@pytest.mark.parametrize("rows, columns, depth", [(17, 2500, 96), (40, 1024, 128), (3, 7, 33)],
+                         ids=["tiles-2.4", "one-tile", "few-rows"])
+def test_bf16_products_without_native_bf16_are_fp32_rounded_once(rows, columns, depth, monkeypatch):
+    """Where bf16 products are not native (the AVX2 builds), many-row bf16 linear layers widen the
+    weight to fp32 tile by tile: each output is the fp32 product plus bias rounded once to bf16."""
+    import kernels.linear as linear_module
+    from kernels import native as native_module
+
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, depth, generator=generator).bfloat16()
+    weight = torch.randn(columns, depth, generator=generator).bfloat16()
+    bias = torch.randn(columns, generator=generator).bfloat16()
+    widened = []
+    original = linear_module._linear_widened
+    monkeypatch.setattr(linear_module, "_linear_widened", lambda *a: widened.append(1) or original(*a))
+    with native_module.use_isa("avx2"):
+        out = linear_module.linear(x, weight, bias)
+    exact = x.double() @ weight.double().T + bias.double()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, columns)
+    assert widened == ([1] if rows > native_module.FEW_TOKENS or not linear_module.native.kernel() else [])
+    # fp32 sums of `depth` products, then one bf16 rounding: within half a bf16 step plus fp32 error.
+    step = torch.finfo(torch.bfloat16).eps * exact.abs()
+    assert ((out.double() - exact).abs() <= 0.5 * step + 1e-5 * depth * (x.double().abs() @ weight.double().abs().T)).all()

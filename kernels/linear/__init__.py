@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..native import FEW_TOKENS
+from ..native import FEW_TOKENS, native_bf16_matmul
 from ..quant import QuantizedRows, QuantizedWeight, quantized_linear
 from . import native
 from .reference import linear_reference
@@ -30,6 +30,22 @@ def uses_native(x: Tensor, weight: Tensor) -> bool:
     return 0 < rows <= FEW_TOKENS and weight.is_contiguous() and not needs_grad and native.kernel() is not None
 
 
+# Weight rows widened to fp32 at a time where bf16 products are not native (8 MiB at K = 2048).
+WIDEN_ROWS = 1024
+
+
+def _linear_widened(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`linear` for bf16 x and weight on CPUs without native bf16 products: fp32 products of x and
+    fp32 tiles of the weight, rounded once to bf16 (autograd flows through the conversions)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    parts = []
+    for start in range(0, weight.shape[0], WIDEN_ROWS):
+        tile = weight[start:start + WIDEN_ROWS].float()
+        parts.append(F.linear(flat, tile, None if bias is None else bias[start:start + WIDEN_ROWS].float()).to(x.dtype))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: Tensor, weight: Tensor | QuantizedWeight | QuantizedRows, bias: Tensor | None = None) -> Tensor:
     """x `[..., K]`, weight `[N, K]` (a tensor or a quantized weight), bias `[N]` or None -> `[..., N]` in x.dtype."""
     if isinstance(weight, QuantizedWeight):
@@ -38,6 +54,8 @@ def linear(x: Tensor, weight: Tensor | QuantizedWeight | QuantizedRows, bias: Te
         out = torch.cat([quantized_linear(x, part) for part in weight.parts], dim=-1)
         return out if bias is None else out + bias
     if not uses_native(x, weight):
+        if x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not native_bf16_matmul():
+            return _linear_widened(x, weight, bias)
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
