@@ -218,6 +218,13 @@ def test_a_second_tab_follows_a_running_answer_and_then_shows_it(services):
         assert any(b.label == "Stop" for b in second.button)
         assert second.chat_input[0].proto.disabled
         assert f"Answer “{escape(question)}”: next in line" in texts(second.sidebar.caption)
+        assert not any(b.label == "Open this chat session" for b in second.sidebar.button)  # already open
+        elsewhere = services.sessions.create_session("Elsewhere").id
+        third = open_app("views/library.py", chat_session_id=elsewhere)  # it opens the answer's chat session
+        button(third.sidebar, "Open this chat session").click().run()
+        assert not third.exception, third.exception
+        assert third.title[0].value == "Ask" and third.session_state["chat_session_id"] == chat.id
+        assert "Waiting for the model: next in line" in texts(third.caption)
     settle(second)
     messages = services.sessions.list_messages(chat.id)
     assert [m.role for m in messages] == ["user", "assistant"] and messages[1].status == "complete"

@@ -1,5 +1,6 @@
 """What the model is doing for everyone, in the sidebar of every page: answers, summaries and reads
-ahead, in the order they have the model, with their place in line and time left."""
+ahead, in the order they have the model, with their place in line and time left; an answer in
+another chat session than the one open can be opened from there."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import streamlit as st
 from app.services.container import Services
 from app.services.jobs import JobSnapshot, StreamJob
 from app.services.reading import ReadStatus
+from app.ui import chat, state
 from app.ui.streaming import place_text
 from app.ui.text import escape, number, seconds
 
@@ -54,12 +56,6 @@ def read_line(read: ReadStatus) -> str:
     return f"{head}: {state}"
 
 
-def lines(services: Services) -> list[str]:
-    jobs = [job_line(job, job.snapshot()) for job in services.jobs.running()]
-    reads = [read_line(read) for read in services.reading.active()] if services.reading is not None else []
-    return jobs + reads
-
-
 def sidebar(services: Services) -> None:
     with st.sidebar:
         _panel(services)
@@ -67,8 +63,18 @@ def sidebar(services: Services) -> None:
 
 @st.fragment(run_every=POLL_S)
 def _panel(services: Services) -> None:
-    current = lines(services)
-    if current:
-        st.caption("**The model is working on**")
-        for line in current:
-            st.caption(line)
+    jobs = services.jobs.running()
+    reads = services.reading.active() if services.reading is not None else []
+    if not jobs and not reads:
+        return
+    st.caption("**The model is working on**")
+    for job in jobs:
+        chat_id = chat.chat_of(job.key)
+        st.caption(job_line(job, job.snapshot()))
+        if chat_id is not None and chat_id != state.current_chat_id() and st.button(
+            "Open this chat session", key=f"open:{job.id}", type="tertiary", icon=":material/forum:"
+        ):
+            state.set_current_chat(chat_id)
+            st.switch_page("views/ask.py")
+    for read in reads:
+        st.caption(read_line(read))

@@ -22,6 +22,12 @@ def job_key(chat_id: int) -> str:
     return f"ask:{chat_id}"
 
 
+def chat_of(key: str) -> int | None:
+    """The chat session of an answer's job key (None for other jobs)."""
+    kind, _, chat_id = key.partition(":")
+    return int(chat_id) if kind == "ask" and chat_id.isdigit() else None
+
+
 def current_chat(sessions: SessionStore) -> ChatSessionInfo:
     """The chat session this tab shows: the one chosen before, else the latest, else a new one."""
     chat_id = state.current_chat_id()
