@@ -1,7 +1,8 @@
 /* The AVX2 builds' shared parts of the MoE kernels (no bf16 dot-product instruction there): SwiGLU
- * and bf16 rounding of fp32 vectors, and dot products of bf16 weight rows with fp32 rows, out[g][n] = x[g] . w[n] for rows x[g] (tokens, or their SwiGLU
- * activations) and a weight matrix w [N, K] as stored (K contiguous). Decode calls it for a block
- * of weight rows and a few tokens; prefill for a whole expert and the tokens routed to it.
+ * and bf16 rounding of fp32 vectors, and dot products of bf16 weight rows with fp32 rows,
+ * out[g][n] = x[g] . w[n] for rows x[g] (tokens, or their SwiGLU activations) and a weight matrix
+ * w [N, K] as stored (K contiguous). Decode calls them for a block of weight rows and a few tokens;
+ * prefill for a whole expert and the tokens routed to it.
  *
  * Widening. One 256-bit load holds 16 bf16 weights (a step); unpacking its 16-bit values under
  * zeros gives two fp32 vectors, k 0-3 and 8-11 (low) and k 4-7 and 12-15 (high), with one shuffle
