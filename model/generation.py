@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .mtp import MtpCache, MtpRunner, mtp_block, state_mtp
 from .qwen3_next import LanguageModel
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
 from .state import ModelState
 
 DEFAULT_PREFILL_CHUNK = 2048
@@ -41,31 +42,41 @@ class Cancelled(Exception):
 def prefill(lm: LanguageModel, state: ModelState, token_ids: Sequence[int] | torch.Tensor, *,
             chunk_size: int = DEFAULT_PREFILL_CHUNK,
             progress: Callable[[PrefillProgress], None] | None = None,
-            cancel: threading.Event | None = None) -> torch.Tensor:
+            cancel: threading.Event | None = None, mtp: MtpCache | None = None) -> torch.Tensor:
     """Feed a batch-1 prompt in chunks; returns the last position's logits `[vocab]`.
 
     Memory stays bounded by the chunk: logits exist only for one position and attention
-    never sees more than `chunk_size` queries at once.
+    never sees more than `chunk_size` queries at once. The MTP cache (`mtp`, by default the one
+    the state carries) follows every chunk, so after the prompt it holds what token-by-token
+    processing would have put there, however the prompt was split or resumed.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1)
     total = ids.shape[1]
     if total == 0:
         raise ValueError("prefill needs at least one token")
     # Room for the whole prompt and a typical answer up front: growing by doubling would copy the
-    # K/V and hold old and new buffers at once, the peak of a long prefill. CPU states reserve
-    # address space for the model's whole context once (pages cost memory only when written),
-    # so neither this prompt nor any later one copies K/V to grow.
-    state.reserve(state.seen_tokens + total + ANSWER_ROOM, address_space=lm.config.context_limit)
+    # K/V and hold old and new buffers at once, the peak of a long prefill.
+    state.reserve(state.seen_tokens + total + ANSWER_ROOM)
     started = time.perf_counter()
+    mtp = mtp or state_mtp(lm, state)
+    runner = MtpRunner(lm, mtp_block(lm)) if mtp is not None else None
     logits = None
     for start in range(0, total, chunk_size):
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         chunk = ids[:, start:start + chunk_size]
+        position, normed = state.seen_tokens, None
         if start + chunk_size < total:
-            lm.hidden_states(chunk, state)  # only the last position's logits are wanted: no lm_head here
+            hidden = lm.hidden_states(chunk, state)  # only the last position's logits are wanted: no lm_head here
+            if runner is not None:
+                with torch.inference_mode():
+                    normed = lm.module.model.norm(hidden)
+        elif runner is not None:
+            logits, normed = lm.forward(chunk, state, last_only=True, with_normed=True)
         else:
             logits = lm.forward(chunk, state, last_only=True)
+        if runner is not None:
+            runner.follow(mtp, normed, chunk, position)
         if progress is not None:
             progress(PrefillProgress(min(start + chunk_size, total), total, time.perf_counter() - started))
     return logits[0, -1]
@@ -105,8 +116,13 @@ class Generation:
 
     The state is advanced in place by the prompt and by every generated token except the
     final stop token (which is sampled but never fed), so `state.seen_tokens` tells the
-    caller exactly what the state contains.
+    caller exactly what the state contains; an MTP cache the state carries follows it too.
     """
+
+    # Plain decoding is speculative decoding without drafts: one loop serves both.
+    drafter = None
+    draft_tokens = 0
+    max_verify_tokens = 1
 
     def __init__(self, lm: LanguageModel, state: ModelState, prompt_ids: Sequence[int],
                  settings: GenerationSettings = GenerationSettings(), *,
@@ -118,56 +134,9 @@ class Generation:
         self.result = GenerationResult(prompt_tokens=len(self.prompt_ids))
 
     def __iter__(self) -> Iterator[TextDelta]:
-        lm, settings, result = self.lm, self.settings, self.result
-        tokenizer = lm.tokenizer
-        stop_ids = set(tokenizer.eos_ids) | set(lm.config.eos_token_id)
-        think_start, think_end = tokenizer.think_start_id, tokenizer.think_end_id
-        sampler = Sampler(settings.sampling, lm.device)
-        decoder = tokenizer.stream_decoder()
-        channel = "reasoning" if settings.thinking else "answer"
-        started = time.perf_counter()
-        try:
-            logits = prefill(lm, self.state, self.prompt_ids, chunk_size=settings.prefill_chunk,
-                             progress=self.progress, cancel=self.cancel)
-        except Cancelled:
-            result.finish_reason = "cancelled"
-            return
-        history = torch.tensor(self.prompt_ids, dtype=torch.long)
-        first_token_at = None
-        while True:
-            token = sampler.sample(logits, history if settings.sampling.repetition_penalty != 1.0 else None)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-                result.time_to_first_token_s = first_token_at - started
-            result.token_ids.append(token)
-            if token in stop_ids:
-                result.finish_reason = "stop"
-                break
-            if token == think_start:
-                channel = "reasoning"
-            elif token == think_end:
-                channel = "answer"
-            else:
-                text = decoder.push(token)
-                if text:
-                    delta = self._append(text, channel, token)
-                    if delta is not None and delta.text:
-                        yield delta
-                    if result.finish_reason:
-                        break
-            if len(result.token_ids) >= settings.max_new_tokens:
-                result.finish_reason = "length"
-                break
-            if self.cancel.is_set():
-                result.finish_reason = "cancelled"
-                break
-            if settings.sampling.repetition_penalty != 1.0:
-                history = torch.cat([history, torch.tensor([token])])
-            logits = lm.forward(torch.tensor([[token]]), self.state, last_only=True)[0, -1]
-        generated = len(result.token_ids)
-        decode_time = time.perf_counter() - (first_token_at or started)
-        if generated > 1 and decode_time > 0:
-            result.decode_tokens_per_s = (generated - 1) / decode_time
+        from .decoding import DecodeLoop  # builds on this module
+
+        yield from DecodeLoop(self).run()
 
     def _append(self, text: str, channel: str, token: int) -> TextDelta | None:
         """Add streamed text to the result, cutting the answer at the first stop string."""

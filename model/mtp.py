@@ -18,18 +18,15 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import FULL_ATTENTION, ModelConfig
 from .layers import DecoderLayer, Linear, ZeroCenteredRMSNorm
 from .loader import LoadError, fill_module
 from .qwen3_next import LanguageModel
-from .state import AttentionLayerState, LayerState, ModelState, StateError, empty_kv
+from .state import AttentionLayerState, LayerState, LinearLayerState, ModelState, empty_kv
 
 MTP_PREFIX = "mtp."
 
@@ -112,108 +109,132 @@ def mtp_block(lm: LanguageModel) -> MtpBlock | None:
         return block
 
 
-@dataclass
-class MtpCache:
-    """The MTP layer's K/V plus the main model's hidden state still waiting for its next token.
+# A state of a model with an MTP block carries the block's part as two entries after the model's
+# layers: its K/V (an attention layer) and the pending hidden state (stored as a linear layer).
+# Checkpoints, forks, clones and saved files then handle them as they handle any layer.
+MTP_STATE_LAYERS = 2
 
-    kv: K/V `[B, KVH, capacity, D]` with `length` entries used, for the consecutive positions
-    `next_position - length .. next_position - 1`. A cache started on a restored plain state has
-    no entries for the positions before it, which only costs the drafts some context.
-    hidden: `[B, H]` final-normed main hidden state at `hidden_position` (or None): the pair
-    (hidden, next token) is the first input of the block once that token is known.
+
+class MtpCache:
+    """The MTP block's K/V plus the main model's hidden state still waiting for its next token.
+
+    kv: K/V `[B, KVH, capacity, D]`. The pair (hidden at t, token at t + 1), placed at position t,
+    is stored at index t + 1, the index of its token: the block's K/V then cover the same indices
+    `[0, seen_tokens)` as the model's attention layers (index 0 stays empty), so a checkpoint's
+    segment for those indices holds the pairs it completed. Entries are the consecutive positions
+    `first_position .. next_position - 1`; a cache started on a state the block had not followed
+    has none for the positions before it, which only costs the drafts some context.
+    pending: `conv` is the final-normed hidden `[B, H]` at `hidden_position`, the first input of
+    the block once the next token is known; `recurrent` holds (first_position, next_position,
+    hidden_position) as fp32 `[3]` (exact far beyond any context), hidden_position -1 for none.
     """
 
-    kv: AttentionLayerState
-    length: int = 0
-    next_position: int = 0
-    hidden: torch.Tensor | None = None
-    hidden_position: int = -1
+    def __init__(self, kv: AttentionLayerState, pending: LinearLayerState):
+        self.kv, self.pending = kv, pending
+
+    @classmethod
+    def new(cls, lm: LanguageModel, batch_size: int = 1, position: int = 0) -> MtpCache:
+        cfg = lm.config
+        kv = empty_kv(batch_size, cfg.num_key_value_heads, cfg.head_dim, lm.dtype, lm.device)
+        hidden = torch.zeros(batch_size, cfg.hidden_size, dtype=lm.dtype, device=lm.device)
+        marks = torch.tensor([position, position, -1], dtype=torch.float32, device=lm.device)
+        return cls(kv, LinearLayerState(hidden, marks))
+
+    def _marks(self) -> list[int]:
+        return [int(x) for x in self.pending.recurrent.tolist()]
+
+    @torch.inference_mode()
+    def _set_marks(self, first: int, next_position: int, hidden_position: int) -> None:
+        self.pending.recurrent.copy_(torch.tensor([first, next_position, hidden_position], dtype=torch.float32))
 
     @property
     def first_position(self) -> int:
-        """Position of the oldest entry: entries always cover `first_position..next_position-1`."""
-        return self.next_position - self.length
+        return self._marks()[0]
+
+    @property
+    def next_position(self) -> int:
+        return self._marks()[1]
+
+    @property
+    def hidden_position(self) -> int:
+        return self._marks()[2]
+
+    @property
+    def length(self) -> int:
+        first, next_position, _ = self._marks()
+        return next_position - first
+
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        """`[B, H]` at `hidden_position`, or None."""
+        return self.pending.conv if self.hidden_position >= 0 else None
+
+    def in_step(self, seen_tokens: int) -> bool:
+        """Whether the cache has followed a state of `seen_tokens` tokens: every pair it completed
+        is in, and the hidden of its last position waits for the next token."""
+        _, next_position, hidden_position = self._marks()
+        return seen_tokens > 0 and next_position == hidden_position == seen_tokens - 1
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V `[B, KVH, length, D]` of positions `first_position .. next_position - 1`."""
+        first, next_position, _ = self._marks()
+        return self.kv.key[:, :, first + 1:next_position + 1], self.kv.value[:, :, first + 1:next_position + 1]
+
+    def move_to(self, position: int) -> None:
+        """Make `position` the next entry's: forget entries from it on; one past the end (the state
+        moved on without the block) or before the first starts the entries afresh there."""
+        first, next_position, hidden_position = self._marks()
+        if not first <= position <= next_position:
+            first = position
+        self._set_marks(first, position, hidden_position)
 
     def truncate_from(self, position: int) -> None:
         """Forget the entries at `position` and later."""
-        if position <= self.first_position:
-            self.length = 0
-        else:
-            self.length -= max(0, self.next_position - position)
-        self.next_position = min(self.next_position, position) if self.length else position
+        first, next_position, hidden_position = self._marks()
+        self._set_marks(min(first, position), min(next_position, position), hidden_position)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The live part, named `mtp.{key,value,hidden,positions}` as a saved state stores it."""
-        named = {f"mtp.{name}": t for name, t in self.kv.tensors(self.length).items()}
-        named["mtp.positions"] = torch.tensor([self.length, self.next_position, self.hidden_position])
-        if self.hidden is not None:
-            named["mtp.hidden"] = self.hidden
-        return named
+    def window(self, position: int, count: int) -> tuple[AttentionLayerState, int]:
+        """The K/V seen by entries `position .. position + count - 1` (after `move_to(position)`):
+        a view starting at `first_position`, with room for them, and the entries before them."""
+        first = self.first_position
+        self.kv.ensure_capacity(position + count + 1)
+        view = AttentionLayerState(self.kv.key[:, :, first + 1:], self.kv.value[:, :, first + 1:])
+        return view, position - first
 
-    def to(self, device: torch.device | str, copy: bool = False) -> MtpCache:
-        """K/V are always copied (only the used part), like `ModelState.to` does for attention."""
-        key = _moved(self.kv.key[:, :, :self.length], device, True)
-        value = _moved(self.kv.value[:, :, :self.length], device, True)
-        hidden = None if self.hidden is None else _moved(self.hidden, device, copy)
-        return MtpCache(AttentionLayerState(key, value), self.length, self.next_position, hidden,
-                        self.hidden_position)
+    def advanced(self, count: int) -> None:
+        first, next_position, hidden_position = self._marks()
+        self._set_marks(first, next_position + count, hidden_position)
 
+    @torch.inference_mode()
+    def keep_hidden(self, hidden: torch.Tensor, position: int) -> None:
+        """hidden `[B, H]`: the final-normed main hidden at `position`, waiting for its next token."""
+        self.pending.conv.copy_(hidden)
+        first, next_position, _ = self._marks()
+        self._set_marks(first, next_position, position)
 
-def _moved(tensor: torch.Tensor, device: torch.device | str, copy: bool) -> torch.Tensor:
-    moved = tensor.to(device)
-    return moved.clone() if copy and moved.data_ptr() == tensor.data_ptr() else moved
+    def layers(self) -> list[LayerState]:
+        return [self.kv, self.pending]
 
 
 def new_mtp_cache(lm: LanguageModel, batch_size: int = 1, position: int = 0) -> MtpCache:
-    cfg = lm.config
-    return MtpCache(empty_kv(batch_size, cfg.num_key_value_heads, cfg.head_dim, lm.dtype, lm.device),
-                    next_position=position)
+    return MtpCache.new(lm, batch_size, position)
 
 
-class SpeculativeState(ModelState):
-    """A `ModelState` that also carries the MTP layer's cache, through clone, to, save and load.
+def state_mtp(lm: LanguageModel, state: ModelState) -> MtpCache | None:
+    """The MTP cache `state` carries, or None (an older state, or a model without an MTP block,
+    which cannot keep one in step)."""
+    if len(state.layers) != lm.config.num_hidden_layers + MTP_STATE_LAYERS or mtp_block(lm) is None:
+        return None
+    kv, pending = state.layers[-MTP_STATE_LAYERS:]
+    return MtpCache(kv, pending)
 
-    Its files are ordinary saved states with extra `mtp.*` tensors: `ModelState.load` reads them
-    (ignoring the MTP part) and `SpeculativeState.load` reads either kind.
-    """
 
-    def __init__(self, layers: list[LayerState], fingerprint: str, seen_tokens: int = 0,
-                 mtp: MtpCache | None = None):
-        super().__init__(layers, fingerprint, seen_tokens)
-        self.mtp = mtp
-
-    @classmethod
-    def wrap(cls, state: ModelState, mtp: MtpCache | None = None) -> SpeculativeState:
-        """Shares `state`'s layer tensors (no copy); use the returned object from then on."""
-        return cls(state.layers, state.fingerprint, state.seen_tokens, mtp)
-
-    def layer_tensors(self) -> dict[str, torch.Tensor]:
-        named = super().layer_tensors()
-        if self.mtp is not None:
-            named.update(self.mtp.tensors())
-        return named
-
-    def to(self, device: torch.device | str, copy: bool = False) -> SpeculativeState:
-        moved = super().to(device, copy)
-        mtp = None if self.mtp is None else self.mtp.to(device, copy)
-        return SpeculativeState(moved.layers, moved.fingerprint, moved.seen_tokens, mtp)
-
-    @classmethod
-    def load(cls, path: str | Path, fingerprint: str, device: torch.device | str = "cpu") -> SpeculativeState:
-        state = super().load(path, fingerprint, device)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                names = set(handle.keys())
-                if "mtp.positions" not in names:
-                    return cls.wrap(state)
-                length, next_position, hidden_position = handle.get_tensor("mtp.positions").tolist()
-                key = handle.get_tensor("mtp.key").to(device)
-                value = handle.get_tensor("mtp.value").to(device)
-                hidden = handle.get_tensor("mtp.hidden").to(device) if "mtp.hidden" in names else None
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise StateError(f"Cannot read the MTP part of the saved state {path}: {exc}") from exc
-        mtp = MtpCache(AttentionLayerState(key, value), length, next_position, hidden, hidden_position)
-        return cls.wrap(state, mtp)
+def with_mtp(lm: LanguageModel, state: ModelState) -> ModelState:
+    """`state` with an MTP cache when the model has an MTP block (added in place, starting at
+    the state's position, if the state has none)."""
+    if mtp_block(lm) is not None and state_mtp(lm, state) is None:
+        state.layers.extend(MtpCache.new(lm, state.batch_size, state.seen_tokens).layers())
+    return state
 
 
 class MtpRunner:
@@ -226,19 +247,28 @@ class MtpRunner:
     def extend(self, cache: MtpCache, hidden: torch.Tensor, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """hidden `[B, T, H]` at positions `position..position+T-1`, tokens `[B, T]` (each the token
         after its hidden's position) -> the block's normed outputs `[B, T, H]`."""
-        if position < cache.next_position:
-            cache.truncate_from(position)
-        elif position > cache.next_position:
-            # Entries must stay consecutive; a jump (the state moved on without the block) starts afresh.
-            cache.length = 0
         length = tokens.shape[1]
+        cache.move_to(position)
+        kv, past = cache.window(position, length)
         positions = torch.arange(position, position + length, device=self.lm.device)
         rope = self.lm.rotary.cos_sin(positions, self.lm.dtype)
         embeds = self.lm.module.model.embed_tokens(tokens.to(self.lm.device))
-        out = self.block(embeds, hidden.to(self.lm.dtype), rope, cache.kv, cache.length)
-        cache.length += length
-        cache.next_position = position + length
+        out = self.block(embeds, hidden.to(self.lm.dtype), rope, kv, past)
+        cache.advanced(length)
         return out
+
+    @torch.inference_mode()
+    def follow(self, cache: MtpCache, normed: torch.Tensor, tokens: torch.Tensor, position: int) -> None:
+        """The main model consumed `tokens` `[B, T]` at `position..position+T-1`, giving the
+        final-normed hidden states `normed` `[B, T, H]`: add every pair they complete (the pending
+        hidden's first, if the cache is in step) and keep the last hidden pending."""
+        if cache.in_step(position):
+            self.extend(cache, torch.cat([cache.hidden[:, None], normed[:, :-1]], dim=1), tokens, position - 1)
+        elif tokens.shape[1] > 1:
+            self.extend(cache, normed[:, :-1], tokens[:, 1:], position)
+        else:
+            cache.move_to(position)
+        cache.keep_hidden(normed[:, -1], position + tokens.shape[1] - 1)
 
     @torch.inference_mode()
     def logits(self, out: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,10 @@ class LanguageModel:
                 layers.append(LinearLayerState(conv, recurrent))
             else:
                 layers.append(empty_kv(batch_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device))
-        return ModelState(layers, self.fingerprint)
+        from .mtp import with_mtp  # imports this module
+
+        # The MTP block's K/V and pending hidden follow every prefill, so drafts see the whole context.
+        return with_mtp(self, ModelState(layers, self.fingerprint))
 
     def load_state(self, path: str | Path) -> ModelState:
         return ModelState.load(path, self.fingerprint, self.device)
@@ -103,23 +106,27 @@ class LanguageModel:
         if batch != state.batch_size:
             raise ValueError(f"input batch {batch} does not match the state's batch {state.batch_size}.")
         past = state.seen_tokens
+        # States of a model with an MTP block carry its cache after the model's layers.
+        layer_states = state.layers[:len(self.module.model.layers)]
         positions = torch.arange(past, past + length, device=self.device)
         rope = self.rotary.cos_sin(positions, self.dtype)
         if self.few_tokens is not None and self.few_tokens.takes(input_ids):
-            x = self.few_tokens.hidden_states(input_ids, rope, state.layers, past)
+            x = self.few_tokens.hidden_states(input_ids, rope, layer_states, past)
         else:
             x = self.module.model.embed_tokens(input_ids)
-            for layer, layer_state in zip(self.module.model.layers, state.layers, strict=True):
+            for layer, layer_state in zip(self.module.model.layers, layer_states, strict=True):
                 x = layer(x, rope, layer_state, past)
         state.seen_tokens = past + length
         return x
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, state: ModelState, last_only: bool = False) -> torch.Tensor:
-        """input_ids `[B, T]` -> logits `[B, T, vocab]` (or `[B, 1, vocab]` with `last_only`)."""
+    def forward(self, input_ids: torch.Tensor, state: ModelState, last_only: bool = False,
+                with_normed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids `[B, T]` -> logits `[B, T, vocab]` (or `[B, 1, vocab]` with `last_only`);
+        `with_normed` also returns the final-normed hidden states `[B, T, hidden]` of every
+        position (what the MTP block reads)."""
         hidden = self.hidden_states(input_ids, state)
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.module.lm_head(self.module.model.norm(hidden))
+        logits = self.module.lm_head(self.module.model.norm(hidden[:, -1:] if last_only else hidden))
+        return (logits, self.module.model.norm(hidden)) if with_normed else logits
 
     __call__ = forward

@@ -14,33 +14,24 @@ verification and put back. The accepted tokens are then not re-fed at once: they
 `pending` and lead the next verification forward, which is nearly free on a memory-bound decode;
 when `pending` would make a verification longer than `max_verify_tokens`, they are fed at once.
 
-The MTP block keeps its own K/V (in `SpeculativeState.mtp`, or a private cache for a plain
-state); it is extended only with pairs whose tokens are final, so it never needs a rollback.
+The MTP block keeps its own K/V (in the state, or a private cache for a state without one); it
+is extended only with pairs whose tokens are final, so it never needs a rollback. The decode loop
+itself (shared with plain decoding) is `model.decoding.DecodeLoop`.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from kernels.linear import uses_native
 from kernels.native import FEW_TOKENS
 
-from .generation import (
-    Cancelled,
-    Generation,
-    GenerationResult,
-    GenerationSettings,
-    PrefillProgress,
-    TextDelta,
-)
-from .mtp import MtpCache, MtpRunner, SpeculativeState, mtp_block, new_mtp_cache
+from .generation import Generation, GenerationResult, GenerationSettings, PrefillProgress
+from .mtp import MtpCache, MtpRunner, mtp_block, state_mtp
 from .qwen3_next import LanguageModel
-from .sampling import Sampler
 from .state import LinearLayerState, ModelState
 
 # A forward over at most this many tokens rounds each row as a one-token step does, where the
@@ -164,21 +155,18 @@ class Drafter:
     answer, then proposes tokens for the positions after the newest token.
     """
 
-    def start(self, lm: LanguageModel, state: ModelState) -> torch.Tensor | None:
-        """Called before the prompt is fed; returns the final-normed hidden `[B, H]` at position
-        `state.seen_tokens - 1` if the state kept it (the first pair then includes it)."""
+    def start(self, lm: LanguageModel, state: ModelState) -> MtpCache | None:
+        """Called before the prompt is fed; returns the MTP cache this drafter extends in `draft`
+        (the decode loop then leaves it to the drafter), or None."""
         return None
 
-    def draft(self, hidden: torch.Tensor, tokens: Sequence[int], position: int, count: int,
+    def draft(self, hidden: torch.Tensor | None, tokens: Sequence[int], position: int, count: int,
               pick: Pick) -> tuple[list[int], torch.Tensor | None]:
-        """hidden `[T, H]` final-normed main hidden states at positions `position..position+T-1`;
-        tokens: the T tokens that followed them. Returns up to `count` drafts for the positions after
+        """hidden `[T, H]` final-normed main hidden states at positions `position..position+T-1`
+        (None only for the first pair of an answer when no MTP cache follows the state); tokens:
+        the T tokens that followed them. Returns up to `count` drafts for the positions after
         `position + T` and their draft distributions `[n, V]` (None when chosen deterministically)."""
         return [], None
-
-    def finish(self, state: ModelState, hidden: torch.Tensor | None) -> None:
-        """The answer is over and `state` holds exactly what it should; `hidden` `[B, H]` is the
-        final-normed hidden at position `state.seen_tokens - 1`."""
 
 
 class MtpDrafter(Drafter):
@@ -188,24 +176,17 @@ class MtpDrafter(Drafter):
         self.runner = MtpRunner(lm, block)
         self.cache: MtpCache | None = None
 
-    def start(self, lm: LanguageModel, state: ModelState) -> torch.Tensor | None:
-        seen = state.seen_tokens
-        cache = state.mtp if isinstance(state, SpeculativeState) else None
-        if cache is None:
-            cache = new_mtp_cache(lm, state.batch_size, seen)
-            if isinstance(state, SpeculativeState):
-                state.mtp = cache
-        self.cache = cache
-        if cache.hidden is not None and cache.hidden_position == seen - 1:
-            return cache.hidden
-        return None
+    def start(self, lm: LanguageModel, state: ModelState) -> MtpCache:
+        # A state without an MTP cache (saved by an older version) gets a private one from here on.
+        self.cache = state_mtp(lm, state) or MtpCache.new(lm, state.batch_size, state.seen_tokens)
+        return self.cache
 
     def draft(self, hidden: torch.Tensor, tokens: Sequence[int], position: int, count: int,
               pick: Pick) -> tuple[list[int], torch.Tensor | None]:
         cache, runner = self.cache, self.runner
         ids = torch.tensor([list(tokens)], dtype=torch.long)
         out = runner.extend(cache, hidden[None], ids, position)[:, -1:]
-        committed = cache.length, cache.next_position
+        committed = cache.next_position
         drafts: list[int] = []
         probs: list[torch.Tensor | None] = []
         for index in range(count):
@@ -216,15 +197,9 @@ class MtpDrafter(Drafter):
                 # Later drafts feed the block's own output back, one position further on.
                 out = runner.extend(cache, out, torch.tensor([[token]]), cache.next_position)
         # Entries written for the drafts are speculative; the next call overwrites them.
-        cache.length, cache.next_position = committed
+        cache.move_to(committed)
         stacked = torch.stack(probs) if probs and probs[0] is not None else None
         return drafts, stacked
-
-    def finish(self, state: ModelState, hidden: torch.Tensor | None) -> None:
-        cache = self.cache
-        cache.truncate_from(state.seen_tokens - 1)
-        cache.hidden = None if hidden is None else hidden.clone()
-        cache.hidden_position = state.seen_tokens - 1 if hidden is not None else -1
 
 
 def default_drafter(lm: LanguageModel) -> Drafter | None:
@@ -233,14 +208,20 @@ def default_drafter(lm: LanguageModel) -> Drafter | None:
     return None if block is None else MtpDrafter(lm, block)
 
 
-def snapshot_linear_layers(state: ModelState) -> list[tuple[LinearLayerState, torch.Tensor, torch.Tensor]]:
-    """Copies of every Gated DeltaNet layer's conv and recurrent state (attention K/V need none)."""
+LinearSnapshot = list[tuple[LinearLayerState, torch.Tensor, torch.Tensor]]
+
+
+def snapshot_linear_layers(state: ModelState, model_layers: int | None = None) -> LinearSnapshot:
+    """Copies of every Gated DeltaNet layer's conv and recurrent state (attention K/V need none).
+
+    model_layers: how many of `state.layers` are the model's; the MTP cache after them is left
+    out (its drafter keeps it in step, and a rollback must not undo that).
+    """
     return [(layer, layer.conv.clone(), layer.recurrent.clone())
-            for layer in state.layers if isinstance(layer, LinearLayerState)]
+            for layer in state.layers[:model_layers] if isinstance(layer, LinearLayerState)]
 
 
-def restore_linear_layers(state: ModelState, snapshot: list[tuple[LinearLayerState, torch.Tensor, torch.Tensor]],
-                          seen_tokens: int) -> None:
+def restore_linear_layers(state: ModelState, snapshot: LinearSnapshot, seen_tokens: int) -> None:
     """Put a snapshot back and truncate attention to `seen_tokens` (the snapshot is used up)."""
     for layer, conv, recurrent in snapshot:
         layer.conv, layer.recurrent = conv, recurrent
@@ -254,9 +235,9 @@ class SpeculativeGeneration(Generation):
     ends and carries acceptance statistics. Without a drafter (a checkpoint without `mtp.*`
     tensors) or with `draft_tokens=0` it decodes exactly like `Generation`.
 
-    Pass a `SpeculativeState` to keep the MTP layer's K/V with the state (so a saved and
-    restored conversation drafts with full context); a plain `ModelState` works too, with the MTP
-    cache starting at its current position.
+    States from `lm.new_state()` carry the MTP block's K/V, which every prefill extends, so the
+    drafts see the whole context, also after a checkpoint or a saved state is restored; a state
+    without it works too, with a private MTP cache starting at its current position.
     """
 
     def __init__(self, lm: LanguageModel, state: ModelState, prompt_ids: Sequence[int],
@@ -281,203 +262,3 @@ class SpeculativeGeneration(Generation):
             speculation=AcceptanceStats(self.draft_tokens) if self.drafter is not None else None,
         )
 
-    def __iter__(self) -> Iterator[TextDelta]:
-        if self.drafter is None:
-            yield from super().__iter__()
-            return
-        yield from _SpeculativeRun(self).run()
-
-
-class _SpeculativeRun:
-    """The decode loop of one `SpeculativeGeneration` (kept apart to keep its bookkeeping local)."""
-
-    def __init__(self, generation: SpeculativeGeneration):
-        self.gen = generation
-        self.lm, self.state, self.drafter = generation.lm, generation.state, generation.drafter
-        self.k = generation.draft_tokens
-        self.settings, self.result = generation.settings, generation.result
-        self.stats: AcceptanceStats = generation.result.speculation
-        self.sampler = Sampler(self.settings.sampling, self.lm.device)
-        self.penalize = self.settings.sampling.repetition_penalty != 1.0
-        self.history = list(generation.prompt_ids)
-        tokenizer = self.lm.tokenizer
-        self.stop_ids = set(tokenizer.eos_ids) | set(self.lm.config.eos_token_id)
-        self.think_start, self.think_end = tokenizer.think_start_id, tokenizer.think_end_id
-        self.decoder = tokenizer.stream_decoder()
-        self.channel = "reasoning" if self.settings.thinking else "answer"
-        self.first_token_at: float | None = None
-
-    # Model calls: the same embedding, norm and lm_head calls as `LanguageModel.forward`.
-
-    @torch.inference_mode()
-    def _feed(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance the state by `tokens`; returns (final-normed hidden `[T, H]`, pre-norm `[1, T, H]`)."""
-        hidden = self.lm.hidden_states(torch.tensor([list(tokens)], dtype=torch.long), self.state)
-        return self.lm.module.model.norm(hidden)[0], hidden
-
-    @torch.inference_mode()
-    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Pre-norm hidden `[1, T, H]` -> logits `[V]` of the last position, as `forward(last_only=True)`."""
-        return self.lm.module.lm_head(self.lm.module.model.norm(hidden[:, -1:]))[0, -1]
-
-    @torch.inference_mode()
-    def _row_logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Final-normed rows `[T, H]` -> logits `[T, V]`.
-
-        The small-row kernel (bf16 on CPU) gives each row the bits of a one-token step. Otherwise
-        `W @ x.T` keeps the cost flat in T: on CPU, fp32 `linear` over 2-4 rows takes a path about
-        three times slower than over one row, which would eat the gain of verifying at once.
-        """
-        head = self.lm.module.lm_head
-        if uses_native(normed, head.weight):
-            return head(normed)
-        return (head.weight @ normed.T).T
-
-    def _history(self, extra: Sequence[int] = ()) -> torch.Tensor | None:
-        return torch.tensor(self.history + list(extra), dtype=torch.long) if self.penalize else None
-
-    def _pick(self, logits: torch.Tensor, previous: list[int]) -> tuple[int, torch.Tensor | None]:
-        history = self._history(previous)
-        if self.sampler.params.greedy:
-            return self.sampler.sample(logits, history), None
-        q = self.sampler.probabilities(logits, history)
-        return int(torch.multinomial(q, 1, generator=self.sampler.generator)), q
-
-    def _verify(self, logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None) -> tuple[int, int]:
-        """logits `[k + 1, V]` of the verification rows -> (accepted drafts, the model's next token)."""
-        if self.sampler.params.greedy:
-            for index, token in enumerate(drafts):
-                target = self.sampler.sample(logits[index], self._history(drafts[:index]))
-                if target != token:
-                    return index, target
-            return len(drafts), self.sampler.sample(logits[len(drafts)], self._history(drafts))
-        return verify_sampled(
-            drafts, lambda i: self.sampler.probabilities(logits[i], self._history(drafts[:i])), draft_probs,
-            self.sampler.generator,
-        )
-
-    def _emit(self, token: int) -> Iterator[TextDelta]:
-        """Record one generated token exactly as `Generation` does; sets `result.finish_reason` to end."""
-        result, settings = self.result, self.settings
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-            result.time_to_first_token_s = self.first_token_at - self.started
-        result.token_ids.append(token)
-        self.history.append(token)
-        if token in self.stop_ids:
-            result.finish_reason = "stop"
-            return
-        if token == self.think_start:
-            self.channel = "reasoning"
-        elif token == self.think_end:
-            self.channel = "answer"
-        else:
-            text = self.decoder.push(token)
-            if text:
-                delta = self.gen._append(text, self.channel, token)
-                if delta is not None and delta.text:
-                    yield delta
-                if result.finish_reason:
-                    return
-        if len(result.token_ids) >= settings.max_new_tokens:
-            result.finish_reason = "length"
-        elif self.gen.cancel.is_set():
-            result.finish_reason = "cancelled"
-
-    def _prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed the prompt in chunks, giving the MTP block every (hidden, next token) pair.
-
-        Returns (logits `[V]` at the last prompt position, its final-normed hidden `[B, H]`).
-        """
-        lm, state, prompt = self.lm, self.state, self.gen.prompt_ids
-        if not prompt:
-            raise ValueError("prefill needs at least one token")
-        chunk_size = self.settings.prefill_chunk
-        carry = self.drafter.start(lm, state)
-        total, started = len(prompt), time.perf_counter()
-        for start in range(0, total, chunk_size):
-            if self.gen.cancel.is_set():
-                raise Cancelled(carry)
-            chunk = prompt[start:start + chunk_size]
-            first = state.seen_tokens
-            normed, hidden = self._feed(chunk)
-            if carry is not None:
-                pairs, tokens, position = torch.cat([carry, normed[:-1]]), chunk, first - 1
-            else:
-                pairs, tokens, position = normed[:-1], chunk[1:], first
-            if tokens:
-                self.drafter.draft(pairs, tokens, position, 0, self._pick)
-            carry = normed[-1:]
-            if self.gen.progress is not None:
-                self.gen.progress(PrefillProgress(min(start + chunk_size, total), total, time.perf_counter() - started))
-        return self._last_logits(hidden), carry
-
-    def run(self) -> Iterator[TextDelta]:
-        result, state, k = self.result, self.state, self.k
-        self.started = time.perf_counter()
-        try:
-            logits, carry = self._prefill()
-        except Cancelled as stop:
-            result.finish_reason = "cancelled"
-            self.drafter.finish(state, stop.args[0] if stop.args else None)
-            return
-        token = self.sampler.sample(logits, self._history())
-        yield from self._emit(token)
-        if result.finish_reason:
-            self.drafter.finish(state, carry)
-            self._set_rate()
-            return
-        base = state.seen_tokens
-        pending = [token]
-        drafts, draft_probs = self.drafter.draft(carry, [token], base - 1, k, self._pick)
-        while True:
-            seq, checked = pending + drafts, len(drafts)
-            last_at = base + len(pending) - 1
-            snapshot = snapshot_linear_layers(state) if drafts else None
-            normed, hidden = self._feed(seq)
-            # A lone token is a plain decode step: same logits call as `Generation`.
-            logits = self._row_logits(normed[len(pending) - 1:]) if checked else self._last_logits(hidden)[None]
-            accepted, token = self._verify(logits, drafts, draft_probs)
-            if checked:
-                self.stats.record(checked, accepted)
-            new = drafts[:accepted] + [token]
-            for index, emitted in enumerate(new):
-                yield from self._emit(emitted)
-                if result.finish_reason:
-                    self._settle(snapshot, base, seq, normed, last_at, new[:index], fed_all=accepted == checked)
-                    self._set_rate()
-                    return
-            rows = normed[len(pending) - 1:len(pending) + accepted]
-            drafts, draft_probs = self.drafter.draft(rows, new, last_at, k, self._pick)
-            if accepted == checked:
-                base, pending = base + len(seq), [token]
-                continue
-            restore_linear_layers(state, snapshot, base)
-            pending = pending + new
-            if len(pending) + len(drafts) > self.gen.max_verify_tokens:
-                self._feed(pending[:-1])
-                base, pending = state.seen_tokens, [token]
-
-    def _settle(self, snapshot: list[tuple[LinearLayerState, torch.Tensor, torch.Tensor]] | None, base: int,
-                seq: list[int], normed: torch.Tensor, last_at: int, before_final: list[int], fed_all: bool) -> None:
-        """Leave the state holding everything but the final token, and the MTP cache in step with it.
-
-        before_final: the tokens emitted in this step before the final one (positions
-        `last_at + 1...`); `normed` `[len(seq), H]` are the verification's hidden states.
-        """
-        state = self.state
-        final_at = last_at + 1 + len(before_final)
-        if not (fed_all and base + len(seq) == final_at):
-            restore_linear_layers(state, snapshot, base)
-            self._feed(seq[:final_at - base])
-        # The MTP cache has pairs up to last_at - 1; add the ones up to the final token's predecessor.
-        offset = last_at - base
-        if before_final:
-            self.drafter.draft(normed[offset:offset + len(before_final)], before_final, last_at, 0, self._pick)
-        self.drafter.finish(state, normed[final_at - 1 - base:final_at - base])
-
-    def _set_rate(self) -> None:
-        generated = len(self.result.token_ids)
-        decode_time = time.perf_counter() - (self.first_token_at or self.started)
-        if generated > 1 and decode_time > 0:
-            self.result.decode_tokens_per_s = (generated - 1) / decode_time

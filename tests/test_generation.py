@@ -86,6 +86,8 @@ def test_cancellation_during_decode(demo_lm):
 class ScriptedModel:
     """Wraps a real model but forces the tokens it "predicts", to drive stop handling."""
 
+    extra_tensors: dict = {}  # no MTP block
+
     def __init__(self, lm, script: list[int]):
         self._lm, self.script = lm, list(script)
         self.config, self.device, self.tokenizer = lm.config, lm.device, lm.tokenizer

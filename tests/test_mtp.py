@@ -14,7 +14,7 @@ from kernels.attention import native as attention_native
 from kernels.linear import native as linear_native
 from model import Generation, GenerationSettings, LoadError, ModelConfig, ModelState, SamplingParams, load_model
 from model.demo import DEMO_CONFIG, random_weights
-from model.mtp import MtpRunner, SpeculativeState, mtp_block, new_mtp_cache
+from model.mtp import MTP_STATE_LAYERS, MtpRunner, mtp_block, new_mtp_cache, state_mtp
 from model.speculative import (
     Drafter,
     SpeculativeGeneration,
@@ -28,6 +28,10 @@ NEW_TOKENS = 8
 # states reached both ways agree to this. In bf16 on CPU the row-independent kernels make every
 # verification row round exactly as a decode step, so the states must be bitwise equal.
 STATE_ATOL = {torch.float32: 1e-4, torch.bfloat16: 0.0}
+# The MTP cache is built from different row groupings (one pass at the end of plain decoding,
+# step by step while drafting, chunk by chunk in prefill): in bf16 up to two bf16 steps at the
+# cache's magnitudes (|x| < 8).
+MTP_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2 * 2.0**-5}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,12 +85,47 @@ def exact_bf16_rows() -> bool:
 
 
 def assert_states_close(a: ModelState, b: ModelState) -> None:
+    """The model's layers agree to STATE_ATOL; an MTP cache after them (both carry one or neither)
+    to MTP_ATOL, with the same positions."""
     assert a.seen_tokens == b.seen_tokens
+    assert len(a.layers) == len(b.layers)
     ours, theirs = a.layer_tensors(), b.layer_tensors()
     # Recurrent states are fp32 in every model; conv tails and K/V carry the model's dtype.
     model_dtype = torch.bfloat16 if any(t.dtype == torch.bfloat16 for t in theirs.values()) else torch.float32
+    mtp_layers = {f"layers.{len(b.layers) - i}." for i in range(1, MTP_STATE_LAYERS + 1)}
     for name, tensor in theirs.items():
-        torch.testing.assert_close(ours[name], tensor, atol=STATE_ATOL[model_dtype], rtol=0)
+        in_mtp = any(name.startswith(prefix) for prefix in mtp_layers) and has_mtp_cache(b)
+        atol = (MTP_ATOL if in_mtp else STATE_ATOL)[model_dtype]
+        torch.testing.assert_close(ours[name], tensor, atol=atol, rtol=0)
+
+
+def has_mtp_cache(state: ModelState) -> bool:
+    """Whether the state ends with an MTP cache (its pending hidden is `[B, H]`, unlike a conv tail)."""
+    last = state.layers[-1]
+    return hasattr(last, "conv") and last.conv.dim() == 2
+
+
+def mtp_reference(lm, sequence: list[int]):
+    """The MTP cache of one pass over `sequence`: (cache, final-normed hidden `[1, T, H]`)."""
+    ids = torch.tensor([sequence])
+    normed = lm.module.model.norm(lm.hidden_states(ids, lm.new_state()))
+    reference = new_mtp_cache(lm)
+    MtpRunner(lm, mtp_block(lm)).extend(reference, normed[:, :-1], ids[:, 1:], 0)
+    return reference, normed
+
+
+def assert_mtp_close(lm, state: ModelState, sequence: list[int]) -> None:
+    """`state`'s MTP cache covers every pair of `sequence` (what the state consumed) and keeps its
+    last hidden, as one MTP pass over it would."""
+    assert state.seen_tokens == len(sequence)
+    cache = state_mtp(lm, state)
+    assert cache is not None and cache.in_step(state.seen_tokens)
+    assert (cache.first_position, cache.length) == (0, state.seen_tokens - 1)
+    reference, normed = mtp_reference(lm, sequence)
+    atol = MTP_ATOL[lm.dtype]
+    for ours, theirs in zip(cache.entries(), reference.entries(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
+    torch.testing.assert_close(cache.hidden, normed[:, -1], atol=atol, rtol=0)
 
 
 def speculative(lm, state, prompt, **kwargs):
@@ -225,7 +264,7 @@ def test_demo_writer_leaves_out_mtp_when_asked():
 @pytest.mark.parametrize("draft_tokens", [1, 3])
 def test_greedy_with_mtp_equals_plain(lm, prompt, plain, draft_tokens):
     tokens, plain_state = plain
-    state = SpeculativeState.wrap(lm.new_state())
+    state = lm.new_state()
     result = speculative(lm, state, prompt, draft_tokens=draft_tokens)
     assert result.token_ids == tokens
     assert result.text == lm.tokenizer.decode(tokens)
@@ -234,29 +273,17 @@ def test_greedy_with_mtp_equals_plain(lm, prompt, plain, draft_tokens):
     assert stats.steps > 0 and stats.proposed == sum(stats.proposed_at) and stats.draft_tokens == draft_tokens
     assert_states_close(state, plain_state)
     # The MTP cache covers every pair of the sequence and keeps the last hidden for the next turn.
-    seen = state.seen_tokens
-    assert (state.mtp.length, state.mtp.next_position, state.mtp.hidden_position) == (seen - 1, seen - 1, seen - 1)
+    assert_mtp_close(lm, state, prompt + tokens[:-1])
 
 
 def test_mtp_cache_equals_one_pass_over_the_sequence(lm, prompt, plain):
-    """The K/V built step by step, through rollbacks, equal one MTP pass over the final sequence."""
-    tokens, _ = plain
-    state = SpeculativeState.wrap(lm.new_state())
+    """The K/V built step by step, through rollbacks, equal one MTP pass over the final sequence;
+    so do those plain decoding builds in one pass at the end of the answer."""
+    tokens, plain_state = plain
+    state = lm.new_state()
     speculative(lm, state, prompt, draft_tokens=2)
-    sequence = torch.tensor([prompt + tokens[:-1]])
-    normed = lm.module.model.norm(lm.hidden_states(sequence, lm.new_state()))
-    reference = new_mtp_cache(lm)
-    out = MtpRunner(lm, mtp_block(lm)).extend(reference, normed[:, :-1], sequence[:, 1:], 0)
-    length = state.mtp.length
-    assert reference.length == length
-    # The one pass is a long prefill, which rounds differently from decode steps: in bf16 that is
-    # up to two bf16 steps at the cache's magnitudes (|x| < 8).
-    atol = 1e-4 if lm.dtype == torch.float32 else 2 * 2.0**-5
-    torch.testing.assert_close(state.mtp.kv.key[:, :, :length], reference.kv.key[:, :, :length], atol=atol, rtol=0)
-    torch.testing.assert_close(state.mtp.kv.value[:, :, :length], reference.kv.value[:, :, :length],
-                               atol=atol, rtol=0)
-    torch.testing.assert_close(state.mtp.hidden, normed[:, -1], atol=atol, rtol=0)
-    assert out.shape == (1, length, lm.config.hidden_size)
+    assert_mtp_close(lm, state, prompt + tokens[:-1])
+    assert_mtp_close(lm, plain_state, prompt + tokens[:-1])
 
 
 def test_greedy_from_restored_state_equals_plain(lm, prompt, plain, tmp_path):
@@ -273,26 +300,27 @@ def test_greedy_from_restored_state_equals_plain(lm, prompt, plain, tmp_path):
     assert_states_close(restored, expected_state)
 
 
-def test_speculative_state_saves_and_restores_the_mtp_cache(lm, prompt, plain, tmp_path):
+def test_saved_and_forked_states_carry_the_mtp_cache(lm, prompt, plain, tmp_path):
     tokens, _ = plain
-    state = SpeculativeState.wrap(lm.new_state())
+    state = lm.new_state()
     speculative(lm, state, prompt)
     path = tmp_path / "turn1.safetensors"
     state.save(path)
-    loaded = SpeculativeState.load(path, lm.fingerprint)
-    assert ModelState.load(path, lm.fingerprint).seen_tokens == state.seen_tokens  # still a plain state file
-    for source in (loaded, state.clone()):
-        mtp = source.mtp
-        assert (mtp.length, mtp.next_position, mtp.hidden_position) == (
-            state.mtp.length, state.mtp.next_position, state.mtp.hidden_position)
-        assert torch.equal(mtp.kv.key[:, :, :mtp.length], state.mtp.kv.key[:, :, :mtp.length])
-        assert torch.equal(mtp.hidden, state.mtp.hidden)
-    assert state.nbytes() > lm.new_state().nbytes()
+    cache = state_mtp(lm, state)
+    for source in (lm.load_state(path), state.clone(), state.checkpoint().fork()):
+        copy = state_mtp(lm, source)
+        assert (copy.first_position, copy.next_position, copy.hidden_position) == (
+            cache.first_position, cache.next_position, cache.hidden_position)
+        for ours, theirs in zip(copy.entries(), cache.entries(), strict=True):
+            assert torch.equal(ours, theirs)
+        assert torch.equal(copy.hidden, cache.hidden)
     follow_up = lm.tokenizer.turn("user", "And the penalties?") + lm.tokenizer.generation_prompt()
     settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
     expected = Generation(lm, lm.load_state(path), follow_up, settings).run().token_ids
-    assert SpeculativeGeneration(lm, loaded, follow_up, settings).run().token_ids == expected
-    assert loaded.mtp.next_position == loaded.seen_tokens - 1
+    loaded = lm.load_state(path)
+    answer = SpeculativeGeneration(lm, loaded, follow_up, settings).run().token_ids
+    assert answer == expected
+    assert_mtp_close(lm, loaded, prompt + tokens[:-1] + follow_up + answer[:-1])
 
 
 # Rollback, forced by scripted drafts
@@ -370,7 +398,7 @@ def test_answer_ending_inside_a_step_leaves_the_plain_state(lm, prompt, plain, m
     """With 3 perfect drafts a step emits 4 tokens; the length limit cuts it after each of them."""
     tokens, _ = plain
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    state = SpeculativeState.wrap(lm.new_state())
+    state = lm.new_state()
     result = SpeculativeGeneration(lm, state, prompt, settings, draft_tokens=3,
                                    drafter=ScriptedDrafter(prompt + tokens)).run()
     expected_state = lm.new_state()
