@@ -29,7 +29,9 @@ class Settings:
     # quantized); "bf16" dequantizes; "int8"/"int4" quantize the large layers while loading.
     weights: str = ""
     context_limit: int = 0
-    memory_cache_mb: int = 2048
+    # Memory tier of the model-state cache; -1: a quarter of the memory available at start-up
+    # (app.services.state_cache.default_memory_budget), 0: none.
+    memory_cache_mb: int = -1
     disk_cache_mb: int = 20480
     upload_limit_mb: int = 200
     host: str = "127.0.0.1"

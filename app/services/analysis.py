@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model import Generation, GenerationSettings, ModelState, PrefillProgress, SamplingParams, prefill
+from model.checkpoint import Checkpoint
 from model.demo import demo_notice, is_demo_checkpoint
 from model.generation import DEFAULT_PREFILL_CHUNK
 from model.generation import Cancelled as PrefillCancelled
@@ -80,7 +81,7 @@ class RunReport:
 
 class AnalysisService:
     def __init__(self, lm, documents, sessions, summaries, blobs=None, *, context_limit: int = 0,
-                 memory_budget_bytes: int = 2 << 30, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 memory_budget_bytes: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_new_tokens: int = 1024,
                  sampling: SamplingParams | None = None, draft_tokens: int = 0):
         self.lm, self.documents, self.sessions, self.summaries = lm, documents, sessions, summaries
@@ -220,25 +221,18 @@ class AnalysisService:
 
     def _answer_locked(self, segments, keys, depends_on, report, progress, cancel):
         started = time.perf_counter()
-        covered, state = self.cache.longest_prefix(keys)
-        state = state or self.lm.new_state()
-        report.cached_tokens = state.seen_tokens
-        remaining = sum(len(s.ids) for s in segments[covered:])
-        report.prefill_tokens = remaining
-        done_before = 0
-        for index in range(covered, len(segments)):
-            segment = segments[index]
-
-            def segment_progress(p: PrefillProgress, offset=done_before):
-                if progress is not None:
-                    progress(PrefillProgress(offset + p.done, remaining, p.elapsed_s))
-
-            prefill(self.lm, state, segment.ids, chunk_size=self.prefill_chunk, progress=segment_progress,
-                    cancel=cancel)
-            done_before += len(segment.ids)
-            if segment.kind != "question" or index < len(segments) - 1:
-                self.cache.put(keys[index], state, depends_on)
-        before_answer = state.clone()
+        restored = self.cache.restore(keys)
+        # Checkpoints made on top of a disk checkpoint still being verified wait for its check.
+        held: list | None = None if restored.trusted else []
+        state = self._prefill_segments(segments, keys, restored.covered, restored.state, depends_on, report,
+                                       progress, cancel, held)
+        if not restored.verified():
+            # A block of a restored file was damaged: nothing computed from it is shown or kept.
+            held = None
+            state = self._prefill_segments(segments, keys, 0, None, depends_on, report, progress, cancel, held)
+        for key, checkpoint in held or ():
+            self.cache.put(key, checkpoint, depends_on)
+        before_answer = state.checkpoint()
         settings = GenerationSettings(sampling=self.sampling, max_new_tokens=self.max_new_tokens,
                                       prefill_chunk=self.prefill_chunk)
         if self.draft_tokens:
@@ -255,13 +249,45 @@ class AnalysisService:
         report.answer_ids = result.token_ids
         self._checkpoint_turn(segments, before_answer, depends_on, result.text)
 
-    def _checkpoint_turn(self, segments, before_answer: ModelState, depends_on, answer_text: str):
+    def _prefill_segments(self, segments, keys, covered: int, state: ModelState | None, depends_on, report,
+                          progress, cancel, held: list | None) -> ModelState:
+        """Prefill `segments[covered:]` onto `state` (a new one if None), segment by segment.
+
+        The state after every segment but a final question is cached under its key, at once or,
+        with `held`, appended there as (key, checkpoint) for the caller to cache later.
+        """
+        state = state or self.lm.new_state()
+        report.cached_tokens = state.seen_tokens
+        remaining = sum(len(s.ids) for s in segments[covered:])
+        report.prefill_tokens = remaining
+        done_before = 0
+        for index in range(covered, len(segments)):
+            segment = segments[index]
+
+            def segment_progress(p: PrefillProgress, offset=done_before):
+                if progress is not None:
+                    progress(PrefillProgress(offset + p.done, remaining, p.elapsed_s))
+
+            prefill(self.lm, state, segment.ids, chunk_size=self.prefill_chunk, progress=segment_progress,
+                    cancel=cancel)
+            done_before += len(segment.ids)
+            if segment.kind != "question" or index < len(segments) - 1:
+                if held is None:
+                    self.cache.put(keys[index], state, depends_on)
+                else:
+                    held.append((keys[index], state.checkpoint()))
+        return state
+
+    def _checkpoint_turn(self, segments, before_answer: Checkpoint, depends_on, answer_text: str):
         """Cache the state after this turn in its canonical form, so a follow-up starts from it.
 
-        The answer segment is prefilled from the state before the answer, exactly as a
-        from-scratch run would, rather than continued from the decode steps: decode and
-        chunked prefill round differently, and a cached state must equal a recomputed one.
+        The answer segment is prefilled onto a fork of the state before the answer, exactly as
+        a from-scratch run would, rather than continued from the decode steps: decode and
+        chunked prefill round differently, and a cached state must equal a recomputed one. The
+        fork shares the earlier K/V; the disk copy (written in the background) holds only this
+        turn's question and answer.
         """
         canonical = answer_segment(self.tokenizer, answer_text)
-        prefill(self.lm, before_answer, canonical.ids, chunk_size=self.prefill_chunk)
-        self.cache.put(chain_keys(self.lm.fingerprint, [*segments, canonical])[-1], before_answer, depends_on)
+        state = before_answer.fork(self.lm.device)
+        prefill(self.lm, state, canonical.ids, chunk_size=self.prefill_chunk)
+        self.cache.put(chain_keys(self.lm.fingerprint, [*segments, canonical])[-1], state, depends_on)
