@@ -55,8 +55,10 @@ def prefill(lm: LanguageModel, state: ModelState, token_ids: Sequence[int] | tor
     if total == 0:
         raise ValueError("prefill needs at least one token")
     # Room for the whole prompt and a typical answer up front: growing by doubling would copy the
-    # K/V and hold old and new buffers at once, the peak of a long prefill.
-    state.reserve(state.seen_tokens + total + ANSWER_ROOM)
+    # K/V and hold old and new buffers at once, the peak of a long prefill. CPU states reserve
+    # address space for the model's whole context once (pages cost memory only when written),
+    # so neither this prompt nor any later one copies K/V to grow.
+    state.reserve(state.seen_tokens + total + ANSWER_ROOM, address_space=lm.config.context_limit)
     started = time.perf_counter()
     mtp = mtp or state_mtp(lm, state)
     runner = MtpRunner(lm, mtp_block(lm)) if mtp is not None else None
