@@ -4,13 +4,17 @@ At decode the module path spends ~1.7 ms a token on Python and dispatch around ~
 ops and kernel calls per layer. Here, for one sequence in bf16 on CPU with the native kernels
 present, a layer is ~10 kernel calls on buffers allocated once: the residual add fused into the next
 norm, the Gated DeltaNet projections read in their checkpoint layout, the key rotated straight
-into the K/V cache. The same kernels run in the same order on the same values, so hidden states and
-model states equal the module path's bit for bit (tests/test_few_tokens.py).
+into the K/V cache. Weights held quantized (fp8 blocks, int8, int4) take the quantized small-row
+kernel where bf16 ones take the bf16 one, and a sparse MoE block with quantized experts the
+quantized block kernel. The same kernels run in the same order on the same values, so hidden
+states and model states equal the module path's bit for bit (tests/test_few_tokens.py,
+tests/test_few_tokens_quantized.py).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -19,6 +23,9 @@ from kernels.gated_delta_rule import native as delta_native
 from kernels.gated_rmsnorm import native as norm_native
 from kernels.linear import native as linear_native
 from kernels.moe import native as moe_native
+from kernels.quant import QuantizedRows, QuantizedWeight
+from kernels.quant import moe_native as quant_moe
+from kernels.quant import native as quant_native
 from kernels.rotary import native as rotary_native
 
 from .config import ModelConfig
@@ -29,24 +36,49 @@ from .state import AttentionLayerState, LayerState, LinearLayerState
 MAX_TOKENS = 16
 
 
-def _kernels_present() -> bool:
-    return all(k() is not None for k in (
-        linear_native.kernel, norm_native.kernels, norm_native.add_kernel, delta_native.grouped_kernel,
-        moe_native.kernel, attention_native.kernel, rotary_native.kernel))
+def _kernels_present(quantized: bool) -> bool:
+    kernels = [linear_native.kernel, norm_native.kernels, norm_native.add_kernel, delta_native.grouped_kernel,
+               moe_native.kernel, attention_native.kernel, rotary_native.kernel]
+    if quantized:
+        kernels += [quant_native.kernel, lambda: quant_moe.available() or None]
+    return all(k() is not None for k in kernels)
+
+
+def _readable(weight: QuantizedWeight | QuantizedRows) -> bool:
+    """Whether the quantized kernels read this weight: on the CPU, int4 groups of whole steps."""
+    parts = weight.parts if isinstance(weight, QuantizedRows) else (weight,)
+    return all(part.device.type == "cpu" and quant_native.int4_group_fits(part) for part in parts)
 
 
 def _fits(module: torch.nn.Module, config: ModelConfig) -> bool:
-    """Whether every weight is a bf16 tensor and contiguous, no projection has a bias, and the widths are
-    ones the kernels take (multiples of 16, head dims up to the attention kernel's limit)."""
+    """Whether every weight is a contiguous bf16 tensor or a quantized weight the kernels read, a MoE
+    block with quantized weights is one the quantized block kernel takes, no projection has a bias,
+    and the widths are ones the kernels take (multiples of 16, head dims up to the attention kernel's
+    limit)."""
     widths = (config.hidden_size, config.head_dim, config.linear_value_head_dim, config.linear_key_head_dim)
+    probe = torch.zeros(1, config.hidden_size, dtype=torch.bfloat16)
     return (
         all(p.dtype == torch.bfloat16 and p.is_contiguous() and p.device.type == "cpu" for p in module.parameters())
-        and not quantized_weights(module)
+        and all(_readable(weight) for weight in quantized_weights(module))
+        and all(quant_moe.supports(probe, *block._native_weights(), top_k=block.gate.top_k)
+                for block in module.modules()
+                if isinstance(block, SparseMoE) and quantized_weights(block))
         and not config.attention_bias
         and all(width % 16 == 0 for width in widths)
         and config.head_dim <= attention_native.MAX_HEAD_DIM
         and config.num_experts_per_tok <= moe_native.MAX_TOP_K
     )
+
+
+Projection = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+def _projection(weight: torch.Tensor | QuantizedWeight) -> Projection:
+    """(x `[T, K]` bf16, out `[T, N]` bf16) -> out = x times weight `[N, K]`, by the kernel
+    `kernels.linear.linear` takes for a few rows of this weight."""
+    if isinstance(weight, QuantizedWeight):
+        return quant_native.BoundWeight(weight)
+    return lambda x, out: linear_native.linear_small_m(x, weight, torch.bfloat16, out=out)
 
 
 class _Rows:
@@ -94,7 +126,8 @@ class _LinearAttentionWeights:
     """A Gated DeltaNet block's tensors, read once (module attribute lookups cost more than the kernels)."""
 
     def __init__(self, block: GatedDeltaNet):
-        self.qkvz, self.ba, self.out = block.in_proj_qkvz.weight, block.in_proj_ba.weight, block.out_proj.weight
+        self.qkvz, self.ba, self.out = (_projection(block.in_proj_qkvz.weight), _projection(block.in_proj_ba.weight),
+                                        _projection(block.out_proj.weight))
         self.norm, self.norm_eps = block.norm.weight, block.norm.eps
         self.key_heads, self.key_dim, self.value_dim = block.key_heads, block.key_dim, block.value_dim
         # As GatedDeltaNet.forward computes them each call (same expressions, same bits).
@@ -105,8 +138,8 @@ class _LinearAttentionWeights:
 
 class _AttentionWeights:
     def __init__(self, block: GatedAttention):
-        self.q, self.k, self.v, self.o = (block.q_proj.weight, block.k_proj.weight, block.v_proj.weight,
-                                          block.o_proj.weight)
+        self.q, self.k, self.v, self.o = (_projection(block.q_proj.weight), _projection(block.k_proj.weight),
+                                          _projection(block.v_proj.weight), _projection(block.o_proj.weight))
         self.q_norm, self.k_norm, self.norm_eps = block.q_norm.weight, block.k_norm.weight, block.q_norm.eps
         self.scale = block.head_dim**-0.5
 
@@ -118,10 +151,14 @@ class _Layer:
                       else _AttentionWeights(layer.self_attn))
         self.post_norm, self.next_norm = layer.post_attention_layernorm.weight, next_norm
         mlp = layer.mlp
-        self.moe = None
-        if isinstance(mlp, SparseMoE):
+        # (x `[T, H]`, out `[T, H]`) -> out = the MoE block of x, by the kernel the module path takes.
+        self.moe: Callable[[torch.Tensor, torch.Tensor], object] | None = None
+        if isinstance(mlp, SparseMoE) and quantized_weights(mlp):
+            self.moe = mlp.quantized_block()
+        elif isinstance(mlp, SparseMoE):
             router, gate_up, down, *shared = mlp._native_weights()
-            self.moe = (router, mlp.gate.top_k, mlp.gate.normalize, gate_up, down, *shared)
+            block = (router, mlp.gate.top_k, mlp.gate.normalize, gate_up, down, *shared)
+            self.moe = lambda x, out: moe_native.sparse_moe(x, *block, out=out)
         self.dense = mlp
 
 
@@ -142,7 +179,7 @@ class FewTokenForward:
     @classmethod
     def build(cls, module: torch.nn.Module, config: ModelConfig) -> FewTokenForward | None:
         """The fast path for this model, or None where it cannot run (then the module path does)."""
-        if not _kernels_present() or not _fits(module, config):
+        if not _kernels_present(bool(quantized_weights(module))) or not _fits(module, config):
             return None
         return cls(module, config)
 
@@ -171,7 +208,7 @@ class FewTokenForward:
                 self._attention(layer.mixer, state, rows, rope, past)
             norm_native.add_rms_norm(residual, delta, layer.post_norm, self.eps, True, normed)
             if layer.moe is not None:
-                moe_native.sparse_moe(normed, *layer.moe, out=delta)
+                layer.moe(normed, out=delta)
             else:
                 delta.copy_(layer.dense(normed))
             norm_native.add_rms_norm(residual, delta, layer.next_norm, self.eps, True, normed)
@@ -181,8 +218,8 @@ class FewTokenForward:
     def _linear_attention(weights: _LinearAttentionWeights, state: LinearLayerState,
                           rows: dict[str, torch.Tensor]) -> None:
         normed, qkvz, ba = rows["normed"], rows["qkvz"], rows["ba"]
-        linear_native.linear_small_m(normed, weights.qkvz, torch.bfloat16, out=qkvz)
-        linear_native.linear_small_m(normed, weights.ba, torch.bfloat16, out=ba)
+        weights.qkvz(normed, qkvz)
+        weights.ba(normed, ba)
         if not (state.conv.is_contiguous() and state.recurrent.is_contiguous()):
             state.conv, state.recurrent = state.conv.contiguous(), state.recurrent.contiguous()
         delta_native.gated_delta_step_grouped(
@@ -190,15 +227,15 @@ class FewTokenForward:
             weights.key_heads, weights.key_dim, weights.value_dim, rows["core"])
         norm_native.gated_rms_norm(rows["core_grouped"], rows["z"], weights.norm, weights.norm_eps,
                                    out=rows["gated_grouped"])
-        linear_native.linear_small_m(rows["gated"], weights.out, torch.bfloat16, out=rows["delta"])
+        weights.out(rows["gated"], rows["delta"])
 
     @staticmethod
     def _attention(weights: _AttentionWeights, state: AttentionLayerState, rows: dict[str, torch.Tensor],
                    rope: tuple[torch.Tensor, torch.Tensor], past: int) -> None:
         normed = rows["normed"]
-        linear_native.linear_small_m(normed, weights.q, torch.bfloat16, out=rows["query_gate_flat"])
-        linear_native.linear_small_m(normed, weights.k, torch.bfloat16, out=rows["key_flat"])
-        linear_native.linear_small_m(normed, weights.v, torch.bfloat16, out=rows["value_flat"])
+        weights.q(normed, rows["query_gate_flat"])
+        weights.k(normed, rows["key_flat"])
+        weights.v(normed, rows["value_flat"])
         norm_native.rms_norm(rows["query_part"], weights.q_norm, weights.norm_eps, True, out=rows["query_normed"])
         norm_native.rms_norm(rows["key"], weights.k_norm, weights.norm_eps, True, out=rows["key_normed"])
         cos, sin = rope
@@ -210,4 +247,4 @@ class FewTokenForward:
         attention_native.native_causal_attention(rows["query_batch"], state.key[:, :, :total],
                                                  state.value[:, :, :total], weights.scale, gate=rows["gate"],
                                                  out=rows["attended_batch"])
-        linear_native.linear_small_m(rows["attended_flat"], weights.o, torch.bfloat16, out=rows["delta"])
+        weights.o(rows["attended_flat"], rows["delta"])

@@ -14,6 +14,7 @@ from kernels.gated_rmsnorm import add_rms_norm, gated_rms_norm, rms_norm
 from kernels.linear import linear
 from kernels.moe import moe_experts, moe_route
 from kernels.moe import native as moe_native
+from kernels.quant import moe_native as quant_moe
 from kernels.quant import prefill as quant_prefill
 from kernels.rotary import apply_rotary
 from kernels.rowwise import per_token
@@ -202,11 +203,21 @@ class SparseMoE(nn.Module):
         self.experts = Experts(config)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
+        self._quantized_block: quant_moe.QuantizedMoE | None = None
 
     def _native_weights(self) -> tuple[torch.Tensor, ...]:
         shared = self.shared_expert
         return (self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, shared.gate_proj.weight,
                 shared.up_proj.weight, shared.down_proj.weight, self.shared_expert_gate.weight)
+
+    def quantized_block(self) -> quant_moe.QuantizedMoE:
+        """The block's weights described once for the quantized MoE kernel (again if they were replaced)."""
+        weights = self._native_weights()
+        if self._quantized_block is None or not self._quantized_block.holds(weights):
+            router, gate_up, down, *shared = weights
+            self._quantized_block = quant_moe.QuantizedMoE(router, self.gate.top_k, self.gate.normalize, gate_up,
+                                                           down, *shared)
+        return self._quantized_block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -217,6 +228,9 @@ class SparseMoE(nn.Module):
             router, gate_up, down, *shared = block_weights
             return moe_native.sparse_moe(flat, router, self.gate.top_k, self.gate.normalize, gate_up, down,
                                          *shared).view(shape)
+        if quant_moe.supports(flat, *block_weights, top_k=self.gate.top_k):
+            # A few tokens over quantized weights: the whole block in one native call, as the few-token forward.
+            return self.quantized_block()(flat).view(shape)
         weights, experts = self.gate(flat)
         routed = self.experts(flat, weights, experts)
         gate = per_token(lambda tokens: torch.sigmoid(self.shared_expert_gate(tokens)), flat, dim=0)

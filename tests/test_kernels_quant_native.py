@@ -39,14 +39,12 @@ SHAPES = [(n, k) for n in (1, 7, 300) for k in (1, 129, 200, 257)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-@pytest.fixture(params=native.VARIANTS)
-def isa(request):
-    """Each build this CPU runs."""
-    if native.kernel(request.param) is None:
-        flags = " ".join(native_build.ISAS[request.param][1])
-        pytest.skip(f"the {request.param} build cannot run here: it needs a C compiler and a CPU with {flags} "
-                    "(and DOCANALYST_NATIVE unset)")
-    return request.param
+@pytest.fixture
+def isa(native_isa):
+    """Each build this CPU runs (passed explicitly too, so a test names the build it checks)."""
+    if native.kernel(native_isa) is None:
+        pytest.skip(f"the {native_isa} build cannot run here: it needs a C compiler (and DOCANALYST_NATIVE unset)")
+    return native_isa
 
 
 def weight_of(format_name: str, shape: tuple[int, int], scale_dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -214,6 +212,20 @@ def test_every_build_compiles(isa_name):
 
 def test_each_build_is_the_instruction_set_it_claims(isa):
     assert native.lanes(isa) == {"avx512": 16, "avx2": 8}[isa]
+
+
+@pytest.mark.parametrize("format_name", FORMATS)
+def test_a_bound_weight_gives_the_kernels_bits(isa, format_name):
+    """BoundWeight (the few-token forward's calls) converts the arguments once, with the same result."""
+    weight = weight_of(format_name, (300, 257), torch.bfloat16)
+    bias = torch.randn(300, dtype=torch.bfloat16)
+    bound = native.BoundWeight(weight, bias)
+    x = random_x(5, 257, torch.bfloat16)
+    out = torch.empty(5, 300, dtype=torch.bfloat16)
+    assert bound(x, out, isa=isa, threads=2) is out
+    assert torch.equal(out, native.quantized_linear_small_m(x, weight, bias, out_dtype=torch.bfloat16, isa=isa))
+    with pytest.raises(ValueError):
+        native.BoundWeight(weight_of(INT4, (30, 64), group=48))
 
 
 def test_quantized_linear_takes_the_native_kernel_for_a_few_rows():

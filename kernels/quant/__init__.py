@@ -1,7 +1,10 @@
 """Weights held quantized (official FP8 blocks, int8 per channel, int4 per group) and the linear
 layer over them. Layouts are in `formats.py`; `reference.py` is the exact definition; `native.py`
-binds the C kernel that takes decode and draft-verification calls (up to 16 rows) on the CPU;
-`triton_quant.py` is the CUDA path (weights decoded tile by tile inside one tiled GEMM).
+binds the C kernel that takes decode and draft-verification calls (up to 16 rows) on the CPU, and
+`moe_native.py` the one that runs a whole sparse MoE block with quantized experts for such calls
+(`moe_reference.py` defines it); both read the weights through the dot products of `quant_dot.h`.
+`prefill.py` takes longer calls on the CPU; `triton_quant.py` is the CUDA path (weights decoded
+tile by tile inside one tiled GEMM).
 """
 
 from __future__ import annotations

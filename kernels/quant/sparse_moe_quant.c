@@ -1,0 +1,301 @@
+/* The sparse MoE block of Qwen3-Next / Qwen3.5 for a few tokens (decode, draft verification) in one
+ * call, its weights read straight from their stored bytes (fp8 blocks, int8, int4, or bf16 as
+ * stored: see quant_dot.h): router, top-k, the chosen experts' gate/up projections, SwiGLU and down
+ * projections, and the shared expert scaled by its sigmoid gate.
+ *
+ * Rounding follows the module path's steps (router logits, projections, SiLU and its product with
+ * up, expert outputs and weighted outputs rounded to bf16; the routed sum in fp32 in ascending
+ * expert order, rounded once; then the gated shared expert added in bf16), as the bf16 block kernel
+ * does. Every product is one of quant_dot.h's fixed fp32 chains per output, so a token's bits do
+ * not depend on the other tokens of the call (which rows share a pass over an expert's weights) or
+ * on the thread count (which thread takes which block of weight rows).
+ *
+ * Memory. The tokens' work is grouped by expert: each chosen expert's weights are read once per call
+ * however many tokens chose it. One OpenMP region per call runs three steps of products (the router,
+ * the shared expert's gate/up and its gate logit; every chosen expert's gate/up; every down
+ * projection), each shared out over the threads as one list of weight-row blocks in contiguous runs,
+ * so a thread streams long runs of weights between few barriers.
+ */
+#include <omp.h>
+#include <stdint.h>
+
+#include "quant_dot.h"
+
+/* One weight as the Python side describes it (moe_native.py's WEIGHT_FIELDS, same order): a matrix
+ * [rows, columns], or a stack of them, one per expert, `expert_bytes` / `expert_scales` apart. */
+typedef struct {
+    int64_t format, data, scale, scale_bf16, rows, columns, row_bytes, scale_stride, group, expert_bytes,
+        expert_scales;
+} weight_ref;
+
+enum { ROUTER, GATE, UP, DOWN, SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_EXPERT_GATE, WEIGHT_COUNT };
+
+#define MAX_TOP_K 64
+
+/* Rows of prepared activations: one layout for int4 weights, another for the rest (prepare_row). */
+static inline int layout_of(int64_t format) { return format == FORMAT_INT4; }
+
+/* The product of `w` (expert `expert` of a stack) with the M prepared rows `x` into the fp32 rows `y`. */
+static problem product(const weight_ref *w, int64_t expert, const float *const *x, int64_t M, float *const *y) {
+    const char *scale = (const char *)(uintptr_t)w->scale;
+    problem p = { (int)w->format, x, prepared_width(w->columns), M, w->columns, w->rows,
+                  (const uint8_t *)(uintptr_t)w->data + expert * w->expert_bytes, w->row_bytes,
+                  scale == NULL ? NULL : scale + expert * w->expert_scales * (w->scale_bf16 ? 2 : 4),
+                  (int)w->scale_bf16, w->scale_stride, w->group, NULL, 0, (void *const *)y, 0 };
+    return p;
+}
+
+/* A step's products; `first[i]` counts the row blocks before product i. */
+typedef struct {
+    problem *items;
+    int64_t count;
+    int64_t *first;
+} step;
+
+static void number_blocks(step *s) {
+    s->first[0] = 0;
+    for (int64_t i = 0; i < s->count; i++) s->first[i + 1] = s->first[i] + row_blocks(&s->items[i]);
+}
+
+/* The step's row blocks, in order, split over the team in contiguous runs; ends with a barrier. */
+static void team_products(const step *s, float *scratch) {
+    int threads = omp_get_num_threads(), index = omp_get_thread_num();
+    int64_t total = s->first[s->count], per = (total + threads - 1) / threads;
+    int64_t begin = index * per, end = begin + per < total ? begin + per : total;
+    for (int64_t i = 0; i < s->count && begin < end; i++) {
+        int64_t lo = begin > s->first[i] ? begin : s->first[i], hi = end < s->first[i + 1] ? end : s->first[i + 1];
+        if (lo < hi) run_blocks(&s->items[i], lo - s->first[i], hi - s->first[i], scratch);
+    }
+#pragma omp barrier
+}
+
+/* A token's routing from its fp32 router logits (overwritten): softmax over the bf16-rounded logits
+ * in fp32; the top-k (the lowest id first among equal probabilities), listed in ascending expert
+ * id (the order their outputs are added in), and their weights in bf16, renormalised to sum to one
+ * with `normalize`. */
+static void route_token(float *logits, int64_t E, int64_t topk, int normalize, int64_t *chosen, float *weight) {
+    float best = -INFINITY, sum = 0.0f, picked_sum = 0.0f, picked[MAX_TOP_K];
+    for (int64_t e = 0; e < E; e++) {
+        logits[e] = round_bf16(logits[e]);
+        best = logits[e] > best ? logits[e] : best;
+    }
+    for (int64_t e = 0; e < E; e++) sum += (logits[e] = expf(logits[e] - best));
+    for (int64_t e = 0; e < E; e++) logits[e] /= sum;
+    for (int64_t j = 0; j < topk; j++) {
+        int64_t arg = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (logits[e] >= 0.0f && (arg < 0 || logits[e] > logits[arg])) arg = e;
+        chosen[j] = arg;
+        picked[j] = logits[arg];
+        picked_sum += picked[j];
+        logits[arg] = -1.0f; /* taken */
+    }
+    for (int64_t a = 1; a < topk; a++)
+        for (int64_t b = a; b > 0 && chosen[b] < chosen[b - 1]; b--) {
+            int64_t id = chosen[b]; chosen[b] = chosen[b - 1]; chosen[b - 1] = id;
+            float p = picked[b]; picked[b] = picked[b - 1]; picked[b - 1] = p;
+        }
+    for (int64_t j = 0; j < topk; j++) weight[j] = round_bf16(normalize ? picked[j] / picked_sum : picked[j]);
+}
+
+/* silu(gate) * up as on bf16 tensors (gate, up and silu(gate) rounded to bf16, then the product),
+ * written over `gate` [width]. */
+static void swiglu(float *gate, const float *up, int64_t width) {
+    for (int64_t i = 0; i < width; i++) {
+        float g = round_bf16(gate[i]);
+        float silu = round_bf16(g / (1.0f + expf(-g)));
+        gate[i] = round_bf16(silu * round_bf16(up[i]));
+    }
+}
+
+/* Work buffers of one call, sized for `T` tokens. */
+typedef struct {
+    float *x[2];          /* the tokens' x prepared in each layout [T, x_width] */
+    float *logits;        /* [T, E] */
+    float *gate_logit;    /* [T] */
+    int64_t *chosen;      /* [T, topk] */
+    float *weight;        /* [T, topk] */
+    float *proj;          /* per slot (token t's j-th expert at t * topk + j, its shared expert at
+                             T * topk + t): gate/up projection [2 * proj_half] */
+    float *act;           /* per slot: SwiGLU prepared for its down projection [act_width] */
+    float *down;          /* per slot: down projection [H] */
+    float *scratch;       /* per thread: fp8's scaled x [QUANT_MAX_ROWS, scratch_width] */
+    problem *items;       /* the products of a step */
+    int64_t *first;
+    const float **x_rows; /* row pointers of the products */
+    float **y_rows;
+    int64_t *order;       /* routed slots by (expert, token) */
+} buffers;
+
+/* x [T, H] bf16 (T <= QUANT_MAX_ROWS) -> out [T, H] bf16 with the weights `w` [WEIGHT_COUNT]:
+ * router [E, H]; gate and up [E, I, H] stacks; down [E, H, I] stack; shared gate/up [S, H];
+ * shared down [H, S]; shared expert gate [1, H]. */
+static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t topk, int normalize, uint16_t *out,
+                      int threads) {
+    const int64_t E = w[ROUTER].rows, H = w[ROUTER].columns, I = w[GATE].rows, S = w[SHARED_GATE].rows;
+    const int64_t routed = T * topk, slots = routed + T;
+    const int64_t x_width = prepared_width(H), proj_half = I > S ? I : S;
+    const int64_t act_width = prepared_width(proj_half), scratch_width = x_width > act_width ? x_width : act_width;
+    /* Step 1: router, shared gate, shared up, shared expert gate; step 2: gate and up of each routed
+     * (expert, token) run; step 3: down of each run and the shared down. */
+    const int64_t max_items = 2 * routed + 4;
+    if (threads < 1) threads = 1;
+    buffers b;
+    size_t floats = (size_t)(2 * T * x_width + T * E + T + routed + slots * (2 * proj_half + act_width + H) +
+                             threads * QUANT_MAX_ROWS * scratch_width);
+    float *pool = malloc(sizeof(float) * floats);
+    void *pointers = malloc(sizeof(int64_t) * (size_t)(2 * max_items + 1 + 2 * routed) +
+                            sizeof(problem) * (size_t)max_items + sizeof(void *) * (size_t)(4 * slots + 8 * T));
+    if (pool == NULL || pointers == NULL) {
+        free(pool);
+        free(pointers);
+        return -1;
+    }
+    b.x[0] = pool;
+    b.x[1] = b.x[0] + T * x_width;
+    b.logits = b.x[1] + T * x_width;
+    b.gate_logit = b.logits + T * E;
+    b.weight = b.gate_logit + T;
+    b.proj = b.weight + routed;
+    b.act = b.proj + slots * 2 * proj_half;
+    b.down = b.act + slots * act_width;
+    b.scratch = b.down + slots * H;
+    b.chosen = pointers;
+    b.order = b.chosen + routed;
+    b.first = b.order + routed;
+    b.items = (problem *)(b.first + 2 * max_items + 1);
+    b.x_rows = (const float **)(b.items + max_items);
+    b.y_rows = (float **)(b.x_rows + 2 * slots + 4 * T);
+    step first = { b.items, 0, b.first }, second = first, third = first;
+
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = b.scratch + omp_get_thread_num() * QUANT_MAX_ROWS * scratch_width;
+#pragma omp single
+        {
+            const float **xr = b.x_rows;
+            float **yr = b.y_rows;
+            for (int64_t t = 0; t < T; t++)
+                for (int layout = 0; layout < 2; layout++)
+                    prepare_row(x + t * H, 1, H, layout ? FORMAT_INT4 : FORMAT_BF16, b.x[layout] + t * x_width,
+                                x_width);
+            /* Step 1 for every token at once: each weight's rows of x, then its output rows. */
+            static const int shared_inputs[4] = { ROUTER, SHARED_GATE, SHARED_UP, SHARED_EXPERT_GATE };
+            for (int i = 0; i < 4; i++) {
+                const weight_ref *ref = &w[shared_inputs[i]];
+                for (int64_t t = 0; t < T; t++) {
+                    xr[t] = b.x[layout_of(ref->format)] + t * x_width;
+                    float *shared_proj = b.proj + (routed + t) * 2 * proj_half;
+                    yr[t] = i == 0 ? b.logits + t * E : i == 1 ? shared_proj : i == 2 ? shared_proj + S
+                                                                                        : b.gate_logit + t;
+                }
+                first.items[first.count++] = product(ref, 0, xr, T, yr);
+                xr += T;
+                yr += T;
+            }
+            number_blocks(&first);
+        }
+        team_products(&first, scratch);
+#pragma omp single
+        {
+            for (int64_t t = 0; t < T; t++)
+                route_token(b.logits + t * E, E, topk, normalize, b.chosen + t * topk, b.weight + t * topk);
+            /* Routed slots ordered by expert, then token: each expert's tokens share one pass. */
+            for (int64_t s = 0; s < routed; s++) {
+                int64_t key = b.chosen[s] * T + s / topk, at = s;
+                for (; at > 0 && b.chosen[b.order[at - 1]] * T + b.order[at - 1] / topk > key; at--)
+                    b.order[at] = b.order[at - 1];
+                b.order[at] = s;
+            }
+            second.items = b.items;
+            second.count = 0;
+            const float **xr = b.x_rows;
+            float **yr = b.y_rows;
+            for (int64_t start = 0, end; start < routed; start = end) {
+                int64_t expert = b.chosen[b.order[start]];
+                for (end = start; end < routed && b.chosen[b.order[end]] == expert;) end++;
+                int64_t count = end - start;
+                for (int64_t i = 0; i < count; i++) {
+                    int64_t slot = b.order[start + i], token = slot / topk;
+                    xr[i] = b.x[layout_of(w[GATE].format)] + token * x_width;
+                    xr[count + i] = b.x[layout_of(w[UP].format)] + token * x_width;
+                    yr[i] = b.proj + slot * 2 * proj_half;
+                    yr[count + i] = b.proj + slot * 2 * proj_half + I;
+                }
+                second.items[second.count++] = product(&w[GATE], expert, xr, count, yr);
+                second.items[second.count++] = product(&w[UP], expert, xr + count, count, yr + count);
+                xr += 2 * count;
+                yr += 2 * count;
+            }
+            number_blocks(&second);
+        }
+        team_products(&second, scratch);
+#pragma omp for schedule(static)
+        for (int64_t slot = 0; slot < slots; slot++) {
+            int shared = slot >= routed;
+            int64_t width = shared ? S : I;
+            float *gate = b.proj + slot * 2 * proj_half;
+            swiglu(gate, gate + width, width);
+            prepare_row(gate, 0, width, (int)w[shared ? SHARED_DOWN : DOWN].format, b.act + slot * act_width,
+                        act_width);
+        }
+#pragma omp single
+        {
+            third.items = b.items;
+            third.count = 0;
+            const float **xr = b.x_rows;
+            float **yr = b.y_rows;
+            for (int64_t start = 0, end; start < routed; start = end) {
+                int64_t expert = b.chosen[b.order[start]];
+                for (end = start; end < routed && b.chosen[b.order[end]] == expert; end++) {
+                    xr[end - start] = b.act + b.order[end] * act_width;
+                    yr[end - start] = b.down + b.order[end] * H;
+                }
+                third.items[third.count++] = product(&w[DOWN], expert, xr, end - start, yr);
+                xr += end - start;
+                yr += end - start;
+            }
+            for (int64_t t = 0; t < T; t++) {
+                xr[t] = b.act + (routed + t) * act_width;
+                yr[t] = b.down + (routed + t) * H;
+            }
+            third.items[third.count++] = product(&w[SHARED_DOWN], 0, xr, T, yr);
+            number_blocks(&third);
+        }
+        team_products(&third, scratch);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float g = round_bf16(b.gate_logit[t]);
+            float gate = round_bf16(1.0f / (1.0f + expf(-g)));
+            const float *shared = b.down + (routed + t) * H;
+            for (int64_t h = 0; h < H; h++) {
+                float total = 0.0f;
+                for (int64_t j = 0; j < topk; j++)
+                    total += round_bf16(round_bf16(b.down[(t * topk + j) * H + h]) * b.weight[t * topk + j]);
+                out[t * H + h] = float_to_bf16(round_bf16(total) + round_bf16(gate * round_bf16(shared[h])));
+            }
+        }
+    }
+    free(pool);
+    free(pointers);
+    return 0;
+}
+
+/* Which build this is: 16 lanes (AVX-512) or 8 (AVX2). */
+void sparse_moe_quant_lanes(int32_t *lanes) { *lanes = LANES; }
+
+/* x [T, H] bf16 -> out [T, H] bf16 through the MoE block whose WEIGHT_COUNT weights `w` describes
+ * (see moe_tokens), top-k experts a token (at most MAX_TOP_K), over up to `threads` threads.
+ * Tokens go through in runs of QUANT_MAX_ROWS. Returns 0, or -1 when work buffers cannot be
+ * allocated or top-k is out of range. */
+int sparse_moe_quant(const uint16_t *x, int64_t T, const int64_t *w, int64_t topk, int normalize, uint16_t *out,
+                     int threads) {
+    const weight_ref *weights = (const weight_ref *)w;
+    if (topk < 1 || topk > MAX_TOP_K || topk > weights[ROUTER].rows) return -1;
+    int64_t H = weights[ROUTER].columns;
+    for (int64_t t0 = 0; t0 < T; t0 += QUANT_MAX_ROWS) {
+        int64_t count = T - t0 < QUANT_MAX_ROWS ? T - t0 : QUANT_MAX_ROWS;
+        if (moe_tokens(x + t0 * H, count, weights, topk, normalize, out + t0 * H, threads) != 0) return -1;
+    }
+    return 0;
+}
