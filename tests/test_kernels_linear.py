@@ -169,3 +169,21 @@ def test_bf16_products_without_native_bf16_are_fp32_rounded_once(rows, columns, 
     # fp32 sums of `depth` products, then one bf16 rounding: within half a bf16 step plus fp32 error.
     step = torch.finfo(torch.bfloat16).eps * exact.abs()
     assert ((out.double() - exact).abs() <= 0.5 * step + 1e-5 * depth * (x.double().abs() @ weight.double().abs().T)).all()
+
+
+def test_widened_linear_passes_gradients_through_every_tile():
+    """The widened path writes tiles into their output columns: gradients still reach x, every weight
+    tile and the bias, equal to the fp32 products' gradients rounded to bf16."""
+    import kernels.linear as linear_module
+
+    generator = torch.Generator().manual_seed(7)
+    rows, columns, depth = 5, linear_module.WIDEN_ROWS + 37, 24
+    x = torch.randn(rows, depth, generator=generator).bfloat16().requires_grad_()
+    weight = torch.randn(columns, depth, generator=generator).bfloat16().requires_grad_()
+    bias = torch.randn(columns, generator=generator).bfloat16().requires_grad_()
+    upstream = torch.randn(rows, columns, generator=generator).bfloat16()
+    linear_module._linear_widened(x, weight, bias).backward(upstream)
+    up = upstream.float()
+    assert torch.equal(bias.grad, up.sum(0).bfloat16())
+    assert torch.equal(weight.grad, (up.T @ x.detach().float()).bfloat16())
+    torch.testing.assert_close(x.grad.float(), up @ weight.detach().float(), rtol=1e-2, atol=1e-2)

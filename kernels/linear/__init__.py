@@ -36,14 +36,19 @@ WIDEN_ROWS = 1024
 
 def _linear_widened(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`linear` for bf16 x and weight on CPUs without native bf16 products: fp32 products of x and
-    fp32 tiles of the weight, rounded once to bf16 (autograd flows through the conversions)."""
+    fp32 tiles of the weight, each rounded once to bf16 straight into its columns of the output
+    (no concatenation pass; autograd flows through the conversions and the column copies)."""
     flat = x.reshape(-1, x.shape[-1]).float()
-    parts = []
-    for start in range(0, weight.shape[0], WIDEN_ROWS):
-        tile = weight[start:start + WIDEN_ROWS].float()
-        parts.append(F.linear(flat, tile, None if bias is None else bias[start:start + WIDEN_ROWS].float()).to(x.dtype))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    out_features = weight.shape[0]
+    if out_features <= WIDEN_ROWS:
+        out = F.linear(flat, weight.float(), None if bias is None else bias.float()).to(x.dtype)
+        return out.view(*x.shape[:-1], out_features)
+    out = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
+    for start in range(0, out_features, WIDEN_ROWS):
+        stop = min(start + WIDEN_ROWS, out_features)
+        tile_bias = None if bias is None else bias[start:stop].float()
+        out[:, start:stop] = F.linear(flat, weight[start:stop].float(), tile_bias)
+    return out.view(*x.shape[:-1], out_features)
 
 
 def linear(x: Tensor, weight: Tensor | QuantizedWeight | QuantizedRows, bias: Tensor | None = None) -> Tensor:
