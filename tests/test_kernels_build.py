@@ -1,0 +1,58 @@
+"""Every C kernel builds for every instruction set it declares, whatever this CPU runs, so a build
+break is caught on any machine with a C compiler; and the binding picks builds as documented."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import kernels
+from kernels import native
+
+
+def _bound_kernels() -> list[native.Kernel]:
+    found: dict[tuple[Path, str], native.Kernel] = {}
+    for module_info in pkgutil.walk_packages(kernels.__path__, prefix="kernels."):
+        if "triton" in module_info.name:
+            continue
+        module = importlib.import_module(module_info.name)
+        for value in vars(module).values():
+            if isinstance(value, native.Kernel):
+                found[(value.source, value.function)] = value
+    return sorted(found.values(), key=repr)
+
+
+KERNELS = _bound_kernels()
+VARIANTS = [(kernel, isa) for kernel in KERNELS for isa in kernel.isas]
+
+
+def test_every_c_source_is_bound():
+    sources = {kernel.source.resolve() for kernel in KERNELS}
+    on_disk = {path.resolve() for path in Path(kernels.__file__).parent.rglob("*.c")}
+    assert on_disk - sources == set(), "C sources without a Kernel binding (so never built or tested)"
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+@pytest.mark.parametrize("kernel, isa", VARIANTS, ids=[f"{k.source.stem}.{k.function}-{isa}" for k, isa in VARIANTS])
+def test_variant_builds(kernel, isa):
+    library = native.build(kernel.source, isa)
+    assert library.exists() and kernel.function.encode() in library.read_bytes()
+
+
+def test_avx2_is_offered_where_avx512_runs():
+    order = native.isa_order()
+    if native.cpu_runs("avx512"):
+        assert order[:2] == ("avx512", "avx2")
+    with native.use_isa("avx2"):
+        assert native.isa_order() == (("avx2",) if native.cpu_runs("avx2") else ())
+        assert all(kernel.isa() in (None, "avx2") for kernel in KERNELS)
+    assert native.isa_order() == order
+
+
+def test_unknown_isa_is_refused(monkeypatch):
+    monkeypatch.setenv("DOCANALYST_ISA", "avx9")
+    with native.use_isa(None), pytest.raises(ValueError, match="DOCANALYST_ISA"):
+        native.isa_order()
