@@ -94,12 +94,24 @@ class LinearStates:
                 for pair in self.slots]
 
 
+class Lineage:
+    """A checkpoint's place in its chain without its contents: its length and the lineage of the
+    checkpoint it extends. Descendants keep it, so they can still name an ancestor (the file
+    holding it, say) once the ancestor itself, with its recurrent states, is gone."""
+
+    __slots__ = ("seen_tokens", "parent", "__weakref__")
+
+    def __init__(self, seen_tokens: int, parent: Lineage | None):
+        self.seen_tokens, self.parent = seen_tokens, parent
+
+
 class Checkpoint:
     """A model state after `seen_tokens` tokens, frozen.
 
     linear: the recurrent and conv states; segments: K/V of positions `[0, seen_tokens)`, oldest
     first; capacity: the positions a fork reserves (the address space of the state it was taken
-    from).
+    from). `parent` (held weakly: a chain keeps its ancestors' K/V, not their recurrent states)
+    is the checkpoint whose segments this one extends.
     """
 
     def __init__(self, fingerprint: str, seen_tokens: int, layer_kinds: list[str], linear: LinearStates,
@@ -107,7 +119,14 @@ class Checkpoint:
                  parent: Checkpoint | None = None):
         self.fingerprint, self.seen_tokens, self.layer_kinds = fingerprint, seen_tokens, layer_kinds
         self.linear, self.geometry, self.segments = linear, geometry, segments
-        self.capacity, self.parent = max(capacity, seen_tokens), parent
+        self.capacity = max(capacity, seen_tokens)
+        self.lineage = Lineage(seen_tokens, parent.lineage if parent is not None else None)
+        self._inherited = len(parent.segments) if parent is not None else 0
+        self._parent = weakref.ref(parent) if parent is not None else None
+
+    @property
+    def parent(self) -> Checkpoint | None:
+        return self._parent() if self._parent is not None else None
 
     @property
     def attention_layers(self) -> int:
@@ -116,8 +135,7 @@ class Checkpoint:
     @property
     def own_segment(self) -> Segment | None:
         """The segment this checkpoint added to its parent's (None if it added no positions)."""
-        inherited = len(self.parent.segments) if self.parent is not None else 0
-        return self.segments[-1] if len(self.segments) > inherited else None
+        return self.segments[-1] if len(self.segments) > self._inherited else None
 
     @property
     def linear_nbytes(self) -> int:

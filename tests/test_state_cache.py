@@ -252,9 +252,9 @@ def test_follow_up_after_restart_reads_the_turn_chain_from_disk(lm, storage):
     assert (turn1.parent_key, turn2.parent_key) == (keys[2], keys[4])
     # The second turn's file holds its question and answer's K/V and the recurrent states only.
     cfg = lm.config
-    attention = sum(t == "full_attention" for t in cfg.layer_types)
-    per_token = attention * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
     state = lm.new_state()
+    attention = sum(isinstance(layer, AttentionLayerState) for layer in state.layers)
+    per_token = attention * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
     linear = sum(t.numel() * t.element_size() for name, t in state.layer_tensors().items()
                  if name.endswith(("conv", "recurrent")))
     slack = (attention * 2 * cfg.num_key_value_heads * 2 + 2) * 4096

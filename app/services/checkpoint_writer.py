@@ -16,7 +16,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-from model.checkpoint import Checkpoint
+from model.checkpoint import Checkpoint, Lineage
 from model.checkpoint_file import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class CheckpointWriter:
         self._jobs: deque[_Job] = deque()
         self._current: _Job | None = None
         self._lock = threading.Condition()
-        self._identities: weakref.WeakKeyDictionary[Checkpoint, DiskIdentity] = weakref.WeakKeyDictionary()
+        self._identities: weakref.WeakKeyDictionary[Lineage, DiskIdentity] = weakref.WeakKeyDictionary()
         self._running = False
         self.bytes_written = self.files_written = self.failures = 0
 
@@ -86,11 +86,11 @@ class CheckpointWriter:
     def register(self, checkpoint: Checkpoint, key: str, checksum: str) -> None:
         """Remember that `checkpoint` is on disk as this version of `key` (others may extend it)."""
         with self._lock:
-            self._identities[checkpoint] = DiskIdentity(key, checksum)
+            self._identities[checkpoint.lineage] = DiskIdentity(key, checksum)
 
-    def identity(self, checkpoint: Checkpoint) -> DiskIdentity | None:
+    def identity(self, lineage: Lineage) -> DiskIdentity | None:
         with self._lock:
-            return self._identities.get(checkpoint)
+            return self._identities.get(lineage)
 
     def _work(self) -> None:
         while True:
@@ -126,7 +126,7 @@ class CheckpointWriter:
 
     def _disk_base(self, blobs, checkpoint: Checkpoint) -> tuple[int, DiskIdentity | None]:
         """The nearest ancestor whose file is still stored: the new file extends it."""
-        ancestor = checkpoint.parent
+        ancestor = checkpoint.lineage.parent
         while ancestor is not None:
             identity = self.identity(ancestor)
             if identity is not None:

@@ -30,6 +30,20 @@ MEMORY_SHARE = 0.25
 _FALLBACK_BUDGET = 2 << 30
 
 
+def raise_open_file_limit() -> None:
+    """Let the process hold as many files as it may: every cached checkpoint keeps a descriptor
+    or two (its memfds or its file), many more than a soft limit of 1024 allows for long chats."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def default_memory_budget() -> int:
     """MEMORY_SHARE of MemAvailable (the memory tier's default size), or 2 GiB where unknown."""
     try:
@@ -106,6 +120,7 @@ class StateCache:
             memory_budget_bytes = default_memory_budget()
         self.budget = memory_budget_bytes
         self.writer = writer_for(blobs) if blobs is not None else None
+        raise_open_file_limit()
         self._memory: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
