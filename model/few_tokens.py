@@ -29,7 +29,7 @@ from kernels.quant import native as quant_native
 from kernels.rotary import native as rotary_native
 
 from .config import ModelConfig
-from .layers import DecoderLayer, GatedAttention, GatedDeltaNet, SparseMoE
+from .layers import DecoderLayer, Experts, GatedAttention, GatedDeltaNet, SparseMoE
 from .quantization import quantized_weights
 from .state import AttentionLayerState, LayerState, LinearLayerState
 
@@ -44,10 +44,12 @@ def _kernels_present(quantized: bool) -> bool:
     return all(k() is not None for k in kernels)
 
 
-def _readable(weight: QuantizedWeight | QuantizedRows) -> bool:
-    """Whether the quantized kernels read this weight: on the CPU, int4 groups of whole steps."""
+def _readable(owner: torch.nn.Module, weight: QuantizedWeight | QuantizedRows) -> bool:
+    """Whether the quantized kernels read this weight of `owner`: on the CPU, int4 groups of whole
+    steps, and a 2-D QuantizedWeight unless it is a stack of routed experts (the MoE kernel's)."""
     parts = weight.parts if isinstance(weight, QuantizedRows) else (weight,)
-    return all(part.device.type == "cpu" and quant_native.int4_group_fits(part) for part in parts)
+    shaped = isinstance(owner, Experts) or (isinstance(weight, QuantizedWeight) and weight.dim() == 2)
+    return shaped and all(part.device.type == "cpu" and quant_native.int4_group_fits(part) for part in parts)
 
 
 def _fits(module: torch.nn.Module, config: ModelConfig) -> bool:
@@ -59,7 +61,8 @@ def _fits(module: torch.nn.Module, config: ModelConfig) -> bool:
     probe = torch.zeros(1, config.hidden_size, dtype=torch.bfloat16)
     return (
         all(p.dtype == torch.bfloat16 and p.is_contiguous() and p.device.type == "cpu" for p in module.parameters())
-        and all(_readable(weight) for weight in quantized_weights(module))
+        and all(_readable(owner, value) for owner in module.modules() for value in vars(owner).values()
+                if isinstance(value, QuantizedWeight | QuantizedRows))
         and all(quant_moe.supports(probe, *block._native_weights(), top_k=block.gate.top_k)
                 for block in module.modules()
                 if isinstance(block, SparseMoE) and quantized_weights(block))

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from bench.fp8_checkpoint import write_fp8_checkpoint
-from kernels.quant import QuantizedWeight
+from kernels.quant import QuantizedRows, QuantizedWeight, quantize_int4
 from kernels.quant import moe_native as quant_moe
 from kernels.quant import native as quant_native
 from model import load_model, prefill
 from model.demo import write_demo_checkpoint
-from model.few_tokens import MAX_TOKENS
+from model.few_tokens import MAX_TOKENS, FewTokenForward
 from model.layers import SparseMoE
 from tests.test_few_tokens import assert_same_bits, ids, run
 
@@ -95,3 +95,22 @@ def test_a_tokens_bits_do_not_depend_on_the_call_or_the_threads(lm, native_isa):
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(torch.cat(stepped, dim=1), verified), f"{count} thread(s)"
+
+
+def test_a_weight_the_kernels_cannot_read_leaves_the_model_on_the_module_path(tmp_path):
+    """A projection held as QuantizedRows (the loader makes those for experts only) or int4 groups
+    that would straddle a kernel step: no fast path, rather than a wrong one."""
+    write_demo_checkpoint(tmp_path, seed=3)
+    model = load_model(tmp_path, dtype=torch.bfloat16, weights="int8")
+    if model.few_tokens is None:
+        pytest.skip("the few-token forward needs the native kernels")
+    projection = model.module.model.layers[0].linear_attn.out_proj
+    weight, half = projection.weight, projection.weight.shape[0] // 2
+    projection.weight = QuantizedRows(tuple(
+        QuantizedWeight(weight.format, weight.data[rows], weight.scale[rows], (half, weight.shape[1]))
+        for rows in (slice(0, half), slice(half, None))))
+    assert FewTokenForward.build(model.module, model.config) is None
+    projection.weight = quantize_int4(torch.randn(weight.shape), group_size=48)
+    assert FewTokenForward.build(model.module, model.config) is None
+    projection.weight = weight
+    assert FewTokenForward.build(model.module, model.config) is not None
