@@ -14,7 +14,9 @@ several gigabytes before the first byte is used.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import queue
 import tempfile
 import threading
 from collections.abc import Callable
@@ -117,6 +119,37 @@ def seal(temp: Path, block_size: int = BLOCK_SIZE) -> tuple[str, int, list[str]]
         raise translate_os_error(error, "save the model state file") from error
 
 
+class _Workers:
+    """A few daemon threads running submitted calls, started once: starting threads for every
+    check costs a scheduler round trip each on a busy machine, on the request path."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def submit(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                for _ in range(self.count):
+                    threading.Thread(target=self._run, name="checkpoint-verify", daemon=True).start()
+        self._calls.put(call)
+
+    def _run(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                call()
+            except Exception:  # a check reports its own failures; this keeps the worker alive
+                logging.getLogger(__name__).exception("checkpoint verification worker")
+
+
+# Hashing threads plus one that reads ahead.
+_WORKERS = _Workers(VERIFY_THREADS + 1)
+
+
 class BlockCheck:
     """Verifies a file's blocks against their digests on background threads.
 
@@ -124,17 +157,31 @@ class BlockCheck:
     could not be read). Reading the file also brings it into the page cache for its user.
     """
 
-    def __init__(self, path: Path, block_size: int, digests: list[str], threads: int = VERIFY_THREADS):
+    def __init__(self, path: Path, block_size: int, digests: list[str], threads: int = VERIFY_THREADS,
+                 start: bool = True):
         self.path, self.block_size, self.digests = path, block_size, list(digests)
         self.failed_block: int | None = None
         self._next = 0
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._running = max(1, min(threads, len(self.digests)))
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the threads (once); a check made with ``start=False`` waits for this."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        if hasattr(os, "posix_fadvise"):
+            _WORKERS.submit(self._read_ahead)
         for _ in range(self._running):
-            threading.Thread(target=self._work, name="checkpoint-verify", daemon=True).start()
+            _WORKERS.submit(self._work)
 
     def wait(self, timeout: float | None = None) -> bool:
+        self.start()
         self._done.wait(timeout)
         return self._done.is_set() and self.failed_block is None
 
@@ -156,9 +203,6 @@ class BlockCheck:
                     index, self._next = self._next, self._next + 1
                 if index >= len(self.digests):
                     break
-                # The disk reads the next block while this one is hashed.
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, (index + 1) * self.block_size, self.block_size, os.POSIX_FADV_WILLNEED)
                 if self._hash_block(fd, index, buffer) != self.digests[index]:
                     self._fail(index)
         except OSError:
@@ -170,6 +214,23 @@ class BlockCheck:
                 self._running -= 1
                 if self._running == 0:
                     self._done.set()
+
+    def _read_ahead(self) -> None:
+        """Ask the disk for the whole file in order, so that both the hashing and whoever maps the
+        file find its pages cached instead of faulting them in a few at a time."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            for index in range(len(self.digests)):
+                if self._done.is_set():
+                    break
+                os.posix_fadvise(fd, index * self.block_size, self.block_size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _hash_block(self, fd: int, index: int, buffer: bytearray) -> str:
         digest = hashlib.sha256()

@@ -53,9 +53,9 @@ class BlobHandle:
     block_size: int
     block_digests: tuple[str, ...]
 
-    def check(self) -> BlockCheck:
-        """Start verifying every block in the background."""
-        return BlockCheck(self.path, self.block_size, list(self.block_digests))
+    def check(self, start: bool = True) -> BlockCheck:
+        """Verify every block in the background (from now, or from ``BlockCheck.start``)."""
+        return BlockCheck(self.path, self.block_size, list(self.block_digests), start=start)
 
     def verify(self) -> bool:
         return self.check().wait()

@@ -133,6 +133,7 @@ class StateCache:
             if found is not None:
                 checkpoint, checks = found
                 self.hits += 1
+                _start(checks)
                 return Restored(self, count, checkpoint.fork(self.device), checks)
         self.misses += 1
         return Restored(self, 0, None, ())
@@ -150,6 +151,7 @@ class StateCache:
         if found is None:
             return None
         checkpoint, checks = found
+        _start(checks)
         restored = Restored(self, 1, checkpoint.fork(self.device), checks)
         return restored.state if restored.verified() else None
 
@@ -204,7 +206,8 @@ class StateCache:
             log.warning("dropping unreadable checkpoint %s: %s", key, exc)
             self.blobs.discard(handle)
             return None
-        checks = (*inherited, (handle, handle.check()))
+        # Checks start once the whole chain is open: their reads would hold up its headers' reads.
+        checks = (*inherited, (handle, handle.check(start=False)))
         self.writer.register(checkpoint, key, handle.checksum)
         self._remember(key, checkpoint, checks)
         return checkpoint, checks
@@ -242,6 +245,11 @@ class StateCache:
             return CacheStats(len(self._memory), self._bytes, disk.count if disk else 0, disk.bytes if disk else 0,
                               self.hits, self.misses, writer.queued if writer else 0,
                               writer.bytes_written if writer else 0)
+
+
+def _start(checks: tuple[Check, ...]) -> None:
+    for _, check in checks:
+        check.start()
 
 
 def _own_bytes(checkpoint: Checkpoint) -> int:
