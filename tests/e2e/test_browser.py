@@ -1,4 +1,5 @@
-"""End to end in Chromium: upload, ask and stop, summarise and export, reload and reopen a chat session.
+"""End to end in Chromium: upload, ask and stop, summarise and export, reload and reopen a chat session;
+close a tab while an answer is written and follow it in a new one.
 
 Runs `streamlit run` on a free localhost port with the demo checkpoint. Needs the `playwright`
 Python package and the system Chromium (/usr/bin/chromium); Playwright's own browser
@@ -39,7 +40,12 @@ BROWSER_ARGS = [
 # Stop is clicked as soon as it appears, while the prompt is still being read, so a short
 # answer length is enough for it to land mid-answer and keeps the test quick on a CPU.
 MAX_NEW_TOKENS = 64
-STEP_MS = 90_000
+# Generous: the machine running the tests may be shared, and the demo model then slows down a lot
+# (on a 2-core machine with other work running, 64 tokens took minutes).
+STEP_MS = 180_000
+ANSWER_MS = 900_000
+# A document long enough that reading it (read ahead off) takes seconds even on a fast machine.
+LONG_DOCUMENT_SENTENCES = 400
 QUESTION = "What do the lease and the policy say about rent and repairs?"
 
 
@@ -70,6 +76,9 @@ def server(demo_checkpoint, tmp_path_factory) -> Iterator[str]:
     env.update(
         DOCANALYST_DATA_DIR=str(folder / "data"), DOCANALYST_MODEL=str(demo_checkpoint),
         DOCANALYST_MAX_NEW_TOKENS=str(MAX_NEW_TOKENS),
+        # Each answer reads its documents itself, which the Stop click and the closed tab rely on to
+        # land mid-answer (the read ahead of documents has its own tests).
+        DOCANALYST_READ_AHEAD="0",
     )
     port = free_port()
     log = folder / "streamlit.log"
@@ -96,13 +105,18 @@ def server(demo_checkpoint, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser_context(server):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
         context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         context.set_default_timeout(STEP_MS)
-        yield context.new_page()
+        yield context
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser_context):
+    return browser_context.new_page()
 
 
 @pytest.fixture(scope="module")
@@ -172,21 +186,21 @@ def test_upload_ask_stop_export_and_reopen(page, server, documents):
     choose_documents(page, "Documents for this chat session", ["Lease agreement", "Maintenance policy"])
 
     ask(page, QUESTION)
-    page.get_by_text("▌").wait_for()
+    page.get_by_text("▌").wait_for(timeout=ANSWER_MS)
     assistant = page.get_by_test_id("stChatMessage").last
     partial = assistant.inner_text()
-    page.get_by_text(re.compile(r"tokens from cache · time to first token .* tok/s")).wait_for()
+    page.get_by_text(re.compile(r"tokens from cache · time to first token .* tok/s")).wait_for(timeout=ANSWER_MS)
     assert len(assistant.inner_text()) > len(partial.strip(" ▌")) > 0
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
 
     ask(page, "And the deposit?")
     page.get_by_role("button", name="Stop").click()
-    page.get_by_text("Stopped before the end.").wait_for()
+    page.get_by_text("Stopped before the end.").wait_for(timeout=ANSWER_MS)
 
     go_to(page, "Summaries")
     page.get_by_role("button", name="Summarise", exact=True).click()
-    page.get_by_role("heading", name="Past summaries (1)").wait_for()
+    page.get_by_role("heading", name="Past summaries (1)").wait_for(timeout=ANSWER_MS)
     word_text = "\n".join(p.text for p in Document(io.BytesIO(download(page, "Word"))).paragraphs)
     assert "Summary of 2 documents" in word_text and "Lease agreement" in word_text
     pdf_text = "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(download(page, "PDF"))).pages)
@@ -201,3 +215,37 @@ def test_upload_ask_stop_export_and_reopen(page, server, documents):
     messages.filter(has_text=QUESTION).wait_for()
     messages.filter(has_text="Stopped before the end.").wait_for()
     assert messages.count() == 4
+
+
+def test_closing_the_tab_mid_answer_loses_nothing(browser_context, server, tmp_path):
+    clauses = (f"Clause {n}: the tenant keeps the garden number {n} tidy." for n in range(LONG_DOCUMENT_SENTENCES))
+    (tmp_path / "garden.txt").write_text(" ".join(clauses))
+    question = "Who keeps the gardens tidy?"
+    first = browser_context.new_page()
+    first.goto(f"{server}/library")
+    first.locator("input[type=file]").set_input_files([str(tmp_path / "garden.txt")])
+    first.get_by_text(re.compile(r"garden\.txt: added")).wait_for()
+    go_to(first, "Ask")
+    new_chat = first.get_by_role("button", name="New chat session")
+    if new_chat.is_enabled():
+        new_chat.click()
+        first.get_by_test_id("stChatMessage").first.wait_for(state="detached")
+    choose_documents(first, "Documents for this chat session", ["Clause 0"])
+    ask(first, question)
+    first.get_by_role("button", name="Stop").wait_for()  # the answer is running
+    first.close()
+
+    second = browser_context.new_page()
+    second.goto(server)
+    second.get_by_role("heading", name="Ask", exact=True).wait_for()
+    messages = second.get_by_test_id("stChatMessage")
+    messages.filter(has_text=question).wait_for()
+    # Still running: its progress (reading the prompt, or the answer growing) and a Stop button.
+    second.get_by_text(re.compile(r"Reading the documents: [\d,]+ of [\d,]+ tokens|▌")).first.wait_for()
+    second.get_by_role("button", name="Stop").wait_for()
+    assert second.get_by_text("Unfinished").count() == 0
+    second.get_by_text(re.compile(r"tokens from cache · time to first token .* tok/s")).wait_for(timeout=ANSWER_MS)
+    assert second.get_by_role("button", name="Stop").count() == 0
+    assert second.get_by_text("Unfinished").count() == 0
+    assert messages.count() == 2
+    second.close()
