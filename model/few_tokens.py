@@ -40,7 +40,7 @@ def _kernels_present(quantized: bool) -> bool:
     kernels = [linear_native.kernel, norm_native.kernels, norm_native.add_kernel, delta_native.grouped_kernel,
                moe_native.kernel, attention_native.kernel, rotary_native.kernel]
     if quantized:
-        kernels += [quant_native.kernel, lambda: quant_moe.available() or None]
+        kernels += [quant_native.kernel, quant_moe.kernel]
     return all(k() is not None for k in kernels)
 
 

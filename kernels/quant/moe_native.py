@@ -25,8 +25,13 @@ WEIGHT_FIELDS = ("format", "data", "scale", "scale_bf16", "rows", "columns", "ro
 Weight = Tensor | QuantizedWeight | QuantizedRows
 
 
+def kernel() -> Kernel | None:
+    """The block kernel where a build of it runs here, else None."""
+    return SPARSE_MOE if SPARSE_MOE.available() else None
+
+
 def available() -> bool:
-    return SPARSE_MOE.available()
+    return kernel() is not None
 
 
 def lanes(isa: str) -> int | None:
