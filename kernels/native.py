@@ -113,6 +113,12 @@ def matmul_has_amx() -> bool:
     return os.environ.get("DOCANALYST_AMX", "1") != "0" and "avx512" in isa_order() and _cpu_has_amx()
 
 
+def kernels_run() -> bool:
+    """Whether some build of the kernels runs here (a compiler, a CPU with AVX2 or AVX-512, and
+    DOCANALYST_NATIVE not 0): then bf16 models decode through them, in either build."""
+    return os.environ.get("DOCANALYST_NATIVE", "1") != "0" and compiler() is not None and bool(isa_order())
+
+
 def native_bf16_matmul() -> bool:
     """Whether bf16 matrix products run natively here (AVX-512 BF16, AMX): elsewhere PyTorch's bf16
     GEMM is an order of magnitude slower than its fp32 one, and bf16 weights are widened first."""

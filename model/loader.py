@@ -43,13 +43,14 @@ class LoadError(RuntimeError):
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 where the hardware multiplies bf16 natively, fp32 otherwise."""
+    """bf16 where the hardware multiplies bf16 natively or the CPU kernels run (their AVX2 builds
+    compute in fp32 from bf16 weights, half the bytes of fp32 ones), fp32 otherwise."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if native or native_kernels.kernels_run() else torch.float32
     return torch.float32
 
 

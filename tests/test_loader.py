@@ -132,3 +132,17 @@ def test_fingerprint_follows_the_kernels_arithmetic(demo_checkpoint, monkeypatch
     assert len(native_kernels.numerics_identity()) == 16
     monkeypatch.setattr(native_kernels, "numerics_identity", lambda: "another build")
     assert load_model(demo_checkpoint, dtype=torch.bfloat16).fingerprint != before
+
+
+def test_cpu_models_default_to_bf16_where_the_kernels_run(monkeypatch):
+    """A CPU without native bf16 products still defaults to bf16 when the kernels' AVX2 builds run
+    (they read bf16 weights); without any kernel it computes in fp32."""
+    from kernels import native
+    from model.loader import default_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    expected = torch.bfloat16 if native.kernels_run() else torch.float32
+    assert default_dtype("cpu") == expected
+    monkeypatch.setenv("DOCANALYST_NATIVE", "0")
+    assert default_dtype("cpu") == torch.float32
