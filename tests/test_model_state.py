@@ -138,3 +138,29 @@ def test_damaged_state_file_gives_state_error(lm, tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(StateError):
         lm.load_state(path)
+
+
+def test_checkpoint_forks_continue_exactly_for_odd_shapes_and_batches(lm, tmp_path):
+    """Rows of 24 fp32 values (96 bytes) never line up with pages, and batch 2 has 6 heads per layer."""
+    from model.checkpoint_file import open_checkpoint, save_checkpoint
+
+    ids = tokens(lm, 140, seed=6, batch=2)
+    reference = lm.new_state(2)
+    lm.forward(ids[:, :50], reference)
+    lm.forward(ids[:, 50:90], reference)
+    expected = lm.forward(ids[:, 90:], reference)
+    state = lm.new_state(2)
+    lm.forward(ids[:, :50], state)
+    first = state.checkpoint()
+    lm.forward(ids[:, 50:90], state)
+    second = state.checkpoint()
+    assert second.parent is first and second.own_segment.start == 50
+    save_checkpoint(first, tmp_path / "first")
+    save_checkpoint(second, tmp_path / "second", base_tokens=50)
+    opened = open_checkpoint(tmp_path / "second", lm.fingerprint,
+                             parent=open_checkpoint(tmp_path / "first", lm.fingerprint))
+    for source in (second, opened):
+        fork = source.fork()
+        assert fork.seen_tokens == 90 and fork.batch_size == 2
+        assert torch.equal(lm.forward(ids[:, 90:], fork), expected)
+    assert torch.equal(lm.forward(ids[:, 90:], state), expected)
