@@ -21,6 +21,10 @@ from .kv_memory import KVGeometry, LayerKV, mapping_supported
 
 STATE_FORMAT = "qwen3next-state/1"
 _INITIAL_KV_CAPACITY = 256
+# Positions reserved past the address space asked for: draft tokens (and the MTP layer's K/V,
+# one index ahead) may run a little past the context, and growing out of a reservation copies.
+# Address space only: pages never written cost nothing.
+ADDRESS_SLACK = 4096
 
 
 class StateError(ValueError):
@@ -67,7 +71,7 @@ class AttentionLayerState:
             return
         keep = old_capacity if used is None else min(used, old_capacity)
         if mapped:
-            memory = LayerKV(KVGeometry.of(self.key), max(capacity, address_space))
+            memory = LayerKV(KVGeometry.of(self.key), max(capacity, address_space + ADDRESS_SLACK))
             memory.key[:, :, :keep] = self.key[:, :, :keep]
             memory.value[:, :, :keep] = self.value[:, :, :keep]
             self.key, self.value, self.memory = memory.key, memory.value, memory
