@@ -20,10 +20,11 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, and_, delete, func, select, true, update
+from sqlalchemy import and_, func, select, true, update
 from sqlalchemy.orm import Session
 
 from storage.blob_files import BLOCK_SIZE, BlockCheck, blob_name, install, is_ours, seal, write_temp
+from storage.blob_rows import chain, delete_where, has_version, least_recent_over_budget
 from storage.db import Database
 from storage.dto import BlobStats, CheckpointInfo
 from storage.errors import ConflictError, StorageError
@@ -32,9 +33,6 @@ from storage.models import StateCheckpoint, utcnow
 log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 512
-# Longest chain of checkpoints extending one another that ``open`` follows (a guard, not a limit
-# reached in practice: a chat adds one link per turn).
-MAX_CHAIN = 10_000
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,7 @@ class BlobStore:
 
     def delete(self, key: str) -> bool:
         with self.db.session() as session:
-            names = _delete_where(session, StateCheckpoint.key == key)
+            names = delete_where(session, StateCheckpoint.key == key)
         self._remove_files(names)
         return bool(names)
 
@@ -193,7 +191,7 @@ class BlobStore:
     def clear(self) -> int:
         """Remove every checkpoint and any stray files of ours in the folder; returns rows removed."""
         with self.db.session() as session:
-            names = _delete_where(session, true())
+            names = delete_where(session, true())
         self._remove_files(names)
         self.sweep(min_age_s=0)
         return len(names)
@@ -227,19 +225,19 @@ class BlobStore:
             row = session.scalar(select(StateCheckpoint).where(StateCheckpoint.key == key))
             if row is None or row.model_fingerprint != fingerprint:
                 return None
-            chain = _chain(session, row)
+            links = chain(session, row)
             path = self.folder / row.path
             try:
-                intact = chain is not None and path.stat().st_size == row.size_bytes
+                intact = links is not None and path.stat().st_size == row.size_bytes
             except FileNotFoundError:
                 intact = False
             if not intact:
                 log.warning("checkpoint %s is %s; discarding it", key,
-                            "missing" if chain is not None else "cut off from the checkpoint it extends")
-                doomed = _delete_where(session, StateCheckpoint.id == row.id)
+                            "missing" if links is not None else "cut off from the checkpoint it extends")
+                doomed = delete_where(session, StateCheckpoint.id == row.id)
             else:
                 doomed = []
-                session.execute(update(StateCheckpoint).where(StateCheckpoint.id.in_([r.id for r in chain]))
+                session.execute(update(StateCheckpoint).where(StateCheckpoint.id.in_([r.id for r in links]))
                                 .values(last_used_at=utcnow()))
                 block_size = row.block_size or row.size_bytes
                 digests = tuple(row.block_checksums) if row.block_checksums is not None else (row.checksum,)
@@ -281,11 +279,11 @@ class BlobStore:
         for attempt in range(2):
             try:
                 with self.db.session() as session:
-                    if parent is not None and not _has_version(session, *parent):
+                    if parent is not None and not has_version(session, *parent):
                         return False, []
                     previous = self._upsert(session, key, values)
                     stale = [previous] if previous and previous != name else []
-                    stale += _delete_where(session, and_(StateCheckpoint.parent_key == key,
+                    stale += delete_where(session, and_(StateCheckpoint.parent_key == key,
                                                          StateCheckpoint.parent_checksum != checksum))
                     return True, stale
             except ConflictError:
@@ -317,23 +315,8 @@ class BlobStore:
                 select(StateCheckpoint.id, StateCheckpoint.key, StateCheckpoint.parent_key,
                        StateCheckpoint.size_bytes).order_by(StateCheckpoint.last_used_at, StateCheckpoint.id)
             ).all()
-            children: dict[str, list] = {}
-            for row in rows:
-                if row.parent_key is not None:
-                    children.setdefault(row.parent_key, []).append(row)
-            total = sum(row.size_bytes for row in rows)
-            doomed: set[int] = set()
-            for row in rows:
-                if total <= self.budget_bytes:
-                    break
-                pending = [row]
-                while pending:
-                    victim = pending.pop()
-                    if victim.id not in doomed:
-                        doomed.add(victim.id)
-                        total -= victim.size_bytes
-                        pending.extend(children.get(victim.key, ()))
-            names = _delete_where(session, StateCheckpoint.id.in_(doomed)) if doomed else []
+            doomed = least_recent_over_budget(rows, self.budget_bytes)
+            names = delete_where(session, StateCheckpoint.id.in_(doomed)) if doomed else []
         if names:
             log.info("evicted %d checkpoint(s) to stay within %d bytes", len(names), self.budget_bytes)
             self._remove_files(names)
@@ -349,12 +332,12 @@ class BlobStore:
             return []
         rows = session.execute(select(StateCheckpoint.id, StateCheckpoint.depends_on)).all()
         doomed = [row.id for row in rows if wanted.intersection(row.depends_on or ())]
-        return _delete_where(session, StateCheckpoint.id.in_(doomed)) if doomed else []
+        return delete_where(session, StateCheckpoint.id.in_(doomed)) if doomed else []
 
     def _discard_if_unchanged(self, key: str, name: str, checksum: str) -> None:
         """Remove a bad checkpoint unless another process replaced it meanwhile."""
         with self.db.session() as session:
-            names = _delete_where(
+            names = delete_where(
                 session,
                 and_(
                     StateCheckpoint.key == key,
@@ -393,53 +376,6 @@ class BlobStore:
             created_at=row.created_at,
             last_used_at=row.last_used_at,
         )
-
-
-def _delete_where(session: Session, condition: ColumnElement[bool]) -> list[str]:
-    """Delete matching rows and every row extending them; return their file names.
-
-    (RETURNING is not portable to every backend, hence the select first.)
-    """
-    found = session.execute(select(StateCheckpoint.id, StateCheckpoint.key, StateCheckpoint.path)
-                            .where(condition)).all()
-    ids = {row.id for row in found}
-    names = [row.path for row in found]
-    keys = {row.key for row in found}
-    while keys:
-        extending = session.execute(
-            select(StateCheckpoint.id, StateCheckpoint.key, StateCheckpoint.path)
-            .where(StateCheckpoint.parent_key.in_(keys))
-        ).all()
-        extending = [row for row in extending if row.id not in ids]
-        ids.update(row.id for row in extending)
-        names += [row.path for row in extending]
-        keys = {row.key for row in extending}
-    if ids:
-        session.execute(delete(StateCheckpoint).where(StateCheckpoint.id.in_(ids)))
-    return names
-
-
-def _has_version(session: Session, key: str, checksum: str) -> bool:
-    """Whether ``key`` exists with this checksum (locked until commit where the backend can)."""
-    found = session.scalar(
-        select(StateCheckpoint.id)
-        .where(StateCheckpoint.key == key, StateCheckpoint.checksum == checksum)
-        .with_for_update()
-    )
-    return found is not None
-
-
-def _chain(session: Session, row: StateCheckpoint) -> list[StateCheckpoint] | None:
-    """``row`` and the checkpoints it extends, nearest first; None if one is gone or changed."""
-    chain, seen = [row], {row.key}
-    while row.parent_key is not None:
-        parent = session.scalar(select(StateCheckpoint).where(StateCheckpoint.key == row.parent_key))
-        if parent is None or parent.checksum != row.parent_checksum or parent.key in seen or len(chain) > MAX_CHAIN:
-            return None
-        chain.append(parent)
-        seen.add(parent.key)
-        row = parent
-    return chain
 
 
 def _check_key(key: str) -> None:
