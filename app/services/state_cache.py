@@ -173,7 +173,7 @@ class StateCache:
         log.warning("checkpoint %s failed verification; discarding it", handle.key)
         self.blobs.discard(handle)
         with self._lock:
-            for key in [k for k, e in self._memory.items() if any(h.key == handle.key for h, _ in e.checks)]:
+            for key in [k for k, e in self._memory.items() if any(h.path == handle.path for h, _ in e.checks)]:
                 del self._memory[key]
             self._bytes = self._count_bytes()
 
