@@ -14,8 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .native import FEW_TOKENS
+
 # As many tokens as the row-independent linear and attention kernels take in one call.
-PER_TOKEN_MAX = 16
+PER_TOKEN_MAX = FEW_TOKENS
 
 
 def per_token(fn: Callable[..., Tensor | tuple[Tensor, ...]], *tensors: Tensor, dim: int = 1):

@@ -23,6 +23,7 @@ from kernels.gated_delta_rule import native as delta_native
 from kernels.gated_rmsnorm import native as norm_native
 from kernels.linear import native as linear_native
 from kernels.moe import native as moe_native
+from kernels.native import FEW_TOKENS
 from kernels.quant import QuantizedRows, QuantizedWeight
 from kernels.quant import moe_native as quant_moe
 from kernels.quant import native as quant_native
@@ -33,7 +34,7 @@ from .layers import DecoderLayer, Experts, GatedAttention, GatedDeltaNet, Sparse
 from .quantization import quantized_weights
 from .state import AttentionLayerState, LayerState, LinearLayerState
 
-MAX_TOKENS = 16
+MAX_TOKENS = FEW_TOKENS
 
 
 def _kernels_present(quantized: bool) -> bool:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..native import FEW_TOKENS
 from .formats import (
     FP8_BLOCK,
     FP8_BLOCK_SIZE,
@@ -27,7 +28,7 @@ from .formats import (
 TILE_ELEMENTS = 1 << 22
 # Up to this many rows of x, each row is its own matrix-vector product: its bits then do not
 # depend on how many rows share the call (decode and draft verification agree).
-ROWWISE_MAX_ROWS = 16
+ROWWISE_MAX_ROWS = FEW_TOKENS
 
 
 def dequantize(weight: QuantizedWeight, rows: slice | None = None) -> Tensor:
