@@ -149,6 +149,16 @@ def test_a_tokens_bits_do_not_depend_on_the_call_or_the_threads(isa, format_name
         assert torch.equal(moe(x, threads=threads), together)
 
 
+def test_a_nan_token_gives_nan_in_its_row_only(isa):
+    block = block_of("demo", INT4)
+    moe = moe_native.QuantizedMoE(*block)
+    x = tokens(3, SHAPES["demo"][1])
+    x[1, 5] = float("nan")
+    out = moe(x)
+    assert out[1].isnan().all()
+    assert torch.equal(out[[0, 2]], moe(x[[0, 2]]))
+
+
 def test_many_tokens_go_through_in_runs_of_sixteen(isa):
     block = block_of("demo", INT8)
     moe = moe_native.QuantizedMoE(*block)

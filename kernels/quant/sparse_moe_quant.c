@@ -82,13 +82,15 @@ static void route_token(float *logits, int64_t E, int64_t topk, int normalize, i
     for (int64_t e = 0; e < E; e++) sum += (logits[e] = expf(logits[e] - best));
     for (int64_t e = 0; e < E; e++) logits[e] /= sum;
     for (int64_t j = 0; j < topk; j++) {
+        /* Probabilities lie in [0, 1], so -1 marks a taken expert; NaN ones (from a NaN x) compare
+         * false and leave the lowest untaken id, whose output is NaN then anyway. */
         int64_t arg = -1;
         for (int64_t e = 0; e < E; e++)
-            if (logits[e] >= 0.0f && (arg < 0 || logits[e] > logits[arg])) arg = e;
+            if (logits[e] != -1.0f && (arg < 0 || logits[e] > logits[arg])) arg = e;
         chosen[j] = arg;
         picked[j] = logits[arg];
         picked_sum += picked[j];
-        logits[arg] = -1.0f; /* taken */
+        logits[arg] = -1.0f;
     }
     for (int64_t a = 1; a < topk; a++)
         for (int64_t b = a; b > 0 && chosen[b] < chosen[b - 1]; b--) {
