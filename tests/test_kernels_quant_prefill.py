@@ -160,3 +160,35 @@ def test_experts_in_groups_give_the_bits_of_one_call(native_isa, monkeypatch, fo
     monkeypatch.setattr(prefill, "EXPERT_BUFFER_BYTES", 2 * per_expert)
     grouped = prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)
     assert torch.equal(bits(grouped), bits(one_call))
+
+
+def exact_bf16_copy(lm) -> None:
+    """Replaces every quantized weight of ``lm`` by its exact dequantization rounded to bf16."""
+    for module in lm.module.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, QuantizedRows | QuantizedWeight):
+                setattr(module, name, dense_stack(value))
+
+
+@pytest.mark.parametrize("weights", [FP8_BLOCK, INT8, INT4])
+def test_quantized_prefill_is_the_bf16_model_on_the_rounded_exact_weights(demo_checkpoint, tmp_path, weights):
+    """A 40-token chunk (linear layers and routed experts on the prefill path) gives the bf16
+    model's logits bit for bit when that model holds the same weights as bf16 tensors."""
+    from bench.fp8_checkpoint import write_fp8_checkpoint
+    from model import load_model
+
+    def load():
+        if weights == FP8_BLOCK:
+            folder = tmp_path / "fp8"
+            if not folder.exists():
+                write_fp8_checkpoint(demo_checkpoint, folder)
+            return load_model(folder, dtype=torch.bfloat16)
+        return load_model(demo_checkpoint, dtype=torch.bfloat16, weights=weights)
+
+    quantized, dense = load(), load()
+    assert weights in quantized.weight_formats
+    exact_bf16_copy(dense)
+    assert weights not in dense.weight_formats
+    ids = torch.randint(0, quantized.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    ours = quantized.forward(ids, quantized.new_state())
+    assert torch.equal(bits(ours), bits(dense.forward(ids, dense.new_state())))
