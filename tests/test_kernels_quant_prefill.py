@@ -8,8 +8,19 @@ import pytest
 import torch
 
 from kernels.moe import moe_experts
-from kernels.quant import FP8_BLOCK, INT4, INT8, QuantizedRows, QuantizedWeight, dequantize, fp8_block, prefill
-from kernels.quant import dequant_native, quantize_int4, quantize_int8
+from kernels.quant import (
+    FP8_BLOCK,
+    INT4,
+    INT8,
+    QuantizedRows,
+    QuantizedWeight,
+    dequant_native,
+    dequantize,
+    fp8_block,
+    prefill,
+    quantize_int4,
+    quantize_int8,
+)
 
 SHAPES = [(1, 1), (7, 129), (130, 257), (300, 200), (256, 384), (17, 33)]
 SHAPE_IDS = [f"{n}x{k}" for n, k in SHAPES]

@@ -49,13 +49,14 @@ def dequantize_into(weight: QuantizedWeight, out: Tensor, rows: slice | None = N
         experts = experts.to(torch.int64).contiguous()
         if len(experts) and not 0 <= int(experts.min()) <= int(experts.max()) < lead[0]:
             raise ValueError(f"expert ids outside [0, {lead[0]})")
-        data_expert, scale_expert, out_expert, expert_count = data.stride(0), scale.stride(0), out.stride(0), len(experts)
+        data_expert, scale_expert, out_expert = data.stride(0), scale.stride(0), out.stride(0)
     else:
-        experts, data_expert, scale_expert, out_expert, expert_count = None, 0, 0, 0, 1
+        experts, data_expert, scale_expert, out_expert = None, 0, 0, 0
     DEQUANTIZE(_FORMAT_CODES[weight.format], data, data_expert, data.stride(-2), scale,
                int(scale.dtype == torch.bfloat16), scale_expert, scale.stride(-2), weight.group_size or INT4_GROUP_SIZE,
-               experts, expert_count, rows.start, count, columns, out, int(out.dtype == torch.bfloat16), out_expert,
-               out.stride(-2), torch.get_num_threads() if threads is None else threads)
+               experts, len(experts) if lead else 1, rows.start, count, columns,
+               out, int(out.dtype == torch.bfloat16), out_expert, out.stride(-2),
+               torch.get_num_threads() if threads is None else threads)
     return out
 
 

@@ -6,7 +6,7 @@ cannot), then multiplied with PyTorch's bf16 GEMM, which runs on AMX tiles or AV
 the CPU has them: the same arithmetic a bf16 checkpoint gets in prefill, with the weight stored in
 fewer bytes. A tile never holds more than TILE_ELEMENTS weights.
 
-Routed experts take the bf16 experts kernel the same way: `dense_experts` dequantizes only the
+Routed experts take the bf16 experts kernel the same way: `quantized_experts` dequantizes only the
 experts a chunk routed tokens to, into bf16 buffers reused from call to call.
 """
 
@@ -18,11 +18,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..native import FEW_TOKENS
 from . import dequant_native
 from .formats import QuantizedRows, QuantizedWeight
 from .reference import TILE_ELEMENTS, dequantize
 
-MIN_ROWS = 17
+# Fewer rows take the few-token kernels, whose bits must not depend on the call's size.
+MIN_ROWS = FEW_TOKENS + 1
 # Largest bf16 buffer of dequantized experts held between calls (gate/up and down together); a
 # chunk whose routed experts need more runs them in groups of experts that fit.
 EXPERT_BUFFER_BYTES = 512 << 20
@@ -111,7 +113,8 @@ def quantized_experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Quan
 _buffers = threading.local()
 
 
-def _dense_experts(ids: Tensor, gate_up: QuantizedRows | QuantizedWeight, down: QuantizedWeight) -> tuple[Tensor, Tensor]:
+def _dense_experts(ids: Tensor, gate_up: QuantizedRows | QuantizedWeight,
+                   down: QuantizedWeight) -> tuple[Tensor, Tensor]:
     """The experts ``ids`` of gate_up `[E, 2I, H]` and down `[E, H, I]` as bf16 `[len(ids), 2I, H]`
     and `[len(ids), H, I]`, in this thread's buffer (valid until its next call)."""
     _, width2, hidden = gate_up.shape
