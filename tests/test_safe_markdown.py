@@ -283,6 +283,9 @@ def test_summaries_page_shows_a_hostile_summary_inertly(services):
 
 
 def hostile_stream_script() -> None:
+    import threading
+    import time
+
     from app.services.jobs import StreamJob
     from app.ui import streaming
 
@@ -292,11 +295,17 @@ def hostile_stream_script() -> None:
         def __init__(self, text: str, channel: str) -> None:
             self.kind, self.text, self.channel, self.message, self.summary = "delta", text, channel, None, None
 
+    hold = threading.Event()
+
     def start(progress, cancel):
         yield Event(f"Marker reasoning ![r]({evil})", "reasoning")
         yield Event(f"Marker answer ![a]({evil})", "answer")
+        hold.wait(5)  # still running while the page draws it
 
-    streaming.follow(StreamJob(start, label="Question"))
+    job = StreamJob(start, label="Question")
+    while "Marker answer" not in job.snapshot().answer:
+        time.sleep(0.01)
+    streaming.live(job)
 
 
 def test_live_answer_and_reasoning_are_shown_inertly():
