@@ -186,10 +186,10 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
             for (int i = 0; i < 4; i++) {
                 const weight_ref *ref = &w[shared_inputs[i]];
                 for (int64_t t = 0; t < T; t++) {
-                    xr[t] = b.x[layout_of(ref->format)] + t * x_width;
                     float *shared_proj = b.proj + (routed + t) * 2 * proj_half;
-                    yr[t] = i == 0 ? b.logits + t * E : i == 1 ? shared_proj : i == 2 ? shared_proj + S
-                                                                                        : b.gate_logit + t;
+                    float *outputs[4] = { b.logits + t * E, shared_proj, shared_proj + S, b.gate_logit + t };
+                    xr[t] = b.x[layout_of(ref->format)] + t * x_width;
+                    yr[t] = outputs[i];
                 }
                 first.items[first.count++] = product(ref, 0, xr, T, yr);
                 xr += T;
