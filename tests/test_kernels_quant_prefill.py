@@ -122,7 +122,7 @@ def reference_tiles(monkeypatch):
 @pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
 @pytest.mark.parametrize(("tokens", "rows", "columns"), [(17, 300, 200), (40, 33, 257), (20, 2049, 2048)],
                          ids=["17x300x200", "40x33x257", "20x2049x2048-two-tiles"])
-def test_prefill_linear_is_unchanged_by_the_native_tiles(monkeypatch, format_name, tokens, rows, columns):
+def test_prefill_linear_is_unchanged_by_the_native_tiles(native_isa, monkeypatch, format_name, tokens, rows, columns):
     weight = random_weight(format_name, (rows, columns), seed=tokens)
     generator = torch.Generator().manual_seed(tokens)
     x = torch.randn(2, tokens, columns, generator=generator).to(torch.bfloat16)
@@ -132,6 +132,19 @@ def test_prefill_linear_is_unchanged_by_the_native_tiles(monkeypatch, format_nam
         reference_tiles(patch)
         expected = prefill.quantized_linear_bf16(x, weight, bias)
     assert native.shape == (2, tokens, rows) and torch.equal(bits(native), bits(expected))
+
+
+@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
+def test_prefill_linear_is_the_dense_bf16_layer_on_the_exact_weights(native_isa, format_name):
+    """The same bits as kernels.linear on the exact weights rounded to bf16, in each build (where
+    bf16 products are not native both multiply fp32 tiles of WIDEN_ROWS rows: two tiles here)."""
+    from kernels.linear import WIDEN_ROWS, linear
+
+    weight = random_weight(format_name, (WIDEN_ROWS + 37, 200), seed=5)
+    x = torch.randn(2, 30, 200, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    out = prefill.quantized_linear_bf16(x, weight)
+    assert out.shape == (2, 30, WIDEN_ROWS + 37)
+    assert torch.equal(bits(out), bits(linear(x, dense_stack(weight))))
 
 
 def routed_case(format_name: str, tokens: int, experts: int = 8, top_k: int = 3, hidden: int = 64, width: int = 32):
@@ -182,9 +195,11 @@ def exact_bf16_copy(lm) -> None:
 
 
 @pytest.mark.parametrize("weights", [FP8_BLOCK, INT8, INT4])
-def test_quantized_prefill_is_the_bf16_model_on_the_rounded_exact_weights(demo_checkpoint, tmp_path, weights):
+def test_quantized_prefill_is_the_bf16_model_on_the_rounded_exact_weights(native_isa, demo_checkpoint, tmp_path,
+                                                                         weights):
     """A 40-token chunk (linear layers and routed experts on the prefill path) gives the bf16
-    model's logits bit for bit when that model holds the same weights as bf16 tensors."""
+    model's logits bit for bit when that model holds the same weights as bf16 tensors: in bf16
+    products where they are native, in fp32 products of widened tiles where they are not."""
     from bench.fp8_checkpoint import write_fp8_checkpoint
     from model import load_model
 

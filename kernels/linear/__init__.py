@@ -14,10 +14,11 @@ from torch import Tensor
 
 from ..native import FEW_TOKENS, native_bf16_matmul
 from ..quant import QuantizedRows, QuantizedWeight, quantized_linear
+from ..widened import WIDEN_ROWS, widened_linear
 from . import native
 from .reference import linear_reference
 
-__all__ = ["linear", "linear_reference", "uses_native"]
+__all__ = ["WIDEN_ROWS", "linear", "linear_reference", "uses_native"]
 
 
 def uses_native(x: Tensor, weight: Tensor) -> bool:
@@ -30,25 +31,9 @@ def uses_native(x: Tensor, weight: Tensor) -> bool:
     return 0 < rows <= FEW_TOKENS and weight.is_contiguous() and not needs_grad and native.kernel() is not None
 
 
-# Weight rows widened to fp32 at a time where bf16 products are not native (8 MiB at K = 2048).
-WIDEN_ROWS = 1024
-
-
 def _linear_widened(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """`linear` for bf16 x and weight on CPUs without native bf16 products: fp32 products of x and
-    fp32 tiles of the weight, each rounded once to bf16 straight into its columns of the output
-    (no concatenation pass; autograd flows through the conversions and the column copies)."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    out_features = weight.shape[0]
-    if out_features <= WIDEN_ROWS:
-        out = F.linear(flat, weight.float(), None if bias is None else bias.float()).to(x.dtype)
-        return out.view(*x.shape[:-1], out_features)
-    out = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
-    for start in range(0, out_features, WIDEN_ROWS):
-        stop = min(start + WIDEN_ROWS, out_features)
-        tile_bias = None if bias is None else bias[start:stop].float()
-        out[:, start:stop] = F.linear(flat, weight[start:stop].float(), tile_bias)
-    return out.view(*x.shape[:-1], out_features)
+    """`linear` for bf16 x and weight on CPUs without native bf16 products (kernels.widened)."""
+    return widened_linear(x, weight.shape[0], lambda start, stop: weight[start:stop], bias)
 
 
 def linear(x: Tensor, weight: Tensor | QuantizedWeight | QuantizedRows, bias: Tensor | None = None) -> Tensor:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..native import FEW_TOKENS
+from ..native import FEW_TOKENS, native_bf16_matmul
+from ..widened import WIDEN_ROWS, widened_linear
 from . import dequant_native
 from .formats import QuantizedRows, QuantizedWeight
 from .reference import TILE_ELEMENTS, dequantize
@@ -51,8 +52,14 @@ def bf16_tile(weight: QuantizedWeight, rows: slice, out: Tensor | None = None) -
 
 
 def quantized_linear_bf16(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
-    """x `[..., K]` bf16 times a quantized weight `[N, K]` -> `[..., N]` bf16, tile by tile in bf16."""
+    """x `[..., K]` bf16 times a quantized weight `[N, K]` -> `[..., N]` bf16, tile by tile in bf16
+    (in fp32 where bf16 products are not native: kernels.widened)."""
     rows, columns = weight.shape
+    if not native_bf16_matmul():
+        # fp32 products of WIDEN_ROWS-row tiles, as a bf16 weight holding the same values gets.
+        buffer = torch.empty(min(WIDEN_ROWS, rows), columns, dtype=torch.bfloat16)
+        return widened_linear(x, rows, lambda start, stop: bf16_tile(weight, slice(start, stop),
+                                                                     buffer[: stop - start]), bias)
     flat = x.reshape(-1, columns)
     out = torch.empty(flat.shape[0], rows, dtype=torch.bfloat16)
     tile = max(1, TILE_ELEMENTS // max(columns, 1))
