@@ -31,9 +31,10 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-
          "-shared", "-fPIC"]
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
-# Instruction sets a source can be built for: the compiler flags, and the /proc/cpuinfo flags a CPU
-# must report to run the build.
+# Instruction sets a source can be built for: the compiler flags, the /proc/cpuinfo flags a CPU
+# must report to run the build, and PyTorch's CPUID probe (torch.cpu) that must agree.
 ISAS = {"avx512": (FLAGS, ("avx512_bf16",)), "avx2": (AVX2_FLAGS, ("avx2", "fma", "f16c"))}
+CPUID_PROBES = {"avx512": "_is_avx512_bf16_supported", "avx2": "_is_avx2_supported"}
 # The order in which a kernel's builds are tried.
 ISA_PREFERENCE = ("avx512", "avx2")
 # Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
@@ -50,9 +51,17 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split())
 
 
+@functools.cache
+def _cpuid_reports(isa: str) -> bool:
+    probe = getattr(torch.cpu, CPUID_PROBES[isa], None)
+    return probe is None or bool(probe())
+
+
 def cpu_runs(isa: str) -> bool:
-    """Whether this CPU runs code built for `isa` (a key of ISAS)."""
-    return all(flag in _cpu_flags() for flag in ISAS[isa][1])
+    """Whether this CPU runs code built for `isa` (a key of ISAS): the kernel reports its flags and
+    the CPUID instruction, as PyTorch reads it for its own kernels, reports the set too. The two
+    agree on hardware; an emulated CPU (QEMU's -cpu Haswell) hides AVX-512 from CPUID only."""
+    return all(flag in _cpu_flags() for flag in ISAS[isa][1]) and _cpuid_reports(isa)
 
 
 _forced_isa: str | None = None
