@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kernels.linear import uses_native
+from kernels.quant import QuantizedWeight
 
 from .generation import Cancelled, Generation, TextDelta, prefill
 from .mtp import MtpRunner, mtp_block, state_mtp
@@ -67,12 +68,13 @@ class DecodeLoop:
     def _row_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Final-normed rows `[T, H]` -> logits `[T, V]`.
 
-        The small-row kernel (bf16 on CPU) gives each row the bits of a one-token step. Otherwise
-        `W @ x.T` keeps the cost flat in T: on CPU, fp32 `linear` over 2-4 rows takes a path about
-        three times slower than over one row, which would eat the gain of verifying at once.
+        The small-row kernels (bf16 on CPU; the quantized one for a quantized head) give each row
+        the bits of a one-token step, as `head(normed)` does. Otherwise `W @ x.T` keeps the cost flat
+        in T: on CPU, fp32 `linear` over 2-4 rows takes a path about three times slower than over
+        one row, which would eat the gain of verifying at once.
         """
         head = self.lm.module.lm_head
-        if uses_native(normed, head.weight):
+        if isinstance(head.weight, QuantizedWeight) or uses_native(normed, head.weight):
             return head(normed)
         return (head.weight @ normed.T).T
 

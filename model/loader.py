@@ -20,13 +20,14 @@ from kernels.quant import QuantizedRows, QuantizedWeight
 from .checkpoint_layout import CheckpointLayout, LayoutError
 from .config import ConfigError, ModelConfig
 from .quantization import (
+    OUTPUT_LAYER_WEIGHT,
     CheckpointScheme,
     QuantizationError,
     TensorGroups,
     checkpoint_scheme,
     convert,
     dense,
-    quantizable,
+    load_format,
     resolve_weights,
     weight_formats,
 )
@@ -131,7 +132,7 @@ def _copy_tensor(name, value, targets, config, dtype, device, weights: str | Non
     target = targets.get(param_name)
     if target is None:
         raise LoadError(f"The checkpoint has a tensor this model does not expect: {name}.")
-    stored = convert(value, weights, dtype) if quantizable(param_name) else dense(value, dtype)
+    stored = convert(value, load_format(param_name, weights), dtype)
     if isinstance(stored, QuantizedWeight):
         _place_quantized(name, stored, target, index, part, config, device)
         return
@@ -196,10 +197,24 @@ def _installed_value(target: _Target) -> torch.Tensor | QuantizedWeight | Quanti
     return target.tensor
 
 
-def _install(module: nn.Module, targets: dict[str, _Target], config: ModelConfig) -> None:
-    head = targets.get("lm_head.weight")
+def _tied_head(embedding: _Target, head_format: str | None) -> _Target:
+    """lm_head when the checkpoint ties it to the embedding: the embedding's own tensor, or with
+    a quantized head asked for, an int8 copy of it. The embedding stays dense (token lookups read
+    its rows; the model's compute dtype is read from it), so the copy costs vocab x hidden bytes
+    more (half the bf16 embedding), which decode reads instead of the bf16 embedding each token."""
+    if head_format in (None, "bf16") or embedding.tensor is None:
+        return embedding
+    head = _Target(embedding.shape, quantized=convert(embedding.tensor, head_format, embedding.tensor.dtype))
+    head.filled.add("whole")
+    return head
+
+
+def _install(module: nn.Module, targets: dict[str, _Target], config: ModelConfig,
+             weights: str | None = "bf16") -> None:
+    head = targets.get(OUTPUT_LAYER_WEIGHT)
     if head is not None and config.tie_word_embeddings and _installed_value(head) is None:
-        targets["lm_head.weight"] = targets["model.embed_tokens.weight"]
+        embedding = targets["model.embed_tokens.weight"]
+        targets[OUTPUT_LAYER_WEIGHT] = _tied_head(embedding, load_format(OUTPUT_LAYER_WEIGHT, weights))
     missing = [name for name, t in targets.items()
                if _installed_value(t) is None or len(t.filled) < t.expected_parts]
     if missing:
@@ -252,7 +267,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
 
     ``dtype`` is the compute dtype. ``weights`` None keeps the checkpoint's format (official FP8 and
     compressed-tensors int8/int4 stay quantized in memory); "bf16" holds every weight in ``dtype``;
-    "int8"/"int4" quantize the large linear layers while loading, tensor by tensor.
+    "int8"/"int4" quantize the large linear layers while loading, tensor by tensor, and lm_head to
+    int8 (model.quantization.OUTPUT_LAYER_FORMAT; a head tied to the embedding gets its own copy).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -297,7 +313,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         layout.finish()
     except (QuantizationError, LayoutError) as exc:
         raise LoadError(str(exc)) from exc
-    _install(module, targets, config)
+    _install(module, targets, config, wanted)
     release_freed_memory()
     formats = list(weight_formats(module))
     fingerprint = hashlib.sha256(

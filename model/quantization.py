@@ -9,8 +9,11 @@ Two checkpoint layouts are read:
   ``<linear>.weight_packed`` (int32 words), ``<linear>.weight_scale``, ``<linear>.weight_shape``.
 
 ``load_model(..., weights="int8" | "int4")`` quantizes every large linear layer (experts included)
-as it is read, and ``python -m model.quantize`` writes the compressed-tensors layout, so a
-converted checkpoint loads without converting again.
+as it is read, and the output layer (lm_head) to OUTPUT_LAYER_FORMAT; ``python -m model.quantize``
+writes the compressed-tensors layout, so a converted checkpoint loads without converting again.
+A compressed-tensors checkpoint may quantize modules differently, one ``config_groups`` entry
+each (the int4 body and the int8 lm_head here); each quantized tensor takes the group that
+targets its module (see :meth:`CheckpointScheme.group_of`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,18 @@ FP8_SCALE_SUFFIX = ".weight_scale_inv"
 PACKED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
 # Small or precision-sensitive projections stay in the compute dtype when quantizing on load,
 # as the official FP8 checkpoints keep them (Qwen3.5 stores in_proj_ba as in_proj_b and in_proj_a).
-KEEP_UNQUANTIZED = ("in_proj_ba", "in_proj_b", "in_proj_a", "shared_expert_gate", "lm_head")
+KEEP_UNQUANTIZED = ("in_proj_ba", "in_proj_b", "in_proj_a", "shared_expert_gate")
+# The output layer takes 8 bits (int8 per output channel) whatever the body's format: every logit
+# comes from it, so its rounding reaches the token choice directly (llama.cpp likewise keeps it
+# in 6 or 8 bits: Q6_K in Q4_K_M). It is the largest single weight decode reads per token.
+OUTPUT_LAYER = "lm_head"
+OUTPUT_LAYER_WEIGHT = f"{OUTPUT_LAYER}.weight"
+OUTPUT_LAYER_FORMAT = INT8
+# compressed-tensors targets: the one module class every quantized tensor here belongs to, and
+# the prefix of a module-name pattern (matched from the start of the name, as the library does).
+LINEAR_TARGET = "Linear"
+REGEX_TARGET = "re:"
+CLASS_NAME = re.compile(r"^[A-Z]\w*$")
 # The linear layers' weights: q/k/v/o_proj, in_proj_qkvz (or in_proj_qkv, in_proj_z), out_proj,
 # gate/up/down_proj.
 PROJECTION = re.compile(r"(?:^|\.)\w*proj\w*\.weight$")
@@ -51,12 +65,39 @@ class QuantizationError(ValueError):
 
 
 @dataclass(frozen=True)
+class WeightGroup:
+    """One compressed-tensors config group: the modules it targets and how their weights are stored."""
+
+    targets: tuple[str, ...]
+    bits: int
+    group_size: int = 0
+
+
+@dataclass(frozen=True)
 class CheckpointScheme:
-    """What a checkpoint's ``quantization_config`` says: "fp8", "pack-quantized" or None (plain)."""
+    """What a checkpoint's ``quantization_config`` says: "fp8", "pack-quantized" or None (plain),
+    and for pack-quantized its weight groups."""
 
     method: str | None
-    bits: int = 0
-    group_size: int = 0
+    groups: tuple[WeightGroup, ...] = ()
+
+    def group_of(self, module: str) -> WeightGroup:
+        """The group whose targets take the checkpoint module ``module`` (e.g. "lm_head"): a name
+        target (exact, or a ``re:`` pattern matched from the start) before the "Linear" class
+        target, which every quantized tensor here belongs to, as compressed-tensors matches them."""
+        for group in self.groups:
+            if any(_names(target, module) for target in group.targets):
+                return group
+        for group in self.groups:
+            if LINEAR_TARGET in group.targets:
+                return group
+        raise QuantizationError(f"{module} is stored quantized but no compressed-tensors config group targets it.")
+
+
+def _names(target: str, module: str) -> bool:
+    if target.startswith(REGEX_TARGET):
+        return re.match(target[len(REGEX_TARGET):], module) is not None
+    return target == module
 
 
 def checkpoint_scheme(raw_config: dict[str, Any]) -> CheckpointScheme:
@@ -85,19 +126,56 @@ def _compressed_tensors_scheme(quant: dict[str, Any]) -> CheckpointScheme:
         raise QuantizationError(
             f"compressed-tensors format {quant.get('format')!r} is not supported (only pack-quantized)."
         )
-    groups = list((quant.get("config_groups") or {}).values())
-    if len(groups) != 1 or not groups[0].get("weights"):
-        raise QuantizationError("Only compressed-tensors checkpoints with one weight quantization group are supported.")
-    args = groups[0]["weights"]
+    groups = quant.get("config_groups") or {}
+    if not groups:
+        raise QuantizationError("The compressed-tensors quantization_config has no config_groups.")
+    read = tuple(_weight_group(name, group) for name, group in groups.items())
+    if sum(LINEAR_TARGET in group.targets for group in read) > 1:
+        raise QuantizationError(f"More than one compressed-tensors config group targets {LINEAR_TARGET!r}.")
+    return CheckpointScheme("pack-quantized", read)
+
+
+def _weight_group(name: str, group: dict[str, Any]) -> WeightGroup:
+    """One ``config_groups`` entry, refused unless it is a weight-only int4/int8 group over targets
+    this runtime can tell apart (the "Linear" class, module names, ``re:`` patterns)."""
+    args = group.get("weights")
+    if not args:
+        raise QuantizationError(f"compressed-tensors group {name!r} quantizes no weights.")
     bits, strategy = int(args.get("num_bits", 0)), args.get("strategy")
-    if args.get("type", "int") != "int" or not args.get("symmetric", True) or groups[0].get("input_activations"):
+    if args.get("type", "int") != "int" or not args.get("symmetric", True) or group.get("input_activations"):
         raise QuantizationError("Only symmetric integer weight-only compressed-tensors checkpoints are supported.")
+    if group.get("format") not in (None, "pack-quantized"):
+        raise QuantizationError(f"compressed-tensors group {name!r} is in format {group['format']!r} "
+                                "(only pack-quantized is supported).")
+    targets = tuple(group.get("targets") or ())
+    if not targets:
+        raise QuantizationError(f"compressed-tensors group {name!r} has no targets.")
+    for target in targets:
+        _check_target(name, target)
     if (bits, strategy) == (4, "group"):
-        return CheckpointScheme("pack-quantized", 4, int(args.get("group_size") or INT4_GROUP_SIZE))
+        return WeightGroup(targets, 4, int(args.get("group_size") or INT4_GROUP_SIZE))
     if (bits, strategy) == (8, "channel"):
-        return CheckpointScheme("pack-quantized", 8)
+        return WeightGroup(targets, 8)
     raise QuantizationError(f"compressed-tensors {bits}-bit weights by {strategy!r} are not supported "
                             "(int4 by group and int8 by channel are).")
+
+
+def _check_target(group: str, target: Any) -> None:
+    if not isinstance(target, str) or not target:
+        raise QuantizationError(f"compressed-tensors group {group!r} has a target {target!r} that is not a name.")
+    if target.startswith(REGEX_TARGET):
+        try:
+            re.compile(target[len(REGEX_TARGET):])
+        except re.error as exc:
+            raise QuantizationError(f"compressed-tensors group {group!r} has an invalid pattern {target!r}: {exc}.") \
+                from None
+    elif CLASS_NAME.match(target) and target != LINEAR_TARGET:
+        # Module classes (CamelCase) other than Linear: this runtime's modules are not those of
+        # the library that wrote the checkpoint, so what such a target covers is unknown here.
+        raise QuantizationError(
+            f"compressed-tensors group {group!r} targets the module class {target!r}; only {LINEAR_TARGET!r}, "
+            f"module names and '{REGEX_TARGET}' patterns are supported."
+        )
 
 
 def resolve_weights(weights: str | None) -> str | None:
@@ -163,20 +241,22 @@ class TensorGroups:
                 raise QuantizationError(f"{base}: {exc}.") from None
         if not {"packed", "scale", "shape"} <= parts.keys():
             return None
-        return _unpacked(base, parts, self.scheme)
+        return _unpacked(base, parts, self.scheme.group_of(base))
 
 
-def _unpacked(base: str, parts: dict[str, Tensor], scheme: CheckpointScheme) -> QuantizedWeight:
+def _unpacked(base: str, parts: dict[str, Tensor], group: WeightGroup) -> QuantizedWeight:
     """compressed-tensors int32 words -> this runtime's bytes (the same bytes for int4)."""
     rows, columns = (int(v) for v in parts["shape"].tolist())
     packed = parts["packed"]
-    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[0] != rows:
-        raise QuantizationError(f"{base}.weight_packed has shape {list(packed.shape)} for a weight {[rows, columns]}.")
+    words = -(-columns * group.bits // 32)
+    if packed.dtype != torch.int32 or packed.dim() != 2 or tuple(packed.shape) != (rows, words):
+        raise QuantizationError(f"{base}.weight_packed has shape {list(packed.shape)}, but a {group.bits}-bit "
+                                f"weight {[rows, columns]} packs into {[rows, words]} int32 words.")
     raw = packed.contiguous().view(torch.uint8)
     try:
-        if scheme.bits == 4:
+        if group.bits == 4:
             return QuantizedWeight(INT4, raw[:, : -(-columns // 2)].clone(), parts["scale"], (rows, columns),
-                                   scheme.group_size)
+                                   group.group_size)
         values = (raw[:, :columns] ^ 0x80).view(torch.int8).clone()  # stored as value + 128
         return QuantizedWeight(INT8, values, parts["scale"], (rows, columns))
     except ValueError as exc:
@@ -203,19 +283,29 @@ def packed_tensors(name: str, weight: QuantizedWeight) -> dict[str, Tensor]:
     }
 
 
-def quantization_config(weights: str) -> dict[str, Any]:
-    """The config.json ``quantization_config`` of a checkpoint written by ``model.quantize``."""
+def _group_config(weights: str, targets: list[str]) -> dict[str, Any]:
     if weights == INT4:
         args = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": INT4_GROUP_SIZE}
     else:
         args = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None}
+    return {"targets": targets, "weights": args, "input_activations": None, "format": "pack-quantized"}
+
+
+def quantization_config(weights: str, output_layer: bool = True) -> dict[str, Any]:
+    """The config.json ``quantization_config`` of a checkpoint written by ``model.quantize``: the
+    large linear layers in ``weights`` and, when ``output_layer`` (it is a tensor of its own, not
+    tied to the embedding), lm_head in OUTPUT_LAYER_FORMAT, in a group of its own when the formats
+    differ (a name target wins over the "Linear" one)."""
+    groups = {"group_0": _group_config(weights, [LINEAR_TARGET])}
+    if output_layer and weights != OUTPUT_LAYER_FORMAT:
+        groups["group_1"] = _group_config(OUTPUT_LAYER_FORMAT, [f"{REGEX_TARGET}.*{OUTPUT_LAYER}$"])
+    kept = KEEP_UNQUANTIZED if output_layer else (*KEEP_UNQUANTIZED, OUTPUT_LAYER)
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args, "input_activations": None,
-                                      "format": "pack-quantized"}},
-        "ignore": [f"re:.*{name}$" for name in KEEP_UNQUANTIZED] + ["re:.*mlp.gate$", "re:^(model\\.)?visual\\..*"],
+        "config_groups": groups,
+        "ignore": [f"re:.*{name}$" for name in kept] + ["re:.*mlp.gate$", "re:^(model\\.)?visual\\..*"],
     }
 
 
@@ -226,6 +316,17 @@ def quantizable(param_name: str) -> bool:
     if not PROJECTION.search(param_name):
         return False
     return not any(f".{keep}." in f".{param_name}" for keep in KEEP_UNQUANTIZED)
+
+
+def load_format(param_name: str, weights: str | None) -> str | None:
+    """The format (for :func:`convert`) a weight of the model takes when ``weights`` is asked:
+    the large linear layers ``weights``; lm_head OUTPUT_LAYER_FORMAT when quantizing, else as asked
+    (None keeps what the checkpoint holds); everything else dense in the compute dtype."""
+    if quantizable(param_name):
+        return weights
+    if param_name == OUTPUT_LAYER_WEIGHT:
+        return OUTPUT_LAYER_FORMAT if weights in (INT8, INT4) else weights
+    return "bf16"
 
 
 def convert(value: Tensor | QuantizedWeight, wanted: str | None, dtype: torch.dtype) -> Tensor | QuantizedWeight:
@@ -261,6 +362,8 @@ def dense(value: Tensor | QuantizedWeight, dtype: torch.dtype) -> Tensor:
 
 __all__ = [
     "FP8_BLOCK",
+    "OUTPUT_LAYER_FORMAT",
+    "OUTPUT_LAYER_WEIGHT",
     "WEIGHT_CHOICES",
     "CheckpointScheme",
     "QuantizationError",
@@ -268,10 +371,12 @@ __all__ = [
     "checkpoint_scheme",
     "convert",
     "dense",
+    "load_format",
     "packed_tensors",
     "quantizable",
     "quantization_config",
     "quantized_weights",
     "resolve_weights",
     "weight_formats",
+    "WeightGroup",
 ]

@@ -3,9 +3,11 @@
 The source may be bf16/fp32 or official FP8. Tensors stream through one at a time and are
 written shard by shard, so converting the 80B model needs memory for one output shard, not
 for the model. Large linear layers (experts included) become compressed-tensors
-``pack-quantized`` tensors, exactly the bytes ``load_model(SRC, weights=...)`` would hold;
-everything else is copied (FP8 ones dequantized to bf16). Config, tokenizer and other files are
-copied, with ``quantization_config`` replaced.
+``pack-quantized`` tensors, and lm_head int8 ones (a config group of its own beside an int4
+body), exactly the bytes ``load_model(SRC, weights=...)`` would hold; everything else is copied
+(FP8 ones dequantized to bf16). An lm_head tied to the embedding has no tensor to write: it stays
+tied, and ``load_model(DST, weights=...)`` gives it its int8 copy. Config, tokenizer and other
+files are copied, with ``quantization_config`` replaced.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from .quantization import (
     TensorGroups,
     convert,
     dense,
+    load_format,
     packed_tensors,
-    quantizable,
     quantization_config,
 )
 
@@ -60,16 +62,17 @@ def quantize_checkpoint(source: Path, target: Path, weights: str, shard_bytes: i
                         writer.add(_converted(expert_name, expert, weights))
     groups.finish()
     writer.close()
-    _copy_side_files(source, target, weights)
+    _copy_side_files(source, target, quantization_config(weights, output_layer=not config.tie_word_embeddings))
     return target
 
 
 def _converted(name: str, value: torch.Tensor | QuantizedWeight, weights: str) -> dict[str, torch.Tensor]:
-    if name.startswith(("mtp.", *VISION_PREFIXES)) or not quantizable(name) or value.dim() != 2:
+    wanted = None if name.startswith(("mtp.", *VISION_PREFIXES)) or value.dim() != 2 else load_format(name, weights)
+    if wanted in (None, "bf16"):
         # Kept as stored (the vision tower too, which this runtime does not run); an FP8 weight
         # that stays unquantized is written in bf16.
         return {name: dense(value, DENSE_DTYPE) if isinstance(value, QuantizedWeight) else value.contiguous()}
-    quantized = convert(value, weights, DENSE_DTYPE)
+    quantized = convert(value, wanted, DENSE_DTYPE)
     return packed_tensors(name.removesuffix(".weight"), quantized)
 
 
@@ -115,12 +118,12 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
-def _copy_side_files(source: Path, target: Path, weights: str) -> None:
+def _copy_side_files(source: Path, target: Path, quantization: dict) -> None:
     for path in source.iterdir():
         if path.is_file() and not path.name.endswith(".safetensors") and path.name != "model.safetensors.index.json":
             shutil.copy2(path, target / path.name)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    config["quantization_config"] = quantization_config(weights)
+    config["quantization_config"] = quantization
     (target / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -224,8 +226,105 @@ def test_a_compressed_tensors_checkpoint_declares_what_the_ecosystem_reads(oracl
         tensors.update(load_file(str(shard)))
     name = "model.layers.1.linear_attn.out_proj"
     assert tensors[f"{name}.weight_packed"].dtype == torch.int32
-    assert tensors[f"{name}.weight_shape"].tolist() == list(load_file(
-        str(oracle_folder / "model.safetensors"))[f"{name}.weight"].shape)
+    source = load_file(str(oracle_folder / "model.safetensors"))
+    assert tensors[f"{name}.weight_shape"].tolist() == list(source[f"{name}.weight"].shape)
+    # lm_head in 8 bits per channel: a group of its own, whose name target wins over "Linear".
+    assert config["config_groups"]["group_1"] == {
+        "targets": ["re:.*lm_head$"], "input_activations": None, "format": "pack-quantized",
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None}}
+    assert not any(re.match(pattern.removeprefix("re:"), "lm_head") for pattern in config["ignore"])
+    assert "lm_head.weight" not in tensors
+    rows, columns = source["lm_head.weight"].shape
+    assert tensors["lm_head.weight_packed"].shape == (rows, -(-columns // 4))
+    assert tensors["lm_head.weight_scale"].shape == (rows, 1)
+
+
+def written_checkpoint(source: Path, target: Path, weights: str = "int4") -> dict[str, torch.Tensor]:
+    """Every tensor ``model.quantize`` writes for ``source``, read back from its shards."""
+    quantize_checkpoint(source, target, weights)
+    tensors = {}
+    for shard in target.glob("model-*.safetensors"):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+def test_a_written_int4_checkpoint_reloads_the_weights_it_holds(oracle_folder, tmp_path):
+    """Reloaded as stored, every quantized weight (lm_head in int8 among them) is the one quantizing
+    on load gives, byte for byte: the written bytes are read back unchanged."""
+    from model.quantization import quantized_weights
+
+    tensors = written_checkpoint(oracle_folder, tmp_path / "q")
+    saved = load_model(tmp_path / "q", dtype=torch.float32)
+    on_load = load_model(oracle_folder, dtype=torch.float32, weights="int4")
+    head = saved.module.lm_head.weight
+    assert head.format == "int8" and saved.weight_formats == ("float32", "int4", "int8")
+    assert torch.equal(head.scale, tensors["lm_head.weight_scale"])
+    assert torch.equal(head.data.view(torch.uint8) ^ 0x80, tensors["lm_head.weight_packed"].view(torch.uint8)[
+        :, : head.shape[1]])
+    pairs = list(zip(quantized_weights(saved.module), quantized_weights(on_load.module), strict=True))
+    assert len(pairs) > 1
+    for ours, theirs in pairs:
+        ours_parts = ours.parts if hasattr(ours, "parts") else (ours,)
+        theirs_parts = theirs.parts if hasattr(theirs, "parts") else (theirs,)
+        for a, b in zip(ours_parts, theirs_parts, strict=True):
+            assert (a.format, a.shape) == (b.format, b.shape)
+            assert torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)
+
+
+def rewritten(tensors: dict[str, torch.Tensor], config: dict, target: Path) -> Path:
+    target.mkdir()
+    save_file(tensors, str(target / "model.safetensors"))
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.fixture(scope="module")
+def int4_written(oracle_folder, tmp_path_factory):
+    """(tensors, config.json) of the oracle's int4 checkpoint as ``model.quantize`` writes it."""
+    folder = tmp_path_factory.mktemp("int4") / "q"
+    tensors = written_checkpoint(oracle_folder, folder)
+    return tensors, json.loads((folder / "config.json").read_text())
+
+
+def test_a_single_group_checkpoint_with_lm_head_ignored_keeps_it_dense(oracle_folder, int4_written, tmp_path):
+    """As third-party w4a16 checkpoints are written: one "Linear" group, lm_head ignored and dense."""
+    tensors, config = copy.deepcopy(int4_written)
+    for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+        del tensors[f"lm_head.{suffix}"]
+    tensors["lm_head.weight"] = load_file(str(oracle_folder / "model.safetensors"))["lm_head.weight"]
+    quant = config["quantization_config"]
+    del quant["config_groups"]["group_1"]
+    quant["ignore"].append("lm_head")
+    lm = load_model(rewritten(tensors, config, tmp_path / "w4a16"), dtype=torch.float32)
+    assert lm.weight_formats == ("float32", "int4")
+    assert torch.equal(lm.module.lm_head.weight, tensors["lm_head.weight"].float())
+
+
+def retarget(group_1_targets):
+    def change(quant):
+        quant["config_groups"]["group_1"]["targets"] = group_1_targets
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (retarget(["Embedding"]), "targets the module class 'Embedding'"),
+        (retarget(["re:(lm_head"]), "invalid pattern 're:\\(lm_head'"),
+        (retarget(["Linear"]), "More than one compressed-tensors config group targets 'Linear'"),
+        (lambda quant: quant["config_groups"].pop("group_1"), r"lm_head.weight_packed has shape .* 4-bit weight"),
+        (lambda quant: quant["config_groups"]["group_0"].update(targets=["re:.*_proj$"]),
+         "no compressed-tensors config group targets it"),
+        (lambda quant: quant["config_groups"]["group_1"].update(input_activations={"num_bits": 8}),
+         "weight-only"),
+    ],
+    ids=["unknown-class-target", "bad-pattern", "two-linear-groups", "head-read-as-int4", "untargeted", "activations"],
+)
+def test_compressed_tensors_groups_this_runtime_cannot_read_are_refused(int4_written, tmp_path, change, message):
+    tensors, config = copy.deepcopy(int4_written)
+    change(config["quantization_config"])
+    with pytest.raises(LoadError, match=message):
+        load_model(rewritten(tensors, config, tmp_path / "broken"), dtype=torch.float32)
 
 
 def edit_checkpoint(source: Path, target: Path, change) -> Path:
