@@ -368,6 +368,7 @@ __all__ = [
     "CheckpointScheme",
     "QuantizationError",
     "TensorGroups",
+    "WeightGroup",
     "checkpoint_scheme",
     "convert",
     "dense",
@@ -378,5 +379,4 @@ __all__ = [
     "quantized_weights",
     "resolve_weights",
     "weight_formats",
-    "WeightGroup",
 ]
