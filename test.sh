@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 scripts/setup.sh dev
 scripts/browser.sh || echo "Chromium is not available: browser tests will be skipped."
 scripts/ocr.sh || echo "OCR (tesseract) is not available: scanned pages will be reported, not read."
+scripts/emulator.sh || echo "QEMU is not available: the kernels will not be tested on an emulated AVX2-only CPU."
 if [ -z "${DOCANALYST_TEST_POSTGRES_URL:-}" ]; then
     pgdir=$(mktemp -d /tmp/docanalyst-pg.XXXXXX)
     trap 'scripts/postgres.sh stop "$pgdir" || true; rm -rf "$pgdir"' EXIT

@@ -15,8 +15,8 @@ version and instruction set: about 4 minutes on a 2-core Xeon (llama-bench and l
 It is built for the CPU's instruction sets without AMX: llama.cpp's AMX matrix multiply crashes
 on this model's quantized tensors (segfault in ggml_backend_amx_mul_mat at 0c1e570), and its
 AVX-512 paths are what it runs without AMX. --isa avx2 builds it for AVX2 + FMA + F16C only and
-runs this runtime as on a CPU without AVX-512 (AVX2_ONLY: its kernels' AVX2 builds, and PyTorch,
-oneDNN and MKL limited to AVX2).
+runs this runtime as on a CPU without AVX-512 (kernels.native.AVX2_ONLY_ENVIRONMENT: its kernels'
+AVX2 builds, and PyTorch, oneDNN and MKL limited to AVX2).
 
 Measured, for each pair: prefill of --prompt tokens (llama-bench -p, tokens/s) and decode after
 --prompt tokens (llama-bench -n with -d, tokens/s; this runtime: greedy steps after a prefill of
@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kernels.native import AVX2_ONLY_ENVIRONMENT  # noqa: E402
+
 BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendored llama.cpp is 0c1e570, which knows qwen3next
 # This runtime's weight format -> llama.cpp's file type of the same precision.
@@ -51,11 +53,8 @@ ISA_SWITCHES = {
                "GGML_AVX512_VNNI", "GGML_AVX512_BF16", "GGML_AVX_VNNI"],
     "avx2": ["GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"],
 }
-# This runtime as on a CPU without AVX-512: its kernels' AVX2 builds, PyTorch's AVX2 kernels and
-# oneDNN / MKL limited to AVX2 (no AVX-512, no AMX).
-AVX2_ONLY = {"DOCANALYST_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "avx_vnni"}, "avx2": {"avx2", "fma", "f16c"}}
+ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "avx_vnni"},
+                 "avx2": {"avx2", "fma", "f16c"}}
 
 
 def cpu_description() -> dict:
@@ -71,7 +70,8 @@ def cpu_description() -> dict:
             info[key] = value.strip()
         if key == "flags":
             flags = set(value.split())
-            info["flags"] = sorted(flags & ({"amx_tile", "amx_bf16", "amx_int8"} | set().union(*ISA_CPU_FLAGS.values())))
+            shown = {"amx_tile", "amx_bf16", "amx_int8"} | set().union(*ISA_CPU_FLAGS.values())
+            info["flags"] = sorted(flags & shown)
             break
     return info
 
@@ -165,7 +165,7 @@ print(json.dumps({{"prefill": prefill, "decode": decode, "weight_formats": list(
 
 def ours(checkpoint: Path, weights: str, prompt: int, steps: int, threads: int, repeats: int, isa: str) -> dict:
     """This runtime's rates in a fresh process (tokens/s: best of `repeats`, and every run)."""
-    environment = {**os.environ, **(AVX2_ONLY if isa == "avx2" else {})}
+    environment = {**os.environ, **(AVX2_ONLY_ENVIRONMENT if isa == "avx2" else {})}
     script = OURS_SCRIPT.format(root=str(ROOT), threads=threads, weights=weights, checkpoint=str(checkpoint),
                                 prompt=prompt, steps=steps, repeats=repeats)
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=environment)

@@ -35,6 +35,10 @@ LIBRARIES = ["-lm"]
 # must report to run the build, and PyTorch's CPUID probe (torch.cpu) that must agree.
 ISAS = {"avx512": (FLAGS, ("avx512_bf16",)), "avx2": (AVX2_FLAGS, ("avx2", "fma", "f16c"))}
 CPUID_PROBES = {"avx512": "_is_avx512_bf16_supported", "avx2": "_is_avx2_supported"}
+# A process's environment that makes this CPU stand for one without AVX-512: the kernels' AVX2
+# builds, and PyTorch's own kernels, oneDNN and MKL limited to AVX2 (no AVX-512, no AMX).
+AVX2_ONLY_ENVIRONMENT = {"DOCANALYST_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                         "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # The order in which a kernel's builds are tried.
 ISA_PREFERENCE = ("avx512", "avx2")
 # Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
