@@ -4,6 +4,7 @@ break is caught on any machine with a C compiler; and the binding picks builds a
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_variant_builds(kernel, isa):
 
 def test_avx2_is_offered_where_avx512_runs():
     order = native.isa_order()
-    if native.cpu_runs("avx512"):
+    if native.cpu_runs("avx512") and not os.environ.get("DOCANALYST_ISA"):
         assert order[:2] == ("avx512", "avx2")
     with native.use_isa("avx2"):
         assert native.isa_order() == (("avx2",) if native.cpu_runs("avx2") else ())
