@@ -288,16 +288,4 @@ class Kernel:
         return {isa: build(self.source, isa) for isa in self.isas}
 
 
-def load(source: Path, function: str, argtypes: tuple, isa: str = "avx512"):
-    """The C function `function` of `source` built for `isa` with ctypes `argtypes`, or None where
-    it cannot run here. Superseded by Kernel."""
-    library = _library(Path(source), isa)
-    if library is None:
-        return None
-    entry = getattr(library, function)
-    entry.argtypes = list(argtypes)
-    entry.restype = None
-    return entry
-
-
 DENORMALS = Kernel(Path(__file__).with_name("denormals.c"), "set_flush_denormals", "nn", isas=("avx512", "avx2"))
