@@ -29,6 +29,7 @@ EMULATOR = shutil.which("qemu-x86_64")
 EMULATED_CPU = "Haswell"
 
 pytestmark = [
+    pytest.mark.slow,  # about two minutes: the emulated process runs ~10-50x slower
     pytest.mark.skipif(platform.machine() != "x86_64" or EMULATOR is None,
                        reason="needs an x86_64 machine with qemu-x86_64 (scripts/emulator.sh installs it)"),
     pytest.mark.skipif(native.compiler() is None or not native.cpu_runs("avx2"),
