@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch  # imported before any kernel library, whose libgomp.so.1 then resolves to torch's
 
@@ -31,10 +32,19 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-
          "-shared", "-fPIC"]
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
-# Instruction sets a source can be built for: the compiler flags, the /proc/cpuinfo flags a CPU
-# must report to run the build, and PyTorch's CPUID probe (torch.cpu) that must agree.
-ISAS = {"avx512": (FLAGS, ("avx512_bf16",)), "avx2": (AVX2_FLAGS, ("avx2", "fma", "f16c"))}
-CPUID_PROBES = {"avx512": "_is_avx512_bf16_supported", "avx2": "_is_avx2_supported"}
+
+
+class InstructionSet(NamedTuple):
+    """What building for and running an instruction set takes."""
+
+    compiler_flags: list[str]
+    cpuinfo_flags: tuple[str, ...]  # /proc/cpuinfo flags a CPU must report to run the build
+    cpuid_probe: str  # PyTorch's CPUID probe (a torch.cpu function) that must agree
+
+
+# Instruction sets a source can be built for.
+ISAS = {"avx512": InstructionSet(FLAGS, ("avx512_bf16",), "_is_avx512_bf16_supported"),
+        "avx2": InstructionSet(AVX2_FLAGS, ("avx2", "fma", "f16c"), "_is_avx2_supported")}
 # A process's environment that makes this CPU stand for one without AVX-512: the kernels' AVX2
 # builds, and PyTorch's own kernels, oneDNN and MKL limited to AVX2 (no AVX-512, no AMX).
 AVX2_ONLY_ENVIRONMENT = {"DOCANALYST_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -56,16 +66,18 @@ def _cpu_flags() -> frozenset[str]:
 
 
 @functools.cache
-def _cpuid_reports(isa: str) -> bool:
-    probe = getattr(torch.cpu, CPUID_PROBES[isa], None)
-    return probe is None or bool(probe())
+def _torch_cpu_reports(probe_name: str, without_probe: bool) -> bool:
+    """What PyTorch's CPUID probe `torch.cpu.<probe_name>()` says, or `without_probe` where it has none."""
+    probe = getattr(torch.cpu, probe_name, None)
+    return without_probe if probe is None else bool(probe())
 
 
 def cpu_runs(isa: str) -> bool:
     """Whether this CPU runs code built for `isa` (a key of ISAS): the kernel reports its flags and
     the CPUID instruction, as PyTorch reads it for its own kernels, reports the set too. The two
     agree on hardware; an emulated CPU (QEMU's -cpu Haswell) hides AVX-512 from CPUID only."""
-    return all(flag in _cpu_flags() for flag in ISAS[isa][1]) and _cpuid_reports(isa)
+    build = ISAS[isa]
+    return all(flag in _cpu_flags() for flag in build.cpuinfo_flags) and _torch_cpu_reports(build.cpuid_probe, True)
 
 
 _forced_isa: str | None = None
@@ -112,10 +124,8 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-@functools.cache
 def _cpu_has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+    return _torch_cpu_reports("_is_amx_tile_supported", False)
 
 
 def matmul_has_amx() -> bool:
@@ -167,7 +177,7 @@ def numerics_identity() -> str:
         digest.update(source.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + source.read_bytes())
     enabled = os.environ.get("DOCANALYST_NATIVE", "1") != "0" and compiler() is not None
     isas = isa_order() if enabled else ()
-    flags = ";".join(" ".join(ISAS[isa][0]) for isa in isas)
+    flags = ";".join(" ".join(ISAS[isa].compiler_flags) for isa in isas)
     digest.update(f"isas={','.join(isas)}|amx={matmul_has_amx()}|flags={flags}".encode())
     return digest.hexdigest()[:16]
 
@@ -203,7 +213,7 @@ def build(source: Path, isa: str = "avx512") -> Path:
     cc = compiler()
     if cc is None:
         raise FileNotFoundError("no C compiler: set CC or install cc")
-    return _build(source, cc, ISAS[isa][0])
+    return _build(source, cc, ISAS[isa].compiler_flags)
 
 
 # Argument codes of a Kernel's signature and the ctypes type each passes as.
@@ -220,7 +230,7 @@ def _library(source: Path, isa: str) -> ctypes.CDLL | None:
     try:
         # torch is already imported, so the library's libgomp.so.1 resolves to the OpenMP runtime
         # torch loaded and both share one thread pool.
-        return ctypes.CDLL(str(_build(source, cc, ISAS[isa][0])))
+        return ctypes.CDLL(str(_build(source, cc, ISAS[isa].compiler_flags)))
     except (OSError, subprocess.CalledProcessError) as error:
         warnings.warn(f"native kernel {source.name} ({isa}) unavailable, using PyTorch's path: {error}", stacklevel=3)
         return None

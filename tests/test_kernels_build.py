@@ -63,8 +63,8 @@ def test_unknown_isa_is_refused(monkeypatch):
 def test_a_set_cpuid_does_not_report_is_not_run(monkeypatch, hidden):
     """An emulated CPU (QEMU's -cpu Haswell) hides AVX-512 from the CPUID instruction while
     /proc/cpuinfo shows the host's flags: the kernels follow CPUID, as PyTorch's own kernels do."""
-    monkeypatch.setattr(native.torch.cpu, native.CPUID_PROBES[hidden], lambda: False)
-    native._cpuid_reports.cache_clear()
+    monkeypatch.setattr(native.torch.cpu, native.ISAS[hidden].cpuid_probe, lambda: False)
+    native._torch_cpu_reports.cache_clear()
     try:
         with native.use_isa(None):
             assert not native.cpu_runs(hidden) and hidden not in native.isa_order()
@@ -73,5 +73,5 @@ def test_a_set_cpuid_does_not_report_is_not_run(monkeypatch, hidden):
             assert all(kernel.isa() != hidden for kernel in KERNELS)
     finally:
         monkeypatch.undo()
-        native._cpuid_reports.cache_clear()
+        native._torch_cpu_reports.cache_clear()
         native._set_forced_isa(None)
