@@ -7,18 +7,23 @@
  * state depends only on the row's query and the keys it sees there, so the rows of a call may be
  * split over threads by chunk (decode: few rows, long cache) or not (prefill) with the same bits.
  *
- * Bits of a row never depend on the call's size, the row's place in it or the thread count:
- *  - scores: lane l of a row's 8-lane chain adds q[d] k[d] for d = 16m + c, 16m + c + 4 (c = l for
- *    l < 4, l + 4 above) in m order, then the lanes are summed by one fixed tree (reduce_rows);
- *  - softmax: vectors hold GROUP_ROWS rows, one per lane; keys a row does not see get probability
- *    exactly 0 (vf_exp never returns 0, so they are masked), which adds nothing to its sum chain;
- *  - values: lane d of a row's output is one chain over the keys in order.
- * Up to GROUP_ROWS rows share every load of a key and up to 4 every load of a value, which makes a
- * decode step (8 query heads per K/V head) read each K and V row from memory once.
+ * Both products are register-tiled outer products, as in a GEMM micro-kernel, over a block's keys
+ * (and, in prefill, values) widened to fp32 once (exact) and queries transposed so that rows lie
+ * in lanes:
+ *  - scores: a group of up to GROUP_ROWS rows (two 8-lane vectors) against several keys at a
+ *    time, a key's channel broadcast to every row; lane r of a score is one fp32 chain over the
+ *    channels in split order (below);
+ *  - softmax: lane by lane; keys a row does not see get probability exactly 0 (vf_exp never
+ *    returns 0, so they are masked), which adds nothing to its sum chain;
+ *  - values: up to VALUE_ROWS rows by 16 channels, a row's probability broadcast; lane d of a row's
+ *    output is one chain over the keys in order.
+ * So the bits of a row never depend on the call's size, the row's place in it, how many rows share
+ * a tile or the thread count, while each loaded key or value feeds many multiply-adds. The next
+ * block's keys and values are requested from memory while a block is computed.
  *
  * 16 bf16 widen to fp32 with two interleaves against zero (shuffles, which leave the multiply-add
- * ports free), so queries, outputs and accumulators are kept in "split" order: per 16 channels,
- * channels 0-3 and 8-11, then 4-7 and 12-15.
+ * ports free), so keys, values, transposed queries and output accumulators are kept in "split"
+ * order: per 16 channels, channels 0-3 and 8-11, then 4-7 and 12-15.
  */
 #ifndef DOCANALYST_CAUSAL_AVX2_H
 #define DOCANALYST_CAUSAL_AVX2_H
@@ -27,18 +32,34 @@
 
 #define BLOCK_KEYS 64         /* keys scored, then weighted, at a time */
 #define CHUNK_KEYS 2048       /* keys of one softmax state before the fold; a multiple of BLOCK_KEYS */
-#define GROUP_ROWS VF_LANES   /* rows scored together, one per lane of a score vector */
-#define VALUE_ROWS 4          /* rows weighting values together */
+#define GROUP_VECTORS 2       /* score vectors of a row group */
+#define GROUP_ROWS (GROUP_VECTORS * VF_LANES) /* rows scored together, one per lane */
+#define VALUE_ROWS 6          /* rows weighting values together (12 accumulators of 8 lanes) */
 #define TILE_ROWS 256         /* rows of one K/V head that share each block read from memory */
 #define SPLIT_BYTES (256 << 20) /* most memory the chunks' states of a call split by chunk may take */
 #define ALWAYS static inline __attribute__((always_inline))
 
 /* Softmax states of rows: row r's running max (of scaled scores), sum of probabilities and fp32
- * output in split order, at max[r * step], sum[r * step], acc + r * step * D. */
+ * output, at max[r * step], sum[r * step], acc + r * step * D. */
 typedef struct {
     float *max, *sum, *acc;
     int64_t step;
 } States;
+
+/* A block: its keys (and, where many rows share them, values) as fp32 rows [BLOCK_KEYS][D] in
+ * split order. */
+typedef struct {
+    float *keys, *values;
+    const uint16_t *raw_values;              /* the block's values as stored (row stride ld) */
+    const uint16_t *next_keys, *next_values; /* the next block's, requested meanwhile, or NULL */
+    int64_t ld;
+} Block;
+
+/* Request row j of the next block's keys or values (NULL: none) into the cache. */
+ALWAYS void fetch_row(const uint16_t *next, int64_t ld, int64_t D, int j) {
+    if (next)
+        for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char *)(next + j * ld + d), _MM_HINT_T0);
+}
 
 /* 16 bf16 as fp32 in split order: low = channels 0-3 and 8-11, high = 4-7 and 12-15. */
 ALWAYS void widen16(const uint16_t *p, vf *low, vf *high) {
@@ -47,142 +68,144 @@ ALWAYS void widen16(const uint16_t *p, vf *low, vf *high) {
     *high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
 }
 
-/* Lane r = sum of acc[r]'s lanes ((0+1)+(2+3)) + ((4+5)+(6+7)) for r < R, 0 above. */
-ALWAYS vf reduce_rows(const vf *acc, const int R) {
-    vf a[8];
-    for (int r = 0; r < 8; r++) a[r] = r < R ? acc[r] : vf_zero();
-    vf low = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    vf high = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return vf_add(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
-}
-
-/* scores[j + i] (lane r: q_r . k_(j+i), unscaled) for J keys from j and R rows (queries qs,
- * [R][D] split). fetch: request the next block's keys and this block's values meanwhile. */
-ALWAYS void score_keys(const int R, const int J, const float *qs, const uint16_t *keys, const uint16_t *values,
-                       int64_t ld, int64_t D, int j, int fetch, vf *scores) {
-    vf acc[8][8];
-    for (int i = 0; i < J; i++)
-        for (int r = 0; r < R; r++) acc[i][r] = vf_zero();
-    if (fetch)
-        for (int i = 0; i < J; i++)
-            for (int64_t d = 0; d < D; d += 32) {
-                _mm_prefetch((const char *)(keys + (j + i + BLOCK_KEYS) * ld + d), _MM_HINT_T0);
-                _mm_prefetch((const char *)(values + (j + i) * ld + d), _MM_HINT_T0);
-            }
-    for (int64_t m = 0; m < D; m += 16)
-        for (int i = 0; i < J; i++) {
+/* Rows [n][D] bf16 (row stride ld) -> fp32 [n][D] in split order, exactly. */
+static void widen_rows(const uint16_t *src, int64_t ld, int64_t D, int n, float *dst) {
+    for (int j = 0; j < n; j++)
+        for (int64_t m = 0; m < D; m += 16) {
             vf low, high;
-            widen16(keys + (j + i) * ld + m, &low, &high);
-            for (int r = 0; r < R; r++) {
-                acc[i][r] = vf_fma(vf_load(qs + r * D + m), low, acc[i][r]);
-                acc[i][r] = vf_fma(vf_load(qs + r * D + m + 8), high, acc[i][r]);
-            }
+            widen16(src + j * ld + m, &low, &high);
+            vf_store(dst + j * D + m, low), vf_store(dst + j * D + m + 8, high);
         }
-    for (int i = 0; i < J; i++) scores[j + i] = reduce_rows(acc[i], R);
 }
 
-/* scores[j] for keys j < seen, J keys at a time (R * J chains in flight), the rest one by one. */
-ALWAYS void scores_of(const int R, const int J, const float *qs, const uint16_t *keys, const uint16_t *values,
-                      int64_t ld, int64_t D, int seen, int fetch, vf *scores) {
+/* scores[j + i][v] (lane l: row VF_LANES * v + l's q . k_(j+i), unscaled) for J keys from j, the
+ * group's queries qt [D][GROUP_ROWS] (rows in lanes), keys fp32 [.][D], both in split order. */
+ALWAYS void score_keys(const int NV, const int J, const float *qt, const float *keys, int64_t D, int j,
+                       vf (*scores)[GROUP_VECTORS]) {
+    vf acc[12][GROUP_VECTORS];
+    for (int i = 0; i < J; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = vf_zero();
+    const float *k = keys + j * D;
+    for (int64_t d = 0; d < D; d++) {
+        vf q[GROUP_VECTORS];
+        for (int v = 0; v < NV; v++) q[v] = vf_load(qt + d * GROUP_ROWS + v * VF_LANES);
+        for (int i = 0; i < J; i++) {
+            vf key = vf_set1(k[i * D + d]);
+            for (int v = 0; v < NV; v++) acc[i][v] = vf_fma(q[v], key, acc[i][v]);
+        }
+    }
+    for (int i = 0; i < J; i++)
+        for (int v = 0; v < NV; v++) scores[j + i][v] = acc[i][v];
+}
+
+/* scores[j] for keys j < seen: J keys at a time (NV * J chains in flight), then 4, then one; the
+ * next block's keys (NULL: none) requested meanwhile, the same rows as are scored. */
+ALWAYS void scores_of(const int NV, const int J, const float *qt, Block block, int64_t D, int seen,
+                      const uint16_t *next_keys, vf (*scores)[GROUP_VECTORS]) {
     int j = 0;
-    for (; j + J <= seen; j += J) score_keys(R, J, qs, keys, values, ld, D, j, fetch, scores);
-    for (; j < seen; j++) score_keys(R, 1, qs, keys, values, ld, D, j, fetch, scores);
+    for (; j + J <= seen; j += J) {
+        for (int i = 0; i < J; i++) fetch_row(next_keys, block.ld, D, j + i);
+        score_keys(NV, J, qt, block.keys, D, j, scores);
+    }
+    for (; j + 4 <= seen; j += 4) score_keys(NV, 4, qt, block.keys, D, j, scores);
+    for (; j < seen; j++) score_keys(NV, 1, qt, block.keys, D, j, scores);
 }
 
-/* The online-softmax step of a group's rows (lane r) over the block's scores: row r sees its first
- * n[r] keys. probs[j][r] = e^(score * scale - max) (0 for keys it does not see), the running max
- * and sum updated; correction[r] rescales the row's output (0 for a row with no key yet). Returns
- * whether some row's max moved. */
-ALWAYS int softmax_of(const vf *scores, int seen, __m256i n, float scale, float *max, float *sum,
-                      float (*probs)[GROUP_ROWS], float *correction) {
+/* The online-softmax step of a group's rows (lane l of vector v: row VF_LANES * v + l) over the
+ * block's scores: row r sees its first n[r] keys. probs[j][r] = e^(score * scale - max) (0 for
+ * keys it does not see), the running max and sum updated; correction[r] rescales the row's output
+ * (0 for a row with no key yet). Returns whether some row's max moved. */
+static int softmax_of(int NV, const vf (*scores)[GROUP_VECTORS], int seen, const int *n, float scale, float *max,
+                      float *sum, float (*probs)[GROUP_ROWS], float *correction) {
     const vf minus_inf = vf_set1(-INFINITY), scale_v = vf_set1(scale);
-    vf top = minus_inf;
-    for (int j = 0; j < seen; j++) {
-        vf sees = _mm256_castsi256_ps(_mm256_cmpgt_epi32(n, _mm256_set1_epi32(j)));
-        top = vf_max(top, _mm256_blendv_ps(minus_inf, scores[j], sees));
-    }
-    vf before = vf_load(max), best = vf_max(before, vf_mul(top, scale_v)), neg_best = vf_sub(vf_zero(), best);
-    vf total = vf_zero();
-    for (int j = 0; j < seen; j++) {
-        vf sees = _mm256_castsi256_ps(_mm256_cmpgt_epi32(n, _mm256_set1_epi32(j)));
-        vf p = _mm256_and_ps(vf_exp(vf_fma(scores[j], scale_v, neg_best)), sees);
-        total = vf_add(total, p);
-        vf_store(probs[j], p);
-    }
-    vf started = _mm256_cmp_ps(before, minus_inf, _CMP_NEQ_OQ);
-    vf factor = _mm256_and_ps(vf_exp(vf_sub(before, best)), started);
-    vf_store(sum, vf_fma(vf_load(sum), factor, total));
-    vf_store(max, best);
-    vf_store(correction, factor);
-    return _mm256_movemask_ps(_mm256_cmp_ps(before, best, _CMP_NEQ_UQ)) != 0;
-}
-
-/* Channels [m, m + 16 S) of R rows (1 to VALUE_ROWS): acc_r = acc_r * correction[lane + r] (when
- * rescale) + sum over keys j < seen of probs[j][lane + r] v_j. */
-ALWAYS void value_steps(const int R, const int S, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
-                        const float *correction, int rescale, const uint16_t *values, int64_t ld, int64_t m,
-                        int seen) {
-    vf low[VALUE_ROWS][4], high[VALUE_ROWS][4];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) {
-            low[r][s] = vf_load(acc[r] + m + 16 * s), high[r][s] = vf_load(acc[r] + m + 16 * s + 8);
-            if (rescale) {
-                vf c = vf_set1(correction[lane + r]);
-                low[r][s] = vf_mul(low[r][s], c), high[r][s] = vf_mul(high[r][s], c);
-            }
+    int moved = 0;
+    for (int v = 0; v < NV; v++) {
+        const int lane = v * VF_LANES;
+        __m256i visible = _mm256_loadu_si256((const __m256i *)(n + lane));
+        vf top = minus_inf;
+        for (int j = 0; j < seen; j++) {
+            vf sees = _mm256_castsi256_ps(_mm256_cmpgt_epi32(visible, _mm256_set1_epi32(j)));
+            top = vf_max(top, _mm256_blendv_ps(minus_inf, scores[j][v], sees));
         }
-    for (int j = 0; j < seen; j++)
-        for (int s = 0; s < S; s++) {
-            vf v_low, v_high;
-            widen16(values + j * ld + m + 16 * s, &v_low, &v_high);
-            for (int r = 0; r < R; r++) {
-                vf p = vf_set1(probs[j][lane + r]);
-                low[r][s] = vf_fma(p, v_low, low[r][s]);
-                high[r][s] = vf_fma(p, v_high, high[r][s]);
-            }
+        vf before = vf_load(max + lane), best = vf_max(before, vf_mul(top, scale_v));
+        vf neg_best = vf_sub(vf_zero(), best), total = vf_zero();
+        for (int j = 0; j < seen; j++) {
+            vf sees = _mm256_castsi256_ps(_mm256_cmpgt_epi32(visible, _mm256_set1_epi32(j)));
+            vf p = _mm256_and_ps(vf_exp(vf_fma(scores[j][v], scale_v, neg_best)), sees);
+            total = vf_add(total, p);
+            vf_store(probs[j] + lane, p);
         }
+        vf started = _mm256_cmp_ps(before, minus_inf, _CMP_NEQ_OQ);
+        vf factor = _mm256_and_ps(vf_exp(vf_sub(before, best)), started);
+        vf_store(sum + lane, vf_fma(vf_load(sum + lane), factor, total));
+        vf_store(max + lane, best);
+        vf_store(correction + lane, factor);
+        moved |= _mm256_movemask_ps(_mm256_cmp_ps(before, best, _CMP_NEQ_UQ)) != 0;
+    }
+    return moved;
+}
+
+/* Channels [c, c + 16) of R rows (1 to VALUE_ROWS, the group's rows from `lane`): acc_r =
+ * acc_r * correction[lane + r] (when rescale) + sum over keys j < seen of probs[j][lane + r] v_j,
+ * the values read from the block's fp32 copy when WIDE, else widened as they are read (exact
+ * either way, so the same bits). */
+ALWAYS void value_steps(const int R, const int WIDE, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
+                        const float *correction, int rescale, Block block, int64_t D, int64_t c, int seen) {
+    vf out[VALUE_ROWS][2];
     for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) vf_store(acc[r] + m + 16 * s, low[r][s]), vf_store(acc[r] + m + 16 * s + 8, high[r][s]);
+        for (int h = 0; h < 2; h++) {
+            out[r][h] = vf_load(acc[r] + c + VF_LANES * h);
+            if (rescale) out[r][h] = vf_mul(out[r][h], vf_set1(correction[lane + r]));
+        }
+    for (int j = 0; j < seen; j++) {
+        vf value[2];
+        if (WIDE) value[0] = vf_load(block.values + j * D + c), value[1] = vf_load(block.values + j * D + c + 8);
+        else widen16(block.raw_values + j * block.ld + c, &value[0], &value[1]);
+        for (int r = 0; r < R; r++) {
+            vf p = vf_set1(probs[j][lane + r]);
+            for (int h = 0; h < 2; h++) out[r][h] = vf_fma(p, value[h], out[r][h]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) vf_store(acc[r] + c + VF_LANES * h, out[r][h]);
 }
 
-/* All D channels, S steps of 16 at a time (R * 2S chains in flight), the rest one step at a time. */
-ALWAYS void values_of(const int R, const int S, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
-                      const float *correction, int rescale, const uint16_t *values, int64_t ld, int64_t D,
-                      int seen) {
-    int64_t m = 0;
-    for (; m + 16 * S <= D; m += 16 * S) value_steps(R, S, acc, probs, lane, correction, rescale, values, ld, m, seen);
-    for (; m < D; m += 16) value_steps(R, 1, acc, probs, lane, correction, rescale, values, ld, m, seen);
-}
-
-static void group_scores(int R, const float *qs, const uint16_t *keys, const uint16_t *values, int64_t ld,
-                         int64_t D, int seen, int fetch, vf *scores) {
-    switch (R) {
-    case 8: scores_of(8, 1, qs, keys, values, ld, D, seen, fetch, scores); break;
-    case 7: scores_of(7, 1, qs, keys, values, ld, D, seen, fetch, scores); break;
-    case 6: scores_of(6, 1, qs, keys, values, ld, D, seen, fetch, scores); break;
-    case 5: scores_of(5, 1, qs, keys, values, ld, D, seen, fetch, scores); break;
-    case 4: scores_of(4, 2, qs, keys, values, ld, D, seen, fetch, scores); break;
-    case 3: scores_of(3, 2, qs, keys, values, ld, D, seen, fetch, scores); break;
-    case 2: scores_of(2, 4, qs, keys, values, ld, D, seen, fetch, scores); break;
-    default: scores_of(1, 8, qs, keys, values, ld, D, seen, fetch, scores); break;
+/* All D channels, 16 at a time; the next block's values (NULL: none) requested meanwhile, an
+ * even share of its rows after each step. */
+ALWAYS void values_of(const int R, const int WIDE, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
+                      const float *correction, int rescale, Block block, int64_t D, int seen,
+                      const uint16_t *next_values) {
+    int64_t steps = D / 16, share = (BLOCK_KEYS + steps - 1) / steps;
+    for (int64_t c = 0, step = 0; c < D; c += 2 * VF_LANES, step++) {
+        value_steps(R, WIDE, acc, probs, lane, correction, rescale, block, D, c, seen);
+        for (int64_t j = step * share; j < (step + 1) * share && j < BLOCK_KEYS; j++)
+            fetch_row(next_values, block.ld, D, (int)j);
     }
 }
+
+#define VALUES_OF(R) \
+    (wide ? values_of(R, 1, acc, probs, lane, correction, rescale, block, D, seen, next_values) \
+          : values_of(R, 0, acc, probs, lane, correction, rescale, block, D, seen, next_values))
 
 static void group_values(int R, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
-                         const float *correction, int rescale, const uint16_t *values, int64_t ld, int64_t D,
-                         int seen) {
+                         const float *correction, int rescale, Block block, int wide, int64_t D, int seen,
+                         const uint16_t *next_values) {
     switch (R) {
-    case 4: values_of(4, 1, acc, probs, lane, correction, rescale, values, ld, D, seen); break;
-    case 3: values_of(3, 1, acc, probs, lane, correction, rescale, values, ld, D, seen); break;
-    case 2: values_of(2, 2, acc, probs, lane, correction, rescale, values, ld, D, seen); break;
-    default: values_of(1, 4, acc, probs, lane, correction, rescale, values, ld, D, seen); break;
+    case 6: VALUES_OF(6); break;
+    case 5: VALUES_OF(5); break;
+    case 4: VALUES_OF(4); break;
+    case 3: VALUES_OF(3); break;
+    case 2: VALUES_OF(2); break;
+    default: VALUES_OF(1); break;
     }
 }
 
-/* One block (keys and values at its first key) for R rows of a group; row r sees its first n[r]. */
-static void group_block(int R, const float *qs, const int *n, const uint16_t *keys, const uint16_t *values,
-                        int64_t ld, int64_t D, float scale, States st, int fetch) {
-    vf scores[BLOCK_KEYS];
+/* One block for R rows of a group (queries qt); row r sees its first n[r]. wide: the block's values
+ * are widened in it; fetch: request the next block's keys and values meanwhile (a block's first
+ * group does). */
+static void group_block(int R, const float *qt, const int *n, Block block, int wide, int fetch, int64_t D,
+                        float scale, States st) {
+    vf scores[BLOCK_KEYS][GROUP_VECTORS];
     float probs[BLOCK_KEYS][GROUP_ROWS] __attribute__((aligned(32)));
     float max[GROUP_ROWS] __attribute__((aligned(32))), sum[GROUP_ROWS] __attribute__((aligned(32)));
     float correction[GROUP_ROWS] __attribute__((aligned(32)));
@@ -193,23 +216,31 @@ static void group_block(int R, const float *qs, const int *n, const uint16_t *ke
         max[r] = r < R ? st.max[r * st.step] : -INFINITY;
         sum[r] = r < R ? st.sum[r * st.step] : 0.0f;
     }
-    group_scores(R, qs, keys, values, ld, D, seen, fetch, scores);
-    int rescale = softmax_of(scores, seen, _mm256_loadu_si256((const __m256i *)lanes), scale, max, sum, probs,
+    int vectors = R > VF_LANES ? 2 : 1;
+    const uint16_t *next_keys = fetch ? block.next_keys : NULL;
+    if (vectors == 2) scores_of(2, 6, qt, block, D, seen, next_keys, scores);
+    else scores_of(1, 8, qt, block, D, seen, next_keys, scores);
+    int rescale = softmax_of(vectors, (const vf(*)[GROUP_VECTORS])scores, seen, lanes, scale, max, sum, probs,
                              correction);
     for (int r = 0; r < R; r++) st.max[r * st.step] = max[r], st.sum[r * st.step] = sum[r];
-    for (int r0 = 0; r0 < R; r0 += VALUE_ROWS) {
-        int count = R - r0 < VALUE_ROWS ? R - r0 : VALUE_ROWS;
+    /* Rows in sets of at most VALUE_ROWS, as even as can be (16: 6 5 5; 8: 4 4), so that every set
+     * keeps enough multiply-add chains in flight. */
+    int sets = (R + VALUE_ROWS - 1) / VALUE_ROWS;
+    for (int set = 0, r0 = 0; set < sets; set++) {
+        int count = (R - r0) / (sets - set) + ((R - r0) % (sets - set) != 0);
         float *acc[VALUE_ROWS];
         for (int r = 0; r < count; r++) acc[r] = st.acc + (r0 + r) * st.step * D;
-        group_values(count, acc, (const float(*)[GROUP_ROWS])probs, r0, correction, rescale, values, ld, D, seen);
+        group_values(count, acc, (const float(*)[GROUP_ROWS])probs, r0, correction, rescale, block, wide, D, seen,
+                     fetch && set == 0 ? block.next_values : NULL);
+        r0 += count;
     }
 }
 
-/* The states of `count` rows (queries qs [count][D] split, row r seeing keys [0, visible[r]),
- * visible non-decreasing) over the keys of chunk `chunk`, from a fresh start. Rows that see none of
- * it are left untouched. */
-static void attend_chunk(const float *qs, const int64_t *visible, int count, int64_t chunk, const uint16_t *k,
-                         const uint16_t *v, int64_t ld, int64_t D, float scale, States st) {
+/* The states of `count` rows (queries qt: groups of [D][GROUP_ROWS], row r seeing keys
+ * [0, visible[r]), visible non-decreasing) over the keys of chunk `chunk`, from a fresh start. Rows
+ * that see none of it are left untouched. */
+static void attend_chunk(const float *qt, const int64_t *visible, int count, int64_t chunk, const uint16_t *k,
+                         const uint16_t *v, int64_t ld, int64_t D, float scale, States st, Block block) {
     int64_t start = chunk * CHUNK_KEYS, end = start + CHUNK_KEYS;
     if (visible[count - 1] < end) end = visible[count - 1];
     for (int r = 0; r < count; r++) {
@@ -217,19 +248,26 @@ static void attend_chunk(const float *qs, const int64_t *visible, int count, int
         st.max[r * st.step] = -INFINITY, st.sum[r * st.step] = 0.0f;
         for (int64_t d = 0; d < D; d++) st.acc[r * st.step * D + d] = 0.0f;
     }
-    for (int64_t block = start; block < end; block += BLOCK_KEYS) {
-        int in_block = (int)(end - block < BLOCK_KEYS ? end - block : BLOCK_KEYS), fetch = 1;
+    for (int64_t first = start; first < end; first += BLOCK_KEYS) {
+        int in_block = (int)(end - first < BLOCK_KEYS ? end - first : BLOCK_KEYS);
+        /* Values are widened once where more than one group shares them (prefill), else as read. */
+        int wide = count > GROUP_ROWS;
+        widen_rows(k + first * ld, ld, D, in_block, block.keys);
+        if (wide) widen_rows(v + first * ld, ld, D, in_block, block.values);
+        int more = first + BLOCK_KEYS < end;
+        block.raw_values = v + first * ld, block.ld = ld;
+        block.next_keys = more ? k + (first + BLOCK_KEYS) * ld : NULL;
+        block.next_values = more ? v + (first + BLOCK_KEYS) * ld : NULL;
         for (int g = 0; g < count; g += GROUP_ROWS) {
             int R = count - g < GROUP_ROWS ? count - g : GROUP_ROWS, n[GROUP_ROWS], any = 0;
             for (int r = 0; r < R; r++) {
-                int64_t seen = visible[g + r] - block;
+                int64_t seen = visible[g + r] - first;
                 n[r] = (int)(seen <= 0 ? 0 : (seen < in_block ? seen : in_block));
                 any |= n[r] > 0;
             }
             if (!any) continue;
             States group = { st.max + g * st.step, st.sum + g * st.step, st.acc + g * st.step * D, st.step };
-            group_block(R, qs + g * D, n, k + block * ld, v + block * ld, ld, D, scale, group, fetch);
-            fetch = 0;
+            group_block(R, qt + g * D, n, block, wide, g == 0, D, scale, group);
         }
     }
 }
@@ -264,12 +302,14 @@ static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, co
     }
 }
 
-/* A query row [D] bf16 as fp32 in split order. */
-static void split_query(const uint16_t *q, int64_t D, float *qs) {
-    for (int64_t m = 0; m < D; m += 16) {
-        vf low, high;
-        widen16(q + m, &low, &high);
-        vf_store(qs + m, low), vf_store(qs + m + 8, high);
+/* Row r's query q_r [D] bf16 into its group's transposed block, channels in split order:
+ * qt[(r / GROUP_ROWS) * D * GROUP_ROWS + split(d) * GROUP_ROWS + r % GROUP_ROWS] = q_r[d] as fp32. */
+static void transpose_query(const uint16_t *q, int r, int64_t D, float *qt) {
+    float *group = qt + (int64_t)(r / GROUP_ROWS) * D * GROUP_ROWS + r % GROUP_ROWS;
+    for (int64_t d = 0; d < D; d++) {
+        int64_t i = d % 16, at = d - i + (i & 3) + (i & 4 ? 8 : 0) + (i & 8 ? 4 : 0);
+        union { uint32_t bits; float value; } widened = { (uint32_t)q[d] << 16 };
+        group[at * GROUP_ROWS] = widened.value;
     }
 }
 
@@ -289,6 +329,7 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     int split = KVH * tiles < threads && chunks > 1 && KVH * per_head * chunks * (D + 2) * 4 <= SPLIT_BYTES;
     int64_t items = KVH * tiles * (split ? chunks : 1);
     int64_t tile_rows = per_head < TILE_ROWS ? per_head : TILE_ROWS;
+    int64_t group_slots = (tile_rows + GROUP_ROWS - 1) / GROUP_ROWS * GROUP_ROWS;
     float *parts = NULL, *part_max = NULL, *part_sum = NULL;
     if (split) {
         parts = malloc(sizeof(float) * (size_t)(KVH * per_head * chunks * D));
@@ -304,11 +345,13 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *qs = malloc(sizeof(float) * (size_t)(tile_rows * D));
+        float *qt = malloc(sizeof(float) * (size_t)(group_slots * D));
         int64_t *visible = malloc(sizeof(int64_t) * (size_t)tile_rows);
+        Block block = { .keys = malloc(sizeof(float) * (size_t)(BLOCK_KEYS * D)),
+                        .values = malloc(sizeof(float) * (size_t)(BLOCK_KEYS * D)) };
         /* Running states: over all chunks folded so far, and over the current chunk. */
         float *acc = split ? NULL : malloc(sizeof(float) * (size_t)(2 * tile_rows * (D + 2)));
-        int usable = qs && visible && (acc || split);
+        int usable = qt && visible && block.keys && block.values && (acc || split);
         failed |= !usable;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
@@ -317,9 +360,11 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
             int64_t head = item / (tiles * per_item_chunks), tile = item / per_item_chunks % tiles;
             int64_t first = tile * TILE_ROWS;
             int count = (int)(per_head - first < TILE_ROWS ? per_head - first : TILE_ROWS);
+            for (int r = count; r % GROUP_ROWS; r++)
+                for (int64_t d = 0; d < D; d++) qt[(int64_t)(r / GROUP_ROWS) * D * GROUP_ROWS + d * GROUP_ROWS + r % GROUP_ROWS] = 0.0f;
             for (int r = 0; r < count; r++) {
                 int64_t t = (first + r) / group, h = head * group + (first + r) % group;
-                split_query(q + t * q_t + h * q_h, D, qs + r * D);
+                transpose_query(q + t * q_t + h * q_h, r, D, qt);
                 visible[r] = past + t + 1;
             }
             const uint16_t *keys = k + head * kv_h, *values = v + head * kv_h;
@@ -327,15 +372,15 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
                 int64_t chunk = item % chunks, at = (head * per_head + first) * chunks + chunk;
                 if (visible[count - 1] <= chunk * CHUNK_KEYS) continue;
                 States st = { part_max + at, part_sum + at, parts + at * D, chunks };
-                attend_chunk(qs, visible, count, chunk, keys, values, kv_s, D, scale, st);
+                attend_chunk(qt, visible, count, chunk, keys, values, kv_s, D, scale, st, block);
                 continue;
             }
             float *cur_acc = acc + count * D, *cur_max = acc + 2 * count * D, *cur_sum = cur_max + count;
             float *all_max = cur_sum + count, *all_sum = all_max + count;
             States all = { all_max, all_sum, acc, 1 }, cur = { cur_max, cur_sum, cur_acc, 1 };
-            attend_chunk(qs, visible, count, 0, keys, values, kv_s, D, scale, all);
+            attend_chunk(qt, visible, count, 0, keys, values, kv_s, D, scale, all, block);
             for (int64_t chunk = 1; chunk * CHUNK_KEYS < visible[count - 1]; chunk++) {
-                attend_chunk(qs, visible, count, chunk, keys, values, kv_s, D, scale, cur);
+                attend_chunk(qt, visible, count, chunk, keys, values, kv_s, D, scale, cur, block);
                 for (int r = 0; r < count; r++)
                     if (visible[r] > chunk * CHUNK_KEYS)
                         fold(&all_max[r], &all_sum[r], acc + r * D, cur_max[r], cur_sum[r], cur_acc + r * D, D);
@@ -346,8 +391,10 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
                            gate ? gate + t * gate_t + h * gate_h : NULL);
             }
         }
-        free(qs);
+        free(qt);
         free(visible);
+        free(block.keys);
+        free(block.values);
         free(acc);
     }
     if (split && !failed) {
