@@ -8,6 +8,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #define VF_INLINE static inline __attribute__((always_inline))
 
@@ -133,6 +134,22 @@ VF_INLINE float vf_hmax(vf v) {
     __m128 b = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     b = _mm_max_ps(b, _mm_movehl_ps(b, b));
     return _mm_cvtss_f32(_mm_max_ss(b, _mm_movehdup_ps(b)));
+}
+/* 16 bf16 (one 256-bit load) to fp32 by interleaving them under zero halves: one shuffle per 8
+ * values and no arithmetic, so the multiply-add ports only multiply-add. The lanes come out in
+ * "split order": `low` holds values 0-3 and 8-11, `high` 4-7 and 12-15; a kernel keeps the other
+ * operand of its products (widened with the same helpers) in the same order. */
+VF_INLINE vf vf_widen_low(__m256i bf16x16) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bf16x16)); }
+VF_INLINE vf vf_widen_high(__m256i bf16x16) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bf16x16)); }
+VF_INLINE void vf_widen_split(__m256i bf16x16, vf *low, vf *high) {
+    *low = vf_widen_low(bf16x16), *high = vf_widen_high(bf16x16);
+}
+/* 16 bf16 of which the first `count` exist, zeros after (never reading past them). */
+VF_INLINE __m256i bf16x16_load_n(const uint16_t *p, int64_t count) {
+    if (count >= 16) return _mm256_loadu_si256((const __m256i *)p);
+    uint16_t padded[16] = {0};
+    memcpy(padded, p, sizeof(uint16_t) * (size_t)count);
+    return _mm256_loadu_si256((const __m256i *)padded);
 }
 #endif
 

@@ -61,11 +61,9 @@ ALWAYS void fetch_row(const uint16_t *next, int64_t ld, int64_t D, int j) {
         for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char *)(next + j * ld + d), _MM_HINT_T0);
 }
 
-/* 16 bf16 as fp32 in split order: low = channels 0-3 and 8-11, high = 4-7 and 12-15. */
+/* 16 bf16 channels as fp32 in split order (simd.h's vf_widen_split). */
 ALWAYS void widen16(const uint16_t *p, vf *low, vf *high) {
-    __m256i bits = _mm256_loadu_si256((const __m256i *)p), zero = _mm256_setzero_si256();
-    *low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
-    *high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
+    vf_widen_split(_mm256_loadu_si256((const __m256i *)p), low, high);
 }
 
 /* Rows [n][D] bf16 (row stride ld) -> fp32 [n][D] in split order, exactly. */
@@ -107,6 +105,7 @@ ALWAYS void scores_of(const int NV, const int J, const float *qt, Block block, i
         for (int i = 0; i < J; i++) fetch_row(next_keys, block.ld, D, j + i);
         score_keys(NV, J, qt, block.keys, D, j, scores);
     }
+    for (int i = j; i < BLOCK_KEYS; i++) fetch_row(next_keys, block.ld, D, i);
     for (; j + 4 <= seen; j += 4) score_keys(NV, 4, qt, block.keys, D, j, scores);
     for (; j < seen; j++) score_keys(NV, 1, qt, block.keys, D, j, scores);
 }
@@ -302,14 +301,15 @@ static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, co
     }
 }
 
-/* Row r's query q_r [D] bf16 into its group's transposed block, channels in split order:
- * qt[(r / GROUP_ROWS) * D * GROUP_ROWS + split(d) * GROUP_ROWS + r % GROUP_ROWS] = q_r[d] as fp32. */
+/* Row r's query q_r [D] bf16 into lane r % GROUP_ROWS of its group's transposed block
+ * qt[r / GROUP_ROWS] ([D][GROUP_ROWS] fp32), channels in split order as the keys are widened. */
 static void transpose_query(const uint16_t *q, int r, int64_t D, float *qt) {
-    float *group = qt + (int64_t)(r / GROUP_ROWS) * D * GROUP_ROWS + r % GROUP_ROWS;
-    for (int64_t d = 0; d < D; d++) {
-        int64_t i = d % 16, at = d - i + (i & 3) + (i & 4 ? 8 : 0) + (i & 8 ? 4 : 0);
-        union { uint32_t bits; float value; } widened = { (uint32_t)q[d] << 16 };
-        group[at * GROUP_ROWS] = widened.value;
+    float *lane = qt + (int64_t)(r / GROUP_ROWS) * D * GROUP_ROWS + r % GROUP_ROWS, split[16];
+    for (int64_t m = 0; m < D; m += 16) {
+        vf low, high;
+        widen16(q + m, &low, &high);
+        vf_store(split, low), vf_store(split + 8, high);
+        for (int i = 0; i < 16; i++) lane[(m + i) * GROUP_ROWS] = split[i];
     }
 }
 
@@ -360,8 +360,9 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
             int64_t head = item / (tiles * per_item_chunks), tile = item / per_item_chunks % tiles;
             int64_t first = tile * TILE_ROWS;
             int count = (int)(per_head - first < TILE_ROWS ? per_head - first : TILE_ROWS);
-            for (int r = count; r % GROUP_ROWS; r++)
-                for (int64_t d = 0; d < D; d++) qt[(int64_t)(r / GROUP_ROWS) * D * GROUP_ROWS + d * GROUP_ROWS + r % GROUP_ROWS] = 0.0f;
+            /* The last group's lanes past the rows: zeros (their scores are masked anyway). */
+            if (count % GROUP_ROWS)
+                memset(qt + (int64_t)(count / GROUP_ROWS) * D * GROUP_ROWS, 0, sizeof(float) * (size_t)(D * GROUP_ROWS));
             for (int r = 0; r < count; r++) {
                 int64_t t = (first + r) / group, h = head * group + (first + r) % group;
                 transpose_query(q + t * q_t + h * q_h, r, D, qt);

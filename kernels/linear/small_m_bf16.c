@@ -138,7 +138,6 @@ void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "../simd.h"
 /* The scalar bf16 rounding; the header's AVX-512 helpers go unused here, where GCC would warn
@@ -157,28 +156,12 @@ void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16
 #define R_ONE 8
 #define R_MANY 2
 
-/* 16 bf16 to fp32 by interleaving with zero halves (one shuffle per 8 values, no shift): `low`
- * holds columns 0-3 and 8-11, `high` columns 4-7 and 12-15, the order x is prepared in. */
-VF_INLINE void widen16(__m256i bits, vf *low, vf *high) {
-    const __m256i zero = _mm256_setzero_si256();
-    *low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
-    *high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
-}
-
-/* STEP bf16 values, zeros past `count`. */
-VF_INLINE __m256i load_step(const uint16_t *p, int64_t count) {
-    if (count >= STEP) return _mm256_loadu_si256((const __m256i *)p);
-    uint16_t part[STEP] = { 0 };
-    memcpy(part, p, sizeof(uint16_t) * (size_t)count);
-    return _mm256_loadu_si256((const __m256i *)part);
-}
-
-/* x [M, K] bf16 -> [M, ldx] fp32 in widen16's order, zeros past K. */
+/* x [M, K] bf16 -> [M, ldx] fp32 in the weights' split order (simd.h), zeros past K. */
 static void prepare_x(const uint16_t *x, int64_t ldx_in, int64_t M, int64_t K, float *out, int64_t ldx) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < ldx; k += STEP) {
             vf low, high;
-            widen16(load_step(x + m * ldx_in + k, K - k), &low, &high);
+            vf_widen_split(bf16x16_load_n(x + m * ldx_in + k, K - k), &low, &high);
             vf_store(out + m * ldx + k, low);
             vf_store(out + m * ldx + k + VF_LANES, high);
         }
@@ -198,7 +181,7 @@ typedef struct {
 #define TILE_STEP(k, count)                                                                     \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                       \
         vf low, high;                                                                           \
-        widen16(load_step(wr[r] + (k), count), &low, &high);                                    \
+        vf_widen_split(bf16x16_load_n(wr[r] + (k), count), &low, &high);                                    \
         _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {                                  \
             acc[m][r] = vf_fma(vf_load(xs[m] + (k)), low, acc[m][r]);                           \
             acc[m][r] = vf_fma(vf_load(xs[m] + (k) + VF_LANES), high, acc[m][r]);               \

@@ -4,10 +4,9 @@
  * w [N, K] as stored (K contiguous). Decode calls them for a block of weight rows and a few tokens;
  * prefill for a whole expert and the tokens routed to it.
  *
- * Widening. One 256-bit load holds 16 bf16 weights (a step); unpacking its 16-bit values under
- * zeros gives two fp32 vectors, k 0-3 and 8-11 (low) and k 4-7 and 12-15 (high), with one shuffle
- * each and no arithmetic, so the multiply-add ports only multiply-add. The x rows are widened once
- * into the same order (widen_row) and padded with zeros to whole steps.
+ * Widening. One 256-bit load holds 16 bf16 weights (a step), widened into two fp32 vectors in
+ * simd.h's split order (k 0-3 and 8-11, then 4-7 and 12-15) by shuffles alone. The x rows are
+ * widened once into the same order (widen_row) and padded with zeros to whole steps.
  *
  * Blocking. A tile keeps up to 6 tokens by up to 8 weight rows of fp32 sums in registers; a cache
  * block is 48 tokens by 48 weight rows by 1024 k (a tile's x 24 KiB in L1, the block's weights
@@ -22,8 +21,6 @@
  */
 #ifndef DOCANALYST_MOE_AVX2_H
 #define DOCANALYST_MOE_AVX2_H
-
-#include <string.h>
 
 #include "../simd.h"
 
@@ -40,23 +37,12 @@
 /* A row of K values padded to whole steps. */
 static inline int64_t padded_width(int64_t K) { return (K + STEP - 1) / STEP * STEP; }
 
-DOTS_INLINE vf widen_low(__m256i w) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w)); }
-DOTS_INLINE vf widen_high(__m256i w) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w)); }
-
-/* A step of 16 bf16 of which the first `live` exist, zeros after (never reading past them). */
-DOTS_INLINE __m256i load_step(const uint16_t *p, int64_t live) {
-    if (live >= STEP) return _mm256_loadu_si256((const __m256i *)p);
-    uint16_t padded[STEP] = {0};
-    memcpy(padded, p, sizeof(uint16_t) * (size_t)live);
-    return _mm256_loadu_si256((const __m256i *)padded);
-}
-
 /* x [K] bf16 -> dst [padded_width(K)] fp32 in the weights' step order, zeros past K. */
 static void widen_row(const uint16_t *x, int64_t K, float *dst) {
     for (int64_t k = 0; k < K; k += STEP) {
-        __m256i v = load_step(x + k, K - k);
-        vf_store(dst + k, widen_low(v));
-        vf_store(dst + k + VF_LANES, widen_high(v));
+        __m256i v = bf16x16_load_n(x + k, K - k);
+        vf_store(dst + k, vf_widen_low(v));
+        vf_store(dst + k + VF_LANES, vf_widen_high(v));
     }
 }
 
@@ -75,15 +61,15 @@ DOTS_INLINE void tile_step(const float *const *x, const uint16_t *w, int64_t ldw
             vf xv[4];
             for (int g = 0; g < G; g++) xv[g] = vf_load(x[g] + k);
             for (int r = 0; r < R; r++) {
-                __m256i raw = load_step(w + r * ldw + k0, live);
-                vf wv = half ? widen_high(raw) : widen_low(raw);
+                __m256i raw = bf16x16_load_n(w + r * ldw + k0, live);
+                vf wv = half ? vf_widen_high(raw) : vf_widen_low(raw);
                 for (int g = 0; g < G; g++) acc[g][r] = vf_fma(wv, xv[g], acc[g][r]);
             }
         } else {
             vf wv[8];
             for (int r = 0; r < R; r++) {
-                __m256i raw = load_step(w + r * ldw + k0, live);
-                wv[r] = half ? widen_high(raw) : widen_low(raw);
+                __m256i raw = bf16x16_load_n(w + r * ldw + k0, live);
+                wv[r] = half ? vf_widen_high(raw) : vf_widen_low(raw);
             }
             for (int g = 0; g < G; g++) {
                 vf xv = vf_load(x[g] + k);
