@@ -171,4 +171,20 @@ VF_INLINE vf vf_exp(vf x) {
     return vf_scale2(p, n);
 }
 
+/* A register tile of outer products, as in a GEMM micro-kernel: acc[i][v] += a[c][v] * b[i * ldb + c]
+ * for c < n in order, where a holds, per c, NV vectors whose lanes are rows (row stride lda floats)
+ * and each b value is broadcast. Every lane of every sum is one chain of fused multiply-adds over c,
+ * whatever NV, J or the other rows. NV <= 2 vectors, J <= 12 rows of b. */
+VF_INLINE void vf_outer_tile(const int NV, const int J, const float *a, int64_t lda, const float *b, int64_t ldb,
+                             int64_t n, vf (*acc)[2]) {
+    for (int64_t c = 0; c < n; c++) {
+        vf rows[2];
+        for (int v = 0; v < NV; v++) rows[v] = vf_load(a + c * lda + v * VF_LANES);
+        for (int i = 0; i < J; i++) {
+            vf value = vf_set1(b[i * ldb + c]);
+            for (int v = 0; v < NV; v++) acc[i][v] = vf_fma(rows[v], value, acc[i][v]);
+        }
+    }
+}
+
 #endif

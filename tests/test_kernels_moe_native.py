@@ -110,10 +110,11 @@ def test_native_block_declines_other_inputs(block_kernel):
 
 
 # tokens, hidden, experts, top-k, expert width: odd sizes leave partial tiles of 4 rows and of
-# 64 columns, and input widths whose pairs are not a multiple of 16; the last has the widths and
-# top-k of the 80B checkpoint
+# 64 columns, and input widths whose pairs are not a multiple of 16; one routes ~200 tokens to each
+# expert (more than a kernel takes at a time); the last has the widths and top-k of the 80B checkpoint
 EXPERT_CASES = [
-    (300, 512, 64, 4, 256), (37, 80, 10, 3, 48), (2, 64, 4, 4, 32), (129, 96, 7, 2, 80), (40, 2048, 16, 10, 512),
+    (300, 512, 64, 4, 256), (37, 80, 10, 3, 48), (2, 64, 4, 4, 32), (129, 96, 7, 2, 80), (403, 64, 4, 2, 48),
+    (40, 2048, 16, 10, 512),
 ]
 
 
@@ -164,7 +165,9 @@ def test_native_experts_match_the_grouped_pytorch_path(case, amx, experts_kernel
 
 
 @pytest.mark.parametrize("amx", TILE_UNITS)
-@pytest.mark.parametrize("case", [EXPERT_CASES[0], EXPERT_CASES[1]], ids=["tile-widths", "odd-widths"])
+@pytest.mark.parametrize(
+    "case", [EXPERT_CASES[0], EXPERT_CASES[1], EXPERT_CASES[4]], ids=["tile-widths", "odd-widths", "long-groups"]
+)
 def test_native_experts_do_not_depend_on_the_thread_count(case, amx, experts_kernel):
     skip_tiles_without_them(amx, experts_kernel)
     x, weights, chosen, gate_up, down = expert_operands(case, seed=7)

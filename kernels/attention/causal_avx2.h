@@ -83,15 +83,7 @@ ALWAYS void score_keys(const int NV, const int J, const float *qt, const float *
     vf acc[12][GROUP_VECTORS];
     for (int i = 0; i < J; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = vf_zero();
-    const float *k = keys + j * D;
-    for (int64_t d = 0; d < D; d++) {
-        vf q[GROUP_VECTORS];
-        for (int v = 0; v < NV; v++) q[v] = vf_load(qt + d * GROUP_ROWS + v * VF_LANES);
-        for (int i = 0; i < J; i++) {
-            vf key = vf_set1(k[i * D + d]);
-            for (int v = 0; v < NV; v++) acc[i][v] = vf_fma(q[v], key, acc[i][v]);
-        }
-    }
+    vf_outer_tile(NV, J, qt, GROUP_ROWS, keys + j * D, D, D, acc);
     for (int i = 0; i < J; i++)
         for (int v = 0; v < NV; v++) scores[j + i][v] = acc[i][v];
 }

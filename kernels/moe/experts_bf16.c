@@ -20,11 +20,10 @@
  * roundings go through the conversion instruction (fp32 denormals to zero), so the last bits can
  * differ from the chains above.
  *
- * The AVX2 + FMA + F16C build (no bf16 dot products, no tiles) runs the same steps on fp32 sums:
- * moe_avx2.h's cache-blocked dot products read each expert's weights as stored, widening them in
- * registers, for up to 48 of its tokens at a time. Each output is one fixed chain of fused
- * multiply-adds, so few-token calls give a token the same bits whatever the call's size; the bits
- * differ from the AVX-512 build's.
+ * The AVX2 + FMA + F16C build (no bf16 dot products, no tiles) runs the same steps on fp32 sums,
+ * as outer products with an expert's tokens in lanes (experts_avx2.h). Each output is one fixed
+ * chain of fused multiply-adds, so few-token calls give a token the same bits whatever the call's
+ * size; the bits differ from the AVX-512 build's.
  */
 #include <omp.h>
 #include <stdlib.h>
@@ -40,7 +39,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include "../bf16_simd.h"
 #pragma GCC diagnostic pop
-#include "moe_avx2.h"
+#include "experts_avx2.h"
 #endif
 
 /* Slots (token n's s-th choice is slot n * top_k + s) grouped by expert, tokens ascending within
@@ -114,7 +113,7 @@ static void pack_pairs(const uint16_t *w, int64_t N, int64_t K, uint32_t *packed
 /* y[r][c0 + 16s + lane] for 4 rows and SLICES slices of 16 columns: each lane one fp32 chain over
  * the pairs of K in order, each packed load shared by the 4 rows. */
 static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t K, const uint32_t *packed,
-                                                      int64_t N, int64_t c0, uint16_t *y, int64_t ldy,
+                                                      int64_t c0, uint16_t *y, int64_t ldy,
                                                       const float *scales, int rows, const int SLICES) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
@@ -154,10 +153,10 @@ static void project(const uint16_t *x, int64_t R, int64_t K, const uint32_t *pac
             uint16_t *yr = y + r0 * ldy;
             const float *sr = scales ? scales + r0 : NULL;
             switch (slices) {
-            case 4: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 4); break;
-            case 3: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 3); break;
-            case 2: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 2); break;
-            default: tile(xr, K, packed, N, c0, yr, ldy, sr, rows, 1); break;
+            case 4: tile(xr, K, packed, c0, yr, ldy, sr, rows, 4); break;
+            case 3: tile(xr, K, packed, c0, yr, ldy, sr, rows, 3); break;
+            case 2: tile(xr, K, packed, c0, yr, ldy, sr, rows, 2); break;
+            default: tile(xr, K, packed, c0, yr, ldy, sr, rows, 1); break;
             }
         }
     }
@@ -408,62 +407,6 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
     return failed;
 }
 
-#else /* AVX2 + FMA + F16C */
-
-/* An expert's tokens taken at a time: its weights are read once per this many of them. */
-#define CHUNK_TOKENS 96
-
-/* run_experts of the AVX-512 build, on moe_avx2.h's fp32 dot products (`amx` is ignored). */
-static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, int64_t top_k, int64_t E,
-                       const int64_t *start, const int64_t *order, int64_t largest, const uint16_t *gate_up,
-                       const uint16_t *down, int64_t I, uint16_t *routed, int amx, int threads) {
-    (void)amx;
-    int64_t H16 = padded_width(H), I16 = padded_width(I);
-    int64_t chunk = largest < 1 ? 1 : largest < CHUNK_TOKENS ? largest : CHUNK_TOKENS;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        /* A chunk's widened tokens, gate/up sums, widened SwiGLU and down sums, and their rows. */
-        float *wide_x = malloc(sizeof(float) * (size_t)(chunk * H16));
-        float *sums = malloc(sizeof(float) * (size_t)(chunk * 2 * I));
-        float *wide_act = malloc(sizeof(float) * (size_t)(chunk * I16));
-        float *y = malloc(sizeof(float) * (size_t)(chunk * H));
-        float *scratch = malloc(sizeof(float) * DOT_SCRATCH);
-        uint16_t *act = malloc(sizeof(uint16_t) * (size_t)I);
-        const float **rows = malloc(sizeof(float *) * (size_t)(2 * chunk));
-        float **outputs = malloc(sizeof(float *) * (size_t)(2 * chunk));
-        int usable = wide_x && sums && wide_act && y && scratch && act && rows && outputs;
-        failed |= !usable;
-        for (int64_t r = 0; usable && r < chunk; r++) {
-            rows[r] = wide_x + r * H16, rows[chunk + r] = wide_act + r * I16;
-            outputs[r] = sums + r * 2 * I, outputs[chunk + r] = y + r * H;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t e = 0; e < E; e++) {
-            int64_t count = start[e + 1] - start[e];
-            if (!usable || count == 0) continue;
-            for (int64_t c0 = 0; c0 < count; c0 += chunk) {
-                const int64_t *mine = order + start[e] + c0;
-                int64_t m = count - c0 < chunk ? count - c0 : chunk;
-                for (int64_t r = 0; r < m; r++) widen_row(x + (mine[r] / top_k) * H, H, wide_x + r * H16);
-                dot_products(rows, m, gate_up + e * 2 * I * H, H, 2 * I, H, outputs, 0, scratch);
-                for (int64_t r = 0; r < m; r++) {
-                    swiglu_row(sums + r * 2 * I, sums + r * 2 * I + I, I, act);
-                    widen_row(act, I, wide_act + r * I16);
-                }
-                dot_products(rows + chunk, m, down + e * H * I, I, H, I, outputs + chunk, 0, scratch);
-                for (int64_t r = 0; r < m; r++) {
-                    vf scale = vf_set1(bf16_to_float(weights[mine[r]]));
-                    for (int64_t h = 0; h < H; h += VF_LANES)
-                        vf_store_bf16_n(routed + mine[r] * H + h,
-                                        vf_mul(round_lanes(vf_load_n(y + r * H + h, H - h)), scale), H - h);
-                }
-            }
-        }
-        free(wide_x), free(sums), free(wide_act), free(y), free(scratch), free(act), free(rows), free(outputs);
-    }
-    return failed;
-}
 #endif
 
 /* x [N, H]; weights [N, k] bf16; experts [N, k] int64 in [0, E); gate_up [E, 2I, H]; down [E, H, I];

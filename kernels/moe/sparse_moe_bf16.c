@@ -29,7 +29,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include "../bf16_simd.h"
 #pragma GCC diagnostic pop
-#include "moe_avx2.h"
+#include "dots_avx2.h"
 #endif
 
 /* A token's routing from its fp32 router logits (overwritten): softmax over the bf16-rounded logits
