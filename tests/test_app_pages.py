@@ -192,6 +192,34 @@ def test_ask_streams_an_answer_with_stats_across_two_documents(services):
     assert [d.document_id for d in services.sessions.get_documents(fresh)] == [first.id, second.id]
 
 
+def test_new_chat_session_is_shown_when_a_newer_event_stops_its_callback(services, monkeypatch):
+    """A click or choice that reaches the app while "New chat session" writes to the database makes
+    Streamlit stop that callback at its next session state access; the tab must still show the new
+    chat session, or the next question would go to the previous one."""
+    from streamlit.runtime.scriptrunner import RerunData, get_script_run_ctx
+
+    document = add_document(services, f"{word()}.txt", "The garden is kept tidy.")
+    chat_id = services.sessions.create_session(word(), [document.id]).id
+    services.sessions.append_message(chat_id, "user", word())
+    at = open_app(chat_session_id=chat_id)
+    create = services.sessions.create_session
+
+    def create_while_an_event_arrives(*args, **kwargs):
+        created = create(*args, **kwargs)
+        ctx = get_script_run_ctx()
+        rerun = RerunData(query_string=ctx.query_string, page_script_hash=ctx.page_script_hash)
+        ctx.script_requests.request_rerun(rerun)
+        return created
+
+    monkeypatch.setattr(services.sessions, "create_session", create_while_an_event_arrives)
+    button(at, "New chat session").click().run()
+    assert not at.exception, at.exception
+    fresh = at.session_state["chat_session_id"]
+    assert fresh != chat_id and services.sessions.get_session(fresh).message_count == 0
+    assert [d.document_id for d in services.sessions.get_documents(fresh)] == [document.id]
+    assert button(at, "New chat session").disabled
+
+
 def wait_until(condition, limit_s: float = TIMEOUT) -> None:
     stop = time.monotonic() + limit_s
     while not condition():

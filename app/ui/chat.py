@@ -41,9 +41,10 @@ def current_chat(sessions: SessionStore) -> ChatSessionInfo:
 
 def new_chat(sessions: SessionStore, copy_from: int | None = None) -> None:
     """Start a chat session over the same documents, which is what people usually want next."""
+    show = state.chat_opener()  # no Streamlit call may come between creating the chat session and showing it
     selection = sessions.get_documents(copy_from) if copy_from is not None else []
     ids = [entry.document_id for entry in selection if entry.document_id is not None]
-    state.set_current_chat(sessions.create_session(DEFAULT_NAME, ids).id)
+    show(sessions.create_session(DEFAULT_NAME, ids).id)
 
 
 def chat_picker(sessions: SessionStore, chat: ChatSessionInfo) -> None:

@@ -7,21 +7,43 @@ it has watched, to report how they ended.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
 
 CHAT_ID = "chat_session_id"
+_OPENED = "opened_chat"
 _WATCHED = "watched_jobs"
 _FLASH = "flash_messages"
 
 
 def current_chat_id() -> int | None:
+    opened = st.session_state.get(_OPENED)
+    if opened:
+        st.session_state[CHAT_ID] = opened["id"]
+        # Dropped only once stored: the write above is where a newer event may stop the run.
+        opened.clear()
     return st.session_state.get(CHAT_ID)
 
 
 def set_current_chat(chat_id: int | None) -> None:
     st.session_state[CHAT_ID] = chat_id
+    st.session_state.get(_OPENED, {}).clear()
+
+
+def chat_opener() -> Callable[[int], None]:
+    """A function that makes this tab show a chat session, for code that creates one first.
+
+    Streamlit may stop a callback at any ``st.session_state`` access when a newer event has come
+    from the browser (a quick click or choice), and does not send the first event again. Setting
+    the tab's chat session after creating one could therefore leave it created but not shown, and
+    the next event would act on the previous chat session. So all state access happens here,
+    before anything is created, and the returned function only fills a plain dict that
+    ``current_chat_id`` applies on the next run.
+    """
+    opened = st.session_state.setdefault(_OPENED, {})
+    return lambda chat_id: opened.update(id=chat_id)
 
 
 def watch(job_id: str) -> None:

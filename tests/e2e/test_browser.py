@@ -229,7 +229,13 @@ def test_closing_the_tab_mid_answer_loses_nothing(browser_context, server, tmp_p
     new_chat = first.get_by_role("button", name="New chat session")
     if new_chat.is_enabled():
         new_chat.click()
-        first.get_by_test_id("stChatMessage").first.wait_for(state="detached")
+        # Until the page has drawn the new chat session, its widgets still belong to the previous
+        # one: a choice made there goes to that chat session. The new one is empty (its button is
+        # disabled, and the old, enabled one gone); no running indicator means the whole page is drawn.
+        enabled = first.get_by_role("button", name="New chat session", disabled=False)
+        sync_api.expect(enabled).to_have_count(0, timeout=STEP_MS)
+        sync_api.expect(first.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=STEP_MS)
+        sync_api.expect(first.get_by_test_id("stChatMessage")).to_have_count(0, timeout=STEP_MS)
     choose_documents(first, "Documents for this chat session", ["Clause 0"])
     ask(first, question)
     first.get_by_role("button", name="Stop").wait_for()  # the answer is running
