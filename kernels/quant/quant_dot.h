@@ -14,8 +14,10 @@
  * of rows M, a row's place among them and the split of weight rows over threads change none of it,
  * so a token's output is bit-identical alone (decode) or beside others (draft verification). Scales
  * cost no multiply per weight: int4 looks its weights up in a 16-entry table of (i - 8) * scale
- * (exactly dequantize()'s fp32 weights), int8 scales the finished sum, fp8 multiplies x by the
- * block scales once per 128 weight rows (all rows of a block share them).
+ * (exactly dequantize()'s fp32 weights; the AVX2 build, without a 16-entry permute, instead sums
+ * x * (i - 8) over a group and adds that sum times the scale into the lane's chain), int8 scales
+ * the finished sum, fp8 multiplies x by the block scales once per 128 weight rows (all rows of a
+ * block share them).
  *
  * Memory. With up to 16 rows of x the work is bound by the weight's bytes: each block of 8 weight
  * rows is read from memory once (the next block requested ahead) and reused from cache for every
@@ -131,6 +133,12 @@ ALWAYS void int4_to_vecs(__m128i bytes, group_scale table, vec *even, vec *odd) 
     *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(wide, 4), table);
 }
 
+/* int4_tile's hooks: the weights come scaled, so a row's sums run over all its groups. */
+#define INT4_TOTALS
+#define INT4_WEIGHTS(bytes, r, even, odd) int4_to_vecs(bytes, table[r], even, odd)
+#define INT4_GROUP_END
+#define INT4_SUM(m, r) acc[m][r]
+
 #else /* AVX2 + FMA + F16C */
 #define LANES 8
 /* 16 registers: 8 accumulators at most (4 x 2 beat 2 x 4 here: fewer passes over the weights). */
@@ -207,23 +215,31 @@ ALWAYS int nan_found(nan_seen seen) {
     return _mm256_movemask_epi8(_mm256_cmpeq_epi8(seen, _mm256_setzero_si256())) != 0;
 }
 
-/* A group's scale s and -8 s (exact: a power-of-two multiple, for any |s| < 2^124). */
-typedef struct {
-    vec scale, shift;
-} group_scale;
-ALWAYS group_scale int4_group(float scale) {
-    group_scale group = {vset1(scale), vset1(-8.0f * scale)};
-    return group;
+typedef vec group_scale;
+ALWAYS group_scale int4_group(float scale) { return vset1(scale); }
+
+/* LANES packed bytes -> 2 * LANES nibbles - 8 (exact in fp32): even columns, then odd ones. */
+ALWAYS void int4_to_vecs(__m128i bytes, vec *even, vec *odd) {
+    const __m256i low = _mm256_set1_epi32(15), offset = _mm256_set1_epi32(8);
+    __m256i wide = _mm256_cvtepu8_epi32(bytes);
+    *even = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(wide, low), offset));
+    *odd = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(wide, 4), offset));
 }
 
-/* (nibble - 8) * s as nibble * s - 8 s in one fused multiply-add: the same single rounding of the
- * same exact value, one integer subtraction fewer. */
-ALWAYS void int4_to_vecs(__m128i bytes, group_scale group, vec *even, vec *odd) {
-    const __m256i low = _mm256_set1_epi32(15);
-    __m256i wide = _mm256_cvtepu8_epi32(bytes);
-    *even = vfma(_mm256_cvtepi32_ps(_mm256_and_si256(wide, low)), group.scale, group.shift);
-    *odd = vfma(_mm256_cvtepi32_ps(_mm256_srli_epi32(wide, 4)), group.scale, group.shift);
-}
+/* int4_tile's hooks: a group's sums run over x * (nibble - 8), then go into the row's totals times
+ * the group's scale, one multiply-add per group instead of a multiply per weight. */
+#define INT4_TOTALS                                                                             \
+    vec total[X_GROUP][ROW_BLOCK];                                                              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                         \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) total[m][r] = vzero();
+#define INT4_WEIGHTS(bytes, r, even, odd) int4_to_vecs(bytes, even, odd)
+#define INT4_GROUP_END                                                                          \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                         \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                                  \
+            total[m][r] = vfma(acc[m][r], table[r], total[m][r]);                               \
+            acc[m][r] = vzero();                                                                \
+        }
+#define INT4_SUM(m, r) total[m][r]
 #endif
 
 /* Elements of x per chunk of its prepared copy: int4 reads LANES bytes = 2 * LANES weights a step. */
@@ -409,7 +425,7 @@ ALWAYS void bf16_tile(const problem *p, const float *const *x, int64_t m0, const
         }                                                                                       \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
             vec even, odd;                                                                      \
-            int4_to_vecs(load_bytes(wr[r] + (b), count), table[r], &even, &odd);                \
+            INT4_WEIGHTS(load_bytes(wr[r] + (b), count), r, &even, &odd);                         \
             _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                              \
                 acc[m][r] = vfma(xe[m], even, acc[m][r]);                                       \
                 acc[m][r] = vfma(xo[m], odd, acc[m][r]);                                        \
@@ -422,6 +438,7 @@ ALWAYS void int4_tile(const problem *p, const float *const *x, int64_t m0, const
                       const int CHECK, int *nan) {
     (void)CHECK, (void)nan;
     TILE_SETUP
+    INT4_TOTALS
     for (int64_t k0 = 0, g = 0; k0 < p->K; k0 += p->group, g++) {
         int64_t end = k0 + p->group < p->K ? k0 + p->group : p->K;
         int64_t first = k0 / 2, byte_end = (end + 1) / 2;
@@ -435,10 +452,11 @@ ALWAYS void int4_tile(const problem *p, const float *const *x, int64_t m0, const
         int64_t b = first;
         for (; b + LANES <= byte_end; b += LANES) INT4_STEP_TILE(b, LANES)
         if (b < byte_end) INT4_STEP_TILE(b, byte_end - b)
+        INT4_GROUP_END
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
         if (n0 + r >= p->N) break;
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]));
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(INT4_SUM(m, r)));
     }
 }
 
