@@ -128,7 +128,10 @@ class Database:
     def _migrate(self, action: Callable[[Config, str], None], revision: str) -> None:
         engine = self._create_engine(foreign_keys=False, poolclass=NullPool)
         try:
-            with engine.execution_options(**{_IMMEDIATE_OPTION: True}).connect() as connection:
+            with engine.execution_options(**{_IMMEDIATE_OPTION: True}).connect() as connection, connection.begin():
+                # One transaction for every step: Alembic would commit after each one on SQLite (its
+                # DDL counts as non-transactional there), releasing the write lock between steps, and a
+                # second process could then run a step this one has planned too.
                 config = alembic_config()
                 config.attributes["connection"] = connection
                 action(config, revision)

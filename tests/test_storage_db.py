@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from storage import Database, DatabaseLockedError, DatabaseUnavailableError, SessionStore, StorageError
 from storage.db import DEFAULT_FILENAME, alembic_config
@@ -78,6 +78,26 @@ def test_upgrade_from_empty_matches_models(backend: Backend) -> None:
         assert compare_metadata(context, Base.metadata) == []
     db.upgrade()
     assert db.current_revision() == head_revision()
+    db.dispose()
+
+
+def test_an_upgrade_is_one_write_transaction(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step of an upgrade runs under one write lock: were it released between steps, a second
+    process starting at once could read the revision in between and run a step this one planned too."""
+    transactions: list[str] = []
+    create_engine = Database._create_engine
+
+    def recording(self: Database, **kwargs):
+        engine = create_engine(self, **kwargs)
+        event.listen(engine, "begin", lambda _connection: transactions.append("begin"))
+        event.listen(engine, "commit", lambda _connection: transactions.append("commit"))
+        return engine
+
+    db = Database(backend.url, backend.data_dir)
+    monkeypatch.setattr(Database, "_create_engine", recording)
+    db.upgrade()
+    assert db.current_revision() == head_revision()
+    assert transactions == ["begin", "commit"]
     db.dispose()
 
 
