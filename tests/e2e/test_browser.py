@@ -149,6 +149,7 @@ def go_to(page, name: str) -> None:
 def choose_documents(page, label: str, titles: list[str]) -> None:
     """Pick each title on the Ask page, waiting for the server's context bar to count it."""
     box = page.get_by_test_id("stMultiSelect").filter(has_text=label)
+    sync_api.expect(box).to_have_count(1, timeout=STEP_MS)  # a rerun may still show the previous one
     context_bar = page.get_by_text(re.compile(r"Context: [\d,]+ of [\d,]+ tokens"))
     for title in titles:
         before = context_bar.inner_text()
@@ -231,10 +232,13 @@ def test_closing_the_tab_mid_answer_loses_nothing(browser_context, server, tmp_p
         new_chat.click()
         # Until the page has drawn the new chat session, its widgets still belong to the previous
         # one: a choice made there goes to that chat session. The new one is empty (its button is
-        # disabled, and the old, enabled one gone); no running indicator means the whole page is drawn.
+        # disabled, and the old, enabled one gone), and the run has ended when no element of the
+        # previous one is left on the page (Streamlit marks those stale until the run ends).
         enabled = first.get_by_role("button", name="New chat session", disabled=False)
         sync_api.expect(enabled).to_have_count(0, timeout=STEP_MS)
-        sync_api.expect(first.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=STEP_MS)
+        sync_api.expect(first.locator('[data-testid="stElementContainer"][data-stale="true"]')).to_have_count(
+            0, timeout=STEP_MS
+        )
         sync_api.expect(first.get_by_test_id("stChatMessage")).to_have_count(0, timeout=STEP_MS)
     choose_documents(first, "Documents for this chat session", ["Clause 0"])
     ask(first, question)
