@@ -144,6 +144,16 @@ VF_INLINE vf vf_widen_high(__m256i bf16x16) { return _mm256_castsi256_ps(_mm256_
 VF_INLINE void vf_widen_split(__m256i bf16x16, vf *low, vf *high) {
     *low = vf_widen_low(bf16x16), *high = vf_widen_high(bf16x16);
 }
+/* Rows [n][width] bf16 (row stride ld, width a multiple of 16) -> fp32 [n][width] in split order,
+ * exactly. */
+VF_INLINE void vf_widen_rows(const uint16_t *src, int64_t ld, int64_t n, int64_t width, float *dst) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < width; c += 16) {
+            vf low, high;
+            vf_widen_split(_mm256_loadu_si256((const __m256i *)(src + j * ld + c)), &low, &high);
+            vf_store(dst + j * width + c, low), vf_store(dst + j * width + c + VF_LANES, high);
+        }
+}
 /* 16 bf16 of which the first `count` exist, zeros after (never reading past them). */
 VF_INLINE __m256i bf16x16_load_n(const uint16_t *p, int64_t count) {
     if (count >= 16) return _mm256_loadu_si256((const __m256i *)p);

@@ -66,16 +66,6 @@ ALWAYS void widen16(const uint16_t *p, vf *low, vf *high) {
     vf_widen_split(_mm256_loadu_si256((const __m256i *)p), low, high);
 }
 
-/* Rows [n][D] bf16 (row stride ld) -> fp32 [n][D] in split order, exactly. */
-static void widen_rows(const uint16_t *src, int64_t ld, int64_t D, int n, float *dst) {
-    for (int j = 0; j < n; j++)
-        for (int64_t m = 0; m < D; m += 16) {
-            vf low, high;
-            widen16(src + j * ld + m, &low, &high);
-            vf_store(dst + j * D + m, low), vf_store(dst + j * D + m + 8, high);
-        }
-}
-
 /* scores[j + i][v] (lane l: row VF_LANES * v + l's q . k_(j+i), unscaled) for J keys from j, the
  * group's queries qt [D][GROUP_ROWS] (rows in lanes), keys fp32 [.][D], both in split order. */
 ALWAYS void score_keys(const int NV, const int J, const float *qt, const float *keys, int64_t D, int j,
@@ -243,8 +233,8 @@ static void attend_chunk(const float *qt, const int64_t *visible, int count, int
         int in_block = (int)(end - first < BLOCK_KEYS ? end - first : BLOCK_KEYS);
         /* Values are widened once where more than one group shares them (prefill), else as read. */
         int wide = count > GROUP_ROWS;
-        widen_rows(k + first * ld, ld, D, in_block, block.keys);
-        if (wide) widen_rows(v + first * ld, ld, D, in_block, block.values);
+        vf_widen_rows(k + first * ld, ld, in_block, D, block.keys);
+        if (wide) vf_widen_rows(v + first * ld, ld, in_block, D, block.values);
         int more = first + BLOCK_KEYS < end;
         block.raw_values = v + first * ld, block.ld = ld;
         block.next_keys = more ? k + (first + BLOCK_KEYS) * ld : NULL;

@@ -3,8 +3,8 @@
  *
  * Each projection is a register-tiled outer product, as in a GEMM micro-kernel. An expert's tokens
  * (up to CHUNK_TOKENS at a time) are transposed so that they lie in lanes, GROUP_TOKENS to a group
- * (two vectors, zeros past the last token); its weights are widened to fp32 (exact) BLOCK_ROWS rows
- * by BLOCK_INPUTS inputs at a time, and each weight is broadcast to a group's tokens: a tile is one
+ * (two vectors, zeros past the last token); its weights are widened to fp32 (exact) BLOCK_ROWS_WIDE
+ * rows by BLOCK_INPUTS inputs at a time, and each weight is broadcast to a group's tokens: a tile is one
  * group by up to 6 weight rows (12 sums of 8 lanes), or 8 tokens by up to 12 rows.
  *
  * Bits. Lane t of a row's sum is one fp32 chain of fused multiply-adds over the inputs in a fixed
@@ -12,7 +12,7 @@
  * block of inputs to the next. A token's outputs never depend on the other tokens, how many there
  * are, the tile they share or the thread, so few-token calls give a token the same bits whatever
  * the call's size. They differ from the AVX-512 build's and from the few-token block kernel's
- * (moe_avx2.h, whose chains run over inputs in lanes).
+ * (dots_avx2.h, whose chains run over inputs in lanes).
  */
 #ifndef DOCANALYST_EXPERTS_AVX2_H
 #define DOCANALYST_EXPERTS_AVX2_H
@@ -24,16 +24,6 @@
 #define BLOCK_ROWS_WIDE 48 /* weight rows widened together */
 #define BLOCK_INPUTS 256   /* inputs widened together (a multiple of 16) */
 #define EXPERTS_INLINE static inline __attribute__((always_inline))
-
-/* Rows [rows][n] bf16 (row stride ld, n a multiple of 16) -> fp32 [rows][n] in split order. */
-static void widen_block(const uint16_t *w, int64_t ld, int rows, int64_t n, float *dst) {
-    for (int j = 0; j < rows; j++)
-        for (int64_t c = 0; c < n; c += 16) {
-            vf low, high;
-            vf_widen_split(_mm256_loadu_si256((const __m256i *)(w + j * ld + c)), &low, &high);
-            vf_store(dst + j * n + c, low), vf_store(dst + j * n + c + VF_LANES, high);
-        }
-}
 
 /* Rows x_r [K] bf16 (r < m, at rows[r]) into lanes: group g of xt is [K][GROUP_TOKENS] fp32 holding
  * rows 16g .. 16g + 15, inputs in split order, zeros in the lanes past m. */
@@ -94,7 +84,7 @@ static void products(const float *xt, int64_t m, int64_t K, const uint16_t *w, i
         for (int64_t k0 = 0; k0 < K; k0 += BLOCK_INPUTS) {
             int64_t n = K - k0 < BLOCK_INPUTS ? K - k0 : BLOCK_INPUTS;
             int first = k0 == 0, last = k0 + n == K;
-            widen_block(w + n0 * K + k0, K, rows, n, wide);
+            vf_widen_rows(w + n0 * K + k0, K, rows, n, wide);
             for (int64_t g = 0; g < groups; g++) {
                 const float *a = xt + (g * K + k0) * GROUP_TOKENS;
                 float *c = carried + g * BLOCK_ROWS_WIDE * GROUP_TOKENS;
