@@ -20,9 +20,10 @@ AVX2 builds, and PyTorch, oneDNN and MKL limited to AVX2).
 
 Measured, for each pair: prefill of --prompt tokens (llama-bench -p, tokens/s) and decode after
 --prompt tokens (llama-bench -n with -d, tokens/s; this runtime: greedy steps after a prefill of
-the same length, as bench/runtime.py does). Each side runs --repeats times (llama-bench reports
-its mean; this runtime its best and all runs), each format of this runtime in a fresh process.
-Prints JSON with both sides, the ratios (this runtime / llama.cpp; above 1 is faster) and the CPU.
+the same length, as bench/runtime.py does). The two sides take turns, one run each, --repeats
+times (this runtime's model loaded once per format, in its own process), so that a slower spell
+of a shared host touches both; each side's best run is compared, every run is listed. Prints JSON
+with both sides, the ratios (this runtime / llama.cpp; above 1 is faster) and the CPU.
 """
 
 from __future__ import annotations
@@ -47,14 +48,20 @@ BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendored llama.cpp is 0c1e570, which knows qwen3next
 # This runtime's weight format -> llama.cpp's file type of the same precision.
 PAIRS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
-# CMake switches per instruction set (GGML_NATIVE off: AMX stays off, see the module docstring).
-ISA_SWITCHES = {
-    "avx512": ["GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2", "GGML_AVX512", "GGML_AVX512_VBMI",
-               "GGML_AVX512_VNNI", "GGML_AVX512_BF16", "GGML_AVX_VNNI"],
-    "avx2": ["GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"],
-}
-ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "avx_vnni"},
-                 "avx2": {"avx2", "fma", "f16c"}}
+# llama.cpp's CMake switches for x86 extensions -> the /proc/cpuinfo flag each needs. --isa avx2 uses
+# the first five; --isa avx512 all that the CPU has (Zen 4, for one, has AVX-512 VNNI but not AVX-VNNI,
+# whose instructions would stop llama.cpp there). GGML_NATIVE is off: AMX stays off, see the docstring.
+SWITCH_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
+                "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
+                "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni"}
+ISA_SWITCHES = {"avx2": list(SWITCH_FLAGS)[:5], "avx512": list(SWITCH_FLAGS)}
+# What each --isa needs at least (this runtime's AVX-512 kernels need bf16 dot products).
+ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "avx2": {"avx2", "fma", "f16c"}}
+
+
+def llama_cpp_switches(isa: str, cpu_flags: set[str]) -> list[str]:
+    """The switches of ISA_SWITCHES[isa] that this CPU can run."""
+    return [name for name in ISA_SWITCHES[isa] if SWITCH_FLAGS[name] in cpu_flags]
 
 
 def cpu_description() -> dict:
@@ -70,7 +77,7 @@ def cpu_description() -> dict:
             info[key] = value.strip()
         if key == "flags":
             flags = set(value.split())
-            shown = {"amx_tile", "amx_bf16", "amx_int8"} | set().union(*ISA_CPU_FLAGS.values())
+            shown = {"amx_tile", "amx_bf16", "amx_int8", *SWITCH_FLAGS.values()} | set().union(*ISA_CPU_FLAGS.values())
             info["flags"] = sorted(flags & shown)
             break
     return info
@@ -96,17 +103,19 @@ def llama_cpp_source() -> Path:
     return source
 
 
-def build_llama_cpp(isa: str) -> tuple[Path, float]:
-    """(folder of llama-bench and llama-quantize, seconds the build took; 0 when cached)."""
+def build_llama_cpp(switches: list[str]) -> tuple[Path, float]:
+    """(folder of llama-bench and llama-quantize built with `switches` on, seconds the build took; 0 when
+    cached)."""
     source = llama_cpp_source()
-    build = cache_root() / f"build-{LLAMA_CPP_PYTHON}-{isa}"
+    name = "-".join(switch.removeprefix("GGML_").lower() for switch in switches)
+    build = cache_root() / f"build-{LLAMA_CPP_PYTHON}-{name}"
     binaries = build / "bin"
     if (binaries / "llama-bench").exists() and (binaries / "llama-quantize").exists():
         return binaries, 0.0
     started = time.perf_counter()
-    switches = [f"-D{name}={'ON' if name in ISA_SWITCHES[isa] else 'OFF'}" for name in ISA_SWITCHES["avx512"]]
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
-                    "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", *switches,
+                    "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+                    *(f"-D{name}={'ON' if name in switches else 'OFF'}" for name in SWITCH_FLAGS),
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     "-DLLAMA_BUILD_SERVER=OFF"], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", "llama-bench",
@@ -132,21 +141,20 @@ def write_gguf_files(checkpoint: Path, folder: Path, binaries: Path, kinds: list
     return files
 
 
-def llama_bench(binaries: Path, model: Path, prompt: int, steps: int, threads: int, repeats: int) -> dict:
-    """llama.cpp's prefill and decode-after-prompt rates (tokens/s, mean of `repeats`)."""
-    common = [str(binaries / "llama-bench"), "-m", str(model), "-t", str(threads), "-r", str(repeats), "-o", "json"]
-    runs = {}
+def llama_bench(binaries: Path, model: Path, prompt: int, steps: int, threads: int) -> dict:
+    """One run of llama.cpp's prefill and decode-after-prompt (tokens/s), and its build."""
+    common = [str(binaries / "llama-bench"), "-m", str(model), "-t", str(threads), "-r", "1", "-o", "json"]
+    run = {}
     for name, extra in (("prefill", ["-p", str(prompt), "-n", "0"]),
                         ("decode", ["-p", "0", "-n", str(steps), "-d", str(prompt)])):
-        out = subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout
-        row = json.loads(out)[0]
-        runs[name] = {"tokens_per_s": round(row["avg_ts"], 1), "stddev": round(row["stddev_ts"], 1)}
-    runs["build"] = json.loads(out)[0].get("build_commit")
-    return runs
+        row = json.loads(subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout)[0]
+        run[name], run["build"] = round(row["avg_ts"], 1), row.get("build_commit")
+    return run
 
 
+# This runtime's side: loads the model once, then one prefill and one decode per line read.
 OURS_SCRIPT = """
-import json, sys, time, torch
+import json, sys, torch
 sys.path.insert(0, {root!r})
 from bench.runtime import ours_decode, ours_prefill
 from model import load_model
@@ -157,22 +165,40 @@ lm = load_model({checkpoint!r}, dtype=torch.float32 if weights == "fp32" else to
 generator = torch.Generator().manual_seed(0)
 ids = torch.randint(0, 151000, (1, {prompt}), generator=generator)
 ours_prefill(lm, ids[:, :512], 4096)
-prefill = [round({prompt} / ours_prefill(lm, ids, 4096)[0], 1) for _ in range({repeats})]
-decode = [round(ours_decode(lm, ids, {steps}), 1) for _ in range({repeats})]
-print(json.dumps({{"prefill": prefill, "decode": decode, "weight_formats": list(lm.weight_formats)}}))
+print(json.dumps({{"weight_formats": list(lm.weight_formats)}}), flush=True)
+for _ in sys.stdin:
+    prefill = round({prompt} / ours_prefill(lm, ids, 4096)[0], 1)
+    print(json.dumps({{"prefill": prefill, "decode": round(ours_decode(lm, ids, {steps}), 1)}}), flush=True)
 """
 
 
-def ours(checkpoint: Path, weights: str, prompt: int, steps: int, threads: int, repeats: int, isa: str) -> dict:
-    """This runtime's rates in a fresh process (tokens/s: best of `repeats`, and every run)."""
-    environment = {**os.environ, **(AVX2_ONLY_ENVIRONMENT if isa == "avx2" else {})}
-    script = OURS_SCRIPT.format(root=str(ROOT), threads=threads, weights=weights, checkpoint=str(checkpoint),
-                                prompt=prompt, steps=steps, repeats=repeats)
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=environment)
-    runs = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"prefill": {"tokens_per_s": max(runs["prefill"]), "runs": runs["prefill"]},
-            "decode": {"tokens_per_s": max(runs["decode"]), "runs": runs["decode"]},
-            "weight_formats": runs["weight_formats"]}
+def compare(checkpoint: Path, weights: str, binaries: Path, model: Path, args: argparse.Namespace) -> dict:
+    """Both sides' rates, one run of each in turn, --repeats times (so that a slower spell of a shared
+    host falls on both): tokens/s, the best and every run of each side."""
+    environment = {**os.environ, **(AVX2_ONLY_ENVIRONMENT if args.isa == "avx2" else {})}
+    script = OURS_SCRIPT.format(root=str(ROOT), threads=args.threads, weights=weights, checkpoint=str(checkpoint),
+                                prompt=args.prompt, steps=args.decode_steps)
+    runs: dict[str, dict[str, list[float]]] = {side: {"prefill": [], "decode": []} for side in ("ours", "llama_cpp")}
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          env=environment) as ours:
+        formats = json.loads(ours.stdout.readline())["weight_formats"]
+        for _ in range(args.repeats):
+            peer = llama_bench(binaries, model, args.prompt, args.decode_steps, args.threads)
+            ours.stdin.write("run\n")
+            ours.stdin.flush()
+            mine = json.loads(ours.stdout.readline())
+            for phase in ("prefill", "decode"):
+                runs["llama_cpp"][phase].append(peer[phase])
+                runs["ours"][phase].append(mine[phase])
+        ours.stdin.close()
+    if ours.returncode:
+        raise RuntimeError(f"this runtime's side ended with status {ours.returncode}")
+    result = {"ours_weight_formats": formats, "llama_cpp_build": peer["build"]}
+    for phase in ("prefill", "decode"):
+        best = {side: max(runs[side][phase]) for side in runs}
+        result[phase] = {side: {"tokens_per_s": best[side], "runs": runs[side][phase]} for side in runs}
+        result[phase]["ratio"] = round(best["ours"] / best["llama_cpp"], 2)
+    return result
 
 
 def main() -> int:
@@ -193,9 +219,10 @@ def main() -> int:
         parser.error(f"this CPU lacks {', '.join(sorted(missing))}: use --isa avx2")
     from model.demo import write_demo_checkpoint
 
-    binaries, build_s = build_llama_cpp(args.isa)
-    results = {"cpu": cpu, "isa": args.isa, "threads": args.threads, "prompt_tokens": args.prompt,
-               "decode_steps": args.decode_steps, "llama_cpp_python": LLAMA_CPP_PYTHON,
+    switches = llama_cpp_switches(args.isa, set(cpu.get("flags", [])))
+    binaries, build_s = build_llama_cpp(switches)
+    results = {"cpu": cpu, "isa": args.isa, "llama_cpp_switches": switches, "threads": args.threads,
+               "prompt_tokens": args.prompt, "decode_steps": args.decode_steps, "llama_cpp_python": LLAMA_CPP_PYTHON,
                "llama_cpp_build_s": round(build_s, 1), "pairs": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
@@ -209,13 +236,8 @@ def main() -> int:
         files = {**existing, **(write_gguf_files(checkpoint, folder, binaries, todo) if todo else {})}
         for name in args.formats:
             kind = PAIRS[name]
-            peer = llama_bench(binaries, files[kind], args.prompt, args.decode_steps, args.threads, args.repeats)
-            mine = ours(checkpoint, name, args.prompt, args.decode_steps, args.threads, args.repeats, args.isa)
-            row = {"ours": name, "llama_cpp": kind, "llama_cpp_build": peer.pop("build"),
-                   "gguf_bytes": files[kind].stat().st_size, "ours_weight_formats": mine.pop("weight_formats")}
-            for phase in ("prefill", "decode"):
-                row[phase] = {"ours": mine[phase], "llama_cpp": peer[phase],
-                              "ratio": round(mine[phase]["tokens_per_s"] / peer[phase]["tokens_per_s"], 2)}
+            row = {"ours": name, "llama_cpp": kind, "gguf_bytes": files[kind].stat().st_size,
+                   **compare(checkpoint, name, binaries, files[kind], args)}
             results["pairs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print(json.dumps(results, indent=2))

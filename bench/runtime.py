@@ -6,7 +6,7 @@
 Both sides load the model in ../shared/reference/bench-config.json from one checkpoint folder
 and are measured in one process, alternating: prefill time (last position's logits only; the
 reference in one forward, this runtime in its prefill chunks as the app runs it), decode tokens/s
-after a prompt (greedy, argmax in fp32 on both sides), and the peak resident memory above the
+after a prompt (greedy, the same argmax on both sides), and the peak resident memory above the
 loaded model during each prefill (sampled from /proc every 5 ms, after a warm-up forward on each
 side). Decode, and prompts up to 8,192 tokens, are measured --repeats times on each side
 (alternating) and the best of each side is reported with all runs. Prints JSON with both sides
@@ -47,6 +47,7 @@ from kernels.native import flush_denormals  # noqa: E402
 from model import load_model, prefill  # noqa: E402
 from model.demo import write_demo_checkpoint  # noqa: E402
 from model.generation import DEFAULT_PREFILL_CHUNK  # noqa: E402
+from model.sampling import argmax_index  # noqa: E402
 
 BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -113,10 +114,10 @@ def ours_decode(lm, ids: torch.Tensor, steps: int) -> float:
     as_ours()
     state = lm.new_state()
     logits = prefill(lm, state, ids[0])
-    token = int(logits.float().argmax())
+    token = argmax_index(logits)
     started = time.perf_counter()
     for _ in range(steps):
-        token = int(lm.forward(torch.tensor([[token]]), state, last_only=True)[0, -1].float().argmax())
+        token = argmax_index(lm.forward(torch.tensor([[token]]), state, last_only=True)[0, -1])
     return steps / (time.perf_counter() - started)
 
 
@@ -124,11 +125,11 @@ def reference_decode(hf, ids: torch.Tensor, steps: int) -> float:
     as_reference()
     with torch.inference_mode():
         out = hf(ids, logits_to_keep=1, use_cache=True)
-        cache, token = out.past_key_values, out.logits[0, -1].float().argmax().view(1, 1)
+        cache, token = out.past_key_values, torch.tensor([[argmax_index(out.logits[0, -1])]])
         started = time.perf_counter()
         for _ in range(steps):
             out = hf(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[0, -1].float().argmax().view(1, 1)
+            cache, token = out.past_key_values, torch.tensor([[argmax_index(out.logits[0, -1])]])
     return steps / (time.perf_counter() - started)
 
 

@@ -290,7 +290,7 @@ class Kernel:
             raise RuntimeError(f"{self!r} cannot run on this machine")
         if len(args) != len(self.signature):
             raise TypeError(f"{self.function} takes {len(self.signature)} arguments, got {len(args)}")
-        return entry(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+        return entry(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
 
     def build_all(self) -> dict[str, Path]:
         """Build every variant with the system compiler, whether or not this CPU runs it (a build

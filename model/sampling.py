@@ -31,6 +31,16 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def argmax_index(values: torch.Tensor) -> int:
+    """The index of the largest of `values` `[V]`: the first among equals, and the first NaN where
+    there is one, as `torch.argmax`. On the CPU NumPy's runs it: over a vocabulary's logits it takes
+    ~10 us where PyTorch's takes ~150 us in fp32 and ~550 us in bf16 (2 threads), a few percent of a
+    decode step."""
+    if values.device.type != "cpu":
+        return int(values.argmax())
+    return int(values.detach().float().numpy().argmax())
+
+
 class Sampler:
     """Stateful only through its random generator, so a seed reproduces a whole answer."""
 
@@ -48,14 +58,14 @@ class Sampler:
         if self.params.repetition_penalty != 1.0 and history is not None and history.numel():
             logits = apply_repetition_penalty(logits, history, self.params.repetition_penalty)
         if self.params.greedy:
-            return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
+            return torch.nn.functional.one_hot(torch.tensor(argmax_index(logits)), logits.shape[-1]).float()
         return filtered_probabilities(logits / self.params.temperature, self.params)
 
     def sample(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
         if self.params.greedy:
             if self.params.repetition_penalty != 1.0 and history is not None and history.numel():
                 logits = apply_repetition_penalty(logits.float(), history, self.params.repetition_penalty)
-            return int(logits.argmax())
+            return argmax_index(logits)
         probs = self.probabilities(logits, history)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

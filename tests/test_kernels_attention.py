@@ -215,7 +215,7 @@ def test_native_bits_do_not_depend_on_threads(case, native_build):
             results.append(native_attention(q, k, v, scale))
     finally:
         torch.set_num_threads(threads)
-    for count, result in zip((2, 3, 5), results[1:]):
+    for count, result in zip((2, 3, 5), results[1:], strict=True):
         assert torch.equal(result, results[0]), f"{count} threads"
 
 

@@ -168,7 +168,8 @@ def test_bf16_products_without_native_bf16_are_fp32_rounded_once(rows, columns, 
     assert widened == ([1] if rows > native_module.FEW_TOKENS or not linear_module.native.kernel() else [])
     # fp32 sums of `depth` products, then one bf16 rounding: within half a bf16 step plus fp32 error.
     step = torch.finfo(torch.bfloat16).eps * exact.abs()
-    assert ((out.double() - exact).abs() <= 0.5 * step + 1e-5 * depth * (x.double().abs() @ weight.double().abs().T)).all()
+    magnitude = x.double().abs() @ weight.double().abs().T
+    assert ((out.double() - exact).abs() <= 0.5 * step + 1e-5 * depth * magnitude).all()
 
 
 def test_widened_linear_passes_gradients_through_every_tile():

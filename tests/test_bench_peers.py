@@ -1,0 +1,23 @@
+"""bench/peers.py builds llama.cpp only with the x86 extensions this CPU runs."""
+
+import pytest
+
+from bench.peers import ISA_SWITCHES, llama_cpp_switches
+
+ZEN4 = {"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vnni",
+        "avx512_bf16"}
+SAPPHIRE_RAPIDS = ZEN4 | {"avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    pytest.param(ZEN4, ["GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2", "GGML_AVX512",
+                        "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16"], id="zen4-without-avx-vnni"),
+    pytest.param(SAPPHIRE_RAPIDS, ISA_SWITCHES["avx512"], id="xeon-with-every-extension"),
+])
+def test_avx512_build_has_only_what_the_cpu_runs(flags, expected):
+    assert llama_cpp_switches("avx512", flags) == expected
+
+
+@pytest.mark.parametrize("flags", [pytest.param(ZEN4, id="zen4"), pytest.param(SAPPHIRE_RAPIDS, id="xeon")])
+def test_avx2_build_leaves_out_every_avx512_extension(flags):
+    assert llama_cpp_switches("avx2", flags) == ["GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"]
