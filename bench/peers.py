@@ -11,7 +11,7 @@ same checkpoint as the app would: bf16 / fp32 dense, int8 / int4 quantized while
 
 llama.cpp is built here from the source of the `llama-cpp-python` package on the registry (the
 version pinned below; `pip download` fetches it), with CMake, into the per-user cache, once per
-version and instruction set: about 4 minutes on a 2-core Xeon (llama-bench and llama-quantize only).
+version and set of extensions: about 4 minutes on a 2-core Xeon or Zen 4 (llama-bench and llama-quantize only).
 It is built for the CPU's instruction sets without AMX: llama.cpp's AMX matrix multiply crashes
 on this model's quantized tensors (segfault in ggml_backend_amx_mul_mat at 0c1e570), and its
 AVX-512 paths are what it runs without AMX. --isa avx2 builds it for AVX2 + FMA + F16C only and
