@@ -37,6 +37,7 @@
 #define KEYS_PER_BLOCK 256
 #define ROWS_PER_TILE 512
 #define MAX_DIM 256
+#define PREFETCH_KEYS 16 /* how far ahead the packing requests keys and values */
 
 typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
 
@@ -64,8 +65,9 @@ static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block,
             const uint16_t *key = keys + j0 * ld + 2 * p0;
             int j = 0;
             for (; j < valid; j++, key += ld) {
-                /* The next block's keys, into L2: with few rows (decode) the loop is bound by memory. */
-                _mm_prefetch((const char *)(key + KEYS_PER_BLOCK * ld), _MM_HINT_T1);
+                /* The keys PREFETCH_KEYS on (into the next block at its end), into L2: with few rows
+                 * (decode) the loop waits on memory. A whole block ahead measured 5-14% slower. */
+                _mm_prefetch((const char *)(key + PREFETCH_KEYS * ld), _MM_HINT_T1);
                 rows[j] = _mm512_maskz_loadu_epi32(live, key);
             }
             for (; j < 16; j++) rows[j] = _mm512_setzero_si512();
@@ -90,8 +92,8 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
         int has_second = 2 * j + 1 < in_block;
         int64_t d = 0;
         for (; d + 32 <= D; d += 32) {
-            _mm_prefetch((const char *)(first + KEYS_PER_BLOCK * ld + d), _MM_HINT_T1);
-            _mm_prefetch((const char *)(second + KEYS_PER_BLOCK * ld + d), _MM_HINT_T1);
+            _mm_prefetch((const char *)(first + PREFETCH_KEYS * ld + d), _MM_HINT_T1);
+            _mm_prefetch((const char *)(second + PREFETCH_KEYS * ld + d), _MM_HINT_T1);
             __m512i a = _mm512_loadu_si512(first + d);
             __m512i b = has_second ? _mm512_loadu_si512(second + d) : _mm512_setzero_si512();
             _mm512_storeu_si512(packed + j * D + d, _mm512_permutex2var_epi16(a, first_half, b));
