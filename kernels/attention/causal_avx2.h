@@ -55,10 +55,11 @@ typedef struct {
     int64_t ld;
 } Block;
 
-/* Request row j of the next block's keys or values (NULL: none) into the cache. */
+/* Request row j of the next block's keys or values (NULL: none) into L2: requests into L1 made
+ * lone-token decode 26% slower on a Zen 4 (a block's keys and values fill L1). */
 ALWAYS void fetch_row(const uint16_t *next, int64_t ld, int64_t D, int j) {
     if (next)
-        for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char *)(next + j * ld + d), _MM_HINT_T0);
+        for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char *)(next + j * ld + d), _MM_HINT_T1);
 }
 
 /* 16 bf16 channels as fp32 in split order (simd.h's vf_widen_split). */
