@@ -148,7 +148,8 @@ def llama_bench(binaries: Path, model: Path, prompt: int, steps: int, threads: i
     for name, extra in (("prefill", ["-p", str(prompt), "-n", "0"]),
                         ("decode", ["-p", "0", "-n", str(steps), "-d", str(prompt)])):
         row = json.loads(subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout)[0]
-        run[name], run["build"] = round(row["avg_ts"], 1), row.get("build_commit")
+        run[name] = round(row["avg_ts"], 1)
+    run["build"] = row.get("build_commit")
     return run
 
 

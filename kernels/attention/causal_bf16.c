@@ -279,6 +279,11 @@ static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t 
         int in_block = (int)(longest - start < KEYS_PER_BLOCK ? longest - start : KEYS_PER_BLOCK);
         pack_keys(k + start * ld, ld, D, in_block, packed_keys);
         pack_values(v + start * ld, ld, D, in_block, packed_values);
+        if (queries) {
+            clear_value_pairs(packed_values, D, (in_block + 1) / 2, (in_block + 31) / 32 * 16);
+            amx_block(rows, count, start, in_block, queries, acc, packed_keys, packed_values, D, log2_scale, groups);
+            continue;
+        }
         /* The next block, one line of its keys and one of its values per step of the products: with 8
          * query rows a K/V head (decode of Qwen3-Next) that is all of it, with one about half (the
          * packing requests the rest). Decode over 4K-32K keys ran 16-20% faster, prefill as before. */
@@ -286,11 +291,6 @@ static void attend_tile(Row *rows, int count, const uint16_t *k, const uint16_t 
         int64_t next_end = next + KEYS_PER_BLOCK < longest ? next + KEYS_PER_BLOCK : longest;
         Ahead ahead = { { (const char *)(k + next * ld), (const char *)(v + next * ld) },
                         { (const char *)(k + next_end * ld), (const char *)(v + next_end * ld) } };
-        if (queries) {
-            clear_value_pairs(packed_values, D, (in_block + 1) / 2, (in_block + 31) / 32 * 16);
-            amx_block(rows, count, start, in_block, queries, acc, packed_keys, packed_values, D, log2_scale, groups);
-            continue;
-        }
         for (int r = 0; r < count;) {
             if (rows[r].visible <= start) {
                 r++;
