@@ -31,12 +31,10 @@
 #include "../simd.h"
 
 #define BLOCK_KEYS 64         /* keys scored, then weighted, at a time */
-#define CHUNK_KEYS 2048       /* keys of one softmax state before the fold; a multiple of BLOCK_KEYS */
 #define GROUP_VECTORS 2       /* score vectors of a row group */
 #define GROUP_ROWS (GROUP_VECTORS * VF_LANES) /* rows scored together, one per lane */
 #define VALUE_ROWS 6          /* rows weighting values together (12 accumulators of 8 lanes) */
 #define TILE_ROWS 256         /* rows of one K/V head that share each block read from memory */
-#define SPLIT_BYTES (256 << 20) /* most memory the chunks' states of a call split by chunk may take */
 #define ALWAYS static inline __attribute__((always_inline))
 
 /* Softmax states of rows: row r's running max (of scaled scores), sum of probabilities and fp32
@@ -309,7 +307,7 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     int64_t tiles = (per_head + TILE_ROWS - 1) / TILE_ROWS, chunks = (past + T + CHUNK_KEYS - 1) / CHUNK_KEYS;
     /* Too few (head, tile) items for the threads: one item per chunk, each chunk's states kept
      * apart and folded afterwards, in the order a single item folds them. */
-    int split = KVH * tiles < threads && chunks > 1 && KVH * per_head * chunks * (D + 2) * 4 <= SPLIT_BYTES;
+    int split = split_by_chunk(KVH * tiles, threads, chunks, KVH * per_head * chunks * (D + 2) * 4);
     int64_t items = KVH * tiles * (split ? chunks : 1);
     int64_t tile_rows = per_head < TILE_ROWS ? per_head : TILE_ROWS;
     int64_t group_slots = (tile_rows + GROUP_ROWS - 1) / GROUP_ROWS * GROUP_ROWS;
