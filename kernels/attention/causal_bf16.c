@@ -54,6 +54,8 @@ static int split_by_chunk(int64_t items, int threads, int64_t chunks, int64_t st
 #define ROWS_PER_TILE 512
 #define MAX_DIM 256
 #define PREFETCH_KEYS 16 /* how far ahead the packing requests keys and values */
+#define FEW_ROWS 16      /* tiles of at most this many rows pack a block SUB_KEYS keys at a time */
+#define SUB_KEYS 32
 
 typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
 
@@ -81,28 +83,35 @@ static inline __attribute__((always_inline)) void request_ahead(Ahead *ahead) {
         }
 }
 
-/* Keys of one block as pairs along D: packed[p * KEYS_PER_BLOCK + j] = K[j][2p] | K[j][2p + 1] << 16, zero for
- * keys past the block's last up to the next multiple of 64. */
-static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
+/* Keys of a block as pairs along D: packed[p * width + j] = K[j][2p] | K[j][2p + 1] << 16 (width: keys
+ * per packed line), zero for keys past the block's last up to `filled`, a multiple of 16 (scores
+ * are read that many keys at a time). */
+static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block, int filled, uint32_t *packed,
+                      int64_t width) {
     int64_t pairs = D / 2;
-    int filled = (in_block + 63) / 64 * 64; /* scores are read 64 keys at a time */
     for (int j0 = 0; j0 < filled; j0 += 16) {
+        int valid = in_block - j0 < 16 ? in_block - j0 : 16;
         for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
             int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
             __mmask16 live = (__mmask16)((1u << here) - 1);
             __m512i rows[16];
-            int valid = in_block - j0 < 16 ? in_block - j0 : 16;
             const uint16_t *key = keys + j0 * ld + 2 * p0;
-            int j = 0;
-            for (; j < valid; j++, key += ld) {
-                /* The keys PREFETCH_KEYS on (into the next block at its end), into L2: with few rows
-                 * (decode) the loop waits on memory. A whole block ahead measured 5-14% slower. */
-                _mm_prefetch((const char *)(key + PREFETCH_KEYS * ld), _MM_HINT_T1);
-                rows[j] = _mm512_maskz_loadu_epi32(live, key);
+            if (valid == 16) {
+                /* Whole tiles unrolled, so that the rows stay in registers (a loop to `valid` kept
+                 * them on the stack: twice the time). The keys PREFETCH_KEYS on (into the next
+                 * block at its end) are requested into L2: with few rows (decode) the loop waits
+                 * on memory. A whole block ahead measured 5-14% slower. */
+#pragma GCC unroll 16
+                for (int j = 0; j < 16; j++) {
+                    _mm_prefetch((const char *)(key + (PREFETCH_KEYS + j) * ld), _MM_HINT_T1);
+                    rows[j] = _mm512_maskz_loadu_epi32(live, key + j * ld);
+                }
+            } else {
+                for (int j = 0; j < 16; j++)
+                    rows[j] = j < valid ? _mm512_maskz_loadu_epi32(live, key + j * ld) : _mm512_setzero_si512();
             }
-            for (; j < 16; j++) rows[j] = _mm512_setzero_si512();
             transpose16(rows);
-            for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(packed + (p0 + p) * KEYS_PER_BLOCK + j0, rows[p]);
+            for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(packed + (p0 + p) * width + j0, rows[p]);
         }
     }
 }
@@ -138,35 +147,33 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
     }
 }
 
-/* scores[r][j] = q_r . k_j (unscaled) for the block's keys and R rows, 64 keys at a time: lane j
- * accumulates the pairs of D in order, sharing each packed key load between the rows. top[r]
- * takes the lane-wise max of the scores row r sees (its first n[r]). */
-static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const uint32_t *keys,
-                                                              int64_t pairs, int seen, const int *n,
-                                                              float scores[][KEYS_PER_BLOCK], __m512 *top,
-                                                              Ahead *ahead) {
-    const pair_t *query[4];
+/* scores[r][at + j] = q_r . k_j (unscaled) for R rows (up to 8) and the packed keys (`width` a
+ * line), 16 * V keys at a time: lane j accumulates the pairs of D in order, sharing each packed key
+ * load between the rows. top[r] takes the lane-wise max of the scores row r sees (its first n[r]
+ * of these keys). */
+static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const int V,
+                                                              const uint32_t *keys, int64_t width, int64_t pairs,
+                                                              int seen, const int *n, float scores[][KEYS_PER_BLOCK],
+                                                              int at, __m512 *top, Ahead *ahead) {
+    const pair_t *query[8];
     for (int r = 0; r < R; r++) query[r] = (const pair_t *)rows[r].query;
-    for (int j0 = 0; j0 < seen; j0 += 64) {
-        __m512 acc[4][4];
+    for (int j0 = 0; j0 < seen; j0 += 16 * V) {
+        __m512 acc[8][4];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+            for (int c = 0; c < V; c++) acc[r][c] = _mm512_setzero_ps();
         for (int64_t p = 0; p < pairs; p++) {
             request_ahead(ahead);
-            const uint32_t *k = keys + p * KEYS_PER_BLOCK + j0;
-            __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16);
-            __m512bh k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
+            const uint32_t *k = keys + p * width + j0;
+            __m512bh key[4];
+            for (int c = 0; c < V; c++) key[c] = (__m512bh)_mm512_loadu_si512(k + 16 * c);
             for (int r = 0; r < R; r++) {
                 __m512bh q = (__m512bh)_mm512_set1_epi32((int)query[r][p]);
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], q, k0);
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], q, k1);
-                acc[r][2] = _mm512_dpbf16_ps(acc[r][2], q, k2);
-                acc[r][3] = _mm512_dpbf16_ps(acc[r][3], q, k3);
+                for (int c = 0; c < V; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], q, key[c]);
             }
         }
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < 4; c++) {
-                _mm512_storeu_ps(scores[r] + j0 + 16 * c, acc[r][c]);
+            for (int c = 0; c < V; c++) {
+                _mm512_storeu_ps(scores[r] + at + j0 + 16 * c, acc[r][c]);
                 int live = n[r] - j0 - 16 * c;
                 __mmask16 mask = (__mmask16)(live >= 16 ? 0xffff : (live <= 0 ? 0 : (1u << live) - 1));
                 top[r] = _mm512_mask_max_ps(top[r], mask, top[r], acc[r][c]);
@@ -174,10 +181,11 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
     }
 }
 
-/* acc_r[offset + 16c] = acc_r * correction_r + sum over the block's key pairs of probs . values,
- * for CH slices of 16 channels; lane d of each row is one chain in key order. */
+/* acc_r[offset + 16c] = acc_r * correction_r (when rescale) + sum over `pairs` packed key pairs of
+ * probs . values, the probabilities from pair `from` of the block, for CH slices of 16 channels;
+ * lane d of each row is one chain in key order. */
 static inline __attribute__((always_inline)) void group_values(Row *rows, const int R, const __m512 *correction,
-                                                              const uint32_t probs[][KEYS_PER_BLOCK / 2],
+                                                              const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
                                                               const uint32_t *values, int64_t D, int64_t offset,
                                                               int pairs, const int CH, int rescale, Ahead *ahead) {
     __m512 acc[4][4];
@@ -192,7 +200,7 @@ static inline __attribute__((always_inline)) void group_values(Row *rows, const 
         __m512bh slice[4];
         for (int c = 0; c < CH; c++) slice[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
         for (int r = 0; r < R; r++) {
-            __m512bh p = (__m512bh)_mm512_set1_epi32((int)probs[r][j]);
+            __m512bh p = (__m512bh)_mm512_set1_epi32((int)probs[r][from + j]);
             for (int c = 0; c < CH; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, slice[c]);
         }
     }
@@ -243,6 +251,18 @@ static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m5
     return correction;
 }
 
+/* group_values over all D channels, 64 at a time, then 16. */
+static inline __attribute__((always_inline)) void values_all(Row *rows, const int R, const __m512 *correction,
+                                                            const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
+                                                            const uint32_t *values, int64_t D, int pairs, int rescale,
+                                                            Ahead *ahead) {
+    int64_t offset = 0;
+    for (; offset + 64 <= D; offset += 64)
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 4, rescale, ahead);
+    for (; offset < D; offset += 16)
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 1, rescale, ahead);
+}
+
 /* R rows (1 to 4) against one packed block, row r seeing its first n[r] >= 1 keys. */
 static inline __attribute__((always_inline)) void group_block(Row *rows, const int R, const int *n,
                                                              const uint32_t *keys, const uint32_t *values,
@@ -256,7 +276,7 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
     for (int r = 1; r < R; r++) seen = n[r] > seen ? n[r] : seen;
     __m512 top[4];
     for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-INFINITY);
-    group_scores(rows, R, keys, D / 2, (seen + 63) / 64 * 64, n, scores, top, ahead);
+    group_scores(rows, R, 4, keys, KEYS_PER_BLOCK, D / 2, (seen + 63) / 64 * 64, n, scores, 0, top, ahead);
     /* Once a row's max settles its correction is exactly 1 and the rescale would change nothing. */
     int rescale = 0;
     for (int r = 0; r < R; r++) {
@@ -265,12 +285,7 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
                                      (uint16_t *)probs[r]);
         rescale |= rows[r].max != before;
     }
-    int pairs = (seen + 1) / 2;
-    int64_t offset = 0;
-    for (; offset + 64 <= D; offset += 64)
-        group_values(rows, R, correction, probs, values, D, offset, pairs, 4, rescale, ahead);
-    for (; offset < D; offset += 16)
-        group_values(rows, R, correction, probs, values, D, offset, pairs, 1, rescale, ahead);
+    values_all(rows, R, correction, probs, 0, values, D, (seen + 1) / 2, rescale, ahead);
 }
 
 #include "causal_amx.h"
@@ -282,6 +297,75 @@ static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, con
     case 3: group_block(rows, 3, n, keys, values, D, log2_scale, ahead); break;
     case 2: group_block(rows, 2, n, keys, values, D, log2_scale, ahead); break;
     default: group_block(rows, 1, n, keys, values, D, log2_scale, ahead); break;
+    }
+}
+
+/* Scores of R rows (1 to 8) against SUB_KEYS packed keys, into columns [at, at + SUB_KEYS). */
+static void sub_scores(Row *rows, int R, const uint32_t *keys, int64_t pairs, const int *n,
+                       float scores[][KEYS_PER_BLOCK], int at, __m512 *top, Ahead *ahead) {
+#define SUB_SCORES(R) group_scores(rows, R, SUB_KEYS / 16, keys, SUB_KEYS, pairs, SUB_KEYS, n, scores, at, top, ahead)
+    switch (R) {
+    case 8: SUB_SCORES(8); break;
+    case 7: SUB_SCORES(7); break;
+    case 6: SUB_SCORES(6); break;
+    case 5: SUB_SCORES(5); break;
+    case 4: SUB_SCORES(4); break;
+    case 3: SUB_SCORES(3); break;
+    case 2: SUB_SCORES(2); break;
+    default: SUB_SCORES(1); break;
+    }
+#undef SUB_SCORES
+}
+
+/* values_all for R rows (1 to 4). */
+static void sub_values(Row *rows, int R, const __m512 *correction, const uint32_t probs[][KEYS_PER_BLOCK / 2],
+                       int from, const uint32_t *values, int64_t D, int pairs, int rescale, Ahead *ahead) {
+    switch (R) {
+    case 4: values_all(rows, 4, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    case 3: values_all(rows, 3, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    case 2: values_all(rows, 2, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    default: values_all(rows, 1, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    }
+}
+
+/* A tile of at most FEW_ROWS rows (decode, short draft verification) against one block of keys k
+ * and values v (in_block of them), row r seeing its first n[r] >= 1. A block packed whole and then
+ * read once per group of rows (group_block) spends as long packing as multiplying when the rows are
+ * few, its packed copy streaming through L2; here SUB_KEYS keys at a time are packed and used by
+ * every row while still in L1, up to 8 rows a group. Each score and output lane is the same chain
+ * as in group_block, so the bits are the same. */
+static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k, const uint16_t *v, int64_t ld,
+                           int64_t D, int in_block, float log2_scale, uint32_t *packed_keys,
+                           uint32_t *packed_values, Ahead *ahead) {
+    float scores[FEW_ROWS][KEYS_PER_BLOCK];
+    uint32_t probs[FEW_ROWS][KEYS_PER_BLOCK / 2];
+    __m512 top[FEW_ROWS], correction[FEW_ROWS];
+    int seen = 0, from_here[FEW_ROWS];
+    for (int r = 0; r < count; r++) {
+        seen = n[r] > seen ? n[r] : seen;
+        top[r] = _mm512_set1_ps(-INFINITY);
+    }
+    for (int at = 0; at < seen; at += SUB_KEYS) {
+        int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS;
+        pack_keys(k + at * ld, ld, D, here, SUB_KEYS, packed_keys, SUB_KEYS);
+        for (int r = 0; r < count; r++) from_here[r] = n[r] - at;
+        for (int r = 0; r < count; r += 8)
+            sub_scores(rows + r, count - r < 8 ? count - r : 8, packed_keys, D / 2, from_here + r, scores + r, at,
+                       top + r, ahead);
+    }
+    int rescale = 0;
+    for (int r = 0; r < count; r++) {
+        float before = rows[r].max;
+        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 31) / 32 * 32, top[r], log2_scale,
+                                     (uint16_t *)probs[r]);
+        rescale |= rows[r].max != before;
+    }
+    for (int at = 0; at < seen; at += SUB_KEYS) {
+        int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS, pairs = (seen - at + 1) / 2;
+        pack_values(v + at * ld, ld, D, here, packed_values);
+        for (int r = 0; r < count; r += 4)
+            sub_values(rows + r, count - r < 4 ? count - r : 4, correction + r, probs + r, at / 2, packed_values, D,
+                       pairs < SUB_KEYS / 2 ? pairs : SUB_KEYS / 2, rescale && at == 0, ahead);
     }
 }
 
@@ -299,9 +383,9 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const 
     }
     for (int64_t first = start; first < end; first += KEYS_PER_BLOCK) {
         int in_block = (int)(end - first < KEYS_PER_BLOCK ? end - first : KEYS_PER_BLOCK);
-        pack_keys(k + first * ld, ld, D, in_block, packed_keys);
-        pack_values(v + first * ld, ld, D, in_block, packed_values);
         if (queries) {
+            pack_keys(k + first * ld, ld, D, in_block, (in_block + 63) / 64 * 64, packed_keys, KEYS_PER_BLOCK);
+            pack_values(v + first * ld, ld, D, in_block, packed_values);
             clear_value_pairs(packed_values, D, (in_block + 1) / 2, (in_block + 31) / 32 * 16);
             amx_block(rows, count, first, in_block, queries, acc, packed_keys, packed_values, D, log2_scale, groups);
             continue;
@@ -313,6 +397,19 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const 
         int64_t next_end = next + KEYS_PER_BLOCK < end ? next + KEYS_PER_BLOCK : end;
         Ahead ahead = { { (const char *)(k + next * ld), (const char *)(v + next * ld) },
                         { (const char *)(k + next_end * ld), (const char *)(v + next_end * ld) } };
+        if (count <= FEW_ROWS) {
+            int r0 = 0, n[FEW_ROWS];
+            while (rows[r0].visible <= first) r0++;
+            for (int r = r0; r < count; r++) {
+                int64_t seen = rows[r].visible - first;
+                n[r - r0] = (int)(seen < in_block ? seen : in_block);
+            }
+            few_rows_block(rows + r0, count - r0, n, k + first * ld, v + first * ld, ld, D, in_block, log2_scale,
+                           packed_keys, packed_values, &ahead);
+            continue;
+        }
+        pack_keys(k + first * ld, ld, D, in_block, (in_block + 63) / 64 * 64, packed_keys, KEYS_PER_BLOCK);
+        pack_values(v + first * ld, ld, D, in_block, packed_values);
         for (int r = 0; r < count;) {
             if (rows[r].visible <= first) {
                 r++;
