@@ -1,0 +1,325 @@
+/* The pair dot-product path of causal_bf16.c's AVX-512 build, included there: the packed layouts
+ * of a block of keys and values, the products of a few rows against a block, and the online-softmax
+ * step. Everything here works on one block and a handful of rows; the walk over blocks and chunks,
+ * the threads and the fold of chunk states are causal_bf16.c's. */
+#ifndef DOCANALYST_CAUSAL_PAIRS_H
+#define DOCANALYST_CAUSAL_PAIRS_H
+
+#include "../bf16_simd.h"
+
+#define KEYS_PER_BLOCK 256
+#define PREFETCH_KEYS 16 /* how far ahead the packing requests keys and values */
+#define FEW_ROWS 16      /* tiles of at most this many rows pack a block SUB_KEYS keys at a time */
+#define SUB_KEYS 32
+
+typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
+
+typedef struct {
+    const uint16_t *query; /* [D] */
+    uint16_t *out;         /* [D] */
+    const uint16_t *gate;  /* [D], or NULL */
+    int64_t visible;       /* keys 0 .. visible - 1 */
+    float max;             /* running max of the scores, times scale * log2(e) */
+    float *acc;            /* [D] fp32 */
+    float sum[16];         /* running sum of the probabilities, lane by lane */
+} Row;
+
+/* The next block's keys and values, requested from memory a line at a time while a block is
+ * computed, so that reading them overlaps the products (decode is otherwise memory, then compute). */
+typedef struct {
+    const char *at[2], *end[2];
+} Ahead;
+
+static inline __attribute__((always_inline)) void request_ahead(Ahead *ahead) {
+    for (int s = 0; s < 2; s++)
+        if (ahead->at[s] < ahead->end[s]) {
+            _mm_prefetch(ahead->at[s], _MM_HINT_T1);
+            ahead->at[s] += 64;
+        }
+}
+
+/* Keys of a block as pairs along D: packed[p * width + j] = K[j][2p] | K[j][2p + 1] << 16 (width: keys
+ * per packed line), zero for keys past the block's last up to `filled`, a multiple of 16 (scores
+ * are read that many keys at a time). */
+static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block, int filled, uint32_t *packed,
+                      int64_t width) {
+    int64_t pairs = D / 2;
+    for (int j0 = 0; j0 < filled; j0 += 16) {
+        int valid = in_block - j0 < 16 ? in_block - j0 : 16;
+        for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+            int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
+            __mmask16 live = (__mmask16)((1u << here) - 1);
+            __m512i rows[16];
+            const uint16_t *key = keys + j0 * ld + 2 * p0;
+            if (valid == 16) {
+                /* Whole tiles unrolled, so that the rows stay in registers (a loop to `valid` kept
+                 * them on the stack: twice the time). The keys PREFETCH_KEYS on (into the next
+                 * block at its end) are requested into L2: with few rows (decode) the loop waits
+                 * on memory. A whole block ahead measured 5-14% slower. */
+#pragma GCC unroll 16
+                for (int j = 0; j < 16; j++) {
+                    _mm_prefetch((const char *)(key + (PREFETCH_KEYS + j) * ld), _MM_HINT_T1);
+                    rows[j] = _mm512_maskz_loadu_epi32(live, key + j * ld);
+                }
+            } else {
+                for (int j = 0; j < 16; j++)
+                    rows[j] = j < valid ? _mm512_maskz_loadu_epi32(live, key + j * ld) : _mm512_setzero_si512();
+            }
+            transpose16(rows);
+            for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(packed + (p0 + p) * width + j0, rows[p]);
+        }
+    }
+}
+
+/* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16 for the
+ * pairs the block's keys fill (zero past its last key). */
+static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
+    /* Word i of the first / second half of an interleave of a and b: a[i], b[i], a[i + 1], ... */
+    __m512i first_half = _mm512_setzero_si512(), second_half = _mm512_setzero_si512();
+    {
+        uint16_t low[32], high[32];
+        for (int i = 0; i < 32; i++) low[i] = (uint16_t)(i / 2 + (i % 2) * 32), high[i] = (uint16_t)(low[i] + 16);
+        first_half = _mm512_loadu_si512(low), second_half = _mm512_loadu_si512(high);
+    }
+    for (int j = 0; 2 * j < in_block; j++) {
+        const uint16_t *first = values + 2 * j * ld, *second = first + ld;
+        int has_second = 2 * j + 1 < in_block;
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32) {
+            _mm_prefetch((const char *)(first + PREFETCH_KEYS * ld + d), _MM_HINT_T1);
+            _mm_prefetch((const char *)(second + PREFETCH_KEYS * ld + d), _MM_HINT_T1);
+            __m512i a = _mm512_loadu_si512(first + d);
+            __m512i b = has_second ? _mm512_loadu_si512(second + d) : _mm512_setzero_si512();
+            _mm512_storeu_si512(packed + j * D + d, _mm512_permutex2var_epi16(a, first_half, b));
+            _mm512_storeu_si512(packed + j * D + d + 16, _mm512_permutex2var_epi16(a, second_half, b));
+        }
+        if (d < D) {
+            __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
+            __m512i high = has_second ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d)))
+                                      : _mm512_setzero_si512();
+            _mm512_storeu_si512(packed + j * D + d, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+        }
+    }
+}
+
+/* scores[r][at + j] = q_r . k_j (unscaled) for R rows (up to 8) and the packed keys (`width` a
+ * line), 16 * V keys at a time: lane j accumulates the pairs of D in order, sharing each packed key
+ * load between the rows. top[r] takes the lane-wise max of the scores row r sees (its first n[r]
+ * of these keys). */
+static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const int V,
+                                                              const uint32_t *keys, int64_t width, int64_t pairs,
+                                                              int seen, const int *n, float scores[][KEYS_PER_BLOCK],
+                                                              int at, __m512 *top, Ahead *ahead) {
+    const pair_t *query[8];
+    for (int r = 0; r < R; r++) query[r] = (const pair_t *)rows[r].query;
+    for (int j0 = 0; j0 < seen; j0 += 16 * V) {
+        __m512 acc[8][4];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < V; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pairs; p++) {
+            request_ahead(ahead);
+            const uint32_t *k = keys + p * width + j0;
+            __m512bh key[4];
+            for (int c = 0; c < V; c++) key[c] = (__m512bh)_mm512_loadu_si512(k + 16 * c);
+            for (int r = 0; r < R; r++) {
+                __m512bh q = (__m512bh)_mm512_set1_epi32((int)query[r][p]);
+                for (int c = 0; c < V; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], q, key[c]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < V; c++) {
+                _mm512_storeu_ps(scores[r] + at + j0 + 16 * c, acc[r][c]);
+                int live = n[r] - j0 - 16 * c;
+                __mmask16 mask = (__mmask16)(live >= 16 ? 0xffff : (live <= 0 ? 0 : (1u << live) - 1));
+                top[r] = _mm512_mask_max_ps(top[r], mask, top[r], acc[r][c]);
+            }
+    }
+}
+
+/* acc_r[offset + 16c] = acc_r * correction_r (when rescale) + sum over `pairs` packed key pairs of
+ * probs . values, the probabilities from pair `from` of the block, for CH slices of 16 channels;
+ * lane d of each row is one chain in key order. */
+static inline __attribute__((always_inline)) void group_values(Row *rows, const int R, const __m512 *correction,
+                                                              const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
+                                                              const uint32_t *values, int64_t D, int64_t offset,
+                                                              int pairs, const int CH, int rescale, Ahead *ahead) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < CH; c++) {
+            acc[r][c] = _mm512_loadu_ps(rows[r].acc + offset + 16 * c);
+            if (rescale) acc[r][c] = _mm512_mul_ps(acc[r][c], correction[r]);
+        }
+    for (int j = 0; j < pairs; j++) {
+        request_ahead(ahead);
+        const uint32_t *v = values + j * D + offset;
+        __m512bh slice[4];
+        for (int c = 0; c < CH; c++) slice[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
+        for (int r = 0; r < R; r++) {
+            __m512bh p = (__m512bh)_mm512_set1_epi32((int)probs[r][from + j]);
+            for (int c = 0; c < CH; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, slice[c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(rows[r].acc + offset + 16 * c, acc[r][c]);
+}
+
+/* probs[j] = bf16(2^(scores[j] * scale - best)) for j < limit (zero from n on; limit a multiple
+ * of 32; rounded to nearest even, tiny values flushed to zero); returns their lane-wise sums, added
+ * in key order. Whole steps of 32 seen keys take the same operations without masks. */
+static inline __m512 exponentials(const float *scores, int n, int limit, __m512 scale_v, __m512 best_v,
+                                  uint16_t *probs) {
+    __m512 total = _mm512_setzero_ps();
+    int j0 = 0;
+    for (; j0 + 32 <= n; j0 += 32) {
+        __m512 p0 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0), scale_v, best_v));
+        __m512 p1 = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j0 + 16), scale_v, best_v));
+        total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
+        _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    for (; j0 < limit; j0 += 32) {
+        __m512 p[2];
+        for (int half = 0; half < 2; half++) {
+            int start = j0 + 16 * half, live_count = n - start < 0 ? 0 : (n - start > 16 ? 16 : n - start);
+            __mmask16 live = (__mmask16)((1u << live_count) - 1);
+            __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + start), scale_v, best_v);
+            p[half] = _mm512_maskz_mov_ps(live, exp2_512(x));
+            total = _mm512_add_ps(total, p[half]);
+        }
+        _mm512_storeu_si512(probs + j0, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
+    }
+    return total;
+}
+
+/* Online-softmax update of one row from its raw block scores, of which the first n count (top:
+ * their lane-wise max): p = 2^(score * log2_scale - max) with bf16 copies into probs[0 .. limit)
+ * (zero past n; limit a multiple of 32; rounded to nearest even, tiny values flushed to zero),
+ * running max and lane sums updated; returns the factor that rescales the row's accumulator. */
+static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m512 top, float log2_scale,
+                           uint16_t *probs) {
+    float best = _mm512_reduce_max_ps(top) * log2_scale;
+    if (!(best >= row->max)) best = row->max;
+    __m512 total = exponentials(scores, n, limit, _mm512_set1_ps(log2_scale), _mm512_set1_ps(best), probs);
+    /* The first block's running max is -inf: clamped, its factor is 0. */
+    __m512 correction = exp2_512(_mm512_max_ps(_mm512_set1_ps(row->max - best), _mm512_set1_ps(-150.0f)));
+    _mm512_storeu_ps(row->sum, _mm512_fmadd_ps(_mm512_loadu_ps(row->sum), correction, total));
+    row->max = best;
+    return correction;
+}
+
+/* group_values over all D channels, 64 at a time, then 16. */
+static inline __attribute__((always_inline)) void values_all(Row *rows, const int R, const __m512 *correction,
+                                                            const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
+                                                            const uint32_t *values, int64_t D, int pairs, int rescale,
+                                                            Ahead *ahead) {
+    int64_t offset = 0;
+    for (; offset + 64 <= D; offset += 64)
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 4, rescale, ahead);
+    for (; offset < D; offset += 16)
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 1, rescale, ahead);
+}
+
+/* R rows (1 to 4) against one packed block, row r seeing its first n[r] >= 1 keys. */
+static inline __attribute__((always_inline)) void group_block(Row *rows, const int R, const int *n,
+                                                             const uint32_t *keys, const uint32_t *values,
+                                                             int64_t D, float log2_scale, Ahead *ahead) {
+    float scores[4][KEYS_PER_BLOCK];
+    uint32_t probs[4][KEYS_PER_BLOCK / 2];
+    __m512 correction[4];
+    /* Keys no row of the group sees would only add products with probability 0 (acc + 0 is acc):
+     * skipping them changes no bits. */
+    int seen = n[0];
+    for (int r = 1; r < R; r++) seen = n[r] > seen ? n[r] : seen;
+    __m512 top[4];
+    for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-INFINITY);
+    group_scores(rows, R, 4, keys, KEYS_PER_BLOCK, D / 2, (seen + 63) / 64 * 64, n, scores, 0, top, ahead);
+    /* Once a row's max settles its correction is exactly 1 and the rescale would change nothing. */
+    int rescale = 0;
+    for (int r = 0; r < R; r++) {
+        float before = rows[r].max;
+        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 31) / 32 * 32, top[r], log2_scale,
+                                     (uint16_t *)probs[r]);
+        rescale |= rows[r].max != before;
+    }
+    values_all(rows, R, correction, probs, 0, values, D, (seen + 1) / 2, rescale, ahead);
+}
+
+static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, const uint32_t *values, int64_t D,
+                       float log2_scale, Ahead *ahead) {
+    switch (R) {
+    case 4: group_block(rows, 4, n, keys, values, D, log2_scale, ahead); break;
+    case 3: group_block(rows, 3, n, keys, values, D, log2_scale, ahead); break;
+    case 2: group_block(rows, 2, n, keys, values, D, log2_scale, ahead); break;
+    default: group_block(rows, 1, n, keys, values, D, log2_scale, ahead); break;
+    }
+}
+
+/* Scores of R rows (1 to 8) against SUB_KEYS packed keys, into columns [at, at + SUB_KEYS). */
+static void sub_scores(Row *rows, int R, const uint32_t *keys, int64_t pairs, const int *n,
+                       float scores[][KEYS_PER_BLOCK], int at, __m512 *top, Ahead *ahead) {
+#define SUB_SCORES(R) group_scores(rows, R, SUB_KEYS / 16, keys, SUB_KEYS, pairs, SUB_KEYS, n, scores, at, top, ahead)
+    switch (R) {
+    case 8: SUB_SCORES(8); break;
+    case 7: SUB_SCORES(7); break;
+    case 6: SUB_SCORES(6); break;
+    case 5: SUB_SCORES(5); break;
+    case 4: SUB_SCORES(4); break;
+    case 3: SUB_SCORES(3); break;
+    case 2: SUB_SCORES(2); break;
+    default: SUB_SCORES(1); break;
+    }
+#undef SUB_SCORES
+}
+
+/* values_all for R rows (1 to 4). */
+static void sub_values(Row *rows, int R, const __m512 *correction, const uint32_t probs[][KEYS_PER_BLOCK / 2],
+                       int from, const uint32_t *values, int64_t D, int pairs, int rescale, Ahead *ahead) {
+    switch (R) {
+    case 4: values_all(rows, 4, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    case 3: values_all(rows, 3, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    case 2: values_all(rows, 2, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    default: values_all(rows, 1, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    }
+}
+
+/* A tile of at most FEW_ROWS rows (decode, short draft verification) against one block of keys k
+ * and values v (in_block of them), row r seeing its first n[r] >= 1. A block packed whole and then
+ * read once per group of rows (group_block) spends as long packing as multiplying when the rows are
+ * few, its packed copy streaming through L2; here SUB_KEYS keys at a time are packed and used by
+ * every row while still in L1, up to 8 rows a group. Each score and output lane is the same chain
+ * as in group_block, so the bits are the same. */
+static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k, const uint16_t *v, int64_t ld,
+                           int64_t D, int in_block, float log2_scale, uint32_t *packed_keys,
+                           uint32_t *packed_values, Ahead *ahead) {
+    float scores[FEW_ROWS][KEYS_PER_BLOCK];
+    uint32_t probs[FEW_ROWS][KEYS_PER_BLOCK / 2];
+    __m512 top[FEW_ROWS], correction[FEW_ROWS];
+    int seen = 0, from_here[FEW_ROWS];
+    for (int r = 0; r < count; r++) {
+        seen = n[r] > seen ? n[r] : seen;
+        top[r] = _mm512_set1_ps(-INFINITY);
+    }
+    for (int at = 0; at < seen; at += SUB_KEYS) {
+        int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS;
+        pack_keys(k + at * ld, ld, D, here, SUB_KEYS, packed_keys, SUB_KEYS);
+        for (int r = 0; r < count; r++) from_here[r] = n[r] - at;
+        for (int r = 0; r < count; r += 8)
+            sub_scores(rows + r, count - r < 8 ? count - r : 8, packed_keys, D / 2, from_here + r, scores + r, at,
+                       top + r, ahead);
+    }
+    int rescale = 0;
+    for (int r = 0; r < count; r++) {
+        float before = rows[r].max;
+        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 31) / 32 * 32, top[r], log2_scale,
+                                     (uint16_t *)probs[r]);
+        rescale |= rows[r].max != before;
+    }
+    for (int at = 0; at < seen; at += SUB_KEYS) {
+        int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS, pairs = (seen - at + 1) / 2;
+        pack_values(v + at * ld, ld, D, here, packed_values);
+        for (int r = 0; r < count; r += 4)
+            sub_values(rows + r, count - r < 4 ? count - r : 4, correction + r, probs + r, at / 2, packed_values, D,
+                       pairs < SUB_KEYS / 2 ? pairs : SUB_KEYS / 2, rescale && at == 0, ahead);
+    }
+}
+
+#endif
