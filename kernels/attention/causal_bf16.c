@@ -55,23 +55,25 @@ static int split_by_chunk(int64_t items, int threads, int64_t chunks, int64_t st
 #include "causal_pairs.h"
 #include "causal_amx.h"
 
+/* A softmax state over no keys: folding another into it gives that one's bits. */
+static void clear_state(float *max, float *sum, float *acc, int64_t D) {
+    *max = -INFINITY;
+    _mm512_storeu_ps(sum, _mm512_setzero_ps());
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
+}
+
 /* The softmax states of `count` rows of one K/V head (visible non-decreasing) over keys [start, end),
  * from a fresh start, each block streamed once; rows that see none of them are left untouched. */
 static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const uint16_t *k, const uint16_t *v,
                         int64_t ld, int64_t D, float log2_scale, uint32_t *packed_keys, uint32_t *packed_values,
                         const uint16_t *queries, float *acc, TileGroup groups[2]) {
     if (end > rows[count - 1].visible) end = rows[count - 1].visible;
-    for (int r = 0; r < count; r++) {
-        if (rows[r].visible <= start) continue;
-        rows[r].max = -INFINITY;
-        _mm512_storeu_ps(rows[r].sum, _mm512_setzero_ps());
-        for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
-    }
+    for (int r = 0; r < count; r++)
+        if (rows[r].visible > start) clear_state(&rows[r].max, rows[r].sum, rows[r].acc, D);
     for (int64_t first = start; first < end; first += KEYS_PER_BLOCK) {
         int in_block = (int)(end - first < KEYS_PER_BLOCK ? end - first : KEYS_PER_BLOCK);
         if (queries) {
-            pack_keys(k + first * ld, ld, D, in_block, (in_block + 63) / 64 * 64, packed_keys, KEYS_PER_BLOCK);
-            pack_values(v + first * ld, ld, D, in_block, packed_values);
+            pack_block(k + first * ld, v + first * ld, ld, D, in_block, packed_keys, packed_values);
             clear_value_pairs(packed_values, D, (in_block + 1) / 2, (in_block + 31) / 32 * 16);
             amx_block(rows, count, first, in_block, queries, acc, packed_keys, packed_values, D, log2_scale, groups);
             continue;
@@ -94,8 +96,7 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const 
                            packed_keys, packed_values, &ahead);
             continue;
         }
-        pack_keys(k + first * ld, ld, D, in_block, (in_block + 63) / 64 * 64, packed_keys, KEYS_PER_BLOCK);
-        pack_values(v + first * ld, ld, D, in_block, packed_values);
+        pack_block(k + first * ld, v + first * ld, ld, D, in_block, packed_keys, packed_values);
         for (int r = 0; r < count;) {
             if (rows[r].visible <= first) {
                 r++;
@@ -110,13 +111,6 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const 
             r += group;
         }
     }
-}
-
-/* A softmax state over no keys: folding another into it gives that one's bits. */
-static void clear_state(float *max, float *sum, float *acc, int64_t D) {
-    *max = -INFINITY;
-    _mm512_storeu_ps(sum, _mm512_setzero_ps());
-    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_setzero_ps());
 }
 
 /* into = the softmax state over both states' keys (into's first): each side rescaled to the larger
@@ -154,7 +148,6 @@ static void finish_row(const float *acc, const float *sum, int64_t D, uint16_t *
  * (max, 16 lane sums, D outputs). */
 typedef struct {
     float *max, *sum, *acc;
-    int64_t chunks;
 } Parts;
 
 /* q [T, H, D] (strides q_t, q_h), k/v [KVH, S, D] (strides kv_h, kv_s), out [T, H, D] (strides
@@ -170,7 +163,7 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     int64_t tiles = (per_head + ROWS_PER_TILE - 1) / ROWS_PER_TILE, chunks = (past + T + CHUNK_KEYS - 1) / CHUNK_KEYS;
     int split = split_by_chunk(KVH * tiles, threads, chunks, rows_total * chunks * (D + 17) * 4);
     int64_t items = KVH * tiles * (split ? chunks : 1), tile_rows = per_head < ROWS_PER_TILE ? per_head : ROWS_PER_TILE;
-    Parts parts = { NULL, NULL, NULL, chunks };
+    Parts parts = { NULL, NULL, NULL };
     if (split) {
         parts.max = malloc(sizeof(float) * (size_t)(rows_total * chunks));
         parts.sum = malloc(sizeof(float) * 16 * (size_t)(rows_total * chunks));

@@ -102,6 +102,13 @@ static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_bl
     }
 }
 
+/* A whole block in the layouts the many-row and tile products read (keys 64 at a time). */
+static void pack_block(const uint16_t *keys, const uint16_t *values, int64_t ld, int64_t D, int in_block,
+                       uint32_t *packed_keys, uint32_t *packed_values) {
+    pack_keys(keys, ld, D, in_block, (in_block + 63) / 64 * 64, packed_keys, KEYS_PER_BLOCK);
+    pack_values(values, ld, D, in_block, packed_values);
+}
+
 /* scores[r][at + j] = q_r . k_j (unscaled) for R rows (up to 8) and the packed keys (`width` a
  * line), 16 * V keys at a time: lane j accumulates the pairs of D in order, sharing each packed key
  * load between the rows. top[r] takes the lane-wise max of the scores row r sees (its first n[r]
@@ -206,6 +213,22 @@ static __m512 softmax_step(Row *row, const float *scores, int n, int limit, __m5
     return correction;
 }
 
+/* softmax_step for R rows against one block's scores (row r's first n[r] count; probabilities up to
+ * the group's `seen` keys rounded up to 32), correction[r] its factor; returns whether any row's
+ * max moved (once a row's max settles its correction is exactly 1 and the rescale would change
+ * nothing). */
+static int softmax_rows(Row *rows, int R, float scores[][KEYS_PER_BLOCK], const int *n, int seen, const __m512 *top,
+                        float log2_scale, uint32_t probs[][KEYS_PER_BLOCK / 2], __m512 *correction) {
+    int rescale = 0;
+    for (int r = 0; r < R; r++) {
+        float before = rows[r].max;
+        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 31) / 32 * 32, top[r], log2_scale,
+                                     (uint16_t *)probs[r]);
+        rescale |= rows[r].max != before;
+    }
+    return rescale;
+}
+
 /* group_values over all D channels, 64 at a time, then 16. */
 static inline __attribute__((always_inline)) void values_all(Row *rows, const int R, const __m512 *correction,
                                                             const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
@@ -232,14 +255,7 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
     __m512 top[4];
     for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-INFINITY);
     group_scores(rows, R, 4, keys, KEYS_PER_BLOCK, D / 2, (seen + 63) / 64 * 64, n, scores, 0, top, ahead);
-    /* Once a row's max settles its correction is exactly 1 and the rescale would change nothing. */
-    int rescale = 0;
-    for (int r = 0; r < R; r++) {
-        float before = rows[r].max;
-        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 31) / 32 * 32, top[r], log2_scale,
-                                     (uint16_t *)probs[r]);
-        rescale |= rows[r].max != before;
-    }
+    int rescale = softmax_rows(rows, R, scores, n, seen, top, log2_scale, probs, correction);
     values_all(rows, R, correction, probs, 0, values, D, (seen + 1) / 2, rescale, ahead);
 }
 
@@ -306,13 +322,7 @@ static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k
             sub_scores(rows + r, count - r < 8 ? count - r : 8, packed_keys, D / 2, from_here + r, scores + r, at,
                        top + r, ahead);
     }
-    int rescale = 0;
-    for (int r = 0; r < count; r++) {
-        float before = rows[r].max;
-        correction[r] = softmax_step(&rows[r], scores[r], n[r], (seen + 31) / 32 * 32, top[r], log2_scale,
-                                     (uint16_t *)probs[r]);
-        rescale |= rows[r].max != before;
-    }
+    int rescale = softmax_rows(rows, count, scores, n, seen, top, log2_scale, probs, correction);
     for (int at = 0; at < seen; at += SUB_KEYS) {
         int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS, pairs = (seen - at + 1) / 2;
         pack_values(v + at * ld, ld, D, here, packed_values);
