@@ -176,12 +176,14 @@ def test_quantized_experts_are_the_bf16_experts_on_the_exact_weights(native_isa,
 
 @pytest.mark.parametrize("format_name", [FP8_BLOCK, INT4])
 def test_experts_in_groups_give_the_bits_of_one_call(native_isa, monkeypatch, format_name):
-    """A buffer of two experts: three groups, each token-expert pair its own row, the sums in
-    ascending expert order as one call takes them."""
+    """Five routed experts, more than one call takes: groups of two (0-1, 3-4, 5), each
+    token-expert pair its own row, the sums in ascending expert order as one call takes them."""
     x, weights, ids, gate_up, down = routed_case(format_name, tokens=120, experts=6, top_k=2)
+    assert torch.unique(ids).tolist() == [0, 1, 3, 4, 5]
     one_call = prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)
     per_expert = 2 * (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2])
-    monkeypatch.setattr(prefill, "EXPERT_BUFFER_BYTES", 2 * per_expert)
+    monkeypatch.setattr(prefill, "EXPERT_BUFFER_BYTES", 4 * per_expert)
+    monkeypatch.setattr(prefill, "EXPERT_GROUP_BYTES", 2 * per_expert)
     grouped = prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)
     assert torch.equal(bits(grouped), bits(one_call))
 
