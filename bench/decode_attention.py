@@ -70,7 +70,7 @@ def measure(length: int, dim: int, isa: str, threads: int, repeats: int, cold_by
     torch.set_num_threads(threads)
     try:
         with use_isa(isa):
-            ours = lambda *a: native.native_causal_attention(*a)  # noqa: E731
+            ours = native.native_causal_attention
             difference = (ours(q, *caches[0], scale).float() - pytorch_attention(q, *caches[0], scale).float()).abs()
             best = {"ours": float("inf"), "pytorch": float("inf")}
             for _ in range(repeats):

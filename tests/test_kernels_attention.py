@@ -135,10 +135,10 @@ def test_native_kernel_matches_naive(case, amx, native_build):
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
 def test_native_rows_equal_one_token_calls(case, amx, native_build):
-    skip_without_tiles(amx, native_build)
     """Query t alone, over the keys it sees, gives the bits it gets beside the others, and any thread
     count the same bits (more threads than (K/V head, row tile) items split the keys by chunk), on
     either path as long as both calls take it."""
+    skip_without_tiles(amx, native_build)
     q, k, v = native_operands(case)
     length, past, scale = q.shape[1], k.shape[2] - q.shape[1], q.shape[-1] ** -0.5
     threads = torch.get_num_threads()
@@ -177,9 +177,9 @@ def test_gate_multiplies_by_its_sigmoid(case):
 @pytest.mark.parametrize("amx", TILE_UNITS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
 def test_native_gate_rounds_like_pytorch(case, amx, native_build):
-    skip_without_tiles(amx, native_build)
     """The fused gate gives the bits of `attn * torch.sigmoid(gate)` in bf16, but where the kernel's
     own exp lands a sigmoid on the other side of a bf16 rounding boundary: one bf16 step at most."""
+    skip_without_tiles(amx, native_build)
     q, k, v = native_operands(case, capacity_extra=5)
     gate = strided_gate(q, sum(case) + 1)
     assert attention_native.supports(q, k, v, gate)
