@@ -95,6 +95,41 @@ def test_every_fp8_byte_with_special_scales(native_isa, dtype):
     assert torch.equal(bits(dequant_native.dequantize(weight, dtype=dtype)), bits(expected))
 
 
+# Row or group scales around the edges of the fast paths: zero of both signs, infinite, NaN, denormal,
+# the smallest normal whose every nonzero product is normal (and one just below it for fp8's
+# subnormals, 2^-9 and up), negative, and large enough that products overflow bf16.
+SPECIAL_SCALES = [1e-3, 0.0, -0.0, float("inf"), float("nan"), 1e-39, 2.0**-126, 2.0**-117, 2.0**-118, -2.0, 3e36]
+
+
+@pytest.mark.parametrize("format_name", [INT8, INT4])
+def test_int_formats_with_special_scales(native_isa, format_name):
+    """Every int8 byte, or every int4 nibble, in a row (twice, at odd and even columns) under each
+    special scale, one scale per row (int8) or per group of 32 (int4)."""
+    rows, columns = len(SPECIAL_SCALES), 2 * 256 + 35
+    if format_name == INT8:
+        data = ((torch.arange(columns) + 7 * torch.arange(rows)[:, None]) % 256).to(torch.uint8).view(torch.int8)
+        scale = torch.tensor(SPECIAL_SCALES)[:, None]
+        weight = QuantizedWeight(INT8, data, scale, (rows, columns))
+    else:
+        nibbles = (torch.arange(columns + 1) + 5 * torch.arange(rows)[:, None]) % 16
+        data = (nibbles[:, 0::2] | nibbles[:, 1::2] << 4).to(torch.uint8)
+        groups = -(-columns // 32)
+        scale = torch.tensor(SPECIAL_SCALES)[(torch.arange(groups) + torch.arange(rows)[:, None]) % rows]
+        weight = QuantizedWeight(INT4, data, scale, (rows, columns), 32)
+    expected = dequantize(weight).to(torch.bfloat16)
+    assert expected.isnan().any() and expected.isinf().any() and (bits(expected) == bits(torch.tensor(-0.0))).any()
+    assert torch.equal(bits(dequant_native.dequantize(weight)), bits(expected))
+
+
+def test_fp8_with_scales_at_the_edge_of_normal_products(native_isa):
+    """fp8's subnormals (2^-9 and up) under scales whose products are just normal, or just not."""
+    data = ((torch.arange(300) + 11 * torch.arange(300)[:, None]) % 256).to(torch.uint8)
+    scale = torch.tensor([[2.0**-117, 2.0**-118, -(2.0**-117)], [2.0**-126, -0.0, 1e-39], [0.0, 2.0, 3e36]])
+    weight = fp8_block(data.view(torch.float8_e4m3fn), scale)
+    expected = dequantize(weight).to(torch.bfloat16)
+    assert torch.equal(bits(dequant_native.dequantize(weight)), bits(expected))
+
+
 @pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
 def test_stacked_experts_fill_only_the_listed_slots(native_isa, format_name):
     weight = random_weight(format_name, (6, 140, 96), seed=2)
