@@ -12,7 +12,7 @@ from kernels.gated_delta_rule import gated_delta_rule_from_gates
 from kernels.gated_delta_rule import native as delta_native
 from kernels.gated_rmsnorm import add_rms_norm, gated_rms_norm, rms_norm
 from kernels.linear import linear
-from kernels.moe import moe_experts, moe_route
+from kernels.moe import moe_experts, moe_experts_quantized, moe_route
 from kernels.moe import native as moe_native
 from kernels.quant import moe_native as quant_moe
 from kernels.quant import prefill as quant_prefill
@@ -191,8 +191,7 @@ class Experts(nn.Module):
         """Runs each expert once on the tokens routed to it; experts nobody chose cost nothing."""
         if quant_prefill.supports_experts(x, self.gate_up_proj, self.down_proj):
             # Prefill chunks over quantized experts: the bf16 experts on the routed experts' exact weights.
-            return quant_prefill.quantized_experts(x, weights, experts, self.gate_up_proj, self.down_proj,
-                                                   moe_experts)
+            return moe_experts_quantized(x, weights, experts, self.gate_up_proj, self.down_proj)
         return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
 
 

@@ -98,8 +98,8 @@ static void products(const float *xt, int64_t m, int64_t K, const uint16_t *w, i
 }
 
 static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, int64_t top_k, int64_t E,
-                       const int64_t *start, const int64_t *order, int64_t largest, const uint16_t *gate_up,
-                       const uint16_t *down, int64_t I, uint16_t *routed, int amx, int threads) {
+                       const int64_t *start, const int64_t *order, int64_t largest, const projection *gate_up,
+                       const projection *down, int64_t I, uint16_t *routed, int amx, int threads) {
     (void)amx;
     int64_t chunk = largest < 1 ? 1 : largest < CHUNK_TOKENS ? largest : CHUNK_TOKENS;
     int64_t groups = (chunk + GROUP_TOKENS - 1) / GROUP_TOKENS, widest = H > I ? H : I;
@@ -114,24 +114,29 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
         float *wide = malloc(sizeof(float) * BLOCK_ROWS_WIDE * BLOCK_INPUTS);
         float *carried = malloc(sizeof(float) * (size_t)(groups * BLOCK_ROWS_WIDE * GROUP_TOKENS));
         const uint16_t **rows = malloc(sizeof(uint16_t *) * (size_t)chunk);
-        int usable = xt && sums && act && y && wide && carried && rows;
+        /* An expert's quantized weights, dequantized whole (these products widen blocks of them). */
+        int quantized = !projection_in_bf16(gate_up, 2 * I) || !projection_in_bf16(down, H);
+        uint16_t *dequantized = quantized ? malloc(sizeof(uint16_t) * (size_t)(3 * I * H)) : NULL;
+        int usable = xt && sums && act && y && wide && carried && rows && (dequantized || !quantized);
         failed |= !usable;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t e = 0; e < E; e++) {
             int64_t count = start[e + 1] - start[e];
             if (!usable || count == 0) continue;
+            const uint16_t *expert_gate_up = expert_matrix(gate_up, e, 2 * I, H, dequantized);
+            const uint16_t *expert_down = expert_matrix(down, e, H, I, quantized ? dequantized + 2 * I * H : NULL);
             for (int64_t c0 = 0; c0 < count; c0 += chunk) {
                 const int64_t *mine = order + start[e] + c0;
                 int64_t m = count - c0 < chunk ? count - c0 : chunk;
                 for (int64_t r = 0; r < m; r++) rows[r] = x + (mine[r] / top_k) * H;
                 transpose_tokens(rows, m, H, xt);
-                products(xt, m, H, gate_up + e * 2 * I * H, 2 * I, sums, 2 * I, wide, carried);
+                products(xt, m, H, expert_gate_up, 2 * I, sums, 2 * I, wide, carried);
                 for (int64_t r = 0; r < m; r++) {
                     swiglu_row(sums + r * 2 * I, sums + r * 2 * I + I, I, act + r * I);
                     rows[r] = act + r * I;
                 }
                 transpose_tokens(rows, m, I, xt);
-                products(xt, m, I, down + e * H * I, H, y, H, wide, carried);
+                products(xt, m, I, expert_down, H, y, H, wide, carried);
                 for (int64_t r = 0; r < m; r++) {
                     vf scale = vf_set1(bf16_to_float(weights[mine[r]]));
                     for (int64_t h = 0; h < H; h += VF_LANES)
@@ -140,7 +145,7 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
                 }
             }
         }
-        free(xt), free(sums), free(act), free(y), free(wide), free(carried), free(rows);
+        free(xt), free(sums), free(act), free(y), free(wide), free(carried), free(rows), free(dequantized);
     }
     return failed;
 }

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 
 #include "../simd.h"
+#include "projection.h"
 #if defined(__AVX512BF16__)
 #include "../amx.h"
 #include "../bf16_simd.h"
@@ -89,25 +90,28 @@ static void sum_routed(const uint16_t *routed, const int64_t *experts, int64_t N
 
 typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
 
-/* w [N, K] as bf16 pairs along K in panels of 64 output columns, so that a tile streams one
- * panel: packed[(n / 64) * (K / 2) * 64 + p * 64 + n % 64] = w[n][2p] | w[n][2p + 1] << 16. N and
- * K are multiples of 16. */
-static void pack_pairs(const uint16_t *w, int64_t N, int64_t K, uint32_t *packed) {
+/* Expert e's w [N, K] as bf16 pairs along K in panels of 64 output columns, so that a tile streams
+ * one panel: packed[(n / 64) * (K / 2) * 64 + p * 64 + n % 64] = w[n][2p] | w[n][2p + 1] << 16,
+ * 16 rows at a time (through `scratch`, 16 x K, where quantized). N and K are multiples of 16. */
+static void pack_pairs(const projection *source, int64_t e, int64_t N, int64_t K, uint32_t *packed,
+                       uint16_t *scratch) {
     int64_t pairs = K / 2;
-    for (int64_t n0 = 0; n0 < N; n0 += 16)
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        const uint16_t *w = expert_rows(source, e, n0, 16, scratch);
         for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
             int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
             __mmask16 live = (__mmask16)((1u << here) - 1);
             __m512i rows[16];
             for (int j = 0; j < 16; j++) {
-                /* The weights come from memory: ask for the next 16 rows while these are packed. */
-                _mm_prefetch((const char *)(w + (n0 + 16 + j) * K + 2 * p0), _MM_HINT_T0);
-                rows[j] = _mm512_maskz_loadu_epi32(live, w + (n0 + j) * K + 2 * p0);
+                /* Weights read in place come from memory: ask for the next 16 rows while these are packed. */
+                if (w != scratch) _mm_prefetch((const char *)(w + (16 + j) * K + 2 * p0), _MM_HINT_T0);
+                rows[j] = _mm512_maskz_loadu_epi32(live, w + j * K + 2 * p0);
             }
             transpose16(rows);
             uint32_t *panel = packed + (n0 / 64) * pairs * 64 + n0 % 64;
             for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(panel + (p0 + p) * 64, rows[p]);
         }
+    }
 }
 
 /* y[r][c0 + 16s + lane] for 4 rows and SLICES slices of 16 columns: each lane one fp32 chain over
@@ -270,24 +274,27 @@ static void swiglu_block(const StoredBlock *block, int64_t I, uint32_t *packed_a
 }
 
 /* Gate/up projection and SwiGLU on the tiles, straight into the down projection's B operand. The A
- * tiles are 16 gate rows of w [2I, K] and the matching 16 up rows (as stored), the B tiles the packed
- * tokens, so a pair of C tiles holds gate and up of the same 16 outputs for 16 tokens:
+ * tiles are 16 gate rows of expert e's w [2I, K] and the matching 16 up rows (as stored, or through
+ * `scratch`, 32 x K, where quantized), the B tiles the packed tokens, so a pair of C tiles holds gate
+ * and up of the same 16 outputs for 16 tokens:
  * packed_act[(g * I / 2 + p) * 16 + t] = act[16g + t][2p] | act[16g + t][2p + 1] << 16, the layout
  * pack_tokens_for_tiles gives act [padded, I]. I and K multiples of 32. */
-static void gate_up_swiglu_amx(const uint32_t *packed_x, int64_t padded, int64_t K, const uint16_t *w, int64_t I,
-                               uint32_t *packed_act) {
+static void gate_up_swiglu_amx(const uint32_t *packed_x, int64_t padded, int64_t K, const projection *w, int64_t e,
+                               int64_t I, uint32_t *packed_act, uint16_t *scratch) {
     StoredBlock blocks[2];
     blocks[0].live = blocks[1].live = 0;
     int set = 0;
     int64_t pairs = K / 2;
-    for (int64_t n0 = 0; n0 < I; n0 += 16)
+    for (int64_t n0 = 0; n0 < I; n0 += 16) {
+        const uint16_t *gate = expert_rows(w, e, n0, 16, scratch), *up = expert_rows(w, e, I + n0, 16, scratch + 16 * K);
         for (int64_t t0 = 0; t0 < padded; t0 += 32) {
             const uint32_t *b0 = packed_x + (t0 / 16) * pairs * 16;
-            tile_block(w + n0 * K, w + (I + n0) * K, b0, b0 + pairs * 16, K, padded - t0 > 16);
+            tile_block(gate, up, b0, b0 + pairs * 16, K, padded - t0 > 16);
             if (blocks[set ^ 1].live) swiglu_block(&blocks[set ^ 1], I, packed_act);
             store_block(&blocks[set], padded - t0 > 16, n0, t0);
             set ^= 1;
         }
+    }
     if (blocks[set ^ 1].live) swiglu_block(&blocks[set ^ 1], I, packed_act);
 }
 
@@ -304,24 +311,27 @@ static void scatter_block(const StoredBlock *block, int64_t R, uint16_t *const *
     }
 }
 
-/* project() on AMX tiles for tokens already packed as B (`packed`), reading w [N, K] as it is stored:
- * the weights are the A operand (16 weight rows x 32 inputs per tile), so C tiles hold [16 outputs]
- * [16 tokens], 2 x 2 such blocks at a time. Token t's outputs, times scales[t], go to dst[t]. K and N
- * multiples of 32. The calling thread has configured its tiles. */
-static void project_amx(const uint32_t *packed, int64_t R, int64_t K, const uint16_t *w, int64_t N,
-                        uint16_t *const *dst, const float *scales) {
+/* project() on AMX tiles for tokens already packed as B (`packed`), reading expert e's w [N, K] as it
+ * is stored (or through `scratch`, 32 x K, where quantized): the weights are the A operand (16 weight
+ * rows x 32 inputs per tile), so C tiles hold [16 outputs][16 tokens], 2 x 2 such blocks at a time.
+ * Token t's outputs, times scales[t], go to dst[t]. K and N multiples of 32. The calling thread has
+ * configured its tiles. */
+static void project_amx(const uint32_t *packed, int64_t R, int64_t K, const projection *w, int64_t e, int64_t N,
+                        uint16_t *const *dst, const float *scales, uint16_t *scratch) {
     StoredBlock blocks[2];
     blocks[0].live = blocks[1].live = 0;
     int set = 0;
     int64_t pairs = K / 2;
-    for (int64_t n0 = 0; n0 < N; n0 += 32)
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        const uint16_t *rows = expert_rows(w, e, n0, 32, scratch);
         for (int64_t t0 = 0; t0 < R; t0 += 32) {
             const uint32_t *b0 = packed + (t0 / 16) * pairs * 16;
-            tile_block(w + n0 * K, w + (n0 + 16) * K, b0, b0 + pairs * 16, K, R - t0 > 16);
+            tile_block(rows, rows + 16 * K, b0, b0 + pairs * 16, K, R - t0 > 16);
             if (blocks[set ^ 1].live) scatter_block(&blocks[set ^ 1], R, dst, scales);
             store_block(&blocks[set], R - t0 > 16, n0, t0);
             set ^= 1;
         }
+    }
     if (blocks[set ^ 1].live) scatter_block(&blocks[set ^ 1], R, dst, scales);
 }
 
@@ -345,9 +355,11 @@ static void swiglu(const uint16_t *h, int64_t R, int64_t I, uint16_t *act) {
 /* Every expert with tokens: routed[slot] = bf16(expert output of the slot's token * its weight), for
  * the grouping of group_slots. Returns nonzero when a work buffer cannot be allocated. */
 static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, int64_t top_k, int64_t E,
-                       const int64_t *start, const int64_t *order, int64_t largest, const uint16_t *gate_up,
-                       const uint16_t *down, int64_t I, uint16_t *routed, int amx, int threads) {
+                       const int64_t *start, const int64_t *order, int64_t largest, const projection *gate_up,
+                       const projection *down, int64_t I, uint16_t *routed, int amx, int threads) {
     amx = amx && H % 32 == 0 && I % 32 == 0 && amx_permitted();
+    /* Quantized weight rows: 32 (tiles) or 16 (pairs) at a time. */
+    size_t scratch_words = (size_t)((amx ? 32 : 16) * (H > I ? H : I));
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -365,7 +377,8 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
         uint16_t *h = amx ? NULL : malloc(sizeof(uint16_t) * (size_t)(padded * 2 * I));
         uint16_t *act = amx ? NULL : calloc((size_t)(padded * I), sizeof(uint16_t));
         uint16_t *y = amx ? NULL : malloc(sizeof(uint16_t) * (size_t)(padded * H));
-        int usable = scales && packed && (amx ? packed_act && tokens && targets : gathered && h && act && y);
+        uint16_t *scratch = malloc(sizeof(uint16_t) * scratch_words);
+        int usable = scales && packed && scratch && (amx ? packed_act && tokens && targets : gathered && h && act && y);
         failed |= !usable;
         if (amx) amx_configure();
 #pragma omp for schedule(dynamic, 1)
@@ -381,8 +394,8 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
                     scales[r] = bf16_to_float(weights[mine[r]]);
                 }
                 pack_tokens_for_tiles(x, H, tokens, count, rows, packed);
-                gate_up_swiglu_amx(packed, rows, H, gate_up + e * 2 * I * H, I, packed_act);
-                project_amx(packed_act, count, I, down + e * H * I, H, targets, scales);
+                gate_up_swiglu_amx(packed, rows, H, gate_up, e, I, packed_act, scratch);
+                project_amx(packed_act, count, I, down, e, H, targets, scales, scratch);
                 continue;
             }
             /* A contiguous copy of the expert's tokens (rows past count stay readable zeros). */
@@ -391,17 +404,17 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
                 scales[r] = bf16_to_float(weights[mine[r]]);
             }
             {
-                pack_pairs(gate_up + e * 2 * I * H, 2 * I, H, packed);
+                pack_pairs(gate_up, e, 2 * I, H, packed, scratch);
                 project(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
                 swiglu(h, count, I, act);
-                pack_pairs(down + e * H * I, H, I, packed);
+                pack_pairs(down, e, H, I, packed, scratch);
                 project(act, count, I, packed, H, y, H, scales);
             }
             for (int64_t r = 0; r < count; r++)
                 __builtin_memcpy(routed + mine[r] * H, y + r * H, sizeof(uint16_t) * (size_t)H);
         }
         if (amx) _tile_release();
-        free(scales), free(packed), free(packed_act), free(tokens), free(targets);
+        free(scales), free(packed), free(packed_act), free(tokens), free(targets), free(scratch);
         free(gathered), free(h), free(act), free(y);
     }
     return failed;
@@ -409,12 +422,11 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
 
 #endif
 
-/* x [N, H]; weights [N, k] bf16; experts [N, k] int64 in [0, E); gate_up [E, 2I, H]; down [E, H, I];
- * out [N, H]; amx: use the tile unit where the widths allow (AVX-512 build). Returns 0, or -1 when a
- * work buffer cannot be allocated. */
-int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *weights, const int64_t *experts,
-                     int64_t top_k, int64_t E, const uint16_t *gate_up, const uint16_t *down, int64_t I,
-                     uint16_t *out, int amx, int threads) {
+/* The routed experts of x [N, H] (weights [N, k] bf16, experts [N, k] int64 in [0, E)) with
+ * projections gate_up [E, 2I, H] and down [E, H, I] into out [N, H]. */
+static int routed_experts(const uint16_t *x, int64_t N, int64_t H, const uint16_t *weights, const int64_t *experts,
+                          int64_t top_k, int64_t E, const projection *gate_up, const projection *down, int64_t I,
+                          uint16_t *out, int amx, int threads) {
     int64_t slots = N * top_k;
     int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *order = malloc(sizeof(int64_t) * (size_t)slots);
@@ -425,4 +437,25 @@ int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *we
     if (!failed) sum_routed(routed, experts, N, H, top_k, out, threads);
     free(start), free(order), free(routed);
     return failed ? -1 : 0;
+}
+
+/* x [N, H]; weights [N, k] bf16; experts [N, k] int64 in [0, E); gate_up [E, 2I, H]; down [E, H, I];
+ * out [N, H]; amx: use the tile unit where the widths allow (AVX-512 build). Returns 0, or -1 when a
+ * work buffer cannot be allocated. */
+int moe_experts_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *weights, const int64_t *experts,
+                     int64_t top_k, int64_t E, const uint16_t *gate_up, const uint16_t *down, int64_t I,
+                     uint16_t *out, int amx, int threads) {
+    weight_ref gate_up_stack = bf16_stack(gate_up, 2 * I, H), down_stack = bf16_stack(down, H, I);
+    projection gate_up_rows = {{&gate_up_stack, &gate_up_stack}, 2 * I}, down_rows = {{&down_stack, &down_stack}, H};
+    return routed_experts(x, N, H, weights, experts, top_k, E, &gate_up_rows, &down_rows, I, out, amx, threads);
+}
+
+/* moe_experts_bf16 with the experts' weights as `table` describes them: formats.h's weight_ref for
+ * gate [E, I, H], up [E, I, H] and down [E, H, I], each in any format, a quantized one dequantized
+ * exactly to bf16 as the kernel reaches its rows: the bits of moe_experts_bf16 on those values. */
+int moe_experts_quant(const uint16_t *x, int64_t N, int64_t H, const uint16_t *weights, const int64_t *experts,
+                      int64_t top_k, int64_t E, const int64_t *table, int64_t I, uint16_t *out, int amx, int threads) {
+    const weight_ref *refs = (const weight_ref *)table;
+    projection gate_up = {{&refs[0], &refs[1]}, I}, down = {{&refs[2], &refs[2]}, H};
+    return routed_experts(x, N, H, weights, experts, top_k, E, &gate_up, &down, I, out, amx, threads);
 }

@@ -1,6 +1,7 @@
 """ctypes bindings of the MoE kernels, each built for AVX-512 (BF16, AMX) and for AVX2 + FMA + F16C:
 `sparse_moe_bf16.c`, the whole sparse MoE block for a few bf16 tokens, and `experts_bf16.c`, the
-routed experts for many tokens."""
+routed experts for many tokens, over bf16 weights or quantized ones (dequantized exactly as the
+kernel reaches them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import torch
 
 from ..native import FEW_TOKENS, Kernel, tiles_pay_off
+from ..quant.formats import FP8_BLOCK, FP8_BLOCK_SIZE, QuantizedRows, QuantizedWeight
+from ..quant.moe_native import expert_table
 
 HERE = Path(__file__).parent
 # The most experts a token may take (the kernels' per-token arrays).
@@ -17,6 +20,8 @@ MAX_TOP_K = 64
 SPARSE_MOE = Kernel(HERE / "sparse_moe_bf16.c", "sparse_moe_bf16", "piipiinppipppippn", isas=("avx512", "avx2"),
                     returns="n")
 EXPERTS = Kernel(HERE / "experts_bf16.c", "moe_experts_bf16", "piippiippipnn", isas=("avx512", "avx2"), returns="n")
+QUANTIZED_EXPERTS = Kernel(HERE / "experts_bf16.c", "moe_experts_quant", "piippiipipnn", isas=("avx512", "avx2"),
+                           returns="n")
 
 
 def kernel() -> Kernel | None:
@@ -88,6 +93,47 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     out = torch.empty_like(x)
     status = EXPERTS(x, tokens, hidden, weights, experts, weights.shape[1], gate_up.shape[0], gate_up, down,
                      down.shape[2], out, int(amx), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("MoE work buffers could not be allocated")
+    return out
+
+
+def supports_quantized_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: QuantizedRows | QuantizedWeight,
+                               down: QuantizedWeight) -> bool:
+    """As supports_experts, for stacked quantized experts on the CPU (gate_up a QuantizedRows of gate
+    and up, or one weight; a fused fp8 one split between scale blocks)."""
+    if not (isinstance(gate_up, QuantizedRows | QuantizedWeight) and isinstance(down, QuantizedWeight)):
+        return False
+    width = down.shape[2]
+    fused_fp8 = isinstance(gate_up, QuantizedWeight) and gate_up.format == FP8_BLOCK
+    return (
+        x.device.type == gate_up.device.type == down.device.type == "cpu"
+        and len(gate_up.shape) == len(down.shape) == 3
+        and gate_up.shape[1] == 2 * width
+        and gate_up.shape[2] % 16 == 0
+        and width % 16 == 0
+        and x.dtype == weights.dtype == torch.bfloat16
+        and weights.shape[1] <= MAX_TOP_K
+        and not (fused_fp8 and width % FP8_BLOCK_SIZE)
+        and QUANTIZED_EXPERTS.available()
+    )
+
+
+def moe_experts_quantized(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                          gate_up: QuantizedRows | QuantizedWeight, down: QuantizedWeight,
+                          amx: bool | None = None) -> torch.Tensor:
+    """moe_experts over quantized experts: the bits of moe_experts on their exact weights rounded to
+    bf16, without those bf16 weights ever being written out whole."""
+    if amx is None:
+        amx = tiles_pay_off(x.shape[0])
+    x, weights = x.contiguous(), weights.contiguous()
+    experts = experts.to(torch.int64).contiguous()
+    kept: list[torch.Tensor] = []
+    table = expert_table(gate_up, down, kept)
+    tokens, hidden = x.shape
+    out = torch.empty_like(x)
+    status = QUANTIZED_EXPERTS(x, tokens, hidden, weights, experts, weights.shape[1], down.shape[0], table,
+                               down.shape[2], out, int(amx), torch.get_num_threads())
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from ..native import Kernel
-from .formats import FP8_BLOCK, INT4, INT4_GROUP_SIZE, INT8, QuantizedWeight
+from .formats import INT4_GROUP_SIZE, QuantizedWeight
+from .native import FORMAT_CODES
 
 DEQUANTIZE = Kernel(Path(__file__).with_name("dequant_tiles.c"), "dequantize_rows", "piiipniiipiiiipniin",
                     isas=("avx512", "avx2"))
-_FORMAT_CODES = {FP8_BLOCK: 0, INT8: 1, INT4: 2}
 _TILE_DTYPES = (torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -52,7 +52,7 @@ def dequantize_into(weight: QuantizedWeight, out: Tensor, rows: slice | None = N
         data_expert, scale_expert, out_expert = data.stride(0), scale.stride(0), out.stride(0)
     else:
         experts, data_expert, scale_expert, out_expert = None, 0, 0, 0
-    DEQUANTIZE(_FORMAT_CODES[weight.format], data, data_expert, data.stride(-2), scale,
+    DEQUANTIZE(FORMAT_CODES[weight.format], data, data_expert, data.stride(-2), scale,
                int(scale.dtype == torch.bfloat16), scale_expert, scale.stride(-2), weight.group_size or INT4_GROUP_SIZE,
                experts, len(experts) if lead else 1, rows.start, count, columns,
                out, int(out.dtype == torch.bfloat16), out_expert, out.stride(-2),

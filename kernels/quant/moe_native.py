@@ -127,29 +127,41 @@ class QuantizedMoE:
         return out
 
     def _describe(self, weight: Tensor | QuantizedWeight, rows: slice | None) -> list[int]:
-        """The WEIGHT_FIELDS of `weight` (`[N, K]` or a stack `[E, N, K]`), of its `rows` when given."""
-        *_, total_rows, columns = weight.shape
-        rows = rows or slice(0, total_rows)
-        if isinstance(weight, Tensor):
-            data = self._keep(weight if weight.is_contiguous() else weight.contiguous())
-            row_bytes = columns * data.element_size()
-            expert_bytes = total_rows * row_bytes if data.dim() == 3 else 0
-            return [BF16_CODE, data.data_ptr() + rows.start * row_bytes, 0, 0, rows.stop - rows.start, columns,
-                    row_bytes, 0, 0, expert_bytes, 0]
-        data = self._keep(weight.data if weight.data.is_contiguous() else weight.data.contiguous())
-        scale = self._keep(half_or_float(weight.scale))
-        row_bytes, scale_stride = data.shape[-1] * data.element_size(), scale.shape[-1]
-        first_scale_row = rows.start // FP8_BLOCK_SIZE if weight.format == FP8_BLOCK else rows.start
-        stacked = data.dim() == 3
-        return [FORMAT_CODES[weight.format], data.data_ptr() + rows.start * row_bytes,
-                scale.data_ptr() + first_scale_row * scale_stride * scale.element_size(),
-                int(scale.dtype == torch.bfloat16), rows.stop - rows.start, columns, row_bytes, scale_stride,
-                weight.group_size or INT4_GROUP_SIZE, data[0].numel() * data.element_size() if stacked else 0,
-                scale[0].numel() if stacked else 0]
+        return describe(weight, rows, self._kept)
 
-    def _keep(self, tensor: Tensor) -> Tensor:
-        self._kept.append(tensor)
-        return tensor
+
+def describe(weight: Tensor | QuantizedWeight, rows: slice | None, keep: list[Tensor]) -> list[int]:
+    """The WEIGHT_FIELDS of `weight` (`[N, K]` or a stack `[E, N, K]`), of its `rows` when given; the
+    tensors the description points into are appended to `keep`, which must outlive its use."""
+    *_, total_rows, columns = weight.shape
+    rows = rows or slice(0, total_rows)
+    if isinstance(weight, Tensor):
+        data = weight if weight.is_contiguous() else weight.contiguous()
+        keep.append(data)
+        row_bytes = columns * data.element_size()
+        expert_bytes = total_rows * row_bytes if data.dim() == 3 else 0
+        return [BF16_CODE, data.data_ptr() + rows.start * row_bytes, 0, 0, rows.stop - rows.start, columns,
+                row_bytes, 0, 0, expert_bytes, 0]
+    data = weight.data if weight.data.is_contiguous() else weight.data.contiguous()
+    scale = half_or_float(weight.scale)
+    keep.extend((data, scale))
+    row_bytes, scale_stride = data.shape[-1] * data.element_size(), scale.shape[-1]
+    first_scale_row = rows.start // FP8_BLOCK_SIZE if weight.format == FP8_BLOCK else rows.start
+    stacked = data.dim() == 3
+    return [FORMAT_CODES[weight.format], data.data_ptr() + rows.start * row_bytes,
+            scale.data_ptr() + first_scale_row * scale_stride * scale.element_size(),
+            int(scale.dtype == torch.bfloat16), rows.stop - rows.start, columns, row_bytes, scale_stride,
+            weight.group_size or INT4_GROUP_SIZE, data[0].numel() * data.element_size() if stacked else 0,
+            scale[0].numel() if stacked else 0]
+
+
+def expert_table(gate_up: Weight, down: Weight, keep: list[Tensor]) -> Tensor:
+    """Stacked experts' gate, up (the halves of gate_up `[E, 2I, H]`) and down (`[E, H, I]`) as three
+    rows of WEIGHT_FIELDS (int64 `[3, 11]`), for the experts kernel; raises ValueError for a fused
+    fp8 gate_up whose halves split inside a scale block."""
+    (gate, gate_rows), (up, up_rows) = (pair[0] for pair in _gate_and_up(gate_up, gate_up.shape[1] // 2))
+    rows = [describe(gate, gate_rows, keep), describe(up, up_rows, keep), describe(down, None, keep)]
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def _gate_and_up(gate_up: Weight, width: int) -> tuple[list, list]:

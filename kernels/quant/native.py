@@ -18,7 +18,7 @@ VARIANTS = ("avx512", "avx2")
 MAX_ROWS = FEW_TOKENS
 # An int4 group must hold whole steps of the kernel's widest build (16 bytes, 32 columns).
 INT4_GROUP_MULTIPLE = 32
-# The C side's format codes (quant_dot.h); bf16 weights are read as stored.
+# The C side's format codes (formats.h); bf16 weights are read as stored.
 FORMAT_CODES = {FP8_BLOCK: 0, INT8: 1, INT4: 2}
 BF16_CODE = 3
 # Dtypes the kernels read scales, biases and activations in, and write outputs in.

@@ -6,8 +6,10 @@ cannot), then multiplied with PyTorch's bf16 GEMM, which runs on AMX tiles or AV
 the CPU has them: the same arithmetic a bf16 checkpoint gets in prefill, with the weight stored in
 fewer bytes. A tile never holds more than TILE_ELEMENTS weights.
 
-Routed experts take the bf16 experts kernel the same way: `quantized_experts` dequantizes only the
-experts a chunk routed tokens to, into bf16 buffers reused from call to call.
+Routed experts run in the experts kernel, which dequantizes their rows itself as it reaches them
+(`kernels.moe.moe_experts_quantized`). Where it cannot, `quantized_experts` gives any bf16 experts
+function the same values: it dequantizes only the experts a chunk routed tokens to, into bf16
+buffers reused from call to call.
 """
 
 from __future__ import annotations

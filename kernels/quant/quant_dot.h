@@ -44,9 +44,8 @@
 #include "../bf16_simd.h"
 #pragma GCC diagnostic pop
 
-enum { FORMAT_FP8_BLOCK = 0, FORMAT_INT8 = 1, FORMAT_INT4 = 2, FORMAT_BF16 = 3 };
+#include "formats.h"
 
-#define FP8_BLOCK 128
 /* Weight rows a thread takes at a time (16, or a 16-row sweep, measured slower). */
 #define ROW_BLOCK 8
 /* Rows of x one pass over the weights takes (the kernels' callers send at most this many). */

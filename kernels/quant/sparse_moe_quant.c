@@ -21,13 +21,6 @@
 
 #include "quant_dot.h"
 
-/* One weight as the Python side describes it (moe_native.py's WEIGHT_FIELDS, same order): a matrix
- * [rows, columns], or a stack of them, one per expert, `expert_bytes` / `expert_scales` apart. */
-typedef struct {
-    int64_t format, data, scale, scale_bf16, rows, columns, row_bytes, scale_stride, group, expert_bytes,
-        expert_scales;
-} weight_ref;
-
 enum { ROUTER, GATE, UP, DOWN, SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_EXPERT_GATE, WEIGHT_COUNT };
 
 #define MAX_TOP_K 64
