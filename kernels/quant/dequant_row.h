@@ -161,11 +161,34 @@ VF_INLINE void store_converted(uint16_t *out, vf low, vf high) {
 VF_INLINE void int8_bf16_by_conversion(const uint8_t *bytes, vf scale, uint16_t *out) {
     store_converted(out, vf_mul(vi_to_vf(bytes_i32(bytes)), scale), vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale));
 }
+/* e4m3 fits bf16 exactly, so 32 fp8 bytes become values in 16-bit lanes: a normal magnitude m
+ * (8 and up) is bf16 (m << 4) + (120 << 7) (exponent bias 7 -> 127, mantissa 3 -> 7 bits), a
+ * subnormal one (below 8) one of these 8, m * 2^-9; the sign bit moves up by 8. */
+#define FP8_NORMAL_OFFSET (120 << 7)
+VF_INLINE __m512i fp8_subnormals_bf16(void) {
+    return _mm512_setr_epi32(0x3B000000, 0x3BC03B80, 0x3C203C00, 0x3C603C40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+/* The 32 products, fp32 from those values (unpacking against zero puts them in lane order 0-3,
+ * 8-11, .. then 4-7, 12-15, .., which the final permute undoes) times the scale, rounded by the
+ * conversion instruction; NaN bytes (magnitude 0x7F, a finite value here) rewritten as bf16_bits
+ * writes NaN. */
 VF_INLINE void fp8_bf16_by_conversion(const uint8_t *bytes, vf scale, uint16_t *out) {
-    store_converted(out, vf_mul(fp8_values(bytes), scale), vf_mul(fp8_values(bytes + VF_LANES), scale));
-    __m256i magnitudes = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)bytes), _mm256_set1_epi8(0x7F));
-    __mmask32 nan = _mm256_cmpeq_epi8_mask(magnitudes, _mm256_set1_epi8(0x7F));
-    if (nan) _mm512_mask_storeu_epi16(out, nan, _mm512_set1_epi16((short)BF16_NAN));
+    const __m512i lane_order = _mm512_setr_epi32(0x00010000, 0x00030002, 0x00110010, 0x00130012, 0x00050004,
+                                                 0x00070006, 0x00150014, 0x00170016, 0x00090008, 0x000B000A,
+                                                 0x00190018, 0x001B001A, 0x000D000C, 0x000F000E, 0x001D001C,
+                                                 0x001F001E);
+    __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)bytes));
+    __m512i magnitude = _mm512_and_si512(words, _mm512_set1_epi16(0x7F));
+    __m512i values = _mm512_add_epi16(_mm512_slli_epi16(magnitude, 4), _mm512_set1_epi16(FP8_NORMAL_OFFSET));
+    values = _mm512_mask_permutexvar_epi16(values, _mm512_cmplt_epu16_mask(magnitude, _mm512_set1_epi16(8)),
+                                           magnitude, fp8_subnormals_bf16());
+    /* values | (word << 8 & 0x8000): the sign. */
+    values = _mm512_ternarylogic_epi32(values, _mm512_slli_epi16(words, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
+    vf low = vf_mul(_mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), values)), scale);
+    vf high = vf_mul(_mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), values)), scale);
+    __m512i rounded = _mm512_permutexvar_epi16(lane_order, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    __mmask32 nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7F));
+    _mm512_storeu_si512(out, _mm512_mask_mov_epi16(rounded, nan, _mm512_set1_epi16((short)BF16_NAN)));
 }
 #endif
 
