@@ -1,6 +1,9 @@
 /* Routed SwiGLU experts for many bf16 tokens (prefill chunks): the grouped path of
  * reference.experts_swiglu in one call.
  *
+ * Weights are bf16, or quantized (fp8 blocks, int8, int4): projection.h dequantizes an expert's rows
+ * exactly to bf16 as the products reach them, so the bits are those of bf16 weights of the same values.
+ *
  * Each expert runs once on the tokens routed to it, rounding where the PyTorch path does:
  * gate/up projections to bf16, silu(gate) to bf16, its product with up to bf16, the down
  * projection to bf16 and its product with the routing weight to bf16. A token's routed outputs
@@ -286,7 +289,8 @@ static void gate_up_swiglu_amx(const uint32_t *packed_x, int64_t padded, int64_t
     int set = 0;
     int64_t pairs = K / 2;
     for (int64_t n0 = 0; n0 < I; n0 += 16) {
-        const uint16_t *gate = expert_rows(w, e, n0, 16, scratch), *up = expert_rows(w, e, I + n0, 16, scratch + 16 * K);
+        const uint16_t *gate = expert_rows(w, e, n0, 16, scratch);
+        const uint16_t *up = expert_rows(w, e, I + n0, 16, scratch + 16 * K);
         for (int64_t t0 = 0; t0 < padded; t0 += 32) {
             const uint32_t *b0 = packed_x + (t0 / 16) * pairs * 16;
             tile_block(gate, up, b0, b0 + pairs * 16, K, padded - t0 > 16);

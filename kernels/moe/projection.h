@@ -46,7 +46,8 @@ static inline const uint16_t *expert_matrix(const projection *w, int64_t e, int6
     for (int64_t first = 0; first < N;) {
         int64_t stop = first < w->split && w->split < N ? w->split : N;
         const uint16_t *rows = expert_rows(w, e, first, stop - first, scratch + first * K);
-        if (rows != scratch + first * K) memcpy(scratch + first * K, rows, sizeof(uint16_t) * (size_t)((stop - first) * K));
+        uint16_t *target = scratch + first * K;
+        if (rows != target) memcpy(target, rows, sizeof(uint16_t) * (size_t)((stop - first) * K));
         first = stop;
     }
     return scratch;

@@ -159,7 +159,8 @@ VF_INLINE void store_converted(uint16_t *out, vf low, vf high) {
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(high, low));
 }
 VF_INLINE void int8_bf16_by_conversion(const uint8_t *bytes, vf scale, uint16_t *out) {
-    store_converted(out, vf_mul(vi_to_vf(bytes_i32(bytes)), scale), vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale));
+    vf low = vf_mul(vi_to_vf(bytes_i32(bytes)), scale), high = vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale);
+    store_converted(out, low, high);
 }
 /* e4m3 fits bf16 exactly, so 32 fp8 bytes become values in 16-bit lanes: a normal magnitude m
  * (8 and up) is bf16 (m << 4) + (120 << 7) (exponent bias 7 -> 127, mantissa 3 -> 7 bits), a
