@@ -57,7 +57,9 @@ VF_INLINE vi vi_set1(int v) { return _mm512_set1_epi32(v); }
 VF_INLINE vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
 VF_INLINE vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
 VF_INLINE vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
-VF_INLINE vi vi_select(vi when_false, vi when_true, __mmask16 mask) { return _mm512_mask_blend_epi32(mask, when_false, when_true); }
+VF_INLINE vi vi_select(vi when_false, vi when_true, __mmask16 mask) {
+    return _mm512_mask_blend_epi32(mask, when_false, when_true);
+}
 VF_INLINE __mmask16 vi_less(vi a, vi b) { return _mm512_cmplt_epi32_mask(a, b); }
 VF_INLINE __mmask16 vi_equal(vi a, vi b) { return _mm512_cmpeq_epi32_mask(a, b); }
 typedef __mmask16 vmask;
@@ -90,7 +92,9 @@ VF_INLINE vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 VF_INLINE vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 VF_INLINE vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
 typedef __m256i vmask;
-VF_INLINE vi vi_select(vi when_false, vi when_true, vmask mask) { return _mm256_blendv_epi8(when_false, when_true, mask); }
+VF_INLINE vi vi_select(vi when_false, vi when_true, vmask mask) {
+    return _mm256_blendv_epi8(when_false, when_true, mask);
+}
 VF_INLINE vmask vi_less(vi a, vi b) { return _mm256_cmpgt_epi32(b, a); }
 VF_INLINE vmask vi_equal(vi a, vi b) { return _mm256_cmpeq_epi32(a, b); }
 VF_INLINE vi bytes_u32(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
@@ -135,16 +139,17 @@ VF_INLINE vf raw_values(int format, const uint8_t *row, int64_t column) {
     return vi_to_vf(vi_add(nibbles_u32(row + column / 2), vi_set1(-8)));
 }
 
-#if defined(__AVX512F__)
 /* int4 straight to bf16 by table lookup: a group's 16 possible values, (n - 8) * scale rounded as
  * store_bf16 rounds them (so the same bits), looked up by nibble 32 columns at a time: a few
- * instructions per 32 weights instead of a conversion, product and rounding per 16. */
+ * instructions per 32 weights instead of a conversion, product and rounding per 8 or 16. */
 #define INT4_TABLE_COLUMNS 32
-VF_INLINE __m512i int4_table(vf scale) {
+#if defined(__AVX512F__)
+typedef __m512i int4_table; /* the 16 values as words 0-15 */
+VF_INLINE int4_table int4_table_of(vf scale) {
     vi nibbles = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     return _mm512_zextsi256_si512(bf16_bits(vf_mul(vi_to_vf(vi_add(nibbles, vi_set1(-8))), scale)));
 }
-VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, __m512i table, uint16_t *out) {
+VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16_t *out) {
     vi bytes = bytes_u32(pairs);
     /* 16-bit word 2i: byte i's low nibble (column 2i); word 2i + 1: its high nibble. */
     vi nibbles = vi_and(vi_or(bytes, vi_shift_left(bytes, 12)), vi_set1(0x000F000F));
@@ -191,6 +196,33 @@ VF_INLINE void fp8_bf16_by_conversion(const uint8_t *bytes, vf scale, uint16_t *
     __mmask32 nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7F));
     _mm512_storeu_si512(out, _mm512_mask_mov_epi16(rounded, nan, _mm512_set1_epi16((short)BF16_NAN)));
 }
+#else
+/* The 16 values' low bytes and high bytes, each in both 128-bit lanes (a byte shuffle looks up 16
+ * entries per lane). */
+typedef struct {
+    __m256i low, high;
+} int4_table;
+VF_INLINE int4_table int4_table_of(vf scale) {
+    vi nibbles = _mm256_setr_epi32(-8, -7, -6, -5, -4, -3, -2, -1);
+    __m128i first = bf16_bits(vf_mul(vi_to_vf(nibbles), scale));
+    __m128i second = bf16_bits(vf_mul(vi_to_vf(vi_add(nibbles, vi_set1(8))), scale));
+    __m128i byte_mask = _mm_set1_epi16(0xFF);
+    __m128i low = _mm_packus_epi16(_mm_and_si128(first, byte_mask), _mm_and_si128(second, byte_mask));
+    __m128i high = _mm_packus_epi16(_mm_srli_epi16(first, 8), _mm_srli_epi16(second, 8));
+    int4_table table = {_mm256_broadcastsi128_si256(low), _mm256_broadcastsi128_si256(high)};
+    return table;
+}
+VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16_t *out) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)pairs), mask = _mm_set1_epi8(0x0F);
+    __m128i low = _mm_and_si128(packed, mask), high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    /* The 32 nibbles in column order: columns 0-15 in the low lane, 16-31 in the high one. */
+    __m256i index = _mm256_set_m128i(_mm_unpackhi_epi8(low, high), _mm_unpacklo_epi8(low, high));
+    __m256i low_bytes = _mm256_shuffle_epi8(table.low, index), high_bytes = _mm256_shuffle_epi8(table.high, index);
+    /* Words of columns 0-7 and 16-23, then 8-15 and 24-31: lanes swapped back into order on the way out. */
+    __m256i first = _mm256_unpacklo_epi8(low_bytes, high_bytes), second = _mm256_unpackhi_epi8(low_bytes, high_bytes);
+    _mm256_storeu_si256((__m256i *)out, _mm256_permute2x128_si256(first, second, 0x20));
+    _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute2x128_si256(first, second, 0x31));
+}
 #endif
 
 VF_INLINE void store_values(void *out, int out_bf16, int64_t column, vf values, int64_t count) {
@@ -232,12 +264,13 @@ VF_INLINE void dequantize_row_as(const int format, const int out_bf16, const uin
         float scale_value = scale_at(scale_row, scale_bf16, index);
         vf scale = vf_set1(scale_value);
         int64_t column = start;
-#if defined(__AVX512F__)
         if (format == FORMAT_INT4 && out_bf16 && column % 2 == 0) {
-            __m512i table = int4_table(scale);
+            int4_table table = int4_table_of(scale);
             for (; column + INT4_TABLE_COLUMNS <= stop; column += INT4_TABLE_COLUMNS)
                 int4_bf16_by_table(row + column / 2, table, (uint16_t *)out + column);
-        } else if (format == FORMAT_INT8 && out_bf16 && products_are_normal(scale_value, 1.0f)) {
+        }
+#if defined(__AVX512F__)
+        else if (format == FORMAT_INT8 && out_bf16 && products_are_normal(scale_value, 1.0f)) {
             for (; column + CONVERTED_COLUMNS <= stop; column += CONVERTED_COLUMNS)
                 int8_bf16_by_conversion(row + column, scale, (uint16_t *)out + column);
         } else if (format == FORMAT_FP8_BLOCK && out_bf16 && products_are_normal(scale_value, FP8_SUBNORMAL_UNIT)) {
