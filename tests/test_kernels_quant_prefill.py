@@ -240,6 +240,15 @@ def test_kernel_dequantizing_as_it_goes_gives_the_bf16_experts_bits(native_isa, 
     assert torch.equal(bits(out), bits(expected))
 
 
+def test_kernel_declines_experts_it_cannot_read(native_isa):
+    """Gate and up of unequal heights (the kernel reads I rows of each), a batch dimension on x."""
+    x, weights, ids, gate_up, down = routed_case(INT8, tokens=40)
+    assert moe_native.supports_quantized_experts(x, weights, gate_up, down)
+    uneven = QuantizedRows((random_weight(INT8, (8, 48, 64), seed=7), random_weight(INT8, (8, 16, 64), seed=8)))
+    assert uneven.shape == gate_up.shape and not moe_native.supports_quantized_experts(x, weights, uneven, down)
+    assert not moe_native.supports_quantized_experts(x[None], weights, gate_up, down)
+
+
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("group", [32, 48], ids=lambda g: f"group{g}")
 def test_kernel_dequantizing_int4_groups_and_scale_dtypes(native_isa, group, scale_dtype):

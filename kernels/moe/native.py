@@ -100,15 +100,19 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
 
 def supports_quantized_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: QuantizedRows | QuantizedWeight,
                                down: QuantizedWeight) -> bool:
-    """As supports_experts, for stacked quantized experts on the CPU (gate_up a QuantizedRows of gate
-    and up, or one weight; a fused fp8 one split between scale blocks)."""
+    """As supports_experts, for stacked quantized experts on the CPU: gate_up `[E, 2I, H]` a
+    QuantizedRows of gate and up (`[E, I, H]` each) or one weight (in fp8 only where gate and up
+    meet at a 128-row scale block), down `[E, H, I]`."""
     if not (isinstance(gate_up, QuantizedRows | QuantizedWeight) and isinstance(down, QuantizedWeight)):
         return False
     width = down.shape[2]
     fused_fp8 = isinstance(gate_up, QuantizedWeight) and gate_up.format == FP8_BLOCK
+    parts = gate_up.parts if isinstance(gate_up, QuantizedRows) else None
     return (
         x.device.type == gate_up.device.type == down.device.type == "cpu"
+        and x.dim() == 2
         and len(gate_up.shape) == len(down.shape) == 3
+        and (parts is None or (len(parts) == 2 and all(part.shape[1] == width for part in parts)))
         and gate_up.shape[1] == 2 * width
         and gate_up.shape[2] % 16 == 0
         and width % 16 == 0
