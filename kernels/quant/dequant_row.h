@@ -139,6 +139,13 @@ VF_INLINE vf raw_values(int format, const uint8_t *row, int64_t column) {
     return vi_to_vf(vi_add(nibbles_u32(row + column / 2), vi_set1(-8)));
 }
 
+/* e4m3 fits bf16 exactly, so fp8 bytes become values in 16-bit lanes (fp8_words): a normal
+ * magnitude m (8 and up) is bf16 (m << 4) + (120 << 7) (exponent bias 7 -> 127, mantissa 3 -> 7
+ * bits), a subnormal one (below 8) one of these 8 words, m * 2^-9, as 32-bit pairs; the sign bit
+ * moves up by 8. */
+#define FP8_NORMAL_OFFSET (120 << 7)
+VF_INLINE __m128i fp8_subnormals_bf16(void) { return _mm_setr_epi32(0x3B000000, 0x3BC03B80, 0x3C203C00, 0x3C603C40); }
+
 /* int4 straight to bf16 by table lookup: a group's 16 possible values, (n - 8) * scale rounded as
  * store_bf16 rounds them (so the same bits), looked up by nibble 32 columns at a time: a few
  * instructions per 32 weights instead of a conversion, product and rounding per 8 or 16. */
@@ -159,26 +166,19 @@ VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16
  * even as bf16_bits does but reads denormal inputs as zero and keeps a NaN's sign, so it serves only
  * under scales whose products are zero or normal (products_are_normal), and an fp8 NaN byte's lanes
  * are then rewritten as bf16_bits writes NaN. */
-#define CONVERTED_COLUMNS 32
+#define NORMAL_PRODUCT_COLUMNS 32
 VF_INLINE void store_converted(uint16_t *out, vf low, vf high) {
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(high, low));
 }
-VF_INLINE void int8_bf16_by_conversion(const uint8_t *bytes, vf scale, uint16_t *out) {
+VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
     vf low = vf_mul(vi_to_vf(bytes_i32(bytes)), scale), high = vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale);
     store_converted(out, low, high);
 }
-/* e4m3 fits bf16 exactly, so 32 fp8 bytes become values in 16-bit lanes: a normal magnitude m
- * (8 and up) is bf16 (m << 4) + (120 << 7) (exponent bias 7 -> 127, mantissa 3 -> 7 bits), a
- * subnormal one (below 8) one of these 8, m * 2^-9; the sign bit moves up by 8. */
-#define FP8_NORMAL_OFFSET (120 << 7)
-VF_INLINE __m512i fp8_subnormals_bf16(void) {
-    return _mm512_setr_epi32(0x3B000000, 0x3BC03B80, 0x3C203C00, 0x3C603C40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-}
-/* The 32 products, fp32 from those values (unpacking against zero puts them in lane order 0-3,
+/* The 32 products, fp32 from fp8_words' values (unpacking against zero puts them in lane order 0-3,
  * 8-11, .. then 4-7, 12-15, .., which the final permute undoes) times the scale, rounded by the
  * conversion instruction; NaN bytes (magnitude 0x7F, a finite value here) rewritten as bf16_bits
  * writes NaN. */
-VF_INLINE void fp8_bf16_by_conversion(const uint8_t *bytes, vf scale, uint16_t *out) {
+VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
     const __m512i lane_order = _mm512_setr_epi32(0x00010000, 0x00030002, 0x00110010, 0x00130012, 0x00050004,
                                                  0x00070006, 0x00150014, 0x00170016, 0x00090008, 0x000B000A,
                                                  0x00190018, 0x001B001A, 0x000D000C, 0x000F000E, 0x001D001C,
@@ -187,7 +187,7 @@ VF_INLINE void fp8_bf16_by_conversion(const uint8_t *bytes, vf scale, uint16_t *
     __m512i magnitude = _mm512_and_si512(words, _mm512_set1_epi16(0x7F));
     __m512i values = _mm512_add_epi16(_mm512_slli_epi16(magnitude, 4), _mm512_set1_epi16(FP8_NORMAL_OFFSET));
     values = _mm512_mask_permutexvar_epi16(values, _mm512_cmplt_epu16_mask(magnitude, _mm512_set1_epi16(8)),
-                                           magnitude, fp8_subnormals_bf16());
+                                           magnitude, _mm512_zextsi128_si512(fp8_subnormals_bf16()));
     /* values | (word << 8 & 0x8000): the sign. */
     values = _mm512_ternarylogic_epi32(values, _mm512_slli_epi16(words, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
     vf low = vf_mul(_mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), values)), scale);
@@ -222,6 +222,41 @@ VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16
     __m256i first = _mm256_unpacklo_epi8(low_bytes, high_bytes), second = _mm256_unpackhi_epi8(low_bytes, high_bytes);
     _mm256_storeu_si256((__m256i *)out, _mm256_permute2x128_si256(first, second, 0x20));
     _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute2x128_si256(first, second, 0x31));
+}
+/* int8 and fp8 products under scales whose products are zero or normal (products_are_normal), 16 at
+ * a time: rounded as bf16_bits rounds them, without its NaN case; an fp8 NaN byte's lanes are then
+ * written as bf16_bits writes NaN. */
+#define NORMAL_PRODUCT_COLUMNS 16
+/* bf16_bits of a value that is not NaN, left in 32-bit lanes. */
+VF_INLINE __m256i bf16_of_number(vf v) {
+    vi bits = vf_as_vi(v);
+    vi odd = vi_and(_mm256_srli_epi32(bits, 16), vi_set1(1));
+    return _mm256_srli_epi32(vi_add(bits, vi_add(odd, vi_set1(0x7FFF))), 16);
+}
+VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
+    __m256i low = bf16_of_number(vf_mul(vi_to_vf(bytes_i32(bytes)), scale));
+    __m256i high = bf16_of_number(vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale));
+    /* Packing works within 128-bit lanes: 64-bit quarters low 0-3, high 0-3, low 4-7, high 4-7. */
+    _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xD8));
+}
+/* fp8_words' values 16 at a time; unpacking against zero and packing back both stay within 128-bit
+ * lanes, so the products come back in column order. A subnormal's table entry m is looked up by
+ * byte shuffle at bytes 2m and 2m + 1. */
+VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
+    __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)bytes));
+    __m256i magnitude = _mm256_and_si256(words, _mm256_set1_epi16(0x7F));
+    __m256i normal = _mm256_add_epi16(_mm256_slli_epi16(magnitude, 4), _mm256_set1_epi16(FP8_NORMAL_OFFSET));
+    __m256i entry = _mm256_add_epi16(_mm256_mullo_epi16(magnitude, _mm256_set1_epi16(0x0202)),
+                                     _mm256_set1_epi16(0x0100));
+    __m256i subnormal = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(fp8_subnormals_bf16()), entry);
+    __m256i values = _mm256_blendv_epi8(normal, subnormal, _mm256_cmpgt_epi16(_mm256_set1_epi16(8), magnitude));
+    values = _mm256_or_si256(values, _mm256_and_si256(_mm256_slli_epi16(words, 8), _mm256_set1_epi16((short)0x8000)));
+    vf low = vf_mul(_mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), values)), scale);
+    vf high = vf_mul(_mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), values)), scale);
+    __m256i rounded = _mm256_packus_epi32(bf16_of_number(low), bf16_of_number(high));
+    /* NaN lanes: all ones, BF16_NAN. */
+    __m256i nan = _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7F));
+    _mm256_storeu_si256((__m256i *)out, _mm256_or_si256(rounded, nan));
 }
 #endif
 
@@ -268,16 +303,13 @@ VF_INLINE void dequantize_row_as(const int format, const int out_bf16, const uin
             int4_table table = int4_table_of(scale);
             for (; column + INT4_TABLE_COLUMNS <= stop; column += INT4_TABLE_COLUMNS)
                 int4_bf16_by_table(row + column / 2, table, (uint16_t *)out + column);
-        }
-#if defined(__AVX512F__)
-        else if (format == FORMAT_INT8 && out_bf16 && products_are_normal(scale_value, 1.0f)) {
-            for (; column + CONVERTED_COLUMNS <= stop; column += CONVERTED_COLUMNS)
-                int8_bf16_by_conversion(row + column, scale, (uint16_t *)out + column);
+        } else if (format == FORMAT_INT8 && out_bf16 && products_are_normal(scale_value, 1.0f)) {
+            for (; column + NORMAL_PRODUCT_COLUMNS <= stop; column += NORMAL_PRODUCT_COLUMNS)
+                int8_products_bf16(row + column, scale, (uint16_t *)out + column);
         } else if (format == FORMAT_FP8_BLOCK && out_bf16 && products_are_normal(scale_value, FP8_SUBNORMAL_UNIT)) {
-            for (; column + CONVERTED_COLUMNS <= stop; column += CONVERTED_COLUMNS)
-                fp8_bf16_by_conversion(row + column, scale, (uint16_t *)out + column);
+            for (; column + NORMAL_PRODUCT_COLUMNS <= stop; column += NORMAL_PRODUCT_COLUMNS)
+                fp8_products_bf16(row + column, scale, (uint16_t *)out + column);
         }
-#endif
         /* int4 vectors start on a byte; an odd-sized group's odd starts go through the staging array. */
         if (format != FORMAT_INT4 || column % 2 == 0)
             for (; column + VF_LANES <= stop; column += VF_LANES)
