@@ -4,9 +4,10 @@
  * out[c] = value(row, column c) * scale of its block / row / group, the product taken in fp32 exactly
  * as reference.dequantize() takes it (value first, so a NaN keeps the value's bits), then, for bf16,
  * rounded as torch's fp32 -> bf16 conversion rounds: to nearest even, every NaN written as 0xFFFF.
- * The AVX-512 build writes bf16 32 columns at a time where it can: int4 by table lookup, int8 and
- * fp8 through the bf16 conversion instruction (prefill dequantizes every routed expert of a chunk,
- * so this rate bounds quantized prefill; 2-3x the 16-lane path on a Xeon).
+ * Where they can, both builds write bf16 several vectors at a time: int4 by table lookup (32
+ * columns), int8 and fp8 under scales whose products are all normal 32 columns at a time through
+ * the bf16 conversion instruction (AVX-512) or 16 with integer rounding that needs no NaN case
+ * (AVX2). Prefill dequantizes every routed expert of a chunk, so this rate bounds quantized prefill.
  *
  * dequantize_weight_rows() takes a weight as formats.h describes it (one of a stack of experts).
  */
@@ -139,7 +140,7 @@ VF_INLINE vf raw_values(int format, const uint8_t *row, int64_t column) {
     return vi_to_vf(vi_add(nibbles_u32(row + column / 2), vi_set1(-8)));
 }
 
-/* e4m3 fits bf16 exactly, so fp8 bytes become values in 16-bit lanes (fp8_words): a normal
+/* e4m3 fits bf16 exactly, so fp8 bytes become bf16 values in 16-bit lanes: a normal
  * magnitude m (8 and up) is bf16 (m << 4) + (120 << 7) (exponent bias 7 -> 127, mantissa 3 -> 7
  * bits), a subnormal one (below 8) one of these 8 words, m * 2^-9, as 32-bit pairs; the sign bit
  * moves up by 8. */
@@ -174,10 +175,10 @@ VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out)
     vf low = vf_mul(vi_to_vf(bytes_i32(bytes)), scale), high = vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale);
     store_converted(out, low, high);
 }
-/* The 32 products, fp32 from fp8_words' values (unpacking against zero puts them in lane order 0-3,
- * 8-11, .. then 4-7, 12-15, .., which the final permute undoes) times the scale, rounded by the
- * conversion instruction; NaN bytes (magnitude 0x7F, a finite value here) rewritten as bf16_bits
- * writes NaN. */
+/* The 32 products, fp32 from the fp8 bytes' bf16 values (unpacking against zero puts them in lane
+ * order 0-3, 8-11, .. then 4-7, 12-15, .., which the final permute undoes) times the scale, rounded
+ * by the conversion instruction; NaN bytes (magnitude 0x7F, a finite value here) rewritten as
+ * bf16_bits writes NaN. */
 VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
     const __m512i lane_order = _mm512_setr_epi32(0x00010000, 0x00030002, 0x00110010, 0x00130012, 0x00050004,
                                                  0x00070006, 0x00150014, 0x00170016, 0x00090008, 0x000B000A,
@@ -239,7 +240,7 @@ VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out)
     /* Packing works within 128-bit lanes: 64-bit quarters low 0-3, high 0-3, low 4-7, high 4-7. */
     _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xD8));
 }
-/* fp8_words' values 16 at a time; unpacking against zero and packing back both stay within 128-bit
+/* The fp8 bytes' bf16 values 16 at a time; unpacking against zero and packing back both stay within 128-bit
  * lanes, so the products come back in column order. A subnormal's table entry m is looked up by
  * byte shuffle at bytes 2m and 2m + 1. */
 VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
