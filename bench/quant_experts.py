@@ -32,7 +32,8 @@ import torch
 from kernels.moe import moe_experts
 from kernels.moe import native as moe_native
 from kernels.native import flush_denormals, isa_order, matmul_has_amx
-from kernels.quant import QuantizedRows, dequant_native, dequantize, fp8_block, prefill, quantize_int4, quantize_int8
+from kernels.quant import QuantizedRows, dequant_native, fp8_block, prefill, quantize_int4, quantize_int8
+from kernels.quant.moe_reference import exact_weight
 
 FORMATS = ("fp8_block", "int8", "int4")
 
@@ -46,11 +47,6 @@ def random_experts(format_name: str, shape: tuple[int, int, int], generator: tor
     data = (dense * 5000).clamp(-448, 448).to(torch.float8_e4m3fn)
     scale = torch.rand(shape[0], shape[1] // 128, shape[2] // 128, generator=generator) * 1e-3 + 1e-4
     return fp8_block(data, scale)
-
-
-def exact_bf16(weight) -> torch.Tensor:
-    parts = weight.parts if isinstance(weight, QuantizedRows) else (weight,)
-    return torch.cat([dequantize(part) for part in parts], dim=-2).to(torch.bfloat16)
 
 
 def best_ms(calls: dict, repeats: int) -> dict[str, float]:
@@ -71,7 +67,7 @@ def measure(format_name: str, x: torch.Tensor, weights: torch.Tensor, ids: torch
     gate_up = QuantizedRows((random_experts(format_name, (E, I, H), generator),
                              random_experts(format_name, (E, I, H), generator)))
     down = random_experts(format_name, (E, H, I), generator)
-    dense_gate_up, dense_down = exact_bf16(gate_up), exact_bf16(down)
+    dense_gate_up, dense_down = (exact_weight(w).to(torch.bfloat16) for w in (gate_up, down))
     bf16 = moe_native.moe_experts(x, weights, ids, dense_gate_up, dense_down).view(torch.int16)
     for path in (moe_native.moe_experts_quantized(x, weights, ids, gate_up, down),
                  prefill.quantized_experts(x, weights, ids, gate_up, down, moe_experts)):

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..native import FEW_TOKENS, Kernel, tiles_pay_off
-from ..quant.formats import FP8_BLOCK, FP8_BLOCK_SIZE, QuantizedRows, QuantizedWeight
-from ..quant.moe_native import expert_table
+from ..quant.formats import QuantizedRows, QuantizedWeight
+from ..quant.moe_native import expert_table, gate_up_split_problem
 
 HERE = Path(__file__).parent
 # The most experts a token may take (the kernels' per-token arrays).
@@ -85,17 +85,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     the contract of `reference.experts_swiglu`. `amx`: use AMX tiles (default: for more than a few
     tokens on CPUs whose matmuls use them; never for few tokens, whose bits must not depend on the
     call's size; the AVX2 build has none)."""
-    if amx is None:
-        amx = tiles_pay_off(x.shape[0])
-    x, weights = x.contiguous(), weights.contiguous()
-    experts = experts.to(torch.int64).contiguous()
-    tokens, hidden = x.shape
-    out = torch.empty_like(x)
-    status = EXPERTS(x, tokens, hidden, weights, experts, weights.shape[1], gate_up.shape[0], gate_up, down,
-                     down.shape[2], out, int(amx), torch.get_num_threads())
-    if status != 0:
-        raise MemoryError("MoE work buffers could not be allocated")
-    return out
+    return _routed(EXPERTS, x, weights, experts, gate_up.shape[0], (gate_up, down), down.shape[2], amx)
 
 
 def supports_quantized_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: QuantizedRows | QuantizedWeight,
@@ -106,19 +96,16 @@ def supports_quantized_experts(x: torch.Tensor, weights: torch.Tensor, gate_up: 
     if not (isinstance(gate_up, QuantizedRows | QuantizedWeight) and isinstance(down, QuantizedWeight)):
         return False
     width = down.shape[2]
-    fused_fp8 = isinstance(gate_up, QuantizedWeight) and gate_up.format == FP8_BLOCK
-    parts = gate_up.parts if isinstance(gate_up, QuantizedRows) else None
     return (
         x.device.type == gate_up.device.type == down.device.type == "cpu"
         and x.dim() == 2
         and len(gate_up.shape) == len(down.shape) == 3
-        and (parts is None or (len(parts) == 2 and all(part.shape[1] == width for part in parts)))
         and gate_up.shape[1] == 2 * width
+        and gate_up_split_problem(gate_up, width) is None
         and gate_up.shape[2] % 16 == 0
         and width % 16 == 0
         and x.dtype == weights.dtype == torch.bfloat16
         and weights.shape[1] <= MAX_TOP_K
-        and not (fused_fp8 and width % FP8_BLOCK_SIZE)
         and QUANTIZED_EXPERTS.available()
     )
 
@@ -128,16 +115,22 @@ def moe_experts_quantized(x: torch.Tensor, weights: torch.Tensor, experts: torch
                           amx: bool | None = None) -> torch.Tensor:
     """moe_experts over quantized experts: the bits of moe_experts on their exact weights rounded to
     bf16, without those bf16 weights ever being written out whole."""
+    kept: list[torch.Tensor] = []
+    table = expert_table(gate_up, down, kept)
+    return _routed(QUANTIZED_EXPERTS, x, weights, experts, down.shape[0], (table,), down.shape[2], amx)
+
+
+def _routed(kernel: Kernel, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, count: int,
+            weight_arguments: tuple, width: int, amx: bool | None) -> torch.Tensor:
+    """One call of an experts kernel (`count` experts of `width`, weights as `weight_arguments`)."""
     if amx is None:
         amx = tiles_pay_off(x.shape[0])
     x, weights = x.contiguous(), weights.contiguous()
     experts = experts.to(torch.int64).contiguous()
-    kept: list[torch.Tensor] = []
-    table = expert_table(gate_up, down, kept)
     tokens, hidden = x.shape
     out = torch.empty_like(x)
-    status = QUANTIZED_EXPERTS(x, tokens, hidden, weights, experts, weights.shape[1], down.shape[0], table,
-                               down.shape[2], out, int(amx), torch.get_num_threads())
+    status = kernel(x, tokens, hidden, weights, experts, weights.shape[1], count, *weight_arguments, width, out,
+                    int(amx), torch.get_num_threads())
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out

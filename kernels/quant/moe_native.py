@@ -164,13 +164,23 @@ def expert_table(gate_up: Weight, down: Weight, keep: list[Tensor]) -> Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def gate_up_split_problem(gate_up: Weight, width: int) -> str | None:
+    """Why gate_up `[E, 2I, H]` cannot be read as a gate and an up projection of `width` rows each
+    (parts of other heights, a fused fp8 weight split inside a scale block), or None."""
+    if isinstance(gate_up, QuantizedRows):
+        heights = [part.shape[1] for part in gate_up.parts]
+        return None if heights == [width, width] else f"gate/up parts of {heights} rows, expected two of {width}"
+    if isinstance(gate_up, QuantizedWeight) and gate_up.format == FP8_BLOCK and width % FP8_BLOCK_SIZE:
+        return f"fused fp8 gate/up rows split at {width}, inside a {FP8_BLOCK_SIZE}-row scale block"
+    return None
+
+
 def _gate_and_up(gate_up: Weight, width: int) -> tuple[list, list]:
     """(weight, rows) of the gate and of the up projection within gate_up `[E, 2I, H]`."""
+    problem = gate_up_split_problem(gate_up, width)
+    if problem is not None:
+        raise ValueError(problem)
     if isinstance(gate_up, QuantizedRows):
         gate, up = gate_up.parts
-        if gate.shape[1] != width or up.shape[1] != width:
-            raise ValueError(f"gate and up parts of {gate.shape[1]} and {up.shape[1]} rows, expected {width} each")
         return [(gate, None)], [(up, None)]
-    if isinstance(gate_up, QuantizedWeight) and gate_up.format == FP8_BLOCK and width % FP8_BLOCK_SIZE:
-        raise ValueError(f"fused fp8 gate/up rows split at {width}, inside a {FP8_BLOCK_SIZE}-row scale block")
     return [(gate_up, slice(0, width))], [(gate_up, slice(width, 2 * width))]
