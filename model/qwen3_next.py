@@ -76,7 +76,9 @@ class LanguageModel:
         """How the weights are held, e.g. ("bfloat16",) or ("bfloat16", "int4")."""
         return weight_formats(self.module)
 
-    def new_state(self, batch_size: int = 1) -> ModelState:
+    def new_state(self, batch_size: int = 1, *, mtp: bool = True) -> ModelState:
+        """An empty state; with `mtp` (and an MTP block in the checkpoint) it carries the block's
+        cache, which every prefill then extends (one more layer's work a prompt token)."""
         cfg = self.config
         layers = []
         for layer_type in cfg.layer_types:
@@ -88,10 +90,13 @@ class LanguageModel:
                 layers.append(LinearLayerState(conv, recurrent))
             else:
                 layers.append(empty_kv(batch_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device))
+        state = ModelState(layers, self.fingerprint)
+        if not mtp:
+            return state
         from .mtp import with_mtp  # imports this module
 
         # The MTP block's K/V and pending hidden follow every prefill, so drafts see the whole context.
-        return with_mtp(self, ModelState(layers, self.fingerprint))
+        return with_mtp(self, state)
 
     def load_state(self, path: str | Path) -> ModelState:
         return ModelState.load(path, self.fingerprint, self.device)

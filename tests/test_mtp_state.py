@@ -43,6 +43,17 @@ def test_state_of_a_model_with_mtp_carries_the_cache(lm):
     assert state_mtp(lm, state).length == 0
 
 
+def test_state_without_the_mtp_cache_prefills_the_same_trunk(lm, document):
+    """`new_state(mtp=False)` (what a comparison with a runtime that runs no MTP block uses) leaves
+    the block out and the model's own layers as they were."""
+    plain, carrying = lm.new_state(mtp=False), lm.new_state()
+    assert len(plain.layers) == lm.config.num_hidden_layers and state_mtp(lm, plain) is None
+    assert torch.equal(prefill(lm, plain, document), prefill(lm, carrying, document))
+    trunk = carrying.layer_tensors()
+    for name, tensor in plain.layer_tensors().items():
+        assert torch.equal(tensor, trunk[name]), name
+
+
 @pytest.mark.parametrize("how", ["one-shot", "chunks-of-5", "token-by-token", "checkpoint-fork", "saved-file"])
 def test_prefill_builds_the_same_mtp_cache_however_the_prompt_is_fed(lm, document, how, tmp_path):
     state = lm.new_state()
