@@ -124,9 +124,12 @@ def test_int_formats_with_special_scales(native_isa, format_name):
 
 
 def test_fp8_with_scales_at_the_edge_of_normal_products(native_isa):
-    """fp8's subnormals (2^-9 and up) under scales whose products are just normal, or just not."""
-    data = ((torch.arange(300) + 11 * torch.arange(300)[:, None]) % 256).to(torch.uint8)
-    scale = torch.tensor([[2.0**-117, 2.0**-118, -(2.0**-117)], [2.0**-126, -0.0, 1e-39], [0.0, 2.0, 3e36]])
+    """fp8's subnormals (2^-9 and up) under scales whose products are just normal, or just not; and
+    scales at the top of the range the AVX2 build's table serves (2^100), and one whose largest products
+    overflow (1.5 * 2^119)."""
+    data = ((torch.arange(300) + 11 * torch.arange(512)[:, None]) % 256).to(torch.uint8)
+    scale = torch.tensor([[2.0**-117, 2.0**-118, -(2.0**-117)], [2.0**-126, -0.0, 1e-39], [0.0, 2.0, 3e36],
+                          [2.0**100, -(2.0**100), 1.5 * 2.0**119]])
     weight = fp8_block(data.view(torch.float8_e4m3fn), scale)
     expected = dequantize(weight).to(torch.bfloat16)
     assert torch.equal(bits(dequant_native.dequantize(weight)), bits(expected))

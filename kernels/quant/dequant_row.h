@@ -6,8 +6,9 @@
  * rounded as torch's fp32 -> bf16 conversion rounds: to nearest even, every NaN written as 0xFFFF.
  * Where they can, both builds write bf16 several vectors at a time: int4 by table lookup (32
  * columns), int8 and fp8 under scales whose products are all normal 32 columns at a time through
- * the bf16 conversion instruction (AVX-512) or 16 with integer rounding that needs no NaN case
- * (AVX2). Prefill dequantizes every routed expert of a chunk, so this rate bounds quantized prefill.
+ * the bf16 conversion instruction (AVX-512), or 16 with integer rounding that needs no NaN case
+ * (AVX2 int8) or by table lookup (AVX2 fp8). Prefill dequantizes every routed expert of a chunk,
+ * so this rate bounds quantized prefill.
  *
  * dequantize_weight_rows() takes a weight as formats.h describes it (one of a stack of experts).
  */
@@ -140,6 +141,13 @@ VF_INLINE vf raw_values(int format, const uint8_t *row, int64_t column) {
     return vi_to_vf(vi_add(nibbles_u32(row + column / 2), vi_set1(-8)));
 }
 
+/* Whether every product of `scale` and a value of at least `smallest` in magnitude (int8: 1, fp8:
+ * its smallest subnormal) is normal or infinite, and zero times it zero: no denormal, no NaN. */
+static inline int products_are_normal(float scale, float smallest) {
+    float magnitude = fabsf(scale);
+    return magnitude == 0.0f || (isfinite(magnitude) && magnitude * smallest >= FLT_MIN);
+}
+
 /* e4m3 fits bf16 exactly, so fp8 bytes become bf16 values in 16-bit lanes: a normal
  * magnitude m (8 and up) is bf16 (m << 4) + (120 << 7) (exponent bias 7 -> 127, mantissa 3 -> 7
  * bits), a subnormal one (below 8) one of these 8 words, m * 2^-9, as 32-bit pairs; the sign bit
@@ -179,6 +187,8 @@ VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out)
  * order 0-3, 8-11, .. then 4-7, 12-15, .., which the final permute undoes) times the scale, rounded
  * by the conversion instruction; NaN bytes (magnitude 0x7F, a finite value here) rewritten as
  * bf16_bits writes NaN. */
+typedef vf fp8_scaling;
+VF_INLINE fp8_scaling fp8_scaling_of(vf scale) { return scale; }
 VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
     const __m512i lane_order = _mm512_setr_epi32(0x00010000, 0x00030002, 0x00110010, 0x00130012, 0x00050004,
                                                  0x00070006, 0x00150014, 0x00170016, 0x00090008, 0x000B000A,
@@ -197,6 +207,8 @@ VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) 
     __mmask32 nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7F));
     _mm512_storeu_si512(out, _mm512_mask_mov_epi16(rounded, nan, _mm512_set1_epi16((short)BF16_NAN)));
 }
+/* Whether fp8_products_bf16 serves `scale`. */
+static inline int fp8_products_apply(float scale) { return products_are_normal(scale, FP8_SUBNORMAL_UNIT); }
 #else
 /* The 16 values' low bytes and high bytes, each in both 128-bit lanes (a byte shuffle looks up 16
  * entries per lane). */
@@ -224,9 +236,8 @@ VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16
     _mm256_storeu_si256((__m256i *)out, _mm256_permute2x128_si256(first, second, 0x20));
     _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute2x128_si256(first, second, 0x31));
 }
-/* int8 and fp8 products under scales whose products are zero or normal (products_are_normal), 16 at
- * a time: rounded as bf16_bits rounds them, without its NaN case; an fp8 NaN byte's lanes are then
- * written as bf16_bits writes NaN. */
+/* int8 products under scales whose products are zero or normal (products_are_normal), 16 at a time:
+ * rounded as bf16_bits rounds them, without its NaN case. */
 #define NORMAL_PRODUCT_COLUMNS 16
 /* bf16_bits of a value that is not NaN, left in 32-bit lanes. */
 VF_INLINE __m256i bf16_of_number(vf v) {
@@ -240,24 +251,45 @@ VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out)
     /* Packing works within 128-bit lanes: 64-bit quarters low 0-3, high 0-3, low 4-7, high 4-7. */
     _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xD8));
 }
-/* The fp8 bytes' bf16 values 16 at a time; unpacking against zero and packing back both stay within 128-bit
- * lanes, so the products come back in column order. A subnormal's table entry m is looked up by
- * byte shuffle at bytes 2m and 2m + 1. */
-VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
+/* fp8 products by table, 16 at a time. A normal e4m3 value is (1 + j/8) * 2^(e - 7) (exponent e
+ * 1-15, mantissa j 0-7), so its product with the scale is the product for e = 1, (1 + j/8) * 2^-6 *
+ * scale, times 2^(e - 1): exact in fp32, and rounding to bf16 commutes with it while every product is
+ * normal and finite, so the rounded product is an 8-entry table's word (indexed by j) with e - 1
+ * added to its exponent field. Subnormals (e = 0, j * 2^-9) and zero take a second table. Valid
+ * where every product is normal or zero (fp8_products_apply), which holds for real block scales;
+ * the sign is the byte's times the table's; NaN bytes are written as bf16_bits writes NaN. */
+typedef struct {
+    __m256i normal, subnormal; /* 8 words each, in both 128-bit lanes (the byte shuffle's tables) */
+} fp8_scaling;
+VF_INLINE fp8_scaling fp8_scaling_of(vf scale) {
+    const vf mantissas = _mm256_setr_ps(0x1p-6f, 0x1.2p-6f, 0x1.4p-6f, 0x1.6p-6f, 0x1.8p-6f, 0x1.ap-6f, 0x1.cp-6f,
+                                        0x1.ep-6f);
+    const vf subnormals = _mm256_setr_ps(0.0f, 0x1p-9f, 0x2p-9f, 0x3p-9f, 0x4p-9f, 0x5p-9f, 0x6p-9f, 0x7p-9f);
+    /* The normal words one exponent step down, so adding e's field gives e - 1 steps up. */
+    __m128i normal = _mm_sub_epi16(bf16_bits(vf_mul(mantissas, scale)), _mm_set1_epi16(1 << 7));
+    fp8_scaling scaling = {_mm256_broadcastsi128_si256(normal),
+                           _mm256_broadcastsi128_si256(bf16_bits(vf_mul(subnormals, scale)))};
+    return scaling;
+}
+VF_INLINE void fp8_products_bf16(const uint8_t *bytes, fp8_scaling scaling, uint16_t *out) {
     __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)bytes));
-    __m256i magnitude = _mm256_and_si256(words, _mm256_set1_epi16(0x7F));
-    __m256i normal = _mm256_add_epi16(_mm256_slli_epi16(magnitude, 4), _mm256_set1_epi16(FP8_NORMAL_OFFSET));
-    __m256i entry = _mm256_add_epi16(_mm256_mullo_epi16(magnitude, _mm256_set1_epi16(0x0202)),
-                                     _mm256_set1_epi16(0x0100));
-    __m256i subnormal = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(fp8_subnormals_bf16()), entry);
-    __m256i values = _mm256_blendv_epi8(normal, subnormal, _mm256_cmpgt_epi16(_mm256_set1_epi16(8), magnitude));
-    values = _mm256_or_si256(values, _mm256_and_si256(_mm256_slli_epi16(words, 8), _mm256_set1_epi16((short)0x8000)));
-    vf low = vf_mul(_mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), values)), scale);
-    vf high = vf_mul(_mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), values)), scale);
-    __m256i rounded = _mm256_packus_epi32(bf16_of_number(low), bf16_of_number(high));
+    /* Word j of a table is its bytes 2j and 2j + 1. */
+    __m256i entry = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_and_si256(words, _mm256_set1_epi16(7)),
+                                                        _mm256_set1_epi16(0x0202)), _mm256_set1_epi16(0x0100));
+    __m256i exponent = _mm256_and_si256(_mm256_slli_epi16(words, 4), _mm256_set1_epi16(0xF << 7));
+    __m256i normal = _mm256_add_epi16(_mm256_shuffle_epi8(scaling.normal, entry), exponent);
+    __m256i values = _mm256_blendv_epi8(normal, _mm256_shuffle_epi8(scaling.subnormal, entry),
+                                        _mm256_cmpeq_epi16(exponent, _mm256_setzero_si256()));
+    values = _mm256_xor_si256(values, _mm256_and_si256(_mm256_slli_epi16(words, 8), _mm256_set1_epi16((short)0x8000)));
     /* NaN lanes: all ones, BF16_NAN. */
-    __m256i nan = _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7F));
-    _mm256_storeu_si256((__m256i *)out, _mm256_or_si256(rounded, nan));
+    __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7F));
+    _mm256_storeu_si256((__m256i *)out, _mm256_or_si256(values, nan));
+}
+/* Whether fp8_products_bf16 serves `scale`: the table's words with e - 1 added stay normal and
+ * finite for |scale| in [2^-117, 2^100] (products from 2^-9 * 2^-117 = 2^-126 to 448 * 2^100). */
+static inline int fp8_products_apply(float scale) {
+    float magnitude = fabsf(scale);
+    return magnitude >= 0x1p-117f && magnitude <= 0x1p100f;
 }
 #endif
 
@@ -273,13 +305,6 @@ VF_INLINE void store_values(void *out, int out_bf16, int64_t column, vf values, 
     } else {
         vf_store_n((float *)out + column, values, count);
     }
-}
-
-/* Whether every product of `scale` and a value of at least `smallest` in magnitude (int8: 1, fp8:
- * its smallest subnormal) is normal or infinite, and zero times it zero: no denormal, no NaN. */
-static inline int products_are_normal(float scale, float smallest) {
-    float magnitude = fabsf(scale);
-    return magnitude == 0.0f || (isfinite(magnitude) && magnitude * smallest >= FLT_MIN);
 }
 
 static inline float scale_at(const void *scale, int scale_bf16, int64_t index) {
@@ -307,9 +332,10 @@ VF_INLINE void dequantize_row_as(const int format, const int out_bf16, const uin
         } else if (format == FORMAT_INT8 && out_bf16 && products_are_normal(scale_value, 1.0f)) {
             for (; column + NORMAL_PRODUCT_COLUMNS <= stop; column += NORMAL_PRODUCT_COLUMNS)
                 int8_products_bf16(row + column, scale, (uint16_t *)out + column);
-        } else if (format == FORMAT_FP8_BLOCK && out_bf16 && products_are_normal(scale_value, FP8_SUBNORMAL_UNIT)) {
+        } else if (format == FORMAT_FP8_BLOCK && out_bf16 && fp8_products_apply(scale_value)) {
+            fp8_scaling scaling = fp8_scaling_of(scale);
             for (; column + NORMAL_PRODUCT_COLUMNS <= stop; column += NORMAL_PRODUCT_COLUMNS)
-                fp8_products_bf16(row + column, scale, (uint16_t *)out + column);
+                fp8_products_bf16(row + column, scaling, (uint16_t *)out + column);
         }
         /* int4 vectors start on a byte; an odd-sized group's odd starts go through the staging array. */
         if (format != FORMAT_INT4 || column % 2 == 0)
