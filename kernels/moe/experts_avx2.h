@@ -23,6 +23,7 @@
 #define GROUP_TOKENS 16 /* tokens in the lanes of a tile (two vectors) */
 #define BLOCK_ROWS_WIDE 48 /* weight rows widened together */
 #define BLOCK_INPUTS 256   /* inputs widened together (a multiple of 16) */
+#define AHEAD_SPAN 32      /* inputs between requests for the next block (one 64-byte line of bf16) */
 #define EXPERTS_INLINE static inline __attribute__((always_inline))
 
 /* Rows x_r [K] bf16 (r < m, at rows[r]) into lanes: group g of xt is [K][GROUP_TOKENS] fp32 holding
@@ -43,13 +44,22 @@ static void transpose_tokens(const uint16_t *const *rows, int64_t m, int64_t K, 
 
 /* J weight rows (fp32 at wide, row stride n) against a group's NV vectors of tokens over n inputs:
  * sums start at zero on the first block of inputs, else come from `carried` ([J][GROUP_TOKENS]);
- * after the last block the first `live` tokens' sums go to out[t * ldo + i], else back to `carried`. */
+ * after the last block the first `live` tokens' sums go to out[t * ldo + i], else back to `carried`.
+ * Unless `ahead` is NULL, the same rows of the next block (bf16, row stride ld) are requested into L2
+ * a line per row every AHEAD_SPAN inputs: a block's 48 rows are too many streams for the hardware
+ * prefetcher, and widening them would otherwise wait on memory between the blocks' products. */
 EXPERTS_INLINE void row_tile(const int NV, const int J, const float *a, const float *wide, int64_t n, int first,
-                             int last, float *carried, float *out, int64_t ldo, int64_t live) {
+                             int last, float *carried, float *out, int64_t ldo, int64_t live, const uint16_t *ahead,
+                             int64_t ld) {
     vf acc[12][2];
     for (int i = 0; i < J; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = first ? vf_zero() : vf_load(carried + i * GROUP_TOKENS + v * VF_LANES);
-    vf_outer_tile(NV, J, a, GROUP_TOKENS, wide, n, n, acc);
+    for (int64_t c = 0; c < n; c += AHEAD_SPAN) {
+        if (ahead != NULL)
+            for (int i = 0; i < J; i++) _mm_prefetch((const char *)(ahead + i * ld + c), _MM_HINT_T1);
+        vf_outer_tile(NV, J, a + c * GROUP_TOKENS, GROUP_TOKENS, wide + c, n, n - c < AHEAD_SPAN ? n - c : AHEAD_SPAN,
+                      acc);
+    }
     for (int i = 0; i < J; i++) {
         float lanes[GROUP_TOKENS];
         float *dst = last ? lanes : carried + i * GROUP_TOKENS;
@@ -61,16 +71,16 @@ EXPERTS_INLINE void row_tile(const int NV, const int J, const float *a, const fl
 
 /* All `rows` rows of a widened block against one group: J rows at a time, then 4, 2, 1. */
 EXPERTS_INLINE void group_rows(const int NV, const int J, const float *a, const float *wide, int64_t n, int rows,
-                               int first, int last, float *carried, float *out, int64_t ldo, int64_t live) {
+                               int first, int last, float *carried, float *out, int64_t ldo, int64_t live,
+                               const uint16_t *ahead, int64_t ld) {
+#define ROW_TILE(j) row_tile(NV, j, a, wide + r * n, n, first, last, carried + r * GROUP_TOKENS, out + r, ldo, live, \
+                             ahead == NULL ? NULL : ahead + r * ld, ld)
     int r = 0;
-    for (; r + J <= rows; r += J)
-        row_tile(NV, J, a, wide + r * n, n, first, last, carried + r * GROUP_TOKENS, out + r, ldo, live);
-    for (; r + 4 <= rows; r += 4)
-        row_tile(NV, 4, a, wide + r * n, n, first, last, carried + r * GROUP_TOKENS, out + r, ldo, live);
-    for (; r + 2 <= rows; r += 2)
-        row_tile(NV, 2, a, wide + r * n, n, first, last, carried + r * GROUP_TOKENS, out + r, ldo, live);
-    for (; r < rows; r++)
-        row_tile(NV, 1, a, wide + r * n, n, first, last, carried + r * GROUP_TOKENS, out + r, ldo, live);
+    for (; r + J <= rows; r += J) ROW_TILE(J);
+    for (; r + 4 <= rows; r += 4) ROW_TILE(4);
+    for (; r + 2 <= rows; r += 2) ROW_TILE(2);
+    for (; r < rows; r++) ROW_TILE(1);
+#undef ROW_TILE
 }
 
 /* out[t * ldo + n] = x_t . w_n in fp32 for the m tokens of xt (transpose_tokens over K inputs) and
@@ -85,13 +95,16 @@ static void products(const float *xt, int64_t m, int64_t K, const uint16_t *w, i
             int64_t n = K - k0 < BLOCK_INPUTS ? K - k0 : BLOCK_INPUTS;
             int first = k0 == 0, last = k0 + n == K;
             vf_widen_rows(w + n0 * K + k0, K, rows, n, wide);
+            /* The next block: the same rows' next inputs, else the next rows' first ones (none after the last). */
+            const uint16_t *next = !last ? w + n0 * K + k0 + n : n0 + rows < N ? w + (n0 + rows) * K : NULL;
             for (int64_t g = 0; g < groups; g++) {
                 const float *a = xt + (g * K + k0) * GROUP_TOKENS;
                 float *c = carried + g * BLOCK_ROWS_WIDE * GROUP_TOKENS;
                 float *o = out + g * GROUP_TOKENS * ldo + n0;
                 int64_t live = m - g * GROUP_TOKENS < GROUP_TOKENS ? m - g * GROUP_TOKENS : GROUP_TOKENS;
-                if (live > VF_LANES) group_rows(2, 6, a, wide, n, rows, first, last, c, o, ldo, live);
-                else group_rows(1, 12, a, wide, n, rows, first, last, c, o, ldo, live);
+                const uint16_t *ahead = g == 0 ? next : NULL;
+                if (live > VF_LANES) group_rows(2, 6, a, wide, n, rows, first, last, c, o, ldo, live, ahead, K);
+                else group_rows(1, 12, a, wide, n, rows, first, last, c, o, ldo, live, ahead, K);
             }
         }
     }
