@@ -243,6 +243,17 @@ def test_kernel_dequantizing_as_it_goes_gives_the_bf16_experts_bits(native_isa, 
     assert torch.equal(bits(out), bits(expected))
 
 
+@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
+def test_kernel_dequantizing_experts_with_more_tokens_than_a_chunk(native_isa, format_name):
+    """Experts chosen by ~170 tokens each, more than the AVX2 build takes at a time (96): every
+    chunk of an expert's tokens reads the same dequantized weights."""
+    x, weights, ids, gate_up, down = routed_case(format_name, tokens=400, hidden=96, width=48)
+    assert torch.bincount(ids.flatten()).max() > 96
+    out = moe_native.moe_experts_quantized(x, weights, ids, gate_up, down, amx=False)
+    expected = moe_native.moe_experts(x, weights, ids, dense_stack(gate_up), dense_stack(down), amx=False)
+    assert torch.equal(bits(out), bits(expected))
+
+
 def test_kernel_declines_experts_it_cannot_read(native_isa):
     """Gate and up of unequal heights (the kernel reads I rows of each), a batch dimension on x."""
     x, weights, ids, gate_up, down = routed_case(INT8, tokens=40)
