@@ -186,10 +186,10 @@ VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out)
 /* The 32 products, fp32 from the fp8 bytes' bf16 values (unpacking against zero puts them in lane
  * order 0-3, 8-11, .. then 4-7, 12-15, .., which the final permute undoes) times the scale, rounded
  * by the conversion instruction; NaN bytes (magnitude 0x7F, a finite value here) rewritten as
- * bf16_bits writes NaN. */
+ * bf16_bits writes NaN. The scale is all it needs (the AVX2 build's needs tables of it). */
 typedef vf fp8_scaling;
 VF_INLINE fp8_scaling fp8_scaling_of(vf scale) { return scale; }
-VF_INLINE void fp8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
+VF_INLINE void fp8_products_bf16(const uint8_t *bytes, fp8_scaling scale, uint16_t *out) {
     const __m512i lane_order = _mm512_setr_epi32(0x00010000, 0x00030002, 0x00110010, 0x00130012, 0x00050004,
                                                  0x00070006, 0x00150014, 0x00170016, 0x00090008, 0x000B000A,
                                                  0x00190018, 0x001B001A, 0x000D000C, 0x000F000E, 0x001D001C,
