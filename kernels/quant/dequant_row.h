@@ -5,10 +5,10 @@
  * as reference.dequantize() takes it (value first, so a NaN keeps the value's bits), then, for bf16,
  * rounded as torch's fp32 -> bf16 conversion rounds: to nearest even, every NaN written as 0xFFFF.
  * Where they can, both builds write bf16 several vectors at a time: int4 by table lookup (32
- * columns), int8 and fp8 under scales whose products are all normal 32 columns at a time through
- * the bf16 conversion instruction (AVX-512), or 16 with integer rounding that needs no NaN case
- * (AVX2 int8) or by table lookup (AVX2 fp8). Prefill dequantizes every routed expert of a chunk,
- * so this rate bounds quantized prefill.
+ * columns), fp8 by table lookup under ordinary block scales (32 or 16 columns), int8 under scales
+ * whose products are all normal 32 columns at a time through the bf16 conversion instruction
+ * (AVX-512) or 16 with integer rounding that needs no NaN case (AVX2). Prefill dequantizes every
+ * routed expert of a chunk, so this rate bounds quantized prefill.
  *
  * dequantize_weight_rows() takes a weight as formats.h describes it (one of a stack of experts).
  */
@@ -148,12 +148,24 @@ static inline int products_are_normal(float scale, float smallest) {
     return magnitude == 0.0f || (isfinite(magnitude) && magnitude * smallest >= FLT_MIN);
 }
 
-/* e4m3 fits bf16 exactly, so fp8 bytes become bf16 values in 16-bit lanes: a normal
- * magnitude m (8 and up) is bf16 (m << 4) + (120 << 7) (exponent bias 7 -> 127, mantissa 3 -> 7
- * bits), a subnormal one (below 8) one of these 8 words, m * 2^-9, as 32-bit pairs; the sign bit
- * moves up by 8. */
-#define FP8_NORMAL_OFFSET (120 << 7)
-VF_INLINE __m128i fp8_subnormals_bf16(void) { return _mm_setr_epi32(0x3B000000, 0x3BC03B80, 0x3C203C00, 0x3C603C40); }
+/* fp8 products by table. A normal e4m3 value is (1 + j/8) * 2^(e - 7) (exponent e 1-15, mantissa
+ * j 0-7), so its product with the scale is the product for e = 1, (1 + j/8) * 2^-6 * scale, times
+ * 2^(e - 1): exact in fp32, and rounding to bf16 commutes with it while every product is normal and
+ * finite, so the rounded product is one of 8 words (indexed by j, computed per scale) with e - 1
+ * added to its exponent field. Subnormals (e = 0, j * 2^-9) and zero take 8 more words. The sign is
+ * the byte's times the word's; NaN bytes are written as bf16_bits writes NaN. Valid while the words
+ * with e - 1 added stay normal and finite: |scale| in [2^-117, 2^100] (products from 2^-9 * 2^-117 =
+ * 2^-126 to 448 * 2^100), which real block scales are (~1e-4..1e-2); other scales take the general
+ * path. The byte's fields, in 16-bit lanes: j = w & 7, e << 7 = (w << 4) & FP8_EXPONENT_FIELD. */
+#define FP8_EXPONENT_FIELD (0xF << 7)
+static inline int fp8_products_apply(float scale) {
+    float magnitude = fabsf(scale);
+    return magnitude >= 0x1p-117f && magnitude <= 0x1p100f;
+}
+/* The table's values before the scale: the normal ones for e = 1 by j, then the subnormals by j. */
+static const float FP8_TABLE_VALUES[16] = {0x1p-6f, 0x1.2p-6f, 0x1.4p-6f, 0x1.6p-6f, 0x1.8p-6f, 0x1.ap-6f, 0x1.cp-6f,
+                                           0x1.ep-6f, 0.0f, 0x1p-9f, 0x2p-9f, 0x3p-9f, 0x4p-9f, 0x5p-9f, 0x6p-9f,
+                                           0x7p-9f};
 
 /* int4 straight to bf16 by table lookup: a group's 16 possible values, (n - 8) * scale rounded as
  * store_bf16 rounds them (so the same bits), looked up by nibble 32 columns at a time: a few
@@ -183,32 +195,26 @@ VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out)
     vf low = vf_mul(vi_to_vf(bytes_i32(bytes)), scale), high = vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale);
     store_converted(out, low, high);
 }
-/* The 32 products, fp32 from the fp8 bytes' bf16 values (unpacking against zero puts them in lane
- * order 0-3, 8-11, .. then 4-7, 12-15, .., which the final permute undoes) times the scale, rounded
- * by the conversion instruction; NaN bytes (magnitude 0x7F, a finite value here) rewritten as
- * bf16_bits writes NaN. The scale is all it needs (the AVX2 build's needs tables of it). */
-typedef vf fp8_scaling;
-VF_INLINE fp8_scaling fp8_scaling_of(vf scale) { return scale; }
-VF_INLINE void fp8_products_bf16(const uint8_t *bytes, fp8_scaling scale, uint16_t *out) {
-    const __m512i lane_order = _mm512_setr_epi32(0x00010000, 0x00030002, 0x00110010, 0x00130012, 0x00050004,
-                                                 0x00070006, 0x00150014, 0x00170016, 0x00090008, 0x000B000A,
-                                                 0x00190018, 0x001B001A, 0x000D000C, 0x000F000E, 0x001D001C,
-                                                 0x001F001E);
-    __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)bytes));
-    __m512i magnitude = _mm512_and_si512(words, _mm512_set1_epi16(0x7F));
-    __m512i values = _mm512_add_epi16(_mm512_slli_epi16(magnitude, 4), _mm512_set1_epi16(FP8_NORMAL_OFFSET));
-    values = _mm512_mask_permutexvar_epi16(values, _mm512_cmplt_epu16_mask(magnitude, _mm512_set1_epi16(8)),
-                                           magnitude, _mm512_zextsi128_si512(fp8_subnormals_bf16()));
-    /* values | (word << 8 & 0x8000): the sign. */
-    values = _mm512_ternarylogic_epi32(values, _mm512_slli_epi16(words, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
-    vf low = vf_mul(_mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), values)), scale);
-    vf high = vf_mul(_mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), values)), scale);
-    __m512i rounded = _mm512_permutexvar_epi16(lane_order, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-    __mmask32 nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7F));
-    _mm512_storeu_si512(out, _mm512_mask_mov_epi16(rounded, nan, _mm512_set1_epi16((short)BF16_NAN)));
+/* fp8 products by table (above), 32 at a time: words 0-7 of the table are the normal words one
+ * exponent step down (adding e's field then gives e - 1 steps up), 8-15 the subnormal ones. */
+typedef __m512i fp8_scaling;
+VF_INLINE fp8_scaling fp8_scaling_of(vf scale) {
+    __m256i words = bf16_bits(vf_mul(_mm512_loadu_ps(FP8_TABLE_VALUES), scale));
+    return _mm512_zextsi256_si512(_mm256_sub_epi16(words, _mm256_setr_epi16(128, 128, 128, 128, 128, 128, 128, 128,
+                                                                            0, 0, 0, 0, 0, 0, 0, 0)));
 }
-/* Whether fp8_products_bf16 serves `scale`. */
-static inline int fp8_products_apply(float scale) { return products_are_normal(scale, FP8_SUBNORMAL_UNIT); }
+VF_INLINE void fp8_products_bf16(const uint8_t *bytes, fp8_scaling table, uint16_t *out) {
+    __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)bytes));
+    __m512i exponent = _mm512_and_si512(_mm512_slli_epi16(words, 4), _mm512_set1_epi16(FP8_EXPONENT_FIELD));
+    __m512i index = _mm512_and_si512(words, _mm512_set1_epi16(7));
+    index = _mm512_mask_add_epi16(index, _mm512_testn_epi16_mask(words, _mm512_set1_epi16(0x78)), index,
+                                  _mm512_set1_epi16(8));
+    __m512i values = _mm512_add_epi16(_mm512_permutexvar_epi16(index, table), exponent);
+    /* values ^ (word << 8 & 0x8000): the sign. */
+    values = _mm512_ternarylogic_epi32(values, _mm512_slli_epi16(words, 8), _mm512_set1_epi16((short)0x8000), 0x78);
+    __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(words, _mm512_set1_epi16(0x7F)), _mm512_set1_epi16(0x7F));
+    _mm512_storeu_si512(out, _mm512_mask_mov_epi16(values, nan, _mm512_set1_epi16((short)BF16_NAN)));
+}
 #else
 /* The 16 values' low bytes and high bytes, each in both 128-bit lanes (a byte shuffle looks up 16
  * entries per lane). */
@@ -251,24 +257,16 @@ VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out)
     /* Packing works within 128-bit lanes: 64-bit quarters low 0-3, high 0-3, low 4-7, high 4-7. */
     _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xD8));
 }
-/* fp8 products by table, 16 at a time. A normal e4m3 value is (1 + j/8) * 2^(e - 7) (exponent e
- * 1-15, mantissa j 0-7), so its product with the scale is the product for e = 1, (1 + j/8) * 2^-6 *
- * scale, times 2^(e - 1): exact in fp32, and rounding to bf16 commutes with it while every product is
- * normal and finite, so the rounded product is an 8-entry table's word (indexed by j) with e - 1
- * added to its exponent field. Subnormals (e = 0, j * 2^-9) and zero take a second table. Valid
- * where every product is normal or zero (fp8_products_apply), which holds for real block scales;
- * the sign is the byte's times the table's; NaN bytes are written as bf16_bits writes NaN. */
+/* fp8 products by table (above), 16 at a time: the normal and the subnormal words, 8 each, in both
+ * 128-bit lanes (the byte shuffle's tables); the normal ones one exponent step down. */
 typedef struct {
-    __m256i normal, subnormal; /* 8 words each, in both 128-bit lanes (the byte shuffle's tables) */
+    __m256i normal, subnormal;
 } fp8_scaling;
 VF_INLINE fp8_scaling fp8_scaling_of(vf scale) {
-    const vf mantissas = _mm256_setr_ps(0x1p-6f, 0x1.2p-6f, 0x1.4p-6f, 0x1.6p-6f, 0x1.8p-6f, 0x1.ap-6f, 0x1.cp-6f,
-                                        0x1.ep-6f);
-    const vf subnormals = _mm256_setr_ps(0.0f, 0x1p-9f, 0x2p-9f, 0x3p-9f, 0x4p-9f, 0x5p-9f, 0x6p-9f, 0x7p-9f);
-    /* The normal words one exponent step down, so adding e's field gives e - 1 steps up. */
-    __m128i normal = _mm_sub_epi16(bf16_bits(vf_mul(mantissas, scale)), _mm_set1_epi16(1 << 7));
-    fp8_scaling scaling = {_mm256_broadcastsi128_si256(normal),
-                           _mm256_broadcastsi128_si256(bf16_bits(vf_mul(subnormals, scale)))};
+    __m128i normal = bf16_bits(vf_mul(_mm256_loadu_ps(FP8_TABLE_VALUES), scale));
+    __m128i subnormal = bf16_bits(vf_mul(_mm256_loadu_ps(FP8_TABLE_VALUES + 8), scale));
+    fp8_scaling scaling = {_mm256_broadcastsi128_si256(_mm_sub_epi16(normal, _mm_set1_epi16(1 << 7))),
+                           _mm256_broadcastsi128_si256(subnormal)};
     return scaling;
 }
 VF_INLINE void fp8_products_bf16(const uint8_t *bytes, fp8_scaling scaling, uint16_t *out) {
@@ -276,7 +274,7 @@ VF_INLINE void fp8_products_bf16(const uint8_t *bytes, fp8_scaling scaling, uint
     /* Word j of a table is its bytes 2j and 2j + 1. */
     __m256i entry = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_and_si256(words, _mm256_set1_epi16(7)),
                                                         _mm256_set1_epi16(0x0202)), _mm256_set1_epi16(0x0100));
-    __m256i exponent = _mm256_and_si256(_mm256_slli_epi16(words, 4), _mm256_set1_epi16(0xF << 7));
+    __m256i exponent = _mm256_and_si256(_mm256_slli_epi16(words, 4), _mm256_set1_epi16(FP8_EXPONENT_FIELD));
     __m256i normal = _mm256_add_epi16(_mm256_shuffle_epi8(scaling.normal, entry), exponent);
     __m256i values = _mm256_blendv_epi8(normal, _mm256_shuffle_epi8(scaling.subnormal, entry),
                                         _mm256_cmpeq_epi16(exponent, _mm256_setzero_si256()));
@@ -284,12 +282,6 @@ VF_INLINE void fp8_products_bf16(const uint8_t *bytes, fp8_scaling scaling, uint
     /* NaN lanes: all ones, BF16_NAN. */
     __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7F));
     _mm256_storeu_si256((__m256i *)out, _mm256_or_si256(values, nan));
-}
-/* Whether fp8_products_bf16 serves `scale`: the table's words with e - 1 added stay normal and
- * finite for |scale| in [2^-117, 2^100] (products from 2^-9 * 2^-117 = 2^-126 to 448 * 2^100). */
-static inline int fp8_products_apply(float scale) {
-    float magnitude = fabsf(scale);
-    return magnitude >= 0x1p-117f && magnitude <= 0x1p100f;
 }
 #endif
 
