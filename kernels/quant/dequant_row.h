@@ -183,10 +183,9 @@ VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16
     vi nibbles = vi_and(vi_or(bytes, vi_shift_left(bytes, 12)), vi_set1(0x000F000F));
     _mm512_storeu_si512(out, _mm512_permutexvar_epi16(nibbles, table));
 }
-/* int8 and fp8 products rounded 32 at a time by the conversion instruction. It rounds to nearest
- * even as bf16_bits does but reads denormal inputs as zero and keeps a NaN's sign, so it serves only
- * under scales whose products are zero or normal (products_are_normal), and an fp8 NaN byte's lanes
- * are then rewritten as bf16_bits writes NaN. */
+/* int8 products rounded 32 at a time by the conversion instruction. It rounds to nearest even as
+ * bf16_bits does but reads denormal inputs as zero and keeps a NaN's sign, so it serves only under
+ * scales whose products are zero or normal (products_are_normal). */
 #define NORMAL_PRODUCT_COLUMNS 32
 VF_INLINE void store_converted(uint16_t *out, vf low, vf high) {
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(high, low));
