@@ -113,7 +113,7 @@ def reference_prefill(hf, ids: torch.Tensor) -> float:
 
 def ours_decode(lm, ids: torch.Tensor, steps: int) -> float:
     as_ours()
-    state = lm.new_state()
+    state = lm.new_state(mtp=False)  # plain decode steps never read the MTP cache
     logits = prefill(lm, state, ids[0])
     token = argmax_index(logits)
     started = time.perf_counter()

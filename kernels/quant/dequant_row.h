@@ -141,11 +141,11 @@ VF_INLINE vf raw_values(int format, const uint8_t *row, int64_t column) {
     return vi_to_vf(vi_add(nibbles_u32(row + column / 2), vi_set1(-8)));
 }
 
-/* Whether every product of `scale` and a value of at least `smallest` in magnitude (int8: 1, fp8:
- * its smallest subnormal) is normal or infinite, and zero times it zero: no denormal, no NaN. */
-static inline int products_are_normal(float scale, float smallest) {
+/* Whether every product of `scale` and a nonzero int8 value is normal or infinite, and zero times
+ * it zero: no denormal, no NaN. */
+static inline int int8_products_are_normal(float scale) {
     float magnitude = fabsf(scale);
-    return magnitude == 0.0f || (isfinite(magnitude) && magnitude * smallest >= FLT_MIN);
+    return magnitude == 0.0f || (isfinite(magnitude) && magnitude >= FLT_MIN);
 }
 
 /* fp8 products by table. A normal e4m3 value is (1 + j/8) * 2^(e - 7) (exponent e 1-15, mantissa
@@ -185,7 +185,7 @@ VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16
 }
 /* int8 products rounded 32 at a time by the conversion instruction. It rounds to nearest even as
  * bf16_bits does but reads denormal inputs as zero and keeps a NaN's sign, so it serves only under
- * scales whose products are zero or normal (products_are_normal). */
+ * scales whose products are zero or normal (int8_products_are_normal). */
 #define NORMAL_PRODUCT_COLUMNS 32
 VF_INLINE void store_converted(uint16_t *out, vf low, vf high) {
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(high, low));
@@ -241,7 +241,7 @@ VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16
     _mm256_storeu_si256((__m256i *)out, _mm256_permute2x128_si256(first, second, 0x20));
     _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute2x128_si256(first, second, 0x31));
 }
-/* int8 products under scales whose products are zero or normal (products_are_normal), 16 at a time:
+/* int8 products under scales whose products are zero or normal (int8_products_are_normal), 16 at a time:
  * rounded as bf16_bits rounds them, without its NaN case. */
 #define NORMAL_PRODUCT_COLUMNS 16
 /* bf16_bits of a value that is not NaN, left in 32-bit lanes. */
@@ -320,7 +320,7 @@ VF_INLINE void dequantize_row_as(const int format, const int out_bf16, const uin
             int4_table table = int4_table_of(scale);
             for (; column + INT4_TABLE_COLUMNS <= stop; column += INT4_TABLE_COLUMNS)
                 int4_bf16_by_table(row + column / 2, table, (uint16_t *)out + column);
-        } else if (format == FORMAT_INT8 && out_bf16 && products_are_normal(scale_value, 1.0f)) {
+        } else if (format == FORMAT_INT8 && out_bf16 && int8_products_are_normal(scale_value)) {
             for (; column + NORMAL_PRODUCT_COLUMNS <= stop; column += NORMAL_PRODUCT_COLUMNS)
                 int8_products_bf16(row + column, scale, (uint16_t *)out + column);
         } else if (format == FORMAT_FP8_BLOCK && out_bf16 && fp8_products_apply(scale_value)) {

@@ -102,7 +102,7 @@ class QuantizedMoE:
                 raise ValueError(f"{name} weight of shape {list(shape)}, expected {list(wanted)}")
         self._kept: list[Tensor] = []
         gate, up = _gate_and_up(gate_up, width)
-        rows = [self._describe(w, rows) for w, rows in (
+        rows = [describe(w, rows, self._kept) for w, rows in (
             (router, None), *gate, *up, (down, None), (shared_gate_proj, None), (shared_up_proj, None),
             (shared_down, None), (shared_expert_gate, None))]
         self.table = torch.tensor(rows, dtype=torch.int64)
@@ -125,9 +125,6 @@ class QuantizedMoE:
         if status != 0:
             raise MemoryError("MoE work buffers could not be allocated")
         return out
-
-    def _describe(self, weight: Tensor | QuantizedWeight, rows: slice | None) -> list[int]:
-        return describe(weight, rows, self._kept)
 
 
 def describe(weight: Tensor | QuantizedWeight, rows: slice | None, keep: list[Tensor]) -> list[int]:
