@@ -7,7 +7,8 @@ on the CPU, at the model's shapes, and print one line per case.
 Shapes (N x K): an expert's gate or up projection 512 x 2048, its down projection 2048 x 512, and
 an in_proj-sized 8192 x 2048. Each case times bf16 (`kernels.linear`, its native small-row kernel
 where the CPU has one), then fp8_block, int8 and int4 through the native kernel (each build this
-CPU runs) and through the reference (dequantize tile by tile, then fp32 products).
+CPU runs; int4 in the AVX-512 build by its table and by pair products) and through the reference
+(dequantize tile by tile, then fp32 products).
 
 GB/s counts the bytes of the weight a call must read (quantized values and scales, or bf16), so
 it compares how close each path gets to the memory's bandwidth. By default the calls rotate over
@@ -93,8 +94,11 @@ def bench_shape(name: str, rows_list: list[int], pool: int, budget: float, with_
                 reference = seconds_per_call(functools.partial(quantized_linear_reference, x), weights[:4], budget)
                 report(name, size, rows, fmt, "reference", reference, weight_bytes(weight))
             for isa in builds:
-                seconds = seconds_per_call(functools.partial(native_call, x, isa), weights, budget)
-                report(name, size, rows, fmt, f"native-{isa}", seconds, weight_bytes(weight), reference)
+                # int4 in the AVX-512 build both ways: by the 16-entry table and by pair products.
+                for pairs in (False, True) if fmt == "int4" and isa == "avx512" else (False,):
+                    seconds = seconds_per_call(functools.partial(native_call, x, isa, pairs), weights, budget)
+                    report(name, size, rows, fmt, f"native-{isa}" + ("-pairs" if pairs else ""), seconds,
+                           weight_bytes(weight), reference)
             del weights
 
 
@@ -102,8 +106,8 @@ def dense_call(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return linear(x, weight)
 
 
-def native_call(x: torch.Tensor, isa: str, weight: QuantizedWeight) -> torch.Tensor:
-    return native.quantized_linear_small_m(x, weight, isa=isa)
+def native_call(x: torch.Tensor, isa: str, int4_pairs: bool, weight: QuantizedWeight) -> torch.Tensor:
+    return native.quantized_linear_small_m(x, weight, isa=isa, int4_pairs=int4_pairs)
 
 
 def main() -> None:

@@ -57,12 +57,24 @@ FEW_TOKENS = 16
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
-    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split())
+        return ""
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    return frozenset(word for line in _cpuinfo().splitlines() if line.startswith("flags") for word in line.split())
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD), or "" where /proc/cpuinfo does not say."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("vendor_id"):
+            return line.partition(":")[2].strip()
+    return ""
 
 
 @functools.cache
@@ -148,6 +160,18 @@ def native_bf16_matmul() -> bool:
     return "avx512" in isa_order()
 
 
+def int4_pairs_preferred() -> bool:
+    """Whether the few-token kernels multiply int4 weights with bf16 activations by the bf16 pair dot
+    product (kernels/quant/quant_dot.h), in the AVX-512 build: AMD's CPUs run that instruction at the
+    fp32 FMA's rate, two products per lane, and it needs half the conversions the 16-entry table
+    does; Intel's run it at half that rate, where the table measured faster. DOCANALYST_INT4_PAIRS=0
+    or 1 decides instead (to measure or test either way)."""
+    forced = os.environ.get("DOCANALYST_INT4_PAIRS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return isa_order()[:1] == ("avx512",) and _cpu_vendor() == "AuthenticAMD"
+
+
 def tiles_pay_off(tokens: int) -> bool:
     """Whether a CPU call over `tokens` tokens should run on AMX tiles (a kernel's AMX path or PyTorch's
     GEMMs): more than FEW_TOKENS on a CPU with them."""
@@ -169,16 +193,18 @@ def flush_denormals(enabled: bool = True) -> bool:
 
 @functools.cache
 def numerics_identity() -> str:
-    """Which arithmetic the CPU kernels do in this process: their C sources, whether they can run
-    and whether they take the AMX tiles. A model's fingerprint includes it, so model states computed
-    by other kernels (an earlier build, another CPU) are not taken for this build's bits."""
+    """Which arithmetic the CPU kernels do in this process: their C sources, whether they can run,
+    whether they take the AMX tiles and how they multiply int4 weights. A model's fingerprint
+    includes it, so model states computed by other kernels (an earlier build, another CPU) are not
+    taken for this build's bits."""
     digest = hashlib.sha256()
     for source in sorted(Path(__file__).parent.rglob("*.[ch]")):
         digest.update(source.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + source.read_bytes())
     enabled = os.environ.get("DOCANALYST_NATIVE", "1") != "0" and compiler() is not None
     isas = isa_order() if enabled else ()
     flags = ";".join(" ".join(ISAS[isa].compiler_flags) for isa in isas)
-    digest.update(f"isas={','.join(isas)}|amx={matmul_has_amx()}|flags={flags}".encode())
+    digest.update(f"isas={','.join(isas)}|amx={matmul_has_amx()}|int4_pairs={int4_pairs_preferred()}|flags={flags}"
+                  .encode())
     return digest.hexdigest()[:16]
 
 

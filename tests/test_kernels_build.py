@@ -75,3 +75,32 @@ def test_a_set_cpuid_does_not_report_is_not_run(monkeypatch, hidden):
         monkeypatch.undo()
         native._torch_cpu_reports.cache_clear()
         native._set_forced_isa(None)
+
+
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_int4_pair_products_are_preferred_on_amds_avx512_cpus(monkeypatch, vendor):
+    """AMD runs the bf16 pair dot product at the FMA's rate, Intel at half of it; the AVX2 build has
+    none; DOCANALYST_INT4_PAIRS decides where it is set."""
+    monkeypatch.delenv("DOCANALYST_INT4_PAIRS", raising=False)
+    monkeypatch.setattr(native, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(native, "isa_order", lambda: ("avx512", "avx2"))
+    assert native.int4_pairs_preferred() is (vendor == "AuthenticAMD")
+    monkeypatch.setattr(native, "isa_order", lambda: ("avx2",))
+    assert native.int4_pairs_preferred() is False
+    for value in ("0", "1"):
+        monkeypatch.setenv("DOCANALYST_INT4_PAIRS", value)
+        assert native.int4_pairs_preferred() is (value == "1")
+
+
+def test_the_int4_method_is_part_of_the_numerics_identity(monkeypatch):
+    """States computed with the table's bits are not taken for pair products' bits, or the reverse."""
+    identities = set()
+    try:
+        for value in ("0", "1"):
+            monkeypatch.setenv("DOCANALYST_INT4_PAIRS", value)
+            native.numerics_identity.cache_clear()
+            identities.add(native.numerics_identity())
+    finally:
+        monkeypatch.undo()
+        native.numerics_identity.cache_clear()
+    assert len(identities) == 2

@@ -54,19 +54,20 @@ def fp8_of(weight: torch.Tensor, scale_dtype: torch.dtype) -> QuantizedWeight:
     return QuantizedWeight(FP8_BLOCK, data, scale, tuple(weight.shape))
 
 
-def stored(weight: torch.Tensor, format_name: str, scale_dtype: torch.dtype = torch.float32):
-    """`weight` as the block would hold it: bf16, or quantized with scales in `scale_dtype`."""
+def stored(weight: torch.Tensor, format_name: str, scale_dtype: torch.dtype = torch.float32, group: int = 128):
+    """`weight` as the block would hold it: bf16, or quantized with scales in `scale_dtype` (int4 in
+    groups of `group` columns)."""
     if format_name == "bf16":
         return weight.to(torch.bfloat16)
     if format_name == FP8_BLOCK:
         return fp8_of(weight, scale_dtype)
-    quantized = quantize_int8(weight) if format_name == INT8 else quantize_int4(weight)
+    quantized = quantize_int8(weight) if format_name == INT8 else quantize_int4(weight, group)
     return QuantizedWeight(quantized.format, quantized.data, quantized.scale.to(scale_dtype), quantized.shape,
                            quantized.group_size)
 
 
 def block_of(shape: str, experts_format: str, shared_format: str | None = None, scale_dtype=torch.float32,
-             seed: int = 0, normalize: bool = True) -> tuple:
+             seed: int = 0, normalize: bool = True, group: int = 128) -> tuple:
     """A random MoE block's arguments (router, top_k, normalize, gate_up, down, shared gate, up, down,
     shared expert gate), the router and the shared expert gate in bf16."""
     experts, hidden, width, shared, top_k = SHAPES[shape]
@@ -76,15 +77,15 @@ def block_of(shape: str, experts_format: str, shared_format: str | None = None, 
         return torch.randn(*size, generator=generator) * scale
 
     shared_format = shared_format or experts_format
-    gate = stored(randn(experts, width, hidden, scale=hidden**-0.5), experts_format, scale_dtype)
-    up = stored(randn(experts, width, hidden, scale=hidden**-0.5), experts_format, scale_dtype)
+    gate = stored(randn(experts, width, hidden, scale=hidden**-0.5), experts_format, scale_dtype, group)
+    up = stored(randn(experts, width, hidden, scale=hidden**-0.5), experts_format, scale_dtype, group)
     gate_up = torch.cat([gate, up], dim=1) if experts_format == "bf16" else QuantizedRows((gate, up))
     return (
         randn(experts, hidden, scale=hidden**-0.5).to(torch.bfloat16), top_k, normalize, gate_up,
-        stored(randn(experts, hidden, width, scale=width**-0.5), experts_format, scale_dtype),
-        stored(randn(shared, hidden, scale=hidden**-0.5), shared_format, scale_dtype),
-        stored(randn(shared, hidden, scale=hidden**-0.5), shared_format, scale_dtype),
-        stored(randn(hidden, shared, scale=shared**-0.5), shared_format, scale_dtype),
+        stored(randn(experts, hidden, width, scale=width**-0.5), experts_format, scale_dtype, group),
+        stored(randn(shared, hidden, scale=hidden**-0.5), shared_format, scale_dtype, group),
+        stored(randn(shared, hidden, scale=hidden**-0.5), shared_format, scale_dtype, group),
+        stored(randn(hidden, shared, scale=shared**-0.5), shared_format, scale_dtype, group),
         randn(1, hidden, scale=hidden**-0.5).to(torch.bfloat16),
     )
 
@@ -119,6 +120,30 @@ def test_matches_the_reference(isa, format_name, shape, count):
     assert_close_to_reference(moe_native.QuantizedMoE(*block)(x), x, block)
 
 
+@pytest.mark.parametrize("int4_pairs", [False, True], ids=["table", "pairs"])
+@pytest.mark.parametrize("count", [1, 3, 16], ids=lambda n: f"{n}tokens")
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_int4_by_table_and_by_pair_products_match_the_reference(isa, shape, count, int4_pairs):
+    """Both ways of multiplying int4 weights, whatever this CPU prefers (down's inputs, SiLU's
+    bf16-rounded products, are exact in bf16 as pair products need)."""
+    block = block_of(shape, INT4)
+    x = tokens(count, SHAPES[shape][1])
+    assert_close_to_reference(moe_native.QuantizedMoE(*block)(x, int4_pairs=int4_pairs), x, block)
+
+
+def test_int4_pair_products_apply_to_groups_of_whole_steps(isa):
+    """Pair products (the AVX-512 build) give other bits than the table for groups of a multiple of
+    64 columns; groups of 32 and the AVX2 build keep the table's bits. The block rounds to bf16 at
+    every step, so only a few outputs differ (a handful of these 48 tokens' 12,288)."""
+    x = torch.cat([tokens(16, SHAPES["wide"][1], seed=seed) for seed in (1, 2, 3)])
+    for group, applies in ((128, isa == "avx512"), (64, isa == "avx512"), (32, False)):
+        block = block_of("wide", INT4, group=group)
+        moe = moe_native.QuantizedMoE(*block)
+        pairs = moe(x, int4_pairs=True)
+        assert torch.equal(pairs, moe(x, int4_pairs=False)) is not applies, group
+        assert_close_to_reference(pairs, x, block)
+
+
 @pytest.mark.parametrize(("experts_format", "shared_format"), [(INT4, "bf16"), ("bf16", INT8), (FP8_BLOCK, INT4)])
 def test_formats_can_differ_between_the_experts_and_the_shared_expert(isa, experts_format, shared_format):
     block = block_of("odd", experts_format, shared_format)
@@ -133,20 +158,22 @@ def test_scales_stored_in_bf16_and_weights_not_renormalised(isa, format_name):
     assert_close_to_reference(moe_native.QuantizedMoE(*block)(x), x, block)
 
 
-@pytest.mark.parametrize("format_name", [FP8_BLOCK, INT8, INT4])
-def test_a_tokens_bits_do_not_depend_on_the_call_or_the_threads(isa, format_name):
+@pytest.mark.parametrize(("format_name", "int4_pairs"), [(FP8_BLOCK, False), (INT8, False), (INT4, False),
+                                                         (INT4, True)],
+                         ids=["fp8_block", "int8", "int4", "int4_pairs"])
+def test_a_tokens_bits_do_not_depend_on_the_call_or_the_threads(isa, format_name, int4_pairs):
     """Alone, in any run of the batch and over 1, 2 or 3 threads: the bits it has among 16 tokens
     (draft verification must reproduce decode steps exactly)."""
     block = block_of("wide", format_name)
     moe = moe_native.QuantizedMoE(*block)
     x = tokens(16, SHAPES["wide"][1])
-    together = moe(x, threads=2)
+    together = moe(x, threads=2, int4_pairs=int4_pairs)
     for token in range(16):
-        assert torch.equal(moe(x[token : token + 1], threads=1), together[token : token + 1])
+        assert torch.equal(moe(x[token : token + 1], threads=1, int4_pairs=int4_pairs), together[token : token + 1])
     for start, stop in [(0, 3), (5, 12), (9, 16)]:
-        assert torch.equal(moe(x[start:stop], threads=3), together[start:stop])
+        assert torch.equal(moe(x[start:stop], threads=3, int4_pairs=int4_pairs), together[start:stop])
     for threads in (1, 3):
-        assert torch.equal(moe(x, threads=threads), together)
+        assert torch.equal(moe(x, threads=threads, int4_pairs=int4_pairs), together)
 
 
 def test_a_nan_token_gives_nan_in_its_row_only(isa):

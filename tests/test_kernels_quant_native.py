@@ -6,7 +6,9 @@ wherever the CPU runs it, against x times the dequantized weight in float64.
 Tolerance: the kernel sums in fp32, in lanes of 8 or 16 and then a tree, with at most two
 roundings per product (a weight or x times its scale, then the product), so a result is within
 about (K / 8 + 8) * 2^-24 * sum_k |x_k w_k| of the exact sum: under 2.5e-6 of that sum for the K
-here. The tests allow 1e-5 of it (plus 1e-30 for sums that are exactly zero).
+here. The tests allow 1e-5 of it (plus 1e-30 for sums that are exactly zero). int4 by pair products
+(bf16 x) adds exact products two at a time into 16 lanes and a group's sum times its scale into
+the row's total: fewer roundings per weight, the same bound.
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ def random_x(rows: int, columns: int, dtype: torch.dtype, seed: int = 1) -> torc
     return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def run(x: torch.Tensor, weight: QuantizedWeight, isa: str, threads: int = 1) -> torch.Tensor:
-    """The kernel's fp32 output, written over NaNs so that an element it skips fails the checks."""
+def run(x: torch.Tensor, weight: QuantizedWeight, isa: str, threads: int = 1, int4_pairs: bool = False) -> torch.Tensor:
+    """The kernel's fp32 output, written over NaNs so that an element it skips fails the checks
+    (int4 by the table unless `int4_pairs`, whatever this CPU prefers)."""
     out = torch.full((x.shape[0], weight.shape[0]), float("nan"))
-    result = native.quantized_linear_small_m(x, weight, out=out, isa=isa, threads=threads)
+    result = native.quantized_linear_small_m(x, weight, out=out, isa=isa, threads=threads, int4_pairs=int4_pairs)
     assert result.data_ptr() == out.data_ptr()
     return out
 
@@ -107,7 +110,7 @@ def test_bias_and_output_dtype_round_once_as_the_reference_does(isa, format_name
     x = random_x(3, 200, torch.bfloat16)
     bias = None if bias_dtype == "none" else torch.randn(300).to(DTYPES[bias_dtype])
     out = torch.full((3, 300), float("nan"), dtype=DTYPES[out_dtype])
-    native.quantized_linear_small_m(x, weight, bias, out=out, isa=isa, threads=1)
+    native.quantized_linear_small_m(x, weight, bias, out=out, isa=isa, threads=1, int4_pairs=False)
     expected = run(x, weight, isa) + (0 if bias is None else bias.float())
     assert torch.equal(out, expected.to(DTYPES[out_dtype]))
 
@@ -119,6 +122,31 @@ def test_int4_groups_other_than_128(isa, n, k, group):
     for rows in ROWS:
         x = random_x(rows, k, torch.bfloat16)
         assert_close_to_exact(run(x, weight, isa), x, weight)
+
+
+@pytest.mark.parametrize("group", [64, 128, 256], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize("x_dtype", ["fp32", "bf16"], ids=lambda d: f"x_{d}")
+@pytest.mark.parametrize(("n", "k"), SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+@pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"{r}rows")
+def test_int4_by_pair_products_matches_the_dequantized_product(isa, rows, n, k, x_dtype, group):
+    weight = weight_of(INT4, (n, k), torch.bfloat16, group=group)
+    x = random_x(rows, k, DTYPES[x_dtype])
+    assert_close_to_exact(run(x, weight, isa, int4_pairs=True), x, weight)
+
+
+def test_pair_products_take_bf16_x_and_groups_of_whole_steps(isa):
+    """Pair products (the AVX-512 build) give other bits than the table where they apply: bf16 x
+    and groups of a multiple of 64 columns; fp32 x, groups of 32 or 96, and the AVX2 build keep the
+    table's bits."""
+    x = random_x(3, 257, torch.bfloat16)
+    applies = isa == "avx512"
+    for group in (64, 128):
+        weight = weight_of(INT4, (300, 257), group=group)
+        assert torch.equal(run(x, weight, isa, int4_pairs=True), run(x, weight, isa)) is not applies
+        assert torch.equal(run(x.float(), weight, isa, int4_pairs=True), run(x.float(), weight, isa))
+    for group in (32, 96):
+        weight = weight_of(INT4, (300, 257), group=group)
+        assert torch.equal(run(x, weight, isa, int4_pairs=True), run(x, weight, isa))
 
 
 def test_x_rows_with_a_stride(isa):
@@ -150,12 +178,13 @@ def test_every_finite_fp8_value_converts_exactly(isa, flush_denormals):
     assert torch.equal(out, data.float().T)
 
 
-def test_every_int4_value_converts_exactly(isa):
+@pytest.mark.parametrize("int4_pairs", [False, True], ids=["table", "pairs"])
+def test_every_int4_value_converts_exactly(isa, int4_pairs):
     """Nibbles 0..15 (values -8..7), odd K so the last byte's high nibble is padding."""
     columns = 33
     values = (torch.arange(2 * columns) % 16 - 8).to(torch.int8).reshape(2, columns)
     weight = QuantizedWeight(INT4, pack_int4(values), torch.ones(2, 1), (2, columns), 128)
-    out = run(torch.eye(columns), weight, isa)
+    out = run(torch.eye(columns, dtype=torch.bfloat16), weight, isa, int4_pairs=int4_pairs)
     assert torch.equal(out, values.float().T)
 
 
@@ -177,29 +206,34 @@ def test_fp8_nan_weights_give_nan_outputs_in_their_rows_only(isa):
                                                                   (17, 257)))
 
 
+# Each format, int4 also by pair products.
+METHODS = [(FP8_BLOCK, False), (INT8, False), (INT4, False), (INT4, True)]
+METHOD_IDS = ["fp8_block", "int8", "int4", "int4_pairs"]
+
+
 @pytest.mark.parametrize("x_dtype", ["fp32", "bf16"], ids=lambda d: f"x_{d}")
-@pytest.mark.parametrize("format_name", FORMATS)
-def test_a_rows_bits_do_not_depend_on_the_batch(isa, format_name, x_dtype):
+@pytest.mark.parametrize(("format_name", "int4_pairs"), METHODS, ids=METHOD_IDS)
+def test_a_rows_bits_do_not_depend_on_the_batch(isa, format_name, int4_pairs, x_dtype):
     """Each row alone, and each run of rows as its own batch, gives the bits it has in a batch of 16."""
     weight = weight_of(format_name, (300, 257))
     x = random_x(16, 257, DTYPES[x_dtype])
-    together = run(x, weight, isa)
+    together = run(x, weight, isa, int4_pairs=int4_pairs)
     for row in range(16):
-        assert torch.equal(run(x[row : row + 1], weight, isa), together[row : row + 1])
+        assert torch.equal(run(x[row : row + 1], weight, isa, int4_pairs=int4_pairs), together[row : row + 1])
     for start, stop in [(0, 3), (5, 12), (9, 16), (1, 6)]:
-        assert torch.equal(run(x[start:stop], weight, isa), together[start:stop])
+        assert torch.equal(run(x[start:stop], weight, isa, int4_pairs=int4_pairs), together[start:stop])
 
 
-@pytest.mark.parametrize("format_name", FORMATS)
-def test_the_thread_count_does_not_change_the_bits(isa, format_name):
+@pytest.mark.parametrize(("format_name", "int4_pairs"), METHODS, ids=METHOD_IDS)
+def test_the_thread_count_does_not_change_the_bits(isa, format_name, int4_pairs):
     """Large enough to be split over threads: 1, 2 and 3 threads agree bit for bit."""
     weight = weight_of(format_name, (1003, 300))
     for rows in (1, 16):
         x = random_x(rows, 300, torch.bfloat16)
-        single = run(x, weight, isa, threads=1)
+        single = run(x, weight, isa, threads=1, int4_pairs=int4_pairs)
         assert_close_to_exact(single, x, weight)
         for threads in (2, 3):
-            assert torch.equal(run(x, weight, isa, threads=threads), single)
+            assert torch.equal(run(x, weight, isa, threads=threads, int4_pairs=int4_pairs), single)
 
 
 @pytest.mark.parametrize("isa_name", list(native_build.ISAS))
@@ -224,6 +258,10 @@ def test_a_bound_weight_gives_the_kernels_bits(isa, format_name):
     out = torch.empty(5, 300, dtype=torch.bfloat16)
     assert bound(x, out, isa=isa, threads=2) is out
     assert torch.equal(out, native.quantized_linear_small_m(x, weight, bias, out_dtype=torch.bfloat16, isa=isa))
+    # By default int4 goes the way this CPU prefers.
+    preferred = native.quantized_linear_small_m(x, weight, bias, out_dtype=torch.bfloat16, isa=isa,
+                                                int4_pairs=native_build.int4_pairs_preferred())
+    assert torch.equal(out, preferred)
     with pytest.raises(ValueError):
         native.BoundWeight(weight_of(INT4, (30, 64), group=48))
 

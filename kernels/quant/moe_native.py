@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..native import FEW_TOKENS, Kernel
+from ..native import FEW_TOKENS, Kernel, int4_pairs_preferred
 from .formats import FP8_BLOCK, FP8_BLOCK_SIZE, INT4_GROUP_SIZE, QuantizedRows, QuantizedWeight
 from .native import BF16_CODE, FORMAT_CODES, VARIANTS, half_or_float, int4_group_fits
 
 SOURCE = Path(__file__).with_name("sparse_moe_quant.c")
-SPARSE_MOE = Kernel(SOURCE, "sparse_moe_quant", "pipinpn", isas=VARIANTS, returns="n")
+SPARSE_MOE = Kernel(SOURCE, "sparse_moe_quant", "pipinpnn", isas=VARIANTS, returns="n")
 _LANES = Kernel(SOURCE, "sparse_moe_quant_lanes", "p", isas=VARIANTS)
 # The most experts a token may take (the kernel's per-token arrays).
 MAX_TOP_K = 64
@@ -112,15 +112,18 @@ class QuantizedMoE:
         """Whether this description is of exactly these weights (router first, as in __init__)."""
         return len(weights) == len(self.weights) and all(a is b for a, b in zip(weights, self.weights, strict=True))
 
-    def __call__(self, x: Tensor, out: Tensor | None = None, threads: int | None = None) -> Tensor:
+    def __call__(self, x: Tensor, out: Tensor | None = None, threads: int | None = None,
+                 int4_pairs: bool | None = None) -> Tensor:
         """x `[N, H]` bf16 -> `[N, H]` bf16 (into `out`, contiguous, when given), over `threads`
-        threads (default: torch's count)."""
+        threads (default: torch's count); int4 weights by pair products where `int4_pairs` (default:
+        kernels.native.int4_pairs_preferred) and the build and their group allow."""
         if x.shape[-1] != self.hidden:
             raise ValueError(f"x of width {x.shape[-1]} for a block of width {self.hidden}")
         x = x if x.is_contiguous() else x.contiguous()
         if out is None:
             out = torch.empty_like(x)
-        status = SPARSE_MOE(x, x.shape[0], self.table, self.top_k, int(self.normalize), out,
+        pairs = int4_pairs_preferred() if int4_pairs is None else int4_pairs
+        status = SPARSE_MOE(x, x.shape[0], self.table, self.top_k, int(self.normalize), out, int(pairs),
                             torch.get_num_threads() if threads is None else threads)
         if status != 0:
             raise MemoryError("MoE work buffers could not be allocated")

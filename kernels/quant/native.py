@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..native import FEW_TOKENS, Kernel
+from ..native import FEW_TOKENS, Kernel, int4_pairs_preferred
 from .formats import FP8_BLOCK, INT4, INT4_GROUP_SIZE, INT8, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("small_m_quant.c")
@@ -24,7 +24,7 @@ BF16_CODE = 3
 # Dtypes the kernels read scales, biases and activations in, and write outputs in.
 HALF_OR_FLOAT = (torch.float32, torch.bfloat16)
 
-SMALL_M = Kernel(SOURCE, "quant_linear_small_m", "npniiipiipniipnpnn", isas=VARIANTS)
+SMALL_M = Kernel(SOURCE, "quant_linear_small_m", "npniiipiipniipnpnnn", isas=VARIANTS)
 _LANES = Kernel(SOURCE, "quant_small_m_lanes", "p", isas=VARIANTS)
 
 
@@ -87,26 +87,31 @@ class BoundWeight:
                              int(self.bias is not None and self.bias.dtype == torch.bfloat16))
         self._format = FORMAT_CODES[weight.format]
 
-    def __call__(self, x: Tensor, out: Tensor, isa: str | None = None, threads: int | None = None) -> Tensor:
+    def __call__(self, x: Tensor, out: Tensor, isa: str | None = None, threads: int | None = None,
+                 int4_pairs: bool | None = None) -> Tensor:
         """x `[M, K]` fp32 or bf16 with unit column stride -> `out` `[M, N]` (contiguous, fp32 or bf16):
-        the fp32 sum plus the bias, rounded once to out's dtype, over `threads` threads (default: torch's)."""
+        the fp32 sum plus the bias, rounded once to out's dtype, over `threads` threads (default:
+        torch's); int4 times bf16 x by pair products where `int4_pairs` (default: where this CPU
+        prefers them, kernels.native.int4_pairs_preferred) and the build and group allow."""
+        pairs = int4_pairs_preferred() if int4_pairs is None else int4_pairs
         SMALL_M(self._format, x, int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], self.columns,
-                *self._weight_args, out, int(out.dtype == torch.bfloat16),
+                *self._weight_args, out, int(out.dtype == torch.bfloat16), int(pairs),
                 torch.get_num_threads() if threads is None else threads, isa=isa)
         return out
 
 
 def quantized_linear_small_m(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None, out: Tensor | None = None,
                              out_dtype: torch.dtype = torch.float32, isa: str | None = None,
-                             threads: int | None = None) -> Tensor:
+                             threads: int | None = None, int4_pairs: bool | None = None) -> Tensor:
     """x `[M, K]` fp32 or bf16 with unit column stride, weight `[N, K]`, bias `[N]` or None ->
     `[M, N]`: the fp32 sum plus the bias, rounded once to out_dtype (fp32 or bf16), written into
     `out` (contiguous, M * N elements of out_dtype) when given, over `threads` threads (default:
-    torch's count). The caller checks that `kernel(isa)` is not None."""
+    torch's count), int4 by pair products as BoundWeight decides. The caller checks that
+    `kernel(isa)` is not None."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype)
     if out.dtype not in HALF_OR_FLOAT or not out.is_contiguous() or out.numel() != x.shape[0] * weight.shape[0]:
         raise ValueError(f"out must be contiguous fp32 or bf16 with {x.shape[0]} x {weight.shape[0]} elements")
-    return BoundWeight(weight, bias)(x, out, isa=isa, threads=threads)
+    return BoundWeight(weight, bias)(x, out, isa=isa, threads=threads, int4_pairs=int4_pairs)

@@ -19,6 +19,15 @@
  * the finished sum, fp8 multiplies x by the block scales once per 128 weight rows (all rows of a
  * block share them).
  *
+ * int4 by pair dot products. Where the caller asks for it (`int4_pairs`: x exact in bf16, groups of
+ * a multiple of 64 columns, the AVX-512 build), int4 weights go through the bf16 pair dot product
+ * (vdpbf16ps) instead: nibbles become the bf16 values -8..7 by one word permute, each instruction
+ * adds two exact products x * (nibble - 8) into a lane's chain, and a group's sums go into the row's
+ * totals times the group's scale (as in the AVX2 build). Half the conversions per weight and two
+ * products per lane per instruction: on CPUs that run the instruction at the FMA's rate (AMD Zen 4)
+ * it converts twice as many weights a cycle; where it runs at half that rate (Intel's) the table is
+ * faster. Other bits than the table's, again fixed whatever the call's size or thread count.
+ *
  * Memory. With up to 16 rows of x the work is bound by the weight's bytes: each block of 8 weight
  * rows is read from memory once (the next block requested ahead) and reused from cache for every
  * group of up to 4 rows of x (the groups' accumulators fit the vector registers). x is converted to
@@ -138,6 +147,27 @@ ALWAYS void int4_to_vecs(__m128i bytes, group_scale table, vec *even, vec *odd) 
 #define INT4_GROUP_END
 #define INT4_SUM(m, r) acc[m][r]
 
+/* int4 by pair dot products: PAIR_STEP bytes (2 * PAIR_STEP columns) a step. A byte widened to a
+ * word indexes the 32-entry table by its low 5 bits, so the table holds -8..7 twice and the low
+ * nibble needs no mask; the high nibble is the word shifted right by 4. */
+#define INT4_PAIRS 1
+#define PAIR_STEP 32
+typedef __m512i pair_table;
+ALWAYS pair_table int4_pair_table(void) {
+    const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    return (__m512i)_mm512_cvtne2ps_pbh(values, values);
+}
+
+/* PAIR_STEP packed bytes (zeros past `count`) -> the even columns' and the odd columns' weights. */
+ALWAYS void int4_to_pairs(const uint8_t *p, int64_t count, pair_table table, __m512bh *even, __m512bh *odd) {
+    __m256i bytes = count >= PAIR_STEP ? _mm256_loadu_si256((const __m256i *)p)
+                                       : _mm256_maskz_loadu_epi8((__mmask32)((1ull << count) - 1), p);
+    __m512i wide = _mm512_cvtepu8_epi16(bytes);
+    *even = (__m512bh)_mm512_permutexvar_epi16(wide, table);
+    *odd = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wide, 4), table);
+}
+ALWAYS __m512bh load_pairs(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+
 #else /* AVX2 + FMA + F16C */
 #define LANES 8
 /* 16 registers: 8 accumulators at most (4 x 2 beat 2 x 4 here: fewer passes over the weights). */
@@ -244,7 +274,8 @@ ALWAYS void int4_to_vecs(__m128i bytes, vec *even, vec *odd) {
 /* Elements of x per chunk of its prepared copy: int4 reads LANES bytes = 2 * LANES weights a step. */
 #define CHUNK (2 * LANES)
 
-/* The length of a prepared row of K elements: whole chunks, at least one. */
+/* The length of a prepared row of K elements: whole chunks, at least one (in floats; a row prepared
+ * for pair products, 2 * PAIR_STEP bf16 columns a step, fits it too). */
 static inline int64_t prepared_width(int64_t K) { return K > 0 ? (K + CHUNK - 1) / CHUNK * CHUNK : CHUNK; }
 
 /* Element `index` of an fp32 or bf16 array. */
@@ -268,6 +299,42 @@ static void prepare_row(const void *x, int x_bf16, int64_t K, int format, float 
         }
 }
 
+#ifdef INT4_PAIRS
+/* One row of x [K] (fp32 values exact in bf16, or bf16) for int4 pair products, into `out` [ldx
+ * floats] as bf16 words: each 2 * PAIR_STEP columns' even columns, then their odd ones, zero past K. */
+static void prepare_pairs(const void *x, int x_bf16, int64_t K, float *out, int64_t ldx) {
+    uint16_t *words = (uint16_t *)out;
+    for (int64_t c = 0; c < 2 * ldx; c += 2 * PAIR_STEP)
+        for (int i = 0; i < PAIR_STEP; i++) {
+            int64_t k = c + 2 * i;
+            words[c + i] = k < K ? float_to_bf16(value_at(x, k, x_bf16)) : 0;
+            words[c + PAIR_STEP + i] = k + 1 < K ? float_to_bf16(value_at(x, k + 1, x_bf16)) : 0;
+        }
+}
+#endif
+
+/* Whether a product over `format` with this int4 `group` takes pair products when asked to. */
+static inline int takes_pairs(int format, int64_t group) {
+#ifdef INT4_PAIRS
+    return format == FORMAT_INT4 && group % (2 * PAIR_STEP) == 0;
+#else
+    (void)format, (void)group;
+    return 0;
+#endif
+}
+
+/* x prepared for `format`, as pair products want it when `pairs`. */
+static inline void prepare_for(const void *x, int x_bf16, int64_t K, int format, int pairs, float *out, int64_t ldx) {
+#ifdef INT4_PAIRS
+    if (pairs) {
+        prepare_pairs(x, x_bf16, K, out, ldx);
+        return;
+    }
+#endif
+    (void)pairs;
+    prepare_row(x, x_bf16, K, format, out, ldx);
+}
+
 /* One product: M <= QUANT_MAX_ROWS rows of prepared x times a weight [N, K], into M output rows. */
 typedef struct {
     int format;
@@ -283,6 +350,7 @@ typedef struct {
     int bias_bf16;
     void *const *y;        /* M output rows of N elements */
     int y_bf16;
+    int pairs;             /* int4 by pair products, x prepared by prepare_pairs (takes_pairs) */
 } problem;
 
 /* y[m][n] = sum + bias[n], rounded to y's dtype. */
@@ -459,25 +527,81 @@ ALWAYS void int4_tile(const problem *p, const float *const *x, int64_t m0, const
     }
 }
 
+#ifdef INT4_PAIRS
+/* Byte b holds columns 2b and 2b + 1; x's step is its even columns' bf16, then its odd ones'. */
+#define INT4_PAIR_STEP_TILE(b, count)                                                           \
+    {                                                                                           \
+        __m512bh xe[X_GROUP], xo[X_GROUP];                                                      \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                                  \
+            xe[m] = load_pairs((const uint16_t *)xs[m] + 2 * (b));                              \
+            xo[m] = load_pairs((const uint16_t *)xs[m] + 2 * (b) + PAIR_STEP);                  \
+        }                                                                                       \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+            __m512bh even, odd;                                                                 \
+            int4_to_pairs(wr[r] + (b), count, table, &even, &odd);                              \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                              \
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], even, xe[m]);                          \
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], odd, xo[m]);                            \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+/* The group is a multiple of 2 * PAIR_STEP columns (takes_pairs), so steps never straddle two. */
+ALWAYS void int4_pairs_tile(const problem *p, const float *const *x, int64_t m0, const int MB, int64_t n0,
+                            const int R, const int CHECK, int *nan) {
+    (void)CHECK, (void)nan;
+    TILE_SETUP
+    const pair_table table = int4_pair_table();
+    vec total[X_GROUP][ROW_BLOCK];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) total[m][r] = vzero();
+    for (int64_t k0 = 0, g = 0; k0 < p->K; k0 += p->group, g++) {
+        int64_t end = k0 + p->group < p->K ? k0 + p->group : p->K;
+        int64_t first = k0 / 2, byte_end = (end + 1) / 2;
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+            for (int64_t line = first; line < byte_end; line += 64) PREFETCH(r, line);
+        int64_t b = first;
+        for (; b + PAIR_STEP <= byte_end; b += PAIR_STEP) INT4_PAIR_STEP_TILE(b, PAIR_STEP)
+        if (b < byte_end) INT4_PAIR_STEP_TILE(b, byte_end - b)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            vec scale = vset1(value_at(p->scale, rows[r] * p->lds + g, p->scale_bf16));
+            _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {
+                total[m][r] = vfma(acc[m][r], scale, total[m][r]);
+                acc[m][r] = vzero();
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        if (n0 + r >= p->N) break;
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(total[m][r]));
+    }
+}
+/* Accumulators and totals for 4 x 4 tiles would overflow the registers. */
+#define R_MANY_PAIRS 2
+#endif
+
 /* One block of ROW_BLOCK weight rows for all rows of x, in groups of up to X_GROUP rows, each in
  * tiles of R_ONE or R_MANY weight rows. Which tile a row goes through changes no bits. */
 #define RUN_TILES(tile, mb, r, check)                                                           \
     for (int sub = 0; sub < ROW_BLOCK && n0 + sub < p->N; sub += (r))                           \
         tile(p, x, m0, mb, n0 + sub, r, check, nan + sub);
 /* Every group size up to X_GROUP (at most 8) has its own case: a tile's MB is a constant. */
-#define GROUP_CASE(tile, mb, check)                                                             \
-    case mb: if ((mb) <= X_GROUP) { RUN_TILES(tile, (mb) <= X_GROUP ? (mb) : 1, R_MANY, check) } break;
-#define RUN_GROUP(tile, check)                                                                  \
+#define GROUP_CASE(tile, mb, many, check)                                                       \
+    case mb: if ((mb) <= X_GROUP) { RUN_TILES(tile, (mb) <= X_GROUP ? (mb) : 1, many, check) } break;
+#define RUN_GROUP(tile, many, check)                                                            \
     switch (p->M - m0 < X_GROUP ? p->M - m0 : X_GROUP) {                                        \
     case 1: RUN_TILES(tile, 1, R_ONE, check) break;                                             \
-    GROUP_CASE(tile, 2, check) GROUP_CASE(tile, 3, check) GROUP_CASE(tile, 4, check)            \
-    GROUP_CASE(tile, 5, check) GROUP_CASE(tile, 6, check) GROUP_CASE(tile, 7, check)            \
-    GROUP_CASE(tile, 8, check)                                                                  \
+    GROUP_CASE(tile, 2, many, check) GROUP_CASE(tile, 3, many, check)                           \
+    GROUP_CASE(tile, 4, many, check) GROUP_CASE(tile, 5, many, check)                           \
+    GROUP_CASE(tile, 6, many, check) GROUP_CASE(tile, 7, many, check)                           \
+    GROUP_CASE(tile, 8, many, check)                                                            \
     }
-#define RUN_BLOCK(tile)                                                                         \
+/* `many`: weight rows a tile takes for more than one row of x. */
+#define RUN_BLOCK_OF(tile, many)                                                                \
     for (int64_t m0 = 0; m0 < p->M; m0 += X_GROUP) {                                            \
-        if (m0 == 0) { RUN_GROUP(tile, 1) } else { RUN_GROUP(tile, 0) }                         \
+        if (m0 == 0) { RUN_GROUP(tile, many, 1) } else { RUN_GROUP(tile, many, 0) }             \
     }
+#define RUN_BLOCK(tile) RUN_BLOCK_OF(tile, R_MANY)
 
 /* fp8: x times the block scales of the 128-row band `band` (and 2^8, see fp8_to_vecs), into the
  * rows `scaled` (zero past K, as prepared rows are). Every row of a ROW_BLOCK lies in one band, so
@@ -514,7 +638,10 @@ static void run_blocks(const problem *p, int64_t first_block, int64_t end_block,
         } else if (p->format == FORMAT_INT8) {
             RUN_BLOCK(int8_tile)
         } else if (p->format == FORMAT_INT4) {
-            RUN_BLOCK(int4_tile)
+#ifdef INT4_PAIRS
+            if (p->pairs) { RUN_BLOCK_OF(int4_pairs_tile, R_MANY_PAIRS) } else
+#endif
+            { RUN_BLOCK(int4_tile) }
         } else {
             RUN_BLOCK(bf16_tile)
         }

@@ -28,7 +28,8 @@ static void run_blocks_alone(const problem *p, int64_t first, int64_t end) {
 /* Up to QUANT_MAX_ROWS rows: quant_linear_small_m's contract. */
 static void linear_rows(int format, const char *x, int x_bf16, int64_t ldx, int64_t M, int64_t K, const void *w,
                         int64_t ldw, int64_t N, const void *scale, int scale_bf16, int64_t lds, int64_t group,
-                        const void *bias, int bias_bf16, char *y, int y_bf16, int threads) {
+                        const void *bias, int bias_bf16, char *y, int y_bf16, int int4_pairs, int threads) {
+    int pairs = int4_pairs && x_bf16 && takes_pairs(format, group);
     int64_t width = prepared_width(K);
     float *prepared = aligned_alloc(64, sizeof(float) * (size_t)(M * width));
     const float *x_rows[QUANT_MAX_ROWS];
@@ -38,7 +39,7 @@ static void linear_rows(int format, const char *x, int x_bf16, int64_t ldx, int6
         y_rows[m] = y + m * N * (y_bf16 ? 2 : 4);
     }
     problem p = { format, x_rows, width, M, K, N, (const uint8_t *)w, ldw, scale, scale_bf16, lds, group,
-                  bias, bias_bf16, y_rows, y_bf16 };
+                  bias, bias_bf16, y_rows, y_bf16, pairs };
     if (prepared == NULL || K <= 0) {
         /* An empty sum is 0; without memory for x, NaN says so. */
         for (int64_t m = 0; m < M; m++)
@@ -47,7 +48,7 @@ static void linear_rows(int format, const char *x, int x_bf16, int64_t ldx, int6
         return;
     }
     for (int64_t m = 0; m < M; m++)
-        prepare_row(x + m * ldx * (x_bf16 ? 2 : 4), x_bf16, K, format, prepared + m * width, width);
+        prepare_for(x + m * ldx * (x_bf16 ? 2 : 4), x_bf16, K, format, pairs, prepared + m * width, width);
     int64_t blocks = row_blocks(&p);
     if (threads <= 1 || N * K < (1 << 17)) {
         run_blocks_alone(&p, 0, blocks);
@@ -65,15 +66,16 @@ static void linear_rows(int format, const char *x, int x_bf16, int64_t ldx, int6
 
 /* y [M, N] (fp32 or bf16) = x [M, K] (fp32 or bf16, row stride ldx elements) times the weight [N, K]
  * of `format` (data rows of ldw bytes; scale fp32 or bf16, rows of lds elements; int4 group a
- * multiple of 2 * LANES), plus bias [N] (fp32 or bf16) unless NULL. Weight rows are split over up
- * to `threads` OpenMP threads when there are enough; more than QUANT_MAX_ROWS rows of x go through
- * in runs of that many. */
+ * multiple of 2 * LANES), plus bias [N] (fp32 or bf16) unless NULL. With `int4_pairs`, an int4
+ * weight times bf16 x takes pair products where the build and the group allow (quant_dot.h). Weight
+ * rows are split over up to `threads` OpenMP threads when there are enough; more than
+ * QUANT_MAX_ROWS rows of x go through in runs of that many. */
 void quant_linear_small_m(int format, const void *x, int x_bf16, int64_t ldx, int64_t M, int64_t K, const void *w,
                           int64_t ldw, int64_t N, const void *scale, int scale_bf16, int64_t lds, int64_t group,
-                          const void *bias, int bias_bf16, void *y, int y_bf16, int threads) {
+                          const void *bias, int bias_bf16, void *y, int y_bf16, int int4_pairs, int threads) {
     if (N <= 0) return;
     for (int64_t m0 = 0; m0 < M; m0 += QUANT_MAX_ROWS)
         linear_rows(format, (const char *)x + m0 * ldx * (x_bf16 ? 2 : 4), x_bf16, ldx,
                     M - m0 < QUANT_MAX_ROWS ? M - m0 : QUANT_MAX_ROWS, K, w, ldw, N, scale, scale_bf16, lds, group,
-                    bias, bias_bf16, (char *)y + m0 * N * (y_bf16 ? 2 : 4), y_bf16, threads);
+                    bias, bias_bf16, (char *)y + m0 * N * (y_bf16 ? 2 : 4), y_bf16, int4_pairs, threads);
 }

@@ -25,16 +25,25 @@ enum { ROUTER, GATE, UP, DOWN, SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_EXPER
 
 #define MAX_TOP_K 64
 
-/* Rows of prepared activations: one layout for int4 weights, another for the rest (prepare_row). */
-static inline int layout_of(int64_t format) { return format == FORMAT_INT4; }
+/* Rows of prepared activations: one layout for the formats of prepare_row's plain rows, one for int4,
+ * one for int4 by pair products (x is bf16, and SwiGLU's outputs are rounded to bf16: exact). */
+enum { PLAIN_LAYOUT, INT4_LAYOUT, PAIRS_LAYOUT, LAYOUTS };
+static inline int layout_of(const weight_ref *w, int int4_pairs) {
+    if (w->format != FORMAT_INT4) return PLAIN_LAYOUT;
+    return int4_pairs && takes_pairs(FORMAT_INT4, w->group) ? PAIRS_LAYOUT : INT4_LAYOUT;
+}
+static const int layout_format[LAYOUTS] = { FORMAT_BF16, FORMAT_INT4, FORMAT_INT4 };
 
-/* The product of `w` (expert `expert` of a stack) with the M prepared rows `x` into the fp32 rows `y`. */
-static problem product(const weight_ref *w, int64_t expert, const float *const *x, int64_t M, float *const *y) {
+/* The product of `w` (expert `expert` of a stack) with the M rows `x` prepared in the layout of
+ * `w` and `int4_pairs` into the fp32 rows `y`. */
+static problem product(const weight_ref *w, int64_t expert, const float *const *x, int64_t M, float *const *y,
+                       int int4_pairs) {
     const char *scale = (const char *)(uintptr_t)w->scale;
     problem p = { (int)w->format, x, prepared_width(w->columns), M, w->columns, w->rows,
                   (const uint8_t *)(uintptr_t)w->data + expert * w->expert_bytes, w->row_bytes,
                   scale == NULL ? NULL : scale + expert * w->expert_scales * (w->scale_bf16 ? 2 : 4),
-                  (int)w->scale_bf16, w->scale_stride, w->group, NULL, 0, (void *const *)y, 0 };
+                  (int)w->scale_bf16, w->scale_stride, w->group, NULL, 0, (void *const *)y, 0,
+                  layout_of(w, int4_pairs) == PAIRS_LAYOUT };
     return p;
 }
 
@@ -105,7 +114,7 @@ static void swiglu(float *gate, const float *up, int64_t width) {
 
 /* Work buffers of one call, sized for `T` tokens. */
 typedef struct {
-    float *x[2];          /* the tokens' x prepared in each layout [T, x_width] */
+    float *x[LAYOUTS];    /* the tokens' x prepared in each layout [T, x_width] */
     float *logits;        /* [T, E] */
     float *gate_logit;    /* [T] */
     int64_t *chosen;      /* [T, topk] */
@@ -126,7 +135,7 @@ typedef struct {
  * router [E, H]; gate and up [E, I, H] stacks; down [E, H, I] stack; shared gate/up [S, H];
  * shared down [H, S]; shared expert gate [1, H]. */
 static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t topk, int normalize, uint16_t *out,
-                      int threads) {
+                      int int4_pairs, int threads) {
     const int64_t E = w[ROUTER].rows, H = w[ROUTER].columns, I = w[GATE].rows, S = w[SHARED_GATE].rows;
     const int64_t routed = T * topk, slots = routed + T;
     const int64_t x_width = prepared_width(H), proj_half = I > S ? I : S;
@@ -136,7 +145,7 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
     const int64_t max_items = 2 * routed + 4;
     if (threads < 1) threads = 1;
     buffers b;
-    size_t floats = (size_t)(2 * T * x_width + T * E + T + routed + slots * (2 * proj_half + act_width + H) +
+    size_t floats = (size_t)(LAYOUTS * T * x_width + T * E + T + routed + slots * (2 * proj_half + act_width + H) +
                              threads * QUANT_MAX_ROWS * scratch_width);
     float *pool = malloc(sizeof(float) * floats);
     void *pointers = malloc(sizeof(int64_t) * (size_t)(2 * max_items + 1 + 2 * routed) +
@@ -146,9 +155,8 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
         free(pointers);
         return -1;
     }
-    b.x[0] = pool;
-    b.x[1] = b.x[0] + T * x_width;
-    b.logits = b.x[1] + T * x_width;
+    for (int layout = 0; layout < LAYOUTS; layout++) b.x[layout] = pool + layout * T * x_width;
+    b.logits = pool + LAYOUTS * T * x_width;
     b.gate_logit = b.logits + T * E;
     b.weight = b.gate_logit + T;
     b.proj = b.weight + routed;
@@ -171,9 +179,9 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
             const float **xr = b.x_rows;
             float **yr = b.y_rows;
             for (int64_t t = 0; t < T; t++)
-                for (int layout = 0; layout < 2; layout++)
-                    prepare_row(x + t * H, 1, H, layout ? FORMAT_INT4 : FORMAT_BF16, b.x[layout] + t * x_width,
-                                x_width);
+                for (int layout = 0; layout < LAYOUTS; layout++)
+                    prepare_for(x + t * H, 1, H, layout_format[layout], layout == PAIRS_LAYOUT,
+                                b.x[layout] + t * x_width, x_width);
             /* Step 1 for every token at once: each weight's rows of x, then its output rows. */
             static const int shared_inputs[4] = { ROUTER, SHARED_GATE, SHARED_UP, SHARED_EXPERT_GATE };
             for (int i = 0; i < 4; i++) {
@@ -181,10 +189,10 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
                 for (int64_t t = 0; t < T; t++) {
                     float *shared_proj = b.proj + (routed + t) * 2 * proj_half;
                     float *outputs[4] = { b.logits + t * E, shared_proj, shared_proj + S, b.gate_logit + t };
-                    xr[t] = b.x[layout_of(ref->format)] + t * x_width;
+                    xr[t] = b.x[layout_of(ref, int4_pairs)] + t * x_width;
                     yr[t] = outputs[i];
                 }
-                first.items[first.count++] = product(ref, 0, xr, T, yr);
+                first.items[first.count++] = product(ref, 0, xr, T, yr, int4_pairs);
                 xr += T;
                 yr += T;
             }
@@ -212,13 +220,13 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
                 int64_t count = end - start;
                 for (int64_t i = 0; i < count; i++) {
                     int64_t slot = b.order[start + i], token = slot / topk;
-                    xr[i] = b.x[layout_of(w[GATE].format)] + token * x_width;
-                    xr[count + i] = b.x[layout_of(w[UP].format)] + token * x_width;
+                    xr[i] = b.x[layout_of(&w[GATE], int4_pairs)] + token * x_width;
+                    xr[count + i] = b.x[layout_of(&w[UP], int4_pairs)] + token * x_width;
                     yr[i] = b.proj + slot * 2 * proj_half;
                     yr[count + i] = b.proj + slot * 2 * proj_half + I;
                 }
-                second.items[second.count++] = product(&w[GATE], expert, xr, count, yr);
-                second.items[second.count++] = product(&w[UP], expert, xr + count, count, yr + count);
+                second.items[second.count++] = product(&w[GATE], expert, xr, count, yr, int4_pairs);
+                second.items[second.count++] = product(&w[UP], expert, xr + count, count, yr + count, int4_pairs);
                 xr += 2 * count;
                 yr += 2 * count;
             }
@@ -230,8 +238,10 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
             int shared = slot >= routed;
             int64_t width = shared ? S : I;
             float *gate = b.proj + slot * 2 * proj_half;
+            const weight_ref *down = &w[shared ? SHARED_DOWN : DOWN];
+            int layout = layout_of(down, int4_pairs);
             swiglu(gate, gate + width, width);
-            prepare_row(gate, 0, width, (int)w[shared ? SHARED_DOWN : DOWN].format, b.act + slot * act_width,
+            prepare_for(gate, 0, width, layout_format[layout], layout == PAIRS_LAYOUT, b.act + slot * act_width,
                         act_width);
         }
 #pragma omp single
@@ -246,7 +256,7 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
                     xr[end - start] = b.act + b.order[end] * act_width;
                     yr[end - start] = b.down + b.order[end] * H;
                 }
-                third.items[third.count++] = product(&w[DOWN], expert, xr, end - start, yr);
+                third.items[third.count++] = product(&w[DOWN], expert, xr, end - start, yr, int4_pairs);
                 xr += end - start;
                 yr += end - start;
             }
@@ -254,7 +264,7 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
                 xr[t] = b.act + (routed + t) * act_width;
                 yr[t] = b.down + (routed + t) * H;
             }
-            third.items[third.count++] = product(&w[SHARED_DOWN], 0, xr, T, yr);
+            third.items[third.count++] = product(&w[SHARED_DOWN], 0, xr, T, yr, int4_pairs);
             number_blocks(&third);
         }
         team_products(&third, scratch);
@@ -280,17 +290,19 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
 void sparse_moe_quant_lanes(int32_t *lanes) { *lanes = LANES; }
 
 /* x [T, H] bf16 -> out [T, H] bf16 through the MoE block whose WEIGHT_COUNT weights `w` describes
- * (see moe_tokens), top-k experts a token (at most MAX_TOP_K), over up to `threads` threads.
+ * (see moe_tokens), top-k experts a token (at most MAX_TOP_K), over up to `threads` threads; with
+ * `int4_pairs`, int4 weights take pair products where the build and their group allow (quant_dot.h).
  * Tokens go through in runs of QUANT_MAX_ROWS. Returns 0, or -1 when work buffers cannot be
  * allocated or top-k is out of range. */
 int sparse_moe_quant(const uint16_t *x, int64_t T, const int64_t *w, int64_t topk, int normalize, uint16_t *out,
-                     int threads) {
+                     int int4_pairs, int threads) {
     const weight_ref *weights = (const weight_ref *)w;
     if (topk < 1 || topk > MAX_TOP_K || topk > weights[ROUTER].rows) return -1;
     int64_t H = weights[ROUTER].columns;
     for (int64_t t0 = 0; t0 < T; t0 += QUANT_MAX_ROWS) {
         int64_t count = T - t0 < QUANT_MAX_ROWS ? T - t0 : QUANT_MAX_ROWS;
-        if (moe_tokens(x + t0 * H, count, weights, topk, normalize, out + t0 * H, threads) != 0) return -1;
+        if (moe_tokens(x + t0 * H, count, weights, topk, normalize, out + t0 * H, int4_pairs, threads) != 0)
+            return -1;
     }
     return 0;
 }
