@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.native import flush_denormals
+from kernels.native import flush_denormals, keep_freed_memory
 
 from .config import ModelConfig
 from .few_tokens import FewTokenForward
@@ -50,6 +50,7 @@ class LanguageModel:
         self.rotary = RotaryEmbedding(config, self.device)
         if self.device.type == "cpu":
             flush_denormals()
+            keep_freed_memory()
         # Decode steps and draft verification through native calls where they all run (same bits).
         self.few_tokens = FewTokenForward.build(self.module, config)
         self._tokenizer = None
