@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.native import AVX2_ONLY_ENVIRONMENT  # noqa: E402
+from kernels.native import AVX2_ONLY_ENVIRONMENT, int4_pairs_preferred  # noqa: E402
 
 BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendored llama.cpp is 0c1e570, which knows qwen3next
@@ -235,7 +235,9 @@ def main() -> int:
     binaries, build_s = build_llama_cpp(switches)
     results = {"cpu": cpu, "isa": args.isa, "llama_cpp_switches": switches, "threads": args.threads,
                "prompt_tokens": args.prompt, "decode_steps": args.decode_steps, "llama_cpp_python": LLAMA_CPP_PYTHON,
-               "llama_cpp_build_s": round(build_s, 1), "pairs": []}
+               "llama_cpp_build_s": round(build_s, 1),
+               # Whether our int4 decode multiplies by bf16 pair products (kernels.native.int4_pairs_preferred).
+               "ours_int4_pairs": args.isa == "avx512" and int4_pairs_preferred(), "pairs": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

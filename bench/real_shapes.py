@@ -148,7 +148,9 @@ def code_version() -> dict:
 
 def quantized_paths() -> dict:
     """Which CPU paths quantized weights take here: the native small-row kernel for decode (up to
-    16 rows) and, for prefill chunks, the bf16 GEMM on dequantized tiles or the fp32 reference."""
+    16 rows), whether it multiplies int4 by bf16 pair products, and, for prefill chunks, the bf16
+    GEMM on dequantized tiles or the fp32 reference."""
+    import kernels.native as native
     import kernels.quant as quant
 
     weight = quant.quantize_int4(torch.ones(32, 256))
@@ -158,6 +160,7 @@ def quantized_paths() -> dict:
         "decode_native_kernel": bool(uses_native and uses_native(torch.ones(1, 256, dtype=torch.bfloat16), weight)),
         "prefill_bf16_gemm": bool(prefill_path and prefill_path.supports(torch.ones(64, 256, dtype=torch.bfloat16),
                                                                          weight)),
+        "decode_int4_pairs": bool(getattr(native, "int4_pairs_preferred", lambda: False)()),
     }
 
 
