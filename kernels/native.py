@@ -69,6 +69,7 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(word for line in _cpuinfo().splitlines() if line.startswith("flags") for word in line.split())
 
 
+@functools.cache
 def _cpu_vendor() -> str:
     """The CPU's vendor string (GenuineIntel, AuthenticAMD), or "" where /proc/cpuinfo does not say."""
     for line in _cpuinfo().splitlines():
@@ -128,6 +129,7 @@ def _set_forced_isa(isa: str | None) -> None:
     _forced_isa = isa
     _choice_generation += 1
     isa_order.cache_clear()
+    int4_pairs_preferred.cache_clear()
     numerics_identity.cache_clear()
 
 
@@ -160,12 +162,14 @@ def native_bf16_matmul() -> bool:
     return "avx512" in isa_order()
 
 
+@functools.cache
 def int4_pairs_preferred() -> bool:
     """Whether the few-token kernels multiply int4 weights with bf16 activations by the bf16 pair dot
     product (kernels/quant/quant_dot.h), in the AVX-512 build: AMD's CPUs run that instruction at the
     fp32 FMA's rate, two products per lane, and it needs half the conversions the 16-entry table
     does; Intel's run it at half that rate, where the table measured faster. DOCANALYST_INT4_PAIRS=0
-    or 1 decides instead (to measure or test either way)."""
+    or 1 decides instead (to measure or test either way). Read once per ISA choice: every
+    few-token call asks."""
     forced = os.environ.get("DOCANALYST_INT4_PAIRS")
     if forced in ("0", "1"):
         return forced == "1"

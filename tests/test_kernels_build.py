@@ -81,15 +81,23 @@ def test_a_set_cpuid_does_not_report_is_not_run(monkeypatch, hidden):
 def test_int4_pair_products_are_preferred_on_amds_avx512_cpus(monkeypatch, vendor):
     """AMD runs the bf16 pair dot product at the FMA's rate, Intel at half of it; the AVX2 build has
     none; DOCANALYST_INT4_PAIRS decides where it is set."""
+    def preferred() -> bool:
+        native.int4_pairs_preferred.cache_clear()
+        return native.int4_pairs_preferred()
+
     monkeypatch.delenv("DOCANALYST_INT4_PAIRS", raising=False)
     monkeypatch.setattr(native, "_cpu_vendor", lambda: vendor)
     monkeypatch.setattr(native, "isa_order", lambda: ("avx512", "avx2"))
-    assert native.int4_pairs_preferred() is (vendor == "AuthenticAMD")
-    monkeypatch.setattr(native, "isa_order", lambda: ("avx2",))
-    assert native.int4_pairs_preferred() is False
-    for value in ("0", "1"):
-        monkeypatch.setenv("DOCANALYST_INT4_PAIRS", value)
-        assert native.int4_pairs_preferred() is (value == "1")
+    try:
+        assert preferred() is (vendor == "AuthenticAMD")
+        monkeypatch.setattr(native, "isa_order", lambda: ("avx2",))
+        assert preferred() is False
+        for value in ("0", "1"):
+            monkeypatch.setenv("DOCANALYST_INT4_PAIRS", value)
+            assert preferred() is (value == "1")
+    finally:
+        monkeypatch.undo()
+        native.int4_pairs_preferred.cache_clear()
 
 
 def test_the_int4_method_is_part_of_the_numerics_identity(monkeypatch):
@@ -98,9 +106,11 @@ def test_the_int4_method_is_part_of_the_numerics_identity(monkeypatch):
     try:
         for value in ("0", "1"):
             monkeypatch.setenv("DOCANALYST_INT4_PAIRS", value)
+            native.int4_pairs_preferred.cache_clear()
             native.numerics_identity.cache_clear()
             identities.add(native.numerics_identity())
     finally:
         monkeypatch.undo()
+        native.int4_pairs_preferred.cache_clear()
         native.numerics_identity.cache_clear()
     assert len(identities) == 2
