@@ -9,14 +9,15 @@
  * projection to bf16 and its product with the routing weight to bf16. A token's routed outputs
  * are then summed in fp32 in ascending expert order and rounded once (index_add_'s order).
  *
- * Experts are shared out over OpenMP threads. Within one, each projection's weights are first
- * repacked as bf16 pairs along the input dim, so that the products are outer products on the
- * pair dot-product instruction: 4 token rows x 64 output columns per tile, a packed load shared
- * by the 4 rows, every output an fp32 chain over the input pairs in order. Input and expert
- * widths are multiples of 16.
+ * Experts are shared out over OpenMP threads. Within one, the products are dot products on the
+ * pair dot-product instruction over the weights as stored: 4 token rows x 16 weight rows per tile,
+ * each output 16 fp32 lane chains over its inputs in order, then one fixed tree over the lanes.
+ * (Repacking each expert's weights for outer products cost as much as the products themselves
+ * with the ~40 tokens an expert gets in a 2,048-token chunk of the 80B.) Input and expert widths
+ * are multiples of 16.
  *
  * With `amx` set (CPUs with AMX tiles, prefill-sized calls) the products run on the tile unit
- * instead, reading the weights as stored (no repacking) with the expert's tokens packed as pairs.
+ * instead, reading the weights as stored with the expert's tokens packed as pairs.
  * The gate/up tiles' SwiGLU is written straight in the down projection's input layout, and each
  * block's SwiGLU runs while the tile unit computes the next block. The same rounding steps, but each
  * output's fp32 sum is taken in the tile unit's order, silu's division is a refined reciprocal and
@@ -91,80 +92,56 @@ static void sum_routed(const uint16_t *routed, const int64_t *experts, int64_t N
 
 #if defined(__AVX512BF16__)
 
-typedef uint32_t pair_t __attribute__((aligned(2), may_alias)); /* two bf16 read as one lane */
+/* Token rows a tile takes, and weight rows (4 groups of 4 share one reduction tree). */
+#define TILE_TOKENS 4
+#define TILE_ROWS 16
 
-/* Expert e's w [N, K] as bf16 pairs along K in panels of 64 output columns, so that a tile streams
- * one panel: packed[(n / 64) * (K / 2) * 64 + p * 64 + n % 64] = w[n][2p] | w[n][2p + 1] << 16,
- * 16 rows at a time (through `scratch`, 16 x K, where quantized). N and K are multiples of 16. */
-static void pack_pairs(const projection *source, int64_t e, int64_t N, int64_t K, uint32_t *packed,
-                       uint16_t *scratch) {
-    int64_t pairs = K / 2;
-    for (int64_t n0 = 0; n0 < N; n0 += 16) {
-        const uint16_t *w = expert_rows(source, e, n0, 16, scratch);
-        for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-            int64_t here = pairs - p0 < 16 ? pairs - p0 : 16;
-            __mmask16 live = (__mmask16)((1u << here) - 1);
-            __m512i rows[16];
-            for (int j = 0; j < 16; j++) {
-                /* Weights read in place come from memory: ask for the next 16 rows while these are packed. */
-                if (w != scratch) _mm_prefetch((const char *)(w + (16 + j) * K + 2 * p0), _MM_HINT_T0);
-                rows[j] = _mm512_maskz_loadu_epi32(live, w + j * K + 2 * p0);
+/* y[r][n0 .. n0 + 15] for 4 token rows x (row stride K) and 16 weight rows w (row stride K): each
+ * output 16 lanes of pair products over K in order, 32 inputs a step, then reduce16's tree; each
+ * weight load is shared by the 4 tokens, each token load by 4 weight rows. With `scales` the
+ * rounded sum is multiplied by scales[r] and rounded again. */
+static inline void tile(const uint16_t *x, int64_t K, const uint16_t *w, int in_place, uint16_t *y, int64_t ldy,
+                        int64_t n0, const float *scales, int rows) {
+    float sums[TILE_TOKENS][TILE_ROWS] __attribute__((aligned(64)));
+    for (int group = 0; group < TILE_ROWS / 4; group++) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        const uint16_t *wg = w + 4 * group * K;
+        for (int64_t k = 0; k < K; k += 32) {
+            __m512bh xv[TILE_TOKENS], wv[4];
+            for (int t = 0; t < TILE_TOKENS; t++) xv[t] = load_bf16(x + t * K + k, K - k);
+            for (int j = 0; j < 4; j++) {
+                /* Weights read in place come from memory: ask for the next block's rows as these go by. */
+                if (in_place && k % 64 == 0) _mm_prefetch((const char *)(wg + (TILE_ROWS + j) * K + k), _MM_HINT_T1);
+                wv[j] = load_bf16(wg + j * K + k, K - k);
             }
-            transpose16(rows);
-            uint32_t *panel = packed + (n0 / 64) * pairs * 64 + n0 % 64;
-            for (int64_t p = 0; p < here; p++) _mm512_storeu_si512(panel + (p0 + p) * 64, rows[p]);
+            for (int t = 0; t < TILE_TOKENS; t++)
+                for (int j = 0; j < 4; j++) acc[4 * t + j] = _mm512_dpbf16_ps(acc[4 * t + j], xv[t], wv[j]);
         }
+        float reduced[16] __attribute__((aligned(64)));
+        _mm512_store_ps(reduced, reduce16(acc));
+        for (int t = 0; t < TILE_TOKENS; t++)
+            for (int j = 0; j < 4; j++) sums[t][4 * group + j] = reduced[4 * t + j];
     }
-}
-
-/* y[r][c0 + 16s + lane] for 4 rows and SLICES slices of 16 columns: each lane one fp32 chain over
- * the pairs of K in order, each packed load shared by the 4 rows. */
-static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t K, const uint32_t *packed,
-                                                      int64_t c0, uint16_t *y, int64_t ldy,
-                                                      const float *scales, int rows, const int SLICES) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int s = 0; s < SLICES; s++) acc[r][s] = _mm512_setzero_ps();
-    const pair_t *xr[4];
-    for (int r = 0; r < 4; r++) xr[r] = (const pair_t *)(x + r * K);
-    for (int64_t p = 0; p < K / 2; p++) {
-        const uint32_t *w = packed + (c0 / 64) * (K / 2) * 64 + p * 64;
-        __m512bh wv[4];
-        for (int s = 0; s < SLICES; s++) wv[s] = (__m512bh)_mm512_loadu_si512(w + 16 * s);
-        for (int r = 0; r < 4; r++) {
-            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xr[r][p]);
-            for (int s = 0; s < SLICES; s++) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], xv, wv[s]);
-        }
+    for (int t = 0; t < rows; t++) {
+        __m256i rounded = to_bf16(_mm512_load_ps(sums[t]));
+        if (scales) rounded = to_bf16(_mm512_mul_ps(widen_bf16(rounded), _mm512_set1_ps(scales[t])));
+        _mm256_storeu_si256((__m256i *)(y + t * ldy + n0), rounded);
     }
-    for (int r = 0; r < rows; r++)
-        for (int s = 0; s < SLICES; s++) {
-            __m256i rounded = to_bf16(acc[r][s]);
-            if (scales) {
-                __m512 value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
-                rounded = to_bf16(_mm512_mul_ps(value, _mm512_set1_ps(scales[r])));
-            }
-            _mm256_storeu_si256((__m256i *)(y + r * ldy + c0 + 16 * s), rounded);
-        }
 }
 
 /* y[r][n] = bf16(x[r] . w[n]) for r < R (x rows contiguous, R padded to a multiple of 4 with
- * readable rows), w packed by pack_pairs; with `scales` the rounded product is multiplied by
- * scales[r] and rounded again. */
-static void project(const uint16_t *x, int64_t R, int64_t K, const uint32_t *packed, int64_t N, uint16_t *y,
-                    int64_t ldy, const float *scales) {
-    for (int64_t c0 = 0; c0 < N; c0 += 64) {
-        int slices = N - c0 >= 64 ? 4 : (int)((N - c0) / 16);
-        for (int64_t r0 = 0; r0 < R; r0 += 4) {
-            int rows = R - r0 < 4 ? (int)(R - r0) : 4;
-            const uint16_t *xr = x + r0 * K;
-            uint16_t *yr = y + r0 * ldy;
-            const float *sr = scales ? scales + r0 : NULL;
-            switch (slices) {
-            case 4: tile(xr, K, packed, c0, yr, ldy, sr, rows, 4); break;
-            case 3: tile(xr, K, packed, c0, yr, ldy, sr, rows, 3); break;
-            case 2: tile(xr, K, packed, c0, yr, ldy, sr, rows, 2); break;
-            default: tile(xr, K, packed, c0, yr, ldy, sr, rows, 1); break;
-            }
+ * readable rows) and the N rows of expert e's projection `source`, read as stored (quantized ones
+ * dequantized 16 rows at a time into `scratch`); with `scales` the rounded product is multiplied by
+ * scales[r] and rounded again. N and K are multiples of 16. */
+static void project(const uint16_t *x, int64_t R, int64_t K, const projection *source, int64_t e, int64_t N,
+                    uint16_t *y, int64_t ldy, const float *scales, uint16_t *scratch) {
+    for (int64_t n0 = 0; n0 < N; n0 += TILE_ROWS) {
+        const uint16_t *w = expert_rows(source, e, n0, TILE_ROWS, scratch);
+        int in_place = w != scratch && n0 + 2 * TILE_ROWS <= N;
+        for (int64_t r0 = 0; r0 < R; r0 += TILE_TOKENS) {
+            int rows = R - r0 < TILE_TOKENS ? (int)(R - r0) : TILE_TOKENS;
+            tile(x + r0 * K, K, w, in_place && r0 == 0, y + r0 * ldy, ldy, n0, scales ? scales + r0 : NULL, rows);
         }
     }
 }
@@ -370,10 +347,8 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
         int64_t padded = (largest + 31) / 32 * 32;
         float *scales = malloc(sizeof(float) * (size_t)padded);
         /* Tiles: the expert's tokens and their SwiGLU packed as B operands, token ids and output rows.
-         * Pair path: the gathered rows, projections, activations, outputs and weight panels. */
-        size_t gate_up_panels = (size_t)((2 * I + 63) / 64 * 64 * (H / 2)), down_panels = (size_t)((H + 63) / 64 * 64 * (I / 2));
-        size_t packed_words = amx ? (size_t)(padded * H / 2) : (gate_up_panels > down_panels ? gate_up_panels : down_panels);
-        uint32_t *packed = malloc(sizeof(uint32_t) * packed_words);
+         * Pair path: the gathered rows, projections, activations and outputs. */
+        uint32_t *packed = amx ? malloc(sizeof(uint32_t) * (size_t)(padded * H / 2)) : NULL;
         uint32_t *packed_act = amx ? malloc(sizeof(uint32_t) * (size_t)(padded * I / 2)) : NULL;
         int64_t *tokens = amx ? malloc(sizeof(int64_t) * (size_t)padded) : NULL;
         uint16_t **targets = amx ? malloc(sizeof(uint16_t *) * (size_t)padded) : NULL;
@@ -382,7 +357,7 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
         uint16_t *act = amx ? NULL : calloc((size_t)(padded * I), sizeof(uint16_t));
         uint16_t *y = amx ? NULL : malloc(sizeof(uint16_t) * (size_t)(padded * H));
         uint16_t *scratch = malloc(sizeof(uint16_t) * scratch_words);
-        int usable = scales && packed && scratch && (amx ? packed_act && tokens && targets : gathered && h && act && y);
+        int usable = scales && scratch && (amx ? packed && packed_act && tokens && targets : gathered && h && act && y);
         failed |= !usable;
         if (amx) amx_configure();
 #pragma omp for schedule(dynamic, 1)
@@ -407,13 +382,9 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
                 __builtin_memcpy(gathered + r * H, x + (mine[r] / top_k) * H, sizeof(uint16_t) * (size_t)H);
                 scales[r] = bf16_to_float(weights[mine[r]]);
             }
-            {
-                pack_pairs(gate_up, e, 2 * I, H, packed, scratch);
-                project(gathered, count, H, packed, 2 * I, h, 2 * I, NULL);
-                swiglu(h, count, I, act);
-                pack_pairs(down, e, H, I, packed, scratch);
-                project(act, count, I, packed, H, y, H, scales);
-            }
+            project(gathered, count, H, gate_up, e, 2 * I, h, 2 * I, NULL, scratch);
+            swiglu(h, count, I, act);
+            project(act, count, I, down, e, H, y, H, scales, scratch);
             for (int64_t r = 0; r < count; r++)
                 __builtin_memcpy(routed + mine[r] * H, y + r * H, sizeof(uint16_t) * (size_t)H);
         }
