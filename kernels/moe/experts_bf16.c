@@ -112,7 +112,7 @@ static inline void tile(const uint16_t *x, int64_t K, const uint16_t *w, int in_
             for (int t = 0; t < TILE_TOKENS; t++) xv[t] = load_bf16(x + t * K + k, K - k);
             for (int j = 0; j < 4; j++) {
                 /* Weights read in place come from memory: ask for the next block's rows as these go by. */
-                if (in_place && k % 64 == 0) _mm_prefetch((const char *)(wg + (TILE_ROWS + j) * K + k), _MM_HINT_T1);
+                if (in_place) _mm_prefetch((const char *)(wg + (TILE_ROWS + j) * K + k), _MM_HINT_T1);
                 wv[j] = load_bf16(wg + j * K + k, K - k);
             }
             for (int t = 0; t < TILE_TOKENS; t++)
