@@ -124,4 +124,36 @@ static inline __m512 exp2_512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+#if defined(__AVX512BF16__)
+/* Dot products of 4 rows x[i] (K bf16 each) with 16 weight rows w (row stride ldw), into sums[i]
+ * (lane r: x[i] . w[r]): weight rows in 4 groups of 4, each group's 16 (row, weight row) chains of
+ * pair products over K in order, 32 inputs a step, sharing every load, then reduce16's tree; each
+ * output has the bits of its lone 16-lane chain reduced by reduce16. With `ahead`, every weight
+ * line read requests the same line 16 rows further on into L2 (weights streaming from memory). */
+static inline void dot_rows4(const uint16_t *const x[4], const uint16_t *w, int64_t ldw, int64_t K, int ahead,
+                             __m512 sums[4]) {
+    float lanes[4][16] __attribute__((aligned(64)));
+    for (int group = 0; group < 4; group++) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        const uint16_t *wg = w + 4 * group * ldw;
+        for (int64_t k = 0; k < K; k += 32) {
+            __m512bh xv[4], wv[4];
+            for (int i = 0; i < 4; i++) xv[i] = load_bf16(x[i] + k, K - k);
+            for (int j = 0; j < 4; j++) {
+                if (ahead) _mm_prefetch((const char *)(wg + (16 + j) * ldw + k), _MM_HINT_T1);
+                wv[j] = load_bf16(wg + j * ldw + k, K - k);
+            }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv[i], wv[j]);
+        }
+        float reduced[16] __attribute__((aligned(64)));
+        _mm512_store_ps(reduced, reduce16(acc));
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) lanes[i][4 * group + j] = reduced[4 * i + j];
+    }
+    for (int i = 0; i < 4; i++) sums[i] = _mm512_load_ps(lanes[i]);
+}
+#endif
+
 #endif

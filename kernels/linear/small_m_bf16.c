@@ -46,42 +46,6 @@ static inline __m512 dot_block(const uint16_t *x, const uint16_t *w, int64_t ldw
     return reduce16(acc);
 }
 
-/* The same 16 dot products per row as dot_block, for 4 rows at once: weight rows in 4 groups of
- * 4, each group's 16 (row, weight row) chains sharing loads, then the same lane tree, so every
- * output has exactly dot_block's bits while each weight row is read once for the 4 rows. */
-static inline void dot_block4(const uint16_t *const x[4], const uint16_t *w, int64_t ldw, int64_t K,
-                              __m512 sums[4]) {
-    float lanes[4][BLOCK];
-    for (int group = 0; group < BLOCK / 4; group++) {
-        __m512 acc[16];
-        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-        const uint16_t *wg = w + 4 * group * ldw;
-        int64_t k = 0;
-        for (; k + 32 <= K; k += 32) {
-            __m512bh xv[4], wv[4];
-            for (int i = 0; i < 4; i++) xv[i] = (__m512bh)_mm512_loadu_si512(x[i] + k);
-            for (int j = 0; j < 4; j++) {
-                _mm_prefetch((const char *)(wg + (BLOCK + j) * ldw + k), _MM_HINT_T1);
-                wv[j] = (__m512bh)_mm512_loadu_si512(wg + j * ldw + k);
-            }
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv[i], wv[j]);
-        }
-        if (k < K) {
-            __m512bh xv[4], wv[4];
-            for (int i = 0; i < 4; i++) xv[i] = load_bf16(x[i] + k, K - k);
-            for (int j = 0; j < 4; j++) wv[j] = load_bf16(wg + j * ldw + k, K - k);
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv[i], wv[j]);
-        }
-        float reduced[16];
-        _mm512_storeu_ps(reduced, reduce16(acc));
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) lanes[i][4 * group + j] = reduced[4 * i + j];
-    }
-    for (int i = 0; i < 4; i++) sums[i] = _mm512_loadu_ps(lanes[i]);
-}
-
 static void run_blocks(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t ldw, int64_t N,
                        int64_t K, void *y, int64_t ldy, int fp32_out, int64_t first_block, int64_t end_block) {
     for (int64_t block = first_block; block < end_block; block++) {
@@ -93,7 +57,9 @@ static void run_blocks(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t
         for (; rows == BLOCK && m + 4 <= M; m += 4) {
             const uint16_t *xr[4] = { x + m * ldx, x + (m + 1) * ldx, x + (m + 2) * ldx, x + (m + 3) * ldx };
             __m512 sums[4];
-            dot_block4(xr, w + n0 * ldw, ldw, K, sums);
+            /* The same 16 dot products per row as dot_block, with its exact bits, each weight row read
+             * once for the 4 rows. */
+            dot_rows4(xr, w + n0 * ldw, ldw, K, 1, sums);
             for (int i = 0; i < 4; i++) {
                 if (fp32_out) _mm512_storeu_ps((float *)y + (m + i) * ldy + n0, sums[i]);
                 else _mm256_storeu_si256((__m256i *)((uint16_t *)y + (m + i) * ldy + n0), to_bf16(sums[i]));

@@ -92,39 +92,19 @@ static void sum_routed(const uint16_t *routed, const int64_t *experts, int64_t N
 
 #if defined(__AVX512BF16__)
 
-/* Token rows a tile takes, and weight rows (4 groups of 4 share one reduction tree). */
+/* Token rows and weight rows a tile takes (dot_rows4's shape). */
 #define TILE_TOKENS 4
 #define TILE_ROWS 16
 
-/* y[r][n0 .. n0 + 15] for 4 token rows x (row stride K) and 16 weight rows w (row stride K): each
- * output 16 lanes of pair products over K in order, 32 inputs a step, then reduce16's tree; each
- * weight load is shared by the 4 tokens, each token load by 4 weight rows. With `scales` the
- * rounded sum is multiplied by scales[r] and rounded again. */
+/* y[r][n0 .. n0 + 15] for 4 token rows x (row stride K) and 16 weight rows w (row stride K) by
+ * dot_rows4; with `scales` the rounded sum is multiplied by scales[r] and rounded again. */
 static inline void tile(const uint16_t *x, int64_t K, const uint16_t *w, int in_place, uint16_t *y, int64_t ldy,
                         int64_t n0, const float *scales, int rows) {
-    float sums[TILE_TOKENS][TILE_ROWS] __attribute__((aligned(64)));
-    for (int group = 0; group < TILE_ROWS / 4; group++) {
-        __m512 acc[16];
-        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-        const uint16_t *wg = w + 4 * group * K;
-        for (int64_t k = 0; k < K; k += 32) {
-            __m512bh xv[TILE_TOKENS], wv[4];
-            for (int t = 0; t < TILE_TOKENS; t++) xv[t] = load_bf16(x + t * K + k, K - k);
-            for (int j = 0; j < 4; j++) {
-                /* Weights read in place come from memory: ask for the next block's rows as these go by. */
-                if (in_place) _mm_prefetch((const char *)(wg + (TILE_ROWS + j) * K + k), _MM_HINT_T1);
-                wv[j] = load_bf16(wg + j * K + k, K - k);
-            }
-            for (int t = 0; t < TILE_TOKENS; t++)
-                for (int j = 0; j < 4; j++) acc[4 * t + j] = _mm512_dpbf16_ps(acc[4 * t + j], xv[t], wv[j]);
-        }
-        float reduced[16] __attribute__((aligned(64)));
-        _mm512_store_ps(reduced, reduce16(acc));
-        for (int t = 0; t < TILE_TOKENS; t++)
-            for (int j = 0; j < 4; j++) sums[t][4 * group + j] = reduced[4 * t + j];
-    }
+    const uint16_t *xr[TILE_TOKENS] = { x, x + K, x + 2 * K, x + 3 * K };
+    __m512 sums[TILE_TOKENS];
+    dot_rows4(xr, w, K, K, in_place, sums);
     for (int t = 0; t < rows; t++) {
-        __m256i rounded = to_bf16(_mm512_load_ps(sums[t]));
+        __m256i rounded = to_bf16(sums[t]);
         if (scales) rounded = to_bf16(_mm512_mul_ps(widen_bf16(rounded), _mm512_set1_ps(scales[t])));
         _mm256_storeu_si256((__m256i *)(y + t * ldy + n0), rounded);
     }

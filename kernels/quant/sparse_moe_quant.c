@@ -178,10 +178,15 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
         {
             const float **xr = b.x_rows;
             float **yr = b.y_rows;
+            /* x in the layouts of the weights that read it (all but the down projections). */
+            int used[LAYOUTS] = { 0 };
+            for (int i = 0; i < WEIGHT_COUNT; i++)
+                if (i != DOWN && i != SHARED_DOWN) used[layout_of(&w[i], int4_pairs)] = 1;
             for (int64_t t = 0; t < T; t++)
                 for (int layout = 0; layout < LAYOUTS; layout++)
-                    prepare_for(x + t * H, 1, H, layout_format[layout], layout == PAIRS_LAYOUT,
-                                b.x[layout] + t * x_width, x_width);
+                    if (used[layout])
+                        prepare_for(x + t * H, 1, H, layout_format[layout], layout == PAIRS_LAYOUT,
+                                    b.x[layout] + t * x_width, x_width);
             /* Step 1 for every token at once: each weight's rows of x, then its output rows. */
             static const int shared_inputs[4] = { ROUTER, SHARED_GATE, SHARED_UP, SHARED_EXPERT_GATE };
             for (int i = 0; i < 4; i++) {
