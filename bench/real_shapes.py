@@ -34,13 +34,13 @@ The JSON also says which commit ran (and whether model/ or kernels/ differed fro
 paths quantized weights take here (`quantized_paths`).
 
 Projection to the published model (36 Gated DeltaNet + 12 attention layers, vocab 151,936): weights =
-36 x a DeltaNet layer + 12 x an attention layer + the bf16 embedding and lm_head (they stay bf16 in
-every format, as in the official FP8 release); prefill time = 36 x the mean DeltaNet layer + 12 x
-the mean attention layer (hook times) + the rest of the measured forward (embedding, final norm)
-with the head replaced by a bf16 151,936 x 2048 head timed here; decode time per token = 48 x
-(measured step - own head) / layers + that head, so it assumes the measured layer mix (exact for
-the 3:1 mix of 4 layers). K/V and DeltaNet state bytes at 32K and 262K tokens are arithmetic from
-the published config. Prints JSON; progress goes to stderr.
+36 x a DeltaNet layer + 12 x an attention layer + the bf16 embedding + the lm_head in the format the
+checkpoint holds it (bf16 in bf16 and FP8, as in the official FP8 release; int8 in int8 and int4);
+prefill time = 36 x the mean DeltaNet layer + 12 x the mean attention layer (hook times) + the rest
+of the measured forward (embedding, final norm) with the head replaced by a 151,936 x 2048 head in
+that format timed here; decode time per token = 48 x (measured step - own head) / layers + that
+head, so it assumes the measured layer mix (exact for the 3:1 mix of 4 layers). K/V and DeltaNet
+state bytes at 32K and 262K tokens are arithmetic from the published config. Prints JSON; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ if str(ROOT) not in sys.path:
 from bench.fp8_checkpoint import ShardWriter, write_fp8_checkpoint  # noqa: E402
 from kernels.linear import linear  # noqa: E402
 from kernels.native import flush_denormals  # noqa: E402
+from kernels.quant.formats import QuantizedWeight  # noqa: E402
 from model import ModelConfig, load_model, prefill  # noqa: E402
 from model.generation import DEFAULT_PREFILL_CHUNK  # noqa: E402
-from model.quantization import quantized_weights  # noqa: E402
+from model.quantization import convert, quantized_weights  # noqa: E402
 from model.quantize import quantize_checkpoint  # noqa: E402
 from model.qwen3_next import Qwen3NextForCausalLM  # noqa: E402
 
@@ -313,7 +314,9 @@ def measure(folder: str, options: dict) -> dict:
     lm = load_model(folder, dtype=torch.bfloat16)
     load_s = time.perf_counter() - started
     gc.collect()
+    head = lm.module.lm_head.weight
     result = {"weight_formats": list(lm.weight_formats), "checkpoint_bytes": folder_bytes(Path(folder)),
+              "head_format": head.format if isinstance(head, QuantizedWeight) else "bf16",
               "load_s": round(load_s, 1), "rss_after_load_bytes": rss_bytes(),
               "load_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     backbone = lm.module.model
@@ -396,12 +399,16 @@ def state_bytes(config: ModelConfig, tokens: int) -> dict:
     return {"kv_bytes": kv, "deltanet_bytes": linear_layers * (recurrent + conv)}
 
 
-def project(row: dict, published: ModelConfig, head_80b_s: float, own_types: list[str], states: dict) -> dict:
+def project(row: dict, published: ModelConfig, head_80b: tuple[float, int], own_types: list[str],
+            states: dict) -> dict:
+    """The 80B's weights, memory, prefill and decode speed from one format's row; `head_80b` is
+    (seconds, bytes) of the published lm_head in the row's head format."""
+    head_80b_s, head_bytes = head_80b
     full = sum(t == FULL for t in published.layer_types)
     linear_layers = len(published.layer_types) - full
     per_layer = row["weights_bytes_per_layer"]
     hidden, vocab = published.hidden_size, published.vocab_size
-    edges = (2 * vocab * hidden + hidden) * 2
+    edges = (vocab * hidden + hidden) * 2 + head_bytes
     weights = linear_layers * per_layer[LINEAR] + full * per_layer[FULL] + edges
     prefill_layer = row["prefill_s_per_layer"]
     prefill_s = (linear_layers * prefill_layer[LINEAR] + full * prefill_layer[FULL]
@@ -414,14 +421,17 @@ def project(row: dict, published: ModelConfig, head_80b_s: float, own_types: lis
             "decode_assumes_layer_mix": f"{own_types.count(LINEAR)}:{own_types.count(FULL)}"}
 
 
-def time_head_80b(config: ModelConfig, threads: int) -> float:
-    """One row through a bf16 lm_head of the published vocabulary (the decode and prefill head)."""
+def time_head_80b(config: ModelConfig, threads: int, head_format: str) -> tuple[float, int]:
+    """(seconds, bytes) of one row through an lm_head of the published vocabulary in `head_format`
+    (the decode and prefill head)."""
     torch.set_num_threads(threads)
     weight = torch.empty(config.vocab_size, config.hidden_size, dtype=torch.bfloat16).normal_(0, 0.02)
+    weight = convert(weight, None if head_format == "bf16" else head_format, torch.bfloat16)
     hidden = torch.randn(1, config.hidden_size).to(torch.bfloat16)
     evict = Evictor()
     linear(hidden, weight)
-    return head_seconds(None, weight, hidden, evict)
+    nbytes = weight.nbytes if isinstance(weight, QuantizedWeight) else weight.numel() * weight.element_size()
+    return head_seconds(None, weight, hidden, evict), nbytes
 
 
 def main() -> int:
@@ -461,9 +471,8 @@ def main() -> int:
         "state_80b": {str(tokens): s for tokens, s in states.items()}, "formats": {},
     }
     started = time.perf_counter()
-    head_80b = time_head_80b(published, args.threads)
-    results["head_80b_ms"] = round(head_80b * 1e3, 2)
-    print(f"80B lm_head, one row: {head_80b * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    heads_80b: dict[str, tuple[float, int]] = {}
+    results["head_80b_ms"] = {}
     context = multiprocessing.get_context("spawn")
     with contextlib.ExitStack() as stack:
         if args.checkpoints is None:
@@ -489,7 +498,13 @@ def main() -> int:
             row["checkpoint_write_s"] = round(write_s, 1)
             if fmt != "bf16" and args.checkpoints is None:
                 shutil.rmtree(folder)
-            row["projection_80b"] = project(row, published, head_80b, raw["layer_types"], states)
+            head_format = row["head_format"]
+            if head_format not in heads_80b:
+                heads_80b[head_format] = time_head_80b(published, args.threads, head_format)
+                results["head_80b_ms"][head_format] = round(heads_80b[head_format][0] * 1e3, 2)
+                print(f"80B lm_head in {head_format}, one row: {heads_80b[head_format][0] * 1e3:.1f} ms",
+                      file=sys.stderr, flush=True)
+            row["projection_80b"] = project(row, published, heads_80b[head_format], raw["layer_types"], states)
             results["formats"][fmt] = row
             print(json.dumps({fmt: row}), file=sys.stderr, flush=True)
     results["total_s"] = round(time.perf_counter() - started)
