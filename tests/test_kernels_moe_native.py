@@ -39,8 +39,10 @@ def test_every_build_compiles():
     for kernel in (moe_native.SPARSE_MOE, moe_native.EXPERTS):
         assert set(kernel.build_all()) == {"avx512", "avx2"}
 
-# tokens, hidden, experts, top-k, expert width, shared width, normalise
-CASES = [(1, 64, 8, 2, 32, 32, True), (3, 80, 10, 3, 48, 16, False), (16, 128, 64, 4, 64, 96, True)]
+# tokens, hidden, experts, top-k, expert width, shared width, normalise (hidden 400: more columns than
+# one thread's piece of the block output, kernels/moe/swiglu.h)
+CASES = [(1, 64, 8, 2, 32, 32, True), (3, 80, 10, 3, 48, 16, False), (16, 128, 64, 4, 64, 96, True),
+         (2, 400, 8, 3, 48, 40, False)]
 
 
 def case_id(case) -> str:

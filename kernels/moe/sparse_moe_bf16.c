@@ -10,18 +10,19 @@
  * Built twice. With AVX-512 BF16, one OpenMP region per call runs token after token: the
  * matrix-vector products of a step (the router; every chosen expert's and the shared expert's
  * gate/up projections; then all their down projections) are shared out over the threads as one
- * list of row blocks, so each thread streams long runs of weights between few barriers; the small
- * elementwise steps run on one thread. With AVX2 + FMA + F16C (moe_avx2.h's fp32 dot products),
- * the steps run for all tokens at once: the router and the shared expert's projections, then every
- * chosen expert's gate/up for the tokens routed to it, then the down projections, so each chosen
- * expert's weights are read once per call however many tokens chose it; SwiGLU and the final sums
- * are shared out too. The two builds give different bits from each other, each always the same.
+ * list of row blocks, so each thread streams long runs of weights between few barriers. With AVX2 +
+ * FMA + F16C (dots_avx2.h's fp32 dot products), the steps run for all tokens at once: the router
+ * and the shared expert's projections, then every chosen expert's gate/up for the tokens routed to
+ * it, then the down projections, so each chosen expert's weights are read once per call however
+ * many tokens chose it. In both, SwiGLU and the block output (swiglu.h) are shared out over the
+ * threads too. The two builds give different bits from each other, each always the same.
  */
 #include <math.h>
 #include <stdlib.h>
 
 #if defined(__AVX512BF16__)
 #include "../linear/small_m_bf16.c"
+#include "swiglu.h"
 #else
 /* The scalar bf16 conversions; the header's AVX-512 helpers go unused here, where GCC would warn
  * about their ABI. */
@@ -87,15 +88,6 @@ static void team_products(const Product *products, int count) {
     }
 }
 
-/* bf16(silu(bf16(gate)) ) * bf16(up), rounded, as F.silu(gate) * up on bf16 tensors. */
-static void swiglu(const float *gate, const float *up, int64_t width, uint16_t *act) {
-    for (int64_t i = 0; i < width; i++) {
-        float g = round_bf16(gate[i]);
-        float silu = round_bf16(g / (1.0f + expf(-g)));
-        act[i] = float_to_bf16(silu * round_bf16(up[i]));
-    }
-}
-
 /* x [T, H] bf16 -> out [T, H] bf16. router [E, H]; gate_up [E, 2I, H] (gate rows first);
  * down [E, H, I]; shared gate/up [S, H], shared down [H, S], shared_gate [1, H]. topk <= 64.
  * Returns 0, or -1 when work buffers cannot be allocated. */
@@ -107,7 +99,7 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
     /* Per routed expert (then the shared one): its gate/up projection [2I] (shared: [2S]), its
      * SwiGLU activation and its down projection [H]. */
     int64_t up_width = 2 * I > 2 * S ? 2 * I : 2 * S, act_width = up_width / 2;
-    float *scratch = malloc(sizeof(float) * ((topk + 1) * (up_width + H) + E + H + 1));
+    float *scratch = malloc(sizeof(float) * ((topk + 1) * (up_width + H) + E + 1));
     uint16_t *act = malloc(sizeof(uint16_t) * (topk + 1) * act_width);
     if (!scratch || !act) {
         free(scratch);
@@ -115,7 +107,7 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
         return -1;
     }
     float *proj = scratch, *proj2 = proj + (topk + 1) * up_width, *logits = proj2 + (topk + 1) * H;
-    float *total = logits + E, *gate_logit = total + H;
+    float *gate_logit = logits + E, weight[64];
     float *shared_proj = proj + topk * up_width, *shared_out = proj2 + topk * H;
     uint16_t *shared_act = act + topk * act_width;
     int64_t chosen[64];
@@ -130,7 +122,7 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
 #pragma omp single
         {
             route_token(logits, E, topk, normalize, chosen, chosen_weight);
-            for (int64_t h = 0; h < H; h++) total[h] = 0.0f;
+            for (int64_t j = 0; j < topk; j++) weight[j] = bf16_to_float(chosen_weight[j]);
             for (int64_t j = 0; j < topk; j++)
                 products[j] = (Product){ xt, gate_up + chosen[j] * 2 * I * H, 2 * I, H, proj + j * up_width };
             products[topk] = (Product){ xt, shared_gate_proj, S, H, shared_proj };
@@ -138,29 +130,24 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
             products[topk + 2] = (Product){ xt, shared_gate, 1, H, gate_logit };
         }
         team_products(products, (int)topk + 3);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j <= topk; j++) {
+            int64_t width = j < topk ? I : S;
+            swiglu_row(proj + j * up_width, proj + j * up_width + width, width, act + j * act_width);
+        }
 #pragma omp single
         {
-            for (int64_t j = 0; j < topk; j++) {
-                swiglu(proj + j * up_width, proj + j * up_width + I, I, act + j * act_width);
+            for (int64_t j = 0; j < topk; j++)
                 products[j] = (Product){ act + j * act_width, down + chosen[j] * H * I, H, I, proj2 + j * H };
-            }
-            swiglu(shared_proj, shared_proj + S, S, shared_act);
             products[topk] = (Product){ shared_act, shared_down, H, S, shared_out };
         }
         team_products(products, (int)topk + 1);
-#pragma omp single
-        {
-            for (int64_t j = 0; j < topk; j++) {
-                float weight = bf16_to_float(chosen_weight[j]);
-                for (int64_t h = 0; h < H; h++) total[h] += round_bf16(round_bf16(proj2[j * H + h]) * weight);
-            }
-            float g = round_bf16(gate_logit[0]);
-            float gate = round_bf16(1.0f / (1.0f + expf(-g)));
-            for (int64_t h = 0; h < H; h++) {
-                float shared = round_bf16(gate * round_bf16(shared_out[h]));
-                out[t * H + h] = float_to_bf16(round_bf16(total[h]) + shared);
-            }
-        }
+        /* The routed outputs, weighted, in ascending expert order; then the gated shared one. */
+        float g = round_bf16(gate_logit[0]), gate = round_bf16(1.0f / (1.0f + expf(-g)));
+#pragma omp for schedule(static)
+        for (int64_t h0 = 0; h0 < H; h0 += OUTPUT_PIECE)
+            block_output(proj2, H, weight, topk, shared_out, gate, h0, h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H,
+                         out + t * H);
     }
     free(scratch);
     free(act);
@@ -318,22 +305,17 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
             widen_row(b.act + s * I, I, act_wide + s * I16);
         }
         team_products(downs, used + 1, downs_first);
+        /* The routed outputs, weighted, in ascending expert order; then the gated shared one. */
+        const int64_t pieces = (H + OUTPUT_PIECE - 1) / OUTPUT_PIECE;
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
+        for (int64_t item = 0; item < T * pieces; item++) {
+            int64_t t = item / pieces, h0 = item % pieces * OUTPUT_PIECE;
+            int64_t h1 = h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H;
+            float weight[64];
+            for (int64_t j = 0; j < topk; j++) weight[j] = bf16_to_float(b.chosen_weight[t * topk + j]);
             float g = round_bf16(gate_logit[t]);
-            vf gate = vf_set1(round_bf16(1.0f / (1.0f + expf(-g))));
-            for (int64_t h = 0; h < H; h += VF_LANES) {
-                int64_t live = H - h;
-                /* The routed outputs, weighted, in ascending expert order; then the gated shared one. */
-                vf routed = vf_zero();
-                for (int64_t s = t * topk; s < (t + 1) * topk; s++) {
-                    vf weighted = vf_mul(round_lanes(vf_load_n(down_out + s * H + h, live)),
-                                         vf_set1(bf16_to_float(b.chosen_weight[s])));
-                    routed = vf_add(routed, round_lanes(weighted));
-                }
-                vf shared = round_lanes(vf_mul(gate, round_lanes(vf_load_n(down_out + (slots + t) * H + h, live))));
-                vf_store_bf16_n(out + t * H + h, vf_add(round_lanes(routed), shared), live);
-            }
+            block_output(down_out + t * topk * H, H, weight, topk, down_out + (slots + t) * H,
+                         round_bf16(1.0f / (1.0f + expf(-g))), h0, h1, out + t * H);
         }
     }
     release(&b);

@@ -6,20 +6,23 @@
  * Rounding follows the module path's steps (router logits, projections, SiLU and its product with
  * up, expert outputs and weighted outputs rounded to bf16; the routed sum in fp32 in ascending
  * expert order, rounded once; then the gated shared expert added in bf16), as the bf16 block kernel
- * does. Every product is one of quant_dot.h's fixed fp32 chains per output, so a token's bits do
- * not depend on the other tokens of the call (which rows share a pass over an expert's weights) or
- * on the thread count (which thread takes which block of weight rows).
+ * does, with its SwiGLU and block output (../moe/swiglu.h). Every product is one of quant_dot.h's
+ * fixed fp32 chains per output, so a token's bits do not depend on the other tokens of the call
+ * (which rows share a pass over an expert's weights) or on the thread count (which thread takes
+ * which block of weight rows).
  *
  * Memory. The tokens' work is grouped by expert: each chosen expert's weights are read once per call
  * however many tokens chose it. One OpenMP region per call runs three steps of products (the router,
  * the shared expert's gate/up and its gate logit; every chosen expert's gate/up; every down
  * projection), each shared out over the threads as one list of weight-row blocks in contiguous runs,
- * so a thread streams long runs of weights between few barriers.
+ * so a thread streams long runs of weights between few barriers; SwiGLU (by expert slot) and the
+ * block output (by pieces of columns) are shared out too.
  */
 #include <omp.h>
 #include <stdint.h>
 
 #include "quant_dot.h"
+#include "../moe/swiglu.h"
 
 enum { ROUTER, GATE, UP, DOWN, SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_EXPERT_GATE, WEIGHT_COUNT };
 
@@ -102,16 +105,6 @@ static void route_token(float *logits, int64_t E, int64_t topk, int normalize, i
     for (int64_t j = 0; j < topk; j++) weight[j] = round_bf16(normalize ? picked[j] / picked_sum : picked[j]);
 }
 
-/* silu(gate) * up as on bf16 tensors (gate, up and silu(gate) rounded to bf16, then the product),
- * written over `gate` [width]. */
-static void swiglu(float *gate, const float *up, int64_t width) {
-    for (int64_t i = 0; i < width; i++) {
-        float g = round_bf16(gate[i]);
-        float silu = round_bf16(g / (1.0f + expf(-g)));
-        gate[i] = round_bf16(silu * round_bf16(up[i]));
-    }
-}
-
 /* Work buffers of one call, sized for `T` tokens. */
 typedef struct {
     float *x[LAYOUTS];    /* the tokens' x prepared in each layout [T, x_width] */
@@ -121,6 +114,7 @@ typedef struct {
     float *weight;        /* [T, topk] */
     float *proj;          /* per slot (token t's j-th expert at t * topk + j, its shared expert at
                              T * topk + t): gate/up projection [2 * proj_half] */
+    uint16_t *swiglu;     /* per slot: SwiGLU in bf16 [proj_half] (a float's room each, from the pool) */
     float *act;           /* per slot: SwiGLU prepared for its down projection [act_width] */
     float *down;          /* per slot: down projection [H] */
     float *scratch;       /* per thread: fp8's scaled x [QUANT_MAX_ROWS, scratch_width] */
@@ -145,7 +139,7 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
     const int64_t max_items = 2 * routed + 4;
     if (threads < 1) threads = 1;
     buffers b;
-    size_t floats = (size_t)(LAYOUTS * T * x_width + T * E + T + routed + slots * (2 * proj_half + act_width + H) +
+    size_t floats = (size_t)(LAYOUTS * T * x_width + T * E + T + routed + slots * (3 * proj_half + act_width + H) +
                              threads * QUANT_MAX_ROWS * scratch_width);
     float *pool = malloc(sizeof(float) * floats);
     void *pointers = malloc(sizeof(int64_t) * (size_t)(2 * max_items + 1 + 2 * routed) +
@@ -160,7 +154,8 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
     b.gate_logit = b.logits + T * E;
     b.weight = b.gate_logit + T;
     b.proj = b.weight + routed;
-    b.act = b.proj + slots * 2 * proj_half;
+    b.swiglu = (uint16_t *)(b.proj + slots * 2 * proj_half);
+    b.act = b.proj + slots * 3 * proj_half;
     b.down = b.act + slots * act_width;
     b.scratch = b.down + slots * H;
     b.chosen = pointers;
@@ -245,8 +240,9 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
             float *gate = b.proj + slot * 2 * proj_half;
             const weight_ref *down = &w[shared ? SHARED_DOWN : DOWN];
             int layout = layout_of(down, int4_pairs);
-            swiglu(gate, gate + width, width);
-            prepare_for(gate, 0, width, layout_format[layout], layout == PAIRS_LAYOUT, b.act + slot * act_width,
+            uint16_t *swiglu = b.swiglu + slot * proj_half;
+            swiglu_row(gate, gate + width, width, swiglu);
+            prepare_for(swiglu, 1, width, layout_format[layout], layout == PAIRS_LAYOUT, b.act + slot * act_width,
                         act_width);
         }
 #pragma omp single
@@ -273,17 +269,14 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
             number_blocks(&third);
         }
         team_products(&third, scratch);
+        const int64_t pieces = (H + OUTPUT_PIECE - 1) / OUTPUT_PIECE;
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
+        for (int64_t item = 0; item < T * pieces; item++) {
+            int64_t t = item / pieces, h0 = item % pieces * OUTPUT_PIECE;
             float g = round_bf16(b.gate_logit[t]);
-            float gate = round_bf16(1.0f / (1.0f + expf(-g)));
-            const float *shared = b.down + (routed + t) * H;
-            for (int64_t h = 0; h < H; h++) {
-                float total = 0.0f;
-                for (int64_t j = 0; j < topk; j++)
-                    total += round_bf16(round_bf16(b.down[(t * topk + j) * H + h]) * b.weight[t * topk + j]);
-                out[t * H + h] = float_to_bf16(round_bf16(total) + round_bf16(gate * round_bf16(shared[h])));
-            }
+            block_output(b.down + t * topk * H, H, b.weight + t * topk, topk, b.down + (routed + t) * H,
+                         round_bf16(1.0f / (1.0f + expf(-g))), h0, h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H,
+                         out + t * H);
         }
     }
     free(pool);

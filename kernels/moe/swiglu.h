@@ -1,0 +1,43 @@
+/* The MoE kernels' elementwise steps on fp32 vectors of either build (simd.h): SwiGLU, and a token's
+ * block output from its routed and shared experts' outputs, each rounded to bf16 where the module
+ * path's bf16 tensors are. */
+#ifndef DOCANALYST_MOE_SWIGLU_H
+#define DOCANALYST_MOE_SWIGLU_H
+
+#include "../simd.h"
+
+/* Lanes rounded to bf16 (nearest even, as torch) and widened back. */
+VF_INLINE vf round_lanes(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
+
+/* act[i] = bf16(bf16(silu(bf16(gate[i]))) * bf16(up[i])) for i < width, as F.silu(gate) * up on bf16
+ * tensors; silu as g / (1 + e^-g) with vf_exp. */
+static inline void swiglu_row(const float *gate, const float *up, int64_t width, uint16_t *act) {
+    for (int64_t i = 0; i < width; i += VF_LANES) {
+        int64_t live = width - i;
+        vf g = round_lanes(vf_load_n(gate + i, live)), u = round_lanes(vf_load_n(up + i, live));
+        vf silu = vf_div(g, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), g))));
+        vf_store_bf16_n(act + i, vf_mul(round_lanes(silu), u), live);
+    }
+}
+
+/* Columns of a token's block output one thread takes at a time (a multiple of either build's lanes). */
+#define OUTPUT_PIECE 256
+
+/* A token's block output at columns [h0, h1): out[h] = bf16(bf16(routed) + bf16(gate * bf16(shared[h])))
+ * with routed = the sum over j < topk, in that order, of bf16(bf16(expert[j * stride + h]) * weight[j]).
+ * `weight` (bf16 values) and `gate` (the shared expert's sigmoid gate, a bf16 value) as the module
+ * path rounds them. Which columns a call takes changes no bits. */
+static inline void block_output(const float *expert, int64_t stride, const float *weight, int64_t topk,
+                                const float *shared, float gate, int64_t h0, int64_t h1, uint16_t *out) {
+    for (int64_t h = h0; h < h1; h += VF_LANES) {
+        int64_t live = h1 - h;
+        vf routed = vf_zero();
+        for (int64_t j = 0; j < topk; j++)
+            routed = vf_add(routed, round_lanes(vf_mul(round_lanes(vf_load_n(expert + j * stride + h, live)),
+                                                       vf_set1(weight[j]))));
+        vf gated = round_lanes(vf_mul(vf_set1(gate), round_lanes(vf_load_n(shared + h, live))));
+        vf_store_bf16_n(out + h, vf_add(round_lanes(routed), gated), live);
+    }
+}
+
+#endif
