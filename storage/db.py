@@ -8,6 +8,8 @@ process and background workers can share the file.  Any other SQLAlchemy URL
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,8 @@ from storage.errors import DatabaseUnavailableError, StorageError, translate_db_
 DEFAULT_FILENAME = "docanalyst.sqlite3"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 DEFAULT_BUSY_TIMEOUT_S = 30.0
+# Pause between attempts to switch a locked SQLite file to write-ahead logging.
+WAL_RETRY_S = 0.01
 _IMMEDIATE_OPTION = "docanalyst_sqlite_immediate"
 
 
@@ -185,7 +189,7 @@ def _configure_sqlite(engine: Engine, *, foreign_keys: bool, busy_timeout_ms: in
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor, busy_timeout_ms / 1000)
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         finally:
@@ -195,6 +199,24 @@ def _configure_sqlite(engine: Engine, *, foreign_keys: bool, busy_timeout_ms: in
     def _on_begin(connection: Connection) -> None:
         immediate = connection.get_execution_options().get(_IMMEDIATE_OPTION, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _enable_wal(cursor: Any, timeout_s: float) -> None:
+    """Switch the database to write-ahead logging, waiting up to ``timeout_s`` for other processes.
+
+    A new database file changes journal mode under an exclusive lock, and SQLite answers "database
+    is locked" at once, without its busy handler, when another connection is switching it or
+    writing meanwhile (two processes opening a fresh file together); so the switch is retried here.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
 
 
 def _check_sqlite_foreign_keys(connection: Connection) -> None:
