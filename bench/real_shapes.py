@@ -430,8 +430,7 @@ def time_head_80b(config: ModelConfig, threads: int, head_format: str) -> tuple[
     hidden = torch.randn(1, config.hidden_size).to(torch.bfloat16)
     evict = Evictor()
     linear(hidden, weight)
-    nbytes = weight.nbytes if isinstance(weight, QuantizedWeight) else weight.numel() * weight.element_size()
-    return head_seconds(None, weight, hidden, evict), nbytes
+    return head_seconds(None, weight, hidden, evict), weight.nbytes
 
 
 def main() -> int:

@@ -126,13 +126,14 @@ static void conv_silu_lanes(uint16_t *conv_state, const uint16_t *conv_weight, i
     for (int64_t i = 0; i < taps; i++)
         for (int l = 0; l < lanes; l++) window[i * VF_LANES + l] = conv_state[(c + l) * taps + i];
     for (int64_t t = 0; t < T; t++) memcpy(window + (taps + t) * VF_LANES, mixed + t * C + c, sizeof(uint16_t) * lanes);
+    float weight[W][VF_LANES];
+    memset(weight, 0, sizeof(weight));
+    for (int64_t i = 0; i < W; i++)
+        for (int l = 0; l < lanes; l++) weight[i][l] = bf16_to_float(conv_weight[(c + l) * W + i]);
     for (int64_t t = 0; t < T; t++) {
         vf sum = vf_zero();
-        for (int64_t i = 0; i < W; i++) {
-            float weight[VF_LANES] = { 0 };
-            for (int l = 0; l < lanes; l++) weight[l] = bf16_to_float(conv_weight[(c + l) * W + i]);
-            sum = vf_fma(vf_load_bf16(window + (t + i) * VF_LANES), vf_load(weight), sum);
-        }
+        for (int64_t i = 0; i < W; i++)
+            sum = vf_fma(vf_load_bf16(window + (t + i) * VF_LANES), vf_load(weight[i]), sum);
         vf y = round_to_bf16(sum);
         vf silu = round_to_bf16(vf_div(y, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), y)))));
         vf_store_n(activated + t * C + c, silu, lanes);

@@ -143,11 +143,10 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
         }
         team_products(products, (int)topk + 1);
         /* The routed outputs, weighted, in ascending expert order; then the gated shared one. */
-        float g = round_bf16(gate_logit[0]), gate = round_bf16(1.0f / (1.0f + expf(-g)));
 #pragma omp for schedule(static)
         for (int64_t h0 = 0; h0 < H; h0 += OUTPUT_PIECE)
-            block_output(proj2, H, weight, topk, shared_out, gate, h0, h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H,
-                         out + t * H);
+            block_output(proj2, H, weight, topk, shared_out, gate_logit[0], h0,
+                         h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H, out + t * H);
     }
     free(scratch);
     free(act);
@@ -313,9 +312,8 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
             int64_t h1 = h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H;
             float weight[64];
             for (int64_t j = 0; j < topk; j++) weight[j] = bf16_to_float(b.chosen_weight[t * topk + j]);
-            float g = round_bf16(gate_logit[t]);
-            block_output(down_out + t * topk * H, H, weight, topk, down_out + (slots + t) * H,
-                         round_bf16(1.0f / (1.0f + expf(-g))), h0, h1, out + t * H);
+            block_output(down_out + t * topk * H, H, weight, topk, down_out + (slots + t) * H, gate_logit[t], h0, h1,
+                         out + t * H);
         }
     }
     release(&b);

@@ -1,8 +1,10 @@
 /* The MoE kernels' elementwise steps on fp32 vectors of either build (simd.h): SwiGLU, and a token's
  * block output from its routed and shared experts' outputs, each rounded to bf16 where the module
- * path's bf16 tensors are. */
+ * path's bf16 tensors are. Its includers have the scalar bf16 conversions (bf16_simd.h). */
 #ifndef DOCANALYST_MOE_SWIGLU_H
 #define DOCANALYST_MOE_SWIGLU_H
+
+#include <math.h>
 
 #include "../simd.h"
 
@@ -24,11 +26,12 @@ static inline void swiglu_row(const float *gate, const float *up, int64_t width,
 #define OUTPUT_PIECE 256
 
 /* A token's block output at columns [h0, h1): out[h] = bf16(bf16(routed) + bf16(gate * bf16(shared[h])))
- * with routed = the sum over j < topk, in that order, of bf16(bf16(expert[j * stride + h]) * weight[j]).
- * `weight` (bf16 values) and `gate` (the shared expert's sigmoid gate, a bf16 value) as the module
- * path rounds them. Which columns a call takes changes no bits. */
+ * with routed = the sum over j < topk, in that order, of bf16(bf16(expert[j * stride + h]) * weight[j])
+ * (`weight`: bf16 values) and gate = bf16(sigmoid(bf16(gate_logit))), the shared expert's gate as the
+ * module path rounds it. Which columns a call takes changes no bits. */
 static inline void block_output(const float *expert, int64_t stride, const float *weight, int64_t topk,
-                                const float *shared, float gate, int64_t h0, int64_t h1, uint16_t *out) {
+                                const float *shared, float gate_logit, int64_t h0, int64_t h1, uint16_t *out) {
+    float gate = round_bf16(1.0f / (1.0f + expf(-round_bf16(gate_logit))));
     for (int64_t h = h0; h < h1; h += VF_LANES) {
         int64_t live = h1 - h;
         vf routed = vf_zero();

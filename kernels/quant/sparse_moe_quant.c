@@ -273,10 +273,8 @@ static int moe_tokens(const uint16_t *x, int64_t T, const weight_ref *w, int64_t
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < T * pieces; item++) {
             int64_t t = item / pieces, h0 = item % pieces * OUTPUT_PIECE;
-            float g = round_bf16(b.gate_logit[t]);
             block_output(b.down + t * topk * H, H, b.weight + t * topk, topk, b.down + (routed + t) * H,
-                         round_bf16(1.0f / (1.0f + expf(-g))), h0, h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H,
-                         out + t * H);
+                         b.gate_logit[t], h0, h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H, out + t * H);
         }
     }
     free(pool);
