@@ -1,6 +1,6 @@
 /* Helpers shared by the C kernels: bf16 conversions that round like torch (to nearest even, NaN
- * kept quiet), masked bf16 loads, the fixed-tree lane reduction of 16 accumulators and a
- * vector exp (base e and base 2) and a 16x16 transpose of 32-bit lanes (bf16 pairs). */
+ * kept quiet), masked bf16 loads, the fixed-tree lane reduction of 16 accumulators, a vector
+ * 2^x (e^x is simd.h's vf_exp) and a 16x16 transpose of 32-bit lanes (bf16 pairs). */
 #ifndef DOCANALYST_BF16_SIMD_H
 #define DOCANALYST_BF16_SIMD_H
 
@@ -87,25 +87,6 @@ static inline void transpose16(__m512i rows[16]) {
         rows[4 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0x88);
         rows[12 + c] = _mm512_shuffle_i32x4(odd_low, odd_high, 0xDD);
     }
-}
-
-/* e^x lane by lane (x clamped to [-104, 88.7]: below, results of ~1e-45 or 0): 2^n * poly(r) with
- * x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two for an exact-ish reduction. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* 2^x lane by lane for finite x <= ~1 (very negative x gives 0): 2^n * poly(r) with n = round(x)

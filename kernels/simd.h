@@ -181,6 +181,10 @@ VF_INLINE vf vf_exp(vf x) {
     return vf_scale2(p, n);
 }
 
+/* 1 / (1 + e^-x) and x / (1 + e^-x) (SiLU), by vf_exp and a true division: the kernels' one form of each. */
+VF_INLINE vf vf_sigmoid(vf x) { return vf_div(vf_set1(1.0f), vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), x)))); }
+VF_INLINE vf vf_silu(vf x) { return vf_div(x, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), x)))); }
+
 /* A register tile of outer products, as in a GEMM micro-kernel: acc[i][v] += a[c][v] * b[i * ldb + c]
  * for c < n in order, where a holds, per c, NV vectors whose lanes are rows (row stride lda floats)
  * and each b value is broadcast. Every lane of every sum is one chain of fused multiply-adds over c,

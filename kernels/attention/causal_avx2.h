@@ -274,7 +274,7 @@ static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, co
             vf attn = vf_from_bf16_bits(vf_bf16_bits(ordered[h]));
             if (gate) {
                 vf g = vf_load_bf16(gate + m + 8 * h);
-                vf sigmoid = vf_div(vf_set1(1.0f), vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), g))));
+                vf sigmoid = vf_sigmoid(g);
                 attn = vf_mul(attn, vf_from_bf16_bits(vf_bf16_bits(sigmoid)));
             }
             vf_store_bf16(out + m + 8 * h, attn);

@@ -37,6 +37,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "../simd.h"
+
 /* Both builds: keys of one softmax state (a multiple of either build's block), and the most memory
  * the chunks' states of a call split by chunk may take. */
 #define CHUNK_KEYS 2048
@@ -136,8 +138,7 @@ static void finish_row(const float *acc, const float *sum, int64_t D, uint16_t *
         __m256i attn = to_bf16(_mm512_mul_ps(_mm512_loadu_ps(acc + d), inverse));
         if (gate) {
             __m512 g = widen_bf16(_mm256_loadu_si256((const __m256i *)(gate + d)));
-            __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                           _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 sigmoid = vf_sigmoid(g);
             attn = to_bf16(_mm512_mul_ps(widen_bf16(attn), widen_bf16(to_bf16(sigmoid))));
         }
         _mm256_storeu_si256((__m256i *)(out + d), attn);

@@ -11,6 +11,8 @@
 
 #define MAX_TAPS 16
 
+#include "../simd.h"
+
 #if defined(__AVX512BF16__)
 #include "../bf16_simd.h"
 
@@ -41,7 +43,7 @@ void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, ui
             __m256i rounded = to_bf16(sum);
             if (silu) {
                 __m512 v = widen(rounded);
-                rounded = to_bf16(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
+                rounded = to_bf16(vf_silu(v));
             }
             _mm256_mask_storeu_epi16(y + t * ldy + c0, live, rounded);
             for (int64_t j = 0; j < keep; j++) _mm512_storeu_ps(history[j], _mm512_loadu_ps(history[j + 1]));
@@ -52,7 +54,6 @@ void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, ui
 }
 
 #else /* AVX2 + FMA + F16C: the same steps on 8 channels */
-#include "../simd.h"
 /* The scalar bf16 conversions; the header's AVX-512 helpers go unused here, where GCC would warn
  * about their ABI. */
 #pragma GCC diagnostic push
@@ -92,7 +93,7 @@ void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, ui
                 vf sum = vf_mul(vf_load(history[oldest] + v), vf_load(taps[0] + v));
                 for (int64_t w = 1; w < W; w++) sum = vf_add(sum, vf_mul(vf_load(history[oldest + w] + v), vf_load(taps[w] + v)));
                 vf rounded = round_to_bf16(sum);
-                if (silu) rounded = vf_div(rounded, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), rounded))));
+                if (silu) rounded = vf_silu(rounded);
                 vf_store_bf16_n(y + t * ldy + c0 + v, rounded, width - v);
             }
         }

@@ -41,6 +41,8 @@ typedef struct {
     float *gamma, *beta;      /* [C] */
 } Work;
 
+#include "../simd.h"
+
 #if defined(__AVX512BF16__)
 
 /* C[4 rows][16 * SLICES columns] (+)= sign * A[4 rows][inner] . B[inner][same columns]. */
@@ -99,7 +101,7 @@ static void apply_decay(Work *w, int64_t C) {
         __m512 gi = _mm512_set1_ps(w->gamma[i]);
         for (int64_t j = 0; j < C; j += 16) {
             __m512 diff = _mm512_min_ps(_mm512_sub_ps(gi, _mm512_loadu_ps(w->gamma + j)), _mm512_setzero_ps());
-            __m512 decay = exp512(diff);
+            __m512 decay = vf_exp(diff);
             __mmask16 below = (__mmask16)(i - j >= 16 ? 0xffff : (i - j <= 0 ? 0 : (1u << (i - j)) - 1));
             __mmask16 upto = (__mmask16)(i - j >= 15 ? 0xffff : (i - j < 0 ? 0 : (1u << (i - j + 1)) - 1));
             __m512 a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(w->beta[i]), decay), _mm512_loadu_ps(w->gram + i * C + j));
@@ -137,7 +139,6 @@ static void store_outputs(const Work *w, int64_t n, int64_t V, uint16_t *out, in
 }
 
 #else /* AVX2 + FMA + F16C */
-#include "../simd.h"
 
 /* Tile rows: 6 x 16 columns keep 12 accumulators, two rows of B and a broadcast in the 16 vector
  * registers; 4-row tiles take what is left of a multiple of 4 rows. */

@@ -135,7 +135,7 @@ static void conv_silu_lanes(uint16_t *conv_state, const uint16_t *conv_weight, i
         for (int64_t i = 0; i < W; i++)
             sum = vf_fma(vf_load_bf16(window + (t + i) * VF_LANES), vf_load(weight[i]), sum);
         vf y = round_to_bf16(sum);
-        vf silu = round_to_bf16(vf_div(y, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), y)))));
+        vf silu = round_to_bf16(vf_silu(y));
         vf_store_n(activated + t * C + c, silu, lanes);
     }
     for (int64_t i = 0; i < taps; i++)

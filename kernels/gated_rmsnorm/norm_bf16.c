@@ -17,6 +17,8 @@
 
 #define MAX_DIM 16384
 
+#include "../simd.h"
+
 #if defined(__AVX512BF16__)
 #include "../bf16_simd.h"
 
@@ -53,13 +55,12 @@ static inline void gated_row(const uint16_t *src, const uint16_t *gate, int64_t 
         __m512 normed = widen_bf16(to_bf16(_mm512_mul_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(src + d))), r)));
         __m512 weighted = widen_bf16(to_bf16(_mm512_mul_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(weight + d))), normed)));
         __m512 g = widen_bf16(_mm256_loadu_si256((const __m256i *)(gate + d)));
-        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        __m512 silu = vf_silu(g);
         _mm256_storeu_si256((__m256i *)(dst + d), to_bf16(_mm512_mul_ps(weighted, silu)));
     }
 }
 
 #else /* AVX2 + FMA + F16C: the same steps on 8 lanes */
-#include "../simd.h"
 /* The scalar bf16 conversions; the header's AVX-512 helpers go unused here, where GCC would warn
  * about their ABI. */
 #pragma GCC diagnostic push
@@ -96,7 +97,7 @@ static inline void gated_row(const uint16_t *src, const uint16_t *gate, int64_t 
         vf normed = round_to_bf16(vf_mul(vf_load_bf16(src + d), r));
         vf weighted = round_to_bf16(vf_mul(vf_load_bf16(weight + d), normed));
         vf g = vf_load_bf16(gate + d);
-        vf silu = vf_div(g, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), g))));
+        vf silu = vf_silu(g);
         vf_store_bf16(dst + d, vf_mul(weighted, silu));
     }
 }

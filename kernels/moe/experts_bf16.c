@@ -167,7 +167,7 @@ static void store_transposed(const float *sums, int rows, int64_t n0, uint16_t *
 static inline __m256i swiglu16(const float *gate_sums, const float *up_sums) {
     __m512 g = round16(_mm512_loadu_ps(gate_sums));
     __m512 u = round16(_mm512_loadu_ps(up_sums));
-    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), vf_exp(_mm512_sub_ps(_mm512_setzero_ps(), g)));
     __m512 r = _mm512_rcp14_ps(d);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
     return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round16(_mm512_mul_ps(g, r)), u));
@@ -306,7 +306,7 @@ static void swiglu(const uint16_t *h, int64_t R, int64_t I, uint16_t *act) {
             __mmask16 live = (__mmask16)((1u << here) - 1);
             __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, gate + i)), 16));
             __m512 u = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, up + i)), 16));
-            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 silu = vf_silu(g);
             __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(silu)), 16));
             _mm256_mask_storeu_epi16(out + i, live, to_bf16(_mm512_mul_ps(rounded, u)));
         }
