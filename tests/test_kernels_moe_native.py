@@ -40,7 +40,7 @@ def test_every_build_compiles():
         assert set(kernel.build_all()) == {"avx512", "avx2"}
 
 # tokens, hidden, experts, top-k, expert width, shared width, normalise (hidden 400: more columns than
-# one thread's piece of the block output, kernels/moe/swiglu.h)
+# one thread's piece of the block output, kernels/moe/block_steps.h)
 CASES = [(1, 64, 8, 2, 32, 32, True), (3, 80, 10, 3, 48, 16, False), (16, 128, 64, 4, 64, 96, True),
          (2, 400, 8, 3, 48, 40, False)]
 
@@ -101,6 +101,16 @@ def test_tokens_do_not_depend_on_the_batch_or_threads(case, block_kernel):
         assert torch.equal(native_path(x, w, top_k, normalize), together)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_nan_token_gives_nan_in_its_row_only(block_kernel):
+    """A NaN in one token's x makes every router probability of it NaN: its routing must still name
+    real experts (the lowest ids), so its row comes out NaN and the others' rows are untouched."""
+    x, w, top_k, normalize = block(CASES[1], seed=3)
+    x[1, 5] = float("nan")
+    out = native_path(x, w, top_k, normalize)
+    assert out[1].isnan().all()
+    assert torch.equal(out[[0, 2]], native_path(x[[0, 2]], w, top_k, normalize))
 
 
 def test_native_block_declines_other_inputs(block_kernel):

@@ -37,7 +37,7 @@ MISMATCH_SHARE = 0.01
 BF16_STEP = 2.0**-8
 
 # (experts, hidden, expert width, shared width, top-k): one 128-block and partial ones, odd widths;
-# "tall" outputs more columns than one thread's piece of the block output (kernels/moe/swiglu.h).
+# "tall" outputs more columns than one thread's piece of the block output (kernels/moe/block_steps.h).
 SHAPES = {"demo": (8, 128, 64, 64, 2), "odd": (16, 160, 72, 136, 4), "wide": (32, 256, 256, 192, 8),
           "tall": (8, 400, 48, 40, 3)}
 

@@ -20,7 +20,7 @@
 #ifndef DOCANALYST_DOTS_AVX2_H
 #define DOCANALYST_DOTS_AVX2_H
 
-#include "swiglu.h"
+#include "block_steps.h"
 
 #define STEP 16         /* k values per step: one 256-bit load of bf16 */
 #define TILE_TOKENS 6   /* tokens per tile */

@@ -17,7 +17,7 @@
 #ifndef DOCANALYST_EXPERTS_AVX2_H
 #define DOCANALYST_EXPERTS_AVX2_H
 
-#include "swiglu.h"
+#include "block_steps.h"
 
 #define CHUNK_TOKENS 96 /* an expert's tokens taken at a time: its weights are widened once per chunk */
 #define GROUP_TOKENS 16 /* tokens in the lanes of a tile (two vectors) */

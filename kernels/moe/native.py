@@ -11,11 +11,9 @@ import torch
 
 from ..native import FEW_TOKENS, Kernel, tiles_pay_off
 from ..quant.formats import QuantizedRows, QuantizedWeight
-from ..quant.moe_native import expert_table, gate_up_split_problem
+from ..quant.moe_native import MAX_TOP_K, expert_table, gate_up_split_problem
 
 HERE = Path(__file__).parent
-# The most experts a token may take (the kernels' per-token arrays).
-MAX_TOP_K = 64
 
 SPARSE_MOE = Kernel(HERE / "sparse_moe_bf16.c", "sparse_moe_bf16", "piipiinppipppippn", isas=("avx512", "avx2"),
                     returns="n")

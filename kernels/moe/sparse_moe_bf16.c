@@ -14,7 +14,7 @@
  * FMA + F16C (dots_avx2.h's fp32 dot products), the steps run for all tokens at once: the router
  * and the shared expert's projections, then every chosen expert's gate/up for the tokens routed to
  * it, then the down projections, so each chosen expert's weights are read once per call however
- * many tokens chose it. In both, SwiGLU and the block output (swiglu.h) are shared out over the
+ * many tokens chose it. In both, SwiGLU and the block output (block_steps.h) are shared out over the
  * threads too. The two builds give different bits from each other, each always the same.
  */
 #include <math.h>
@@ -22,7 +22,7 @@
 
 #if defined(__AVX512BF16__)
 #include "../linear/small_m_bf16.c"
-#include "swiglu.h"
+#include "block_steps.h"
 #else
 /* The scalar bf16 conversions; the header's AVX-512 helpers go unused here, where GCC would warn
  * about their ABI. */
@@ -33,36 +33,6 @@
 #include "dots_avx2.h"
 #endif
 
-/* A token's routing from its fp32 router logits (overwritten): softmax over the bf16-rounded logits
- * in fp32, the top-k (lowest index first on ties) in ascending expert id (the order the grouped
- * path adds contributions in) and their bf16 weights, renormalised to sum to one with `normalize`. */
-static void route_token(float *logits, int64_t E, int64_t topk, int normalize, int64_t *chosen,
-                        uint16_t *chosen_weight) {
-    float best = -INFINITY, sum = 0.0f;
-    for (int64_t e = 0; e < E; e++) {
-        logits[e] = round_bf16(logits[e]);
-        best = logits[e] > best ? logits[e] : best;
-    }
-    for (int64_t e = 0; e < E; e++) sum += (logits[e] = expf(logits[e] - best));
-    for (int64_t e = 0; e < E; e++) logits[e] /= sum;
-    float picked_sum = 0.0f, picked[64];
-    for (int64_t j = 0; j < topk; j++) {
-        int64_t arg = -1;
-        for (int64_t e = 0; e < E; e++)
-            if (logits[e] >= 0.0f && (arg < 0 || logits[e] > logits[arg])) arg = e;
-        chosen[j] = arg;
-        picked[j] = logits[arg];
-        picked_sum += picked[j];
-        logits[arg] = -1.0f;
-    }
-    for (int64_t a = 1; a < topk; a++)
-        for (int64_t b = a; b > 0 && chosen[b] < chosen[b - 1]; b--) {
-            int64_t id = chosen[b]; chosen[b] = chosen[b - 1]; chosen[b - 1] = id;
-            float p = picked[b]; picked[b] = picked[b - 1]; picked[b - 1] = p;
-        }
-    for (int64_t j = 0; j < topk; j++) chosen_weight[j] = float_to_bf16(normalize ? picked[j] / picked_sum : picked[j]);
-}
-
 #if defined(__AVX512BF16__)
 /* out[n] = x . w[n] (fp32) for n in [0, N): one matrix-vector product of a step. */
 typedef struct {
@@ -71,7 +41,7 @@ typedef struct {
     float *out;
 } Product;
 
-#define MAX_PRODUCTS 72 /* top-k (at most 64) routed experts plus the shared expert's three */
+#define MAX_PRODUCTS (MAX_TOP_K + 3) /* the top-k routed experts plus the shared expert's three */
 
 /* The products' row blocks, in order, split over the team in contiguous runs; ends with a barrier. */
 static void team_products(const Product *products, int count) {
@@ -89,13 +59,13 @@ static void team_products(const Product *products, int count) {
 }
 
 /* x [T, H] bf16 -> out [T, H] bf16. router [E, H]; gate_up [E, 2I, H] (gate rows first);
- * down [E, H, I]; shared gate/up [S, H], shared down [H, S], shared_gate [1, H]. topk <= 64.
+ * down [E, H, I]; shared gate/up [S, H], shared down [H, S], shared_gate [1, H]. topk <= MAX_TOP_K.
  * Returns 0, or -1 when work buffers cannot be allocated. */
 int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *router, int64_t E, int64_t topk,
                     int normalize, const uint16_t *gate_up, const uint16_t *down, int64_t I,
                     const uint16_t *shared_gate_proj, const uint16_t *shared_up_proj, const uint16_t *shared_down,
                     int64_t S, const uint16_t *shared_gate, uint16_t *out, int threads) {
-    if (topk > 64) return -1;
+    if (topk < 1 || topk > MAX_TOP_K) return -1;
     /* Per routed expert (then the shared one): its gate/up projection [2I] (shared: [2S]), its
      * SwiGLU activation and its down projection [H]. */
     int64_t up_width = 2 * I > 2 * S ? 2 * I : 2 * S, act_width = up_width / 2;
@@ -107,11 +77,10 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
         return -1;
     }
     float *proj = scratch, *proj2 = proj + (topk + 1) * up_width, *logits = proj2 + (topk + 1) * H;
-    float *gate_logit = logits + E, weight[64];
+    float *gate_logit = logits + E, weight[MAX_TOP_K];
     float *shared_proj = proj + topk * up_width, *shared_out = proj2 + topk * H;
     uint16_t *shared_act = act + topk * act_width;
-    int64_t chosen[64];
-    uint16_t chosen_weight[64];
+    int64_t chosen[MAX_TOP_K];
     Product products[MAX_PRODUCTS];
 #pragma omp parallel num_threads(threads)
     for (int64_t t = 0; t < T; t++) {
@@ -121,8 +90,7 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
         team_products(products, 1);
 #pragma omp single
         {
-            route_token(logits, E, topk, normalize, chosen, chosen_weight);
-            for (int64_t j = 0; j < topk; j++) weight[j] = bf16_to_float(chosen_weight[j]);
+            route_token(logits, E, topk, normalize, chosen, weight);
             for (int64_t j = 0; j < topk; j++)
                 products[j] = (Product){ xt, gate_up + chosen[j] * 2 * I * H, 2 * I, H, proj + j * up_width };
             products[topk] = (Product){ xt, shared_gate_proj, S, H, shared_proj };
@@ -194,7 +162,8 @@ static void team_products(const Product *products, int64_t count, const int64_t 
 /* Work buffers of one call: fp32 and bf16 values, row pointers, routing and the products' lists. */
 typedef struct {
     float *values;
-    uint16_t *act, *chosen_weight;
+    uint16_t *act;
+    float *chosen_weight;
     int64_t *chosen, *start, *order, *first;
     const float **rows;
     float **outputs;
@@ -207,13 +176,13 @@ static void release(Buffers *b) {
 }
 
 /* x [T, H] bf16 -> out [T, H] bf16. router [E, H]; gate_up [E, 2I, H] (gate rows first);
- * down [E, H, I]; shared gate/up [S, H], shared down [H, S], shared_gate [1, H]. topk <= 64.
+ * down [E, H, I]; shared gate/up [S, H], shared down [H, S], shared_gate [1, H]. topk <= MAX_TOP_K.
  * Returns 0, or -1 when work buffers cannot be allocated. */
 int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *router, int64_t E, int64_t topk,
                     int normalize, const uint16_t *gate_up, const uint16_t *down, int64_t I,
                     const uint16_t *shared_gate_proj, const uint16_t *shared_up_proj, const uint16_t *shared_down,
                     int64_t S, const uint16_t *shared_gate, uint16_t *out, int threads) {
-    if (topk > 64) return -1;
+    if (topk < 1 || topk > MAX_TOP_K) return -1;
     int64_t slots = T * topk, H16 = padded_width(H), I16 = padded_width(I), S16 = padded_width(S);
     int64_t experts_used = slots < E ? slots : E;
     /* fp32: widened tokens, router logits, shared gate/up projections and gate logits; per slot
@@ -228,7 +197,7 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
     int64_t row_count = 4 * T + 2 * slots + T;
     Buffers b = {
         malloc(sizeof(float) * (size_t)total), malloc(sizeof(uint16_t) * (size_t)((slots + T) * (I > S ? I : S))),
-        malloc(sizeof(uint16_t) * (size_t)slots), malloc(sizeof(int64_t) * (size_t)slots),
+        malloc(sizeof(float) * (size_t)slots), malloc(sizeof(int64_t) * (size_t)slots),
         malloc(sizeof(int64_t) * (size_t)(E + 1)), malloc(sizeof(int64_t) * (size_t)slots),
         malloc(sizeof(int64_t) * (size_t)(2 * experts_used + 8)), malloc(sizeof(float *) * (size_t)row_count),
         malloc(sizeof(float *) * (size_t)row_count), malloc(sizeof(Product) * (size_t)(2 * experts_used + 5)),
@@ -310,9 +279,7 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
         for (int64_t item = 0; item < T * pieces; item++) {
             int64_t t = item / pieces, h0 = item % pieces * OUTPUT_PIECE;
             int64_t h1 = h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H;
-            float weight[64];
-            for (int64_t j = 0; j < topk; j++) weight[j] = bf16_to_float(b.chosen_weight[t * topk + j]);
-            block_output(down_out + t * topk * H, H, weight, topk, down_out + (slots + t) * H, gate_logit[t], h0, h1,
+            block_output(down_out + t * topk * H, H, b.chosen_weight + t * topk, topk, down_out + (slots + t) * H, gate_logit[t], h0, h1,
                          out + t * H);
         }
     }

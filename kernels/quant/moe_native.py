@@ -16,7 +16,8 @@ from .native import BF16_CODE, FORMAT_CODES, VARIANTS, half_or_float, int4_group
 SOURCE = Path(__file__).with_name("sparse_moe_quant.c")
 SPARSE_MOE = Kernel(SOURCE, "sparse_moe_quant", "pipinpnn", isas=VARIANTS, returns="n")
 _LANES = Kernel(SOURCE, "sparse_moe_quant_lanes", "p", isas=VARIANTS)
-# The most experts a token may take (the kernel's per-token arrays).
+# The most experts a token may take (MAX_TOP_K of kernels/moe/block_steps.h: the MoE kernels'
+# per-token arrays).
 MAX_TOP_K = 64
 # One row of the weight table per weight, these int64 fields each (the C struct weight_ref).
 WEIGHT_FIELDS = ("format", "data", "scale", "scale_bf16", "rows", "columns", "row_bytes", "scale_stride", "group",

@@ -6,7 +6,7 @@
  * Rounding follows the module path's steps (router logits, projections, SiLU and its product with
  * up, expert outputs and weighted outputs rounded to bf16; the routed sum in fp32 in ascending
  * expert order, rounded once; then the gated shared expert added in bf16), as the bf16 block kernel
- * does, with its SwiGLU and block output (../moe/swiglu.h). Every product is one of quant_dot.h's
+ * does, with its routing, SwiGLU and block output (../moe/block_steps.h). Every product is one of quant_dot.h's
  * fixed fp32 chains per output, so a token's bits do not depend on the other tokens of the call
  * (which rows share a pass over an expert's weights) or on the thread count (which thread takes
  * which block of weight rows).
@@ -22,11 +22,9 @@
 #include <stdint.h>
 
 #include "quant_dot.h"
-#include "../moe/swiglu.h"
+#include "../moe/block_steps.h"
 
 enum { ROUTER, GATE, UP, DOWN, SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_EXPERT_GATE, WEIGHT_COUNT };
-
-#define MAX_TOP_K 64
 
 /* Rows of prepared activations: one layout for the formats of prepare_row's plain rows, one for int4,
  * one for int4 by pair products (x is bf16, and SwiGLU's outputs are rounded to bf16: exact). */
@@ -72,37 +70,6 @@ static void team_products(const step *s, float *scratch) {
         if (lo < hi) run_blocks(&s->items[i], lo - s->first[i], hi - s->first[i], scratch);
     }
 #pragma omp barrier
-}
-
-/* A token's routing from its fp32 router logits (overwritten): softmax over the bf16-rounded logits
- * in fp32; the top-k (the lowest id first among equal probabilities), listed in ascending expert
- * id (the order their outputs are added in), and their weights in bf16, renormalised to sum to one
- * with `normalize`. */
-static void route_token(float *logits, int64_t E, int64_t topk, int normalize, int64_t *chosen, float *weight) {
-    float best = -INFINITY, sum = 0.0f, picked_sum = 0.0f, picked[MAX_TOP_K];
-    for (int64_t e = 0; e < E; e++) {
-        logits[e] = round_bf16(logits[e]);
-        best = logits[e] > best ? logits[e] : best;
-    }
-    for (int64_t e = 0; e < E; e++) sum += (logits[e] = expf(logits[e] - best));
-    for (int64_t e = 0; e < E; e++) logits[e] /= sum;
-    for (int64_t j = 0; j < topk; j++) {
-        /* Probabilities lie in [0, 1], so -1 marks a taken expert; NaN ones (from a NaN x) compare
-         * false and leave the lowest untaken id, whose output is NaN then anyway. */
-        int64_t arg = -1;
-        for (int64_t e = 0; e < E; e++)
-            if (logits[e] != -1.0f && (arg < 0 || logits[e] > logits[arg])) arg = e;
-        chosen[j] = arg;
-        picked[j] = logits[arg];
-        picked_sum += picked[j];
-        logits[arg] = -1.0f;
-    }
-    for (int64_t a = 1; a < topk; a++)
-        for (int64_t b = a; b > 0 && chosen[b] < chosen[b - 1]; b--) {
-            int64_t id = chosen[b]; chosen[b] = chosen[b - 1]; chosen[b - 1] = id;
-            float p = picked[b]; picked[b] = picked[b - 1]; picked[b - 1] = p;
-        }
-    for (int64_t j = 0; j < topk; j++) weight[j] = round_bf16(normalize ? picked[j] / picked_sum : picked[j]);
 }
 
 /* Work buffers of one call, sized for `T` tokens. */
