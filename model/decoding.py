@@ -22,7 +22,7 @@ from kernels.quant import QuantizedWeight
 
 from .generation import Cancelled, Generation, TextDelta, prefill
 from .mtp import MtpRunner, mtp_block, state_mtp
-from .sampling import Sampler
+from .sampling import InvalidLogits, Sampler, argmax_index
 from .speculative import LinearSnapshot, restore_linear_layers, snapshot_linear_layers, verify_sampled
 
 
@@ -84,7 +84,10 @@ class DecodeLoop:
     def _pick(self, logits: torch.Tensor, previous: list[int]) -> tuple[int, torch.Tensor | None]:
         history = self._history(previous)
         if self.sampler.params.greedy:
-            return self.sampler.sample(logits, history), None
+            try:
+                return self.sampler.sample(logits, history), None
+            except InvalidLogits:  # a draft only costs time: verification rejects whatever it is
+                return argmax_index(logits), None
         q = self.sampler.probabilities(logits, history)
         return int(torch.multinomial(q, 1, generator=self.sampler.generator)), q
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+
+class InvalidLogits(ValueError):
+    """The model's scores for the next token are not numbers, so no token can be chosen."""
+
+    def __init__(self) -> None:
+        super().__init__("The model's scores for the next token came out as NaN or infinite, so no token could be "
+                         "chosen and the answer stops here. Its weights may be damaged: check the checkpoint, or "
+                         "try it in another weight format.")
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,15 @@ def argmax_index(values: torch.Tensor) -> int:
     return int(values.detach().float().numpy().argmax())
 
 
+def checked_argmax(logits: torch.Tensor) -> int:
+    """argmax_index, raising InvalidLogits where the winner is NaN or infinite: argmax_index returns
+    the first NaN where there is one, so one look at the winner covers the whole row."""
+    index = argmax_index(logits)
+    if not math.isfinite(float(logits[index])):
+        raise InvalidLogits()
+    return index
+
+
 class Sampler:
     """Stateful only through its random generator, so a seed reproduces a whole answer."""
 
@@ -58,14 +77,14 @@ class Sampler:
         if self.params.repetition_penalty != 1.0 and history is not None and history.numel():
             logits = apply_repetition_penalty(logits, history, self.params.repetition_penalty)
         if self.params.greedy:
-            return torch.nn.functional.one_hot(torch.tensor(argmax_index(logits)), logits.shape[-1]).float()
+            return torch.nn.functional.one_hot(torch.tensor(checked_argmax(logits)), logits.shape[-1]).float()
         return filtered_probabilities(logits / self.params.temperature, self.params)
 
     def sample(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
         if self.params.greedy:
             if self.params.repetition_penalty != 1.0 and history is not None and history.numel():
                 logits = apply_repetition_penalty(logits.float(), history, self.params.repetition_penalty)
-            return argmax_index(logits)
+            return checked_argmax(logits)
         probs = self.probabilities(logits, history)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
@@ -92,4 +111,7 @@ def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> torc
         probs = probs.masked_fill(drop, 0.0)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+    total = probs.sum()
+    if not math.isfinite(float(total)) or total <= 0:  # NaN or infinite logits: softmax gives NaN
+        raise InvalidLogits()
+    return probs / total

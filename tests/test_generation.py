@@ -9,7 +9,7 @@ import torch
 
 from model import Generation, GenerationSettings, SamplingParams, load_model
 from model.demo import DEMO_NOTICE, is_demo_checkpoint, main
-from model.sampling import Sampler, filtered_probabilities
+from model.sampling import InvalidLogits, Sampler, filtered_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,19 @@ def test_stop_string_cuts_the_answer(demo_lm):
                         GenerationSettings(stop_strings=("STOP",), max_new_tokens=20)).run()
     assert result.text == "one two "
     assert result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_scores_that_are_not_numbers_end_the_answer_with_a_clear_error(demo_checkpoint, temperature):
+    """Damaged weights (here NaN in the final norm) give NaN scores: the answer stops with a message
+    a person can act on, instead of streaming the first token id over and over."""
+    lm = load_model(demo_checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        lm.module.model.norm.weight.fill_(float("nan"))
+    settings = GenerationSettings(max_new_tokens=4, sampling=SamplingParams(temperature=temperature, seed=1))
+    generation = Generation(lm, lm.new_state(), prompt(lm, "Hello?"), settings)
+    with pytest.raises(InvalidLogits, match="weights may be damaged"):
+        list(generation)
 
 
 @pytest.mark.parametrize("params,kept", [

@@ -276,6 +276,17 @@ def test_greedy_with_mtp_equals_plain(lm, prompt, plain, draft_tokens):
     assert_mtp_close(lm, state, prompt + tokens[:-1])
 
 
+def test_a_damaged_draft_head_only_costs_time(demo_checkpoint, lm, prompt, plain):
+    """NaN in the MTP block's weights makes every draft's scores NaN: greedy drafting still proposes
+    (whatever token), verification rejects it, and the answer is plain decoding's."""
+    damaged = load_model(demo_checkpoint, dtype=lm.dtype)
+    with torch.no_grad():
+        mtp_block(damaged).norm.weight.fill_(float("nan"))
+    result = speculative(damaged, damaged.new_state(), prompt, draft_tokens=2)
+    assert result.token_ids == plain[0]
+    assert result.speculation.proposed > 0 and result.speculation.accepted == 0
+
+
 def test_mtp_cache_equals_one_pass_over_the_sequence(lm, prompt, plain):
     """The K/V built step by step, through rollbacks, equal one MTP pass over the final sequence;
     so do those plain decoding builds in one pass at the end of the answer."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.sampling import Sampler, SamplingParams, argmax_index
+from model.sampling import InvalidLogits, Sampler, SamplingParams, argmax_index
 
 
 def rows() -> list:
@@ -39,3 +39,29 @@ def test_greedy_sampler_takes_the_first_of_equal_maxima():
     sampler = Sampler(SamplingParams(temperature=0.0))
     assert sampler.sample(logits) == 8
     assert int(sampler.probabilities(logits).argmax()) == 8
+
+
+def unusable_rows() -> list:
+    nan = torch.randn(1_000, generator=torch.Generator().manual_seed(3))
+    nan[[10, 700]] = float("nan")
+    inf = torch.zeros(1_000)
+    inf[12] = float("inf")
+    return [pytest.param(nan, id="nan"), pytest.param(inf, id="infinite-winner"),
+            pytest.param(torch.full((9,), float("-inf")), id="all-minus-infinity")]
+
+
+@pytest.mark.parametrize("values", unusable_rows())
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
+def test_scores_that_are_not_numbers_stop_with_a_clear_error(values, temperature):
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0))
+    with pytest.raises(InvalidLogits, match="NaN or infinite"):
+        sampler.sample(values)
+    with pytest.raises(InvalidLogits):
+        sampler.probabilities(values)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
+def test_very_negative_scores_beside_a_finite_winner_are_usable(temperature):
+    values = torch.full((50,), float("-inf"))
+    values[[3, 40]] = torch.tensor([1.0, 2.5])
+    assert Sampler(SamplingParams(temperature=temperature, seed=0)).sample(values) in (3, 40)
