@@ -14,10 +14,10 @@
  * of rows M, a row's place among them and the split of weight rows over threads change none of it,
  * so a token's output is bit-identical alone (decode) or beside others (draft verification). Scales
  * cost no multiply per weight: int4 looks its weights up in a 16-entry table of (i - 8) * scale
- * (exactly dequantize()'s fp32 weights; the AVX2 build, without a 16-entry permute, instead sums
- * x * (i - 8) over a group and adds that sum times the scale into the lane's chain), int8 scales
- * the finished sum, fp8 multiplies x by the block scales once per 128 weight rows (all rows of a
- * block share them).
+ * (exactly dequantize()'s fp32 weights; the AVX2 build, without a 16-entry permute, instead starts a
+ * group's chain at -8 times x's sum over it and adds x * i, then adds that times the scale into the
+ * lane's total), int8 scales the finished sum, fp8 multiplies x by the block scales once per 128
+ * weight rows (all rows of a block share them).
  *
  * int4 by pair dot products. Where the caller asks for it (`int4_pairs`: x exact in bf16, groups of
  * a multiple of 64 columns, the AVX-512 build), int4 weights go through the bf16 pair dot product
@@ -144,6 +144,7 @@ ALWAYS void int4_to_vecs(__m128i bytes, group_scale table, vec *even, vec *odd) 
 /* int4_tile's hooks: the weights come scaled, so a row's sums run over all its groups. */
 #define INT4_TOTALS
 #define INT4_WEIGHTS(bytes, r, even, odd) int4_to_vecs(bytes, table[r], even, odd)
+#define INT4_GROUP_START
 #define INT4_GROUP_END
 #define INT4_SUM(m, r) acc[m][r]
 
@@ -247,27 +248,31 @@ ALWAYS int nan_found(nan_seen seen) {
 typedef vec group_scale;
 ALWAYS group_scale int4_group(float scale) { return vset1(scale); }
 
-/* LANES packed bytes -> 2 * LANES nibbles - 8 (exact in fp32): even columns, then odd ones. */
+/* LANES packed bytes -> 2 * LANES nibbles (0..15, exact in fp32): even columns, then odd ones. */
 ALWAYS void int4_to_vecs(__m128i bytes, vec *even, vec *odd) {
-    const __m256i low = _mm256_set1_epi32(15), offset = _mm256_set1_epi32(8);
     __m256i wide = _mm256_cvtepu8_epi32(bytes);
-    *even = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(wide, low), offset));
-    *odd = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(wide, 4), offset));
+    *even = _mm256_cvtepi32_ps(_mm256_and_si256(wide, _mm256_set1_epi32(15)));
+    *odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(wide, 4));
 }
 
-/* int4_tile's hooks: a group's sums run over x * (nibble - 8), then go into the row's totals times
- * the group's scale, one multiply-add per group instead of a multiply per weight. */
+/* int4_tile's hooks: a group's chains start from -8 times x's own sums over the group (int4_sum_x,
+ * lane by lane) and run over x * nibble, giving sum x * (nibble - 8) without a subtraction per
+ * weight; they then go into the row's totals times the group's scale, one multiply-add per group
+ * instead of a multiply per weight. */
+#define INT4_X_SUMS 1
 #define INT4_TOTALS                                                                             \
     vec total[X_GROUP][ROW_BLOCK];                                                              \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                         \
         _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) total[m][r] = vzero();
 #define INT4_WEIGHTS(bytes, r, even, odd) int4_to_vecs(bytes, even, odd)
+#define INT4_GROUP_START                                                                        \
+    _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                                      \
+        vec start = vload(p->x_sums[m0 + m] + g * LANES);                                       \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[m][r] = start;                  \
+    }
 #define INT4_GROUP_END                                                                          \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                         \
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {                                  \
-            total[m][r] = vfma(acc[m][r], table[r], total[m][r]);                               \
-            acc[m][r] = vzero();                                                                \
-        }
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) total[m][r] = vfma(acc[m][r], table[r], total[m][r]);
 #define INT4_SUM(m, r) total[m][r]
 #endif
 
@@ -351,6 +356,7 @@ typedef struct {
     void *const *y;        /* M output rows of N elements */
     int y_bf16;
     int pairs;             /* int4 by pair products, x prepared by prepare_pairs (takes_pairs) */
+    const float *const *x_sums; /* set by run_blocks where int4_tile needs them (int4_sum_x) */
 } problem;
 
 /* y[m][n] = sum + bias[n], rounded to y's dtype. */
@@ -516,6 +522,7 @@ ALWAYS void int4_tile(const problem *p, const float *const *x, int64_t m0, const
             /* Groups of up to 128 columns fit a line; larger ones take the rest here. */
             for (int64_t line = first + 64; line < byte_end; line += 64) PREFETCH(r, line);
         }
+        INT4_GROUP_START
         int64_t b = first;
         for (; b + LANES <= byte_end; b += LANES) INT4_STEP_TILE(b, LANES)
         if (b < byte_end) INT4_STEP_TILE(b, byte_end - b)
@@ -618,22 +625,53 @@ static void fp8_scale_x(const problem *p, int64_t band, float *const *scaled) {
         for (int64_t k = p->K; k < p->ldx; k++) scaled[m][k] = 0.0f;
 }
 
-/* Weight rows [first_block, end_block) * ROW_BLOCK of the product, for all its rows of x. fp8 needs
- * `scratch` of QUANT_MAX_ROWS * ldx floats for its scaled copy of x (the others ignore it). */
-static void run_blocks(const problem *p, int64_t first_block, int64_t end_block, float *scratch) {
+#ifdef INT4_X_SUMS
+/* -8 times each row of x's sums over every int4 group, lane by lane in the order int4_tile's steps meet
+ * the columns: sums[m][g * LANES + lane], at most ldx / 2 floats a row (a group spans whole chunks). */
+static void int4_sum_x(const problem *p, float *const *sums) {
+    for (int64_t m = 0; m < p->M; m++)
+        for (int64_t k0 = 0, g = 0; k0 < p->K; k0 += p->group, g++) {
+            int64_t end = k0 + p->group < p->K ? k0 + p->group : p->K;
+            vec sum = vzero();
+            for (int64_t b = k0 / 2; b < (end + 1) / 2; b += LANES)
+                sum = _mm256_add_ps(_mm256_add_ps(sum, vload(p->x[m] + 2 * b)), vload(p->x[m] + 2 * b + LANES));
+            _mm256_storeu_ps(sums[m] + g * LANES, vmul(vset1(-8.0f), sum));
+        }
+}
+#endif
+
+/* Whether run_blocks needs `scratch`: fp8's copy of x times the block scales, the AVX2 build's int4
+ * sums of x. */
+static inline int needs_scratch(const problem *p) {
+#ifdef INT4_X_SUMS
+    if (p->format == FORMAT_INT4 && !p->pairs) return 1;
+#endif
+    return p->format == FORMAT_FP8_BLOCK;
+}
+
+/* Weight rows [first_block, end_block) * ROW_BLOCK of the product, for all its rows of x; `scratch`
+ * QUANT_MAX_ROWS * ldx floats where needs_scratch (else ignored). */
+static void run_blocks(const problem *given, int64_t first_block, int64_t end_block, float *scratch) {
+    problem own = *given;
+    const problem *p = &own;
     const float *const *x = p->x;
-    float *scaled[QUANT_MAX_ROWS];
+    float *rows_of_scratch[QUANT_MAX_ROWS];
     int64_t band = -1;
-    if (p->format == FORMAT_FP8_BLOCK) {
-        for (int64_t m = 0; m < p->M; m++) scaled[m] = scratch + m * p->ldx;
-        x = (const float *const *)scaled;
+    if (needs_scratch(p))
+        for (int64_t m = 0; m < p->M; m++) rows_of_scratch[m] = scratch + m * p->ldx;
+    if (p->format == FORMAT_FP8_BLOCK) x = (const float *const *)rows_of_scratch;
+#ifdef INT4_X_SUMS
+    if (p->format == FORMAT_INT4 && !p->pairs) {
+        int4_sum_x(p, rows_of_scratch);
+        own.x_sums = (const float *const *)rows_of_scratch;
     }
+#endif
     for (int64_t block = first_block; block < end_block; block++) {
         int64_t n0 = block * ROW_BLOCK;
         /* NaN weights (fp8 only) are found in the first pass and make their outputs NaN, as dequantize's would. */
         int nan[ROW_BLOCK] = { 0 };
         if (p->format == FORMAT_FP8_BLOCK) {
-            if (n0 / FP8_BLOCK != band) fp8_scale_x(p, band = n0 / FP8_BLOCK, scaled);
+            if (n0 / FP8_BLOCK != band) fp8_scale_x(p, band = n0 / FP8_BLOCK, rows_of_scratch);
             RUN_BLOCK(fp8_tile)
         } else if (p->format == FORMAT_INT8) {
             RUN_BLOCK(int8_tile)

@@ -13,10 +13,11 @@
 /* Which build this is: 16 lanes (AVX-512) or 8 (AVX2). */
 void quant_small_m_lanes(int32_t *lanes) { *lanes = LANES; }
 
-/* The product's blocks [first, end) with an fp8 scratch of its own (NaN outputs without one). */
+/* The product's blocks [first, end) with a scratch of its own where it needs one (NaN outputs when
+ * that cannot be allocated). */
 static void run_blocks_alone(const problem *p, int64_t first, int64_t end) {
     float *scratch = NULL;
-    if (p->format == FORMAT_FP8_BLOCK && (scratch = malloc(sizeof(float) * (size_t)(p->M * p->ldx))) == NULL) {
+    if (needs_scratch(p) && (scratch = malloc(sizeof(float) * (size_t)(p->M * p->ldx))) == NULL) {
         for (int64_t m = 0; m < p->M; m++)
             for (int64_t n = first * ROW_BLOCK; n < end * ROW_BLOCK && n < p->N; n++) put(p, m, n, NAN);
         return;
@@ -39,7 +40,7 @@ static void linear_rows(int format, const char *x, int x_bf16, int64_t ldx, int6
         y_rows[m] = y + m * N * (y_bf16 ? 2 : 4);
     }
     problem p = { format, x_rows, width, M, K, N, (const uint8_t *)w, ldw, scale, scale_bf16, lds, group,
-                  bias, bias_bf16, y_rows, y_bf16, pairs };
+                  bias, bias_bf16, y_rows, y_bf16, pairs, NULL };
     if (prepared == NULL || K <= 0) {
         /* An empty sum is 0; without memory for x, NaN says so. */
         for (int64_t m = 0; m < M; m++)

@@ -44,7 +44,7 @@ static problem product(const weight_ref *w, int64_t expert, const float *const *
                   (const uint8_t *)(uintptr_t)w->data + expert * w->expert_bytes, w->row_bytes,
                   scale == NULL ? NULL : scale + expert * w->expert_scales * (w->scale_bf16 ? 2 : 4),
                   (int)w->scale_bf16, w->scale_stride, w->group, NULL, 0, (void *const *)y, 0,
-                  layout_of(w, int4_pairs) == PAIRS_LAYOUT };
+                  layout_of(w, int4_pairs) == PAIRS_LAYOUT, NULL };
     return p;
 }
 
