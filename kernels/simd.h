@@ -163,6 +163,9 @@ VF_INLINE __m256i bf16x16_load_n(const uint16_t *p, int64_t count) {
 }
 #endif
 
+/* Lanes rounded to bf16 (nearest even, as torch) and widened back: the value a bf16 tensor would hold. */
+VF_INLINE vf vf_round_bf16(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
+
 /* e^x lane by lane (x clamped to [-87.3, 88.3]: below, and for -inf, ~1e-38, not 0): 2^n * poly(r), x = n ln2 + r,
  * |r| <= ln2 / 2, ln2 split in two for an exact-ish reduction. */
 VF_INLINE vf vf_exp(vf x) {

@@ -271,11 +271,11 @@ static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, co
         vf low = vf_mul(vf_load(acc + m), inverse), high = vf_mul(vf_load(acc + m + 8), inverse);
         vf ordered[2] = { _mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31) };
         for (int h = 0; h < 2; h++) {
-            vf attn = vf_from_bf16_bits(vf_bf16_bits(ordered[h]));
+            vf attn = vf_round_bf16(ordered[h]);
             if (gate) {
                 vf g = vf_load_bf16(gate + m + 8 * h);
                 vf sigmoid = vf_sigmoid(g);
-                attn = vf_mul(attn, vf_from_bf16_bits(vf_bf16_bits(sigmoid)));
+                attn = vf_mul(attn, vf_round_bf16(sigmoid));
             }
             vf_store_bf16(out + m + 8 * h, attn);
         }

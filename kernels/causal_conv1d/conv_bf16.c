@@ -61,8 +61,6 @@ void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, ui
 #include "../bf16_simd.h"
 #pragma GCC diagnostic pop
 
-VF_INLINE vf round_to_bf16(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
-
 /* Channels a task takes: one 64-byte line of a token's bf16 row, so each line of x and y is
  * touched by one task only (strided token rows otherwise cost a line and a page walk per vector). */
 #define GROUP (4 * VF_LANES)
@@ -92,7 +90,7 @@ void causal_conv1d_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t C, ui
                 vf_store(history[newest + W] + v, input);
                 vf sum = vf_mul(vf_load(history[oldest] + v), vf_load(taps[0] + v));
                 for (int64_t w = 1; w < W; w++) sum = vf_add(sum, vf_mul(vf_load(history[oldest + w] + v), vf_load(taps[w] + v)));
-                vf rounded = round_to_bf16(sum);
+                vf rounded = vf_round_bf16(sum);
                 if (silu) rounded = vf_silu(rounded);
                 vf_store_bf16_n(y + t * ldy + c0 + v, rounded, width - v);
             }

@@ -2,9 +2,9 @@
  * with SiLU, gates, q/k L2 norm and the gated delta rule, token after token.
  *
  * Mirrors the PyTorch decode path: the conv sums its taps in fp32 and rounds to bf16 before SiLU
- * (by simd.h's vector exp; rounded again); beta = sigmoid(b) is rounded to bf16; g = -exp(A_log) softplus(a + dt_bias),
- * q and k normalised in fp32 (q then scaled), the recurrent state in fp32, outputs rounded to
- * bf16. Each token is processed exactly as a one-token call would, so verification rows equal
+ * (simd.h's vf_silu; rounded again); beta = sigmoid(b) is rounded to bf16; g = -exp(A_log)
+ * softplus(a + dt_bias), q and k normalised in fp32 (q then scaled), the recurrent state in fp32,
+ * outputs rounded to bf16. Each token is processed exactly as a one-token call would, so verification rows equal
  * decode steps bit for bit. Value heads are split over the OpenMP threads.
  *
  * Built twice, with AVX-512 and with AVX2 + FMA + F16C, from one source on the build's vectors
@@ -111,12 +111,9 @@ static void head_step(float *state, const float *q, const float *k, const float 
     }
 }
 
-/* bf16 -> fp32 -> bf16 as round_bf16 does, lane by lane. */
-static inline __attribute__((always_inline)) vf round_to_bf16(vf x) { return vf_from_bf16_bits(vf_bf16_bits(x)); }
-
 /* Channels c .. c + lanes - 1 (lanes <= VF_LANES) for all T tokens, one channel a lane: each
  * token's conv over the channel's tail [W - 1] and the token (an fp32 chain of fused multiply-adds
- * over the taps, in order), rounded to bf16; SiLU as y / (1 + e^-y) with vf_exp, rounded to bf16;
+ * over the taps, in order), rounded to bf16; SiLU by vf_silu, rounded to bf16;
  * the token then enters the tail. window holds (W - 1 + T) x VF_LANES bf16: the tails, then the
  * tokens. */
 static void conv_silu_lanes(uint16_t *conv_state, const uint16_t *conv_weight, int64_t W, const uint16_t *mixed,
@@ -134,8 +131,8 @@ static void conv_silu_lanes(uint16_t *conv_state, const uint16_t *conv_weight, i
         vf sum = vf_zero();
         for (int64_t i = 0; i < W; i++)
             sum = vf_fma(vf_load_bf16(window + (t + i) * VF_LANES), vf_load(weight[i]), sum);
-        vf y = round_to_bf16(sum);
-        vf silu = round_to_bf16(vf_silu(y));
+        vf y = vf_round_bf16(sum);
+        vf silu = vf_round_bf16(vf_silu(y));
         vf_store_n(activated + t * C + c, silu, lanes);
     }
     for (int64_t i = 0; i < taps; i++)

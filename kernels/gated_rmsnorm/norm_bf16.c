@@ -88,14 +88,12 @@ static inline void add_row(const uint16_t *base, const uint16_t *add, int64_t D,
     for (int64_t d = 0; d < D; d += VF_LANES) vf_store_bf16(total + d, vf_add(vf_load_bf16(base + d), vf_load_bf16(add + d)));
 }
 
-VF_INLINE vf round_to_bf16(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
-
 static inline void gated_row(const uint16_t *src, const uint16_t *gate, int64_t D, const uint16_t *weight, float eps,
                              uint16_t *dst) {
     vf r = vf_set1(inverse_rms(src, D, eps));
     for (int64_t d = 0; d < D; d += VF_LANES) {
-        vf normed = round_to_bf16(vf_mul(vf_load_bf16(src + d), r));
-        vf weighted = round_to_bf16(vf_mul(vf_load_bf16(weight + d), normed));
+        vf normed = vf_round_bf16(vf_mul(vf_load_bf16(src + d), r));
+        vf weighted = vf_round_bf16(vf_mul(vf_load_bf16(weight + d), normed));
         vf g = vf_load_bf16(gate + d);
         vf silu = vf_silu(g);
         vf_store_bf16(dst + d, vf_mul(weighted, silu));

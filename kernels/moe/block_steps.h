@@ -44,17 +44,14 @@ static inline void route_token(float *logits, int64_t E, int64_t topk, int norma
     for (int64_t j = 0; j < topk; j++) weight[j] = round_bf16(normalize ? picked[j] / picked_sum : picked[j]);
 }
 
-/* Lanes rounded to bf16 (nearest even, as torch) and widened back. */
-VF_INLINE vf round_lanes(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
-
 /* act[i] = bf16(bf16(silu(bf16(gate[i]))) * bf16(up[i])) for i < width, as F.silu(gate) * up on bf16
  * tensors; silu by simd.h's vf_silu. */
 static inline void swiglu_row(const float *gate, const float *up, int64_t width, uint16_t *act) {
     for (int64_t i = 0; i < width; i += VF_LANES) {
         int64_t live = width - i;
-        vf g = round_lanes(vf_load_n(gate + i, live)), u = round_lanes(vf_load_n(up + i, live));
+        vf g = vf_round_bf16(vf_load_n(gate + i, live)), u = vf_round_bf16(vf_load_n(up + i, live));
         vf silu = vf_silu(g);
-        vf_store_bf16_n(act + i, vf_mul(round_lanes(silu), u), live);
+        vf_store_bf16_n(act + i, vf_mul(vf_round_bf16(silu), u), live);
     }
 }
 
@@ -72,10 +69,10 @@ static inline void block_output(const float *expert, int64_t stride, const float
         int64_t live = h1 - h;
         vf routed = vf_zero();
         for (int64_t j = 0; j < topk; j++)
-            routed = vf_add(routed, round_lanes(vf_mul(round_lanes(vf_load_n(expert + j * stride + h, live)),
+            routed = vf_add(routed, vf_round_bf16(vf_mul(vf_round_bf16(vf_load_n(expert + j * stride + h, live)),
                                                        vf_set1(weight[j]))));
-        vf gated = round_lanes(vf_mul(vf_set1(gate), round_lanes(vf_load_n(shared + h, live))));
-        vf_store_bf16_n(out + h, vf_add(round_lanes(routed), gated), live);
+        vf gated = vf_round_bf16(vf_mul(vf_set1(gate), vf_round_bf16(vf_load_n(shared + h, live))));
+        vf_store_bf16_n(out + h, vf_add(vf_round_bf16(routed), gated), live);
     }
 }
 

@@ -154,7 +154,7 @@ static int run_experts(const uint16_t *x, int64_t H, const uint16_t *weights, in
                     vf scale = vf_set1(bf16_to_float(weights[mine[r]]));
                     for (int64_t h = 0; h < H; h += VF_LANES)
                         vf_store_bf16_n(routed + mine[r] * H + h,
-                                        vf_mul(round_lanes(vf_load_n(y + r * H + h, H - h)), scale), H - h);
+                                        vf_mul(vf_round_bf16(vf_load_n(y + r * H + h, H - h)), scale), H - h);
                 }
             }
         }

@@ -279,8 +279,8 @@ int sparse_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *rou
         for (int64_t item = 0; item < T * pieces; item++) {
             int64_t t = item / pieces, h0 = item % pieces * OUTPUT_PIECE;
             int64_t h1 = h0 + OUTPUT_PIECE < H ? h0 + OUTPUT_PIECE : H;
-            block_output(down_out + t * topk * H, H, b.chosen_weight + t * topk, topk, down_out + (slots + t) * H, gate_logit[t], h0, h1,
-                         out + t * H);
+            block_output(down_out + t * topk * H, H, b.chosen_weight + t * topk, topk, down_out + (slots + t) * H,
+                         gate_logit[t], h0, h1, out + t * H);
         }
     }
     release(&b);

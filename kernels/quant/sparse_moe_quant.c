@@ -6,10 +6,10 @@
  * Rounding follows the module path's steps (router logits, projections, SiLU and its product with
  * up, expert outputs and weighted outputs rounded to bf16; the routed sum in fp32 in ascending
  * expert order, rounded once; then the gated shared expert added in bf16), as the bf16 block kernel
- * does, with its routing, SwiGLU and block output (../moe/block_steps.h). Every product is one of quant_dot.h's
- * fixed fp32 chains per output, so a token's bits do not depend on the other tokens of the call
- * (which rows share a pass over an expert's weights) or on the thread count (which thread takes
- * which block of weight rows).
+ * does, with its routing, SwiGLU and block output (../moe/block_steps.h). Every product is one of
+ * quant_dot.h's fixed fp32 chains per output, so a token's bits do not depend on the other tokens
+ * of the call (which rows share a pass over an expert's weights) or on the thread count (which
+ * thread takes which block of weight rows).
  *
  * Memory. The tokens' work is grouped by expert: each chosen expert's weights are read once per call
  * however many tokens chose it. One OpenMP region per call runs three steps of products (the router,

@@ -28,16 +28,14 @@ static inline void rotate_row(const uint16_t *src, const uint16_t *c, const uint
 #else /* AVX2 + FMA + F16C */
 #include "../simd.h"
 
-VF_INLINE vf round_to_bf16(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }
-
 /* `count` dims of one half: x times cos plus `sign` times the other half's x times sin. */
 static inline void rotate_half(const uint16_t *x, const uint16_t *other, const uint16_t *c, const uint16_t *s,
                                int64_t count, float sign, uint16_t *dst) {
     for (int64_t j = 0; j < count; j += VF_LANES) {
         int64_t n = count - j;
-        vf along = round_to_bf16(vf_mul(vf_load_bf16_n(x + j, n), vf_load_bf16_n(c + j, n)));
+        vf along = vf_round_bf16(vf_mul(vf_load_bf16_n(x + j, n), vf_load_bf16_n(c + j, n)));
         vf turned = vf_mul(vf_load_bf16_n(other + j, n), vf_set1(sign));
-        vf across = round_to_bf16(vf_mul(turned, vf_load_bf16_n(s + j, n)));
+        vf across = vf_round_bf16(vf_mul(turned, vf_load_bf16_n(s + j, n)));
         vf_store_bf16_n(dst + j, vf_add(along, across), n);
     }
 }
