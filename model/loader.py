@@ -7,7 +7,7 @@ import ctypes
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -138,7 +138,7 @@ def _copy_tensor(name, value, targets, config, dtype, device, weights: str | Non
         return
     value = stored
     if target.tensor is None:
-        target.tensor = torch.empty(target.shape, dtype=dtype, device=device)
+        target.tensor = _weight_buffer(target.shape, dtype, device)
     destination = target.tensor[index] if index else target.tensor
     if tuple(value.shape) != tuple(destination.shape):
         raise LoadError(
@@ -146,6 +146,20 @@ def _copy_tensor(name, value, targets, config, dtype, device, weights: str | Non
         )
     destination.copy_(value)
     target.filled.add(part)
+
+
+def _weight_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty tensor for a weight, on huge pages where the system gives them (see
+    kernels.native.back_with_huge_pages: weights are streamed at every token)."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    native_kernels.back_with_huge_pages(buffer)
+    return buffer
+
+
+def _owned(value: torch.Tensor, device) -> torch.Tensor:
+    """A copy of a weight in a buffer of its own: a checkpoint tensor may view the file's memory
+    map, which would then stay mapped (and resident) for as long as the model lives."""
+    return _weight_buffer(value.shape, value.dtype, device).copy_(value)
 
 
 def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part, config, device) -> None:
@@ -157,9 +171,8 @@ def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part
             raise LoadError(
                 f"Tensor {name} has shape {list(weight.shape)} but the config implies {list(target.shape)}."
             )
-        # Copies: a checkpoint tensor may view the file's memory map, which would then stay resident.
-        target.quantized = QuantizedWeight(weight.format, weight.data.to(device, copy=True),
-                                           weight.scale.to(device, copy=True), weight.shape, weight.group_size)
+        target.quantized = QuantizedWeight(weight.format, _owned(weight.data, device), _owned(weight.scale, device),
+                                           weight.shape, weight.group_size)
         target.filled.add(part)
         return
     expert, proj = part
@@ -171,8 +184,8 @@ def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part
     if stack is None:
         experts = target.shape[0]
         stack = QuantizedWeight(
-            weight.format, torch.empty((experts, *weight.data.shape), dtype=weight.data.dtype, device=device),
-            torch.empty((experts, *weight.scale.shape), dtype=weight.scale.dtype, device=device),
+            weight.format, _weight_buffer((experts, *weight.data.shape), weight.data.dtype, device),
+            _weight_buffer((experts, *weight.scale.shape), weight.scale.dtype, device),
             (experts, *weight.shape), weight.group_size,
         )
         target.stacks[proj] = stack
@@ -204,7 +217,11 @@ def _tied_head(embedding: _Target, head_format: str | None) -> _Target:
     more (half the bf16 embedding), which decode reads instead of the bf16 embedding each token."""
     if head_format in (None, "bf16") or embedding.tensor is None:
         return embedding
-    head = _Target(embedding.shape, quantized=convert(embedding.tensor, head_format, embedding.tensor.dtype))
+    quantized = convert(embedding.tensor, head_format, embedding.tensor.dtype)
+    # Into a weight buffer like the others' (decode reads the head at every token).
+    device = embedding.tensor.device
+    quantized = replace(quantized, data=_owned(quantized.data, device), scale=_owned(quantized.scale, device))
+    head = _Target(embedding.shape, quantized=quantized)
     head.filled.add("whole")
     return head
 
@@ -297,9 +314,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
                     for stored_name, stored in groups.feed(tensor_name, handle.get_tensor(tensor_name)):
                         for name, value in layout.feed(stored_name, stored):
                             if name.startswith("mtp."):
-                                # A copy: the tensor may view the file's memory map, which would then
-                                # stay mapped (and resident) for as long as the model lives.
-                                extra[name] = dense(value, dtype).to(device=device, copy=True)
+                                extra[name] = _owned(dense(value, dtype), device)
                             else:
                                 _copy_tensor(name, value, targets, config, dtype, device, wanted)
         except (QuantizationError, LayoutError) as exc:
