@@ -128,7 +128,7 @@ class DecodeLoop:
             # Consecutive pairs go through the block in one call.
             if run and (pairs is None or pairs[2] != run[-1][2] + len(run[-1][1])):
                 rows = torch.cat([r for r, _, _ in run])[None]
-                runner.extend(cache, rows, torch.tensor([sum((t for _, t, _ in run), [])]), run[0][2])
+                runner.record(cache, rows, torch.tensor([sum((t for _, t, _ in run), [])]), run[0][2])
                 run = []
             if pairs is not None:
                 run.append(pairs)

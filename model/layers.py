@@ -75,19 +75,23 @@ class GatedAttention(nn.Module):
         """x `[B, T, hidden]`; appends this chunk's K/V to `state` after `past` positions."""
         batch, length, _ = x.shape
         query, gate = self.q_proj(x).view(batch, length, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
-        query = self.q_norm(query)
-        key = self.k_norm(self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim))
-        value = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
-        cos, sin = rope
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-
-        total = past + length
-        state.ensure_capacity(total)
-        state.key[:, :, past:total] = key.transpose(1, 2)
-        state.value[:, :, past:total] = value.transpose(1, 2)
+        query = apply_rotary(self.q_norm(query), *rope)
+        total = self.append_kv(x, rope, state, past)
         attn = causal_attention(query, state.key[:, :, :total], state.value[:, :, :total], self.head_dim**-0.5,
                                 gate=gate)
         return self.o_proj(attn.reshape(batch, length, -1))
+
+    def append_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], state: AttentionLayerState,
+                  past: int) -> int:
+        """Write the K/V of x `[B, T, hidden]` at positions `past..past+T-1` of `state`; returns past + T."""
+        batch, length, _ = x.shape
+        key = self.k_norm(self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim))
+        value = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        total = past + length
+        state.ensure_capacity(total)
+        state.key[:, :, past:total] = apply_rotary(key, *rope).transpose(1, 2)
+        state.value[:, :, past:total] = value.transpose(1, 2)
+        return total
 
 
 class GatedDeltaNet(nn.Module):

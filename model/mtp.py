@@ -11,6 +11,11 @@ predicts `x_{t+2}`:
 As in the serving engines, the pair (h_t, x_{t+1}) is placed at position t for the rotary
 embedding, and a second draft feeds the block's own normed output back in place of `h_t`, one
 position further on.
+
+Only the last pair of a step drafts. The others (a prompt's pairs, and a step's accepted tokens
+but the last) are recorded: their K/V are written, the same bits the whole layer writes, without
+its attention or experts, so filling the cache over a prompt costs an fc and two small projections
+per token rather than another full-attention layer over the whole prompt.
 """
 
 from __future__ import annotations
@@ -54,9 +59,17 @@ class MtpBlock(nn.Module):
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: AttentionLayerState, past: int) -> torch.Tensor:
         """embeds, hidden `[B, T, H]` -> normed output `[B, T, H]`; writes K/V at `past:past + T`."""
-        x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
-        x = self.layers[0](x, rope, kv, past)
-        return self.norm(x)
+        return self.norm(self.layers[0](self._layer_input(embeds, hidden), rope, kv, past))
+
+    def record(self, embeds: torch.Tensor, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               kv: AttentionLayerState, past: int) -> None:
+        """The K/V forward writes, the same bits, without its outputs: pairs that only later drafts
+        attend to (a prompt's) need nothing else, and skip the layer's attention and experts."""
+        layer = self.layers[0]
+        layer.self_attn.append_kv(layer.input_layernorm(self._layer_input(embeds, hidden)), rope, kv, past)
+
+    def _layer_input(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
 
 
 class MtpCheckpointModule(nn.Module):
@@ -247,13 +260,21 @@ class MtpRunner:
     def extend(self, cache: MtpCache, hidden: torch.Tensor, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """hidden `[B, T, H]` at positions `position..position+T-1`, tokens `[B, T]` (each the token
         after its hidden's position) -> the block's normed outputs `[B, T, H]`."""
+        return self._run(self.block, cache, hidden, tokens, position)
+
+    @torch.inference_mode()
+    def record(self, cache: MtpCache, hidden: torch.Tensor, tokens: torch.Tensor, position: int) -> None:
+        """As extend, for pairs whose outputs nobody reads: only their K/V are computed (MtpBlock.record)."""
+        self._run(self.block.record, cache, hidden, tokens, position)
+
+    def _run(self, step, cache: MtpCache, hidden: torch.Tensor, tokens: torch.Tensor, position: int):
         length = tokens.shape[1]
         cache.move_to(position)
         kv, past = cache.window(position, length)
         positions = torch.arange(position, position + length, device=self.lm.device)
         rope = self.lm.rotary.cos_sin(positions, self.lm.dtype)
         embeds = self.lm.module.model.embed_tokens(tokens.to(self.lm.device))
-        out = self.block(embeds, hidden.to(self.lm.dtype), rope, kv, past)
+        out = step(embeds, hidden.to(self.lm.dtype), rope, kv, past)
         cache.advanced(length)
         return out
 
@@ -263,9 +284,9 @@ class MtpRunner:
         final-normed hidden states `normed` `[B, T, H]`: add every pair they complete (the pending
         hidden's first, if the cache is in step) and keep the last hidden pending."""
         if cache.in_step(position):
-            self.extend(cache, torch.cat([cache.hidden[:, None], normed[:, :-1]], dim=1), tokens, position - 1)
+            self.record(cache, torch.cat([cache.hidden[:, None], normed[:, :-1]], dim=1), tokens, position - 1)
         elif tokens.shape[1] > 1:
-            self.extend(cache, normed[:, :-1], tokens[:, 1:], position)
+            self.record(cache, normed[:, :-1], tokens[:, 1:], position)
         else:
             cache.move_to(position)
         cache.keep_hidden(normed[:, -1], position + tokens.shape[1] - 1)

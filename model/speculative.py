@@ -185,7 +185,11 @@ class MtpDrafter(Drafter):
               pick: Pick) -> tuple[list[int], torch.Tensor | None]:
         cache, runner = self.cache, self.runner
         ids = torch.tensor([list(tokens)], dtype=torch.long)
-        out = runner.extend(cache, hidden[None], ids, position)[:, -1:]
+        last = ids.shape[1] - 1
+        if last:
+            # Only the last pair's output drafts: the others need only their K/V.
+            runner.record(cache, hidden[None, :last], ids[:, :last], position)
+        out = runner.extend(cache, hidden[None, last:], ids[:, last:], position + last)
         committed = cache.next_position
         drafts: list[int] = []
         probs: list[torch.Tensor | None] = []

@@ -17,6 +17,7 @@ from model.demo import DEMO_CONFIG, random_weights
 from model.mtp import MTP_STATE_LAYERS, MtpRunner, mtp_block, new_mtp_cache, state_mtp
 from model.speculative import (
     Drafter,
+    MtpDrafter,
     SpeculativeGeneration,
     accept_draft,
     residual_distribution,
@@ -295,6 +296,39 @@ def test_mtp_cache_equals_one_pass_over_the_sequence(lm, prompt, plain):
     speculative(lm, state, prompt, draft_tokens=2)
     assert_mtp_close(lm, state, prompt + tokens[:-1])
     assert_mtp_close(lm, plain_state, prompt + tokens[:-1])
+
+
+@pytest.mark.parametrize("pairs", [1, 5, 40], ids=lambda n: f"{n}-pairs")
+def test_recording_pairs_writes_the_bits_running_them_writes(lm, pairs):
+    """Pairs whose outputs nobody reads (a prompt's) go through MtpRunner.record, which skips the
+    layer's attention and experts: the K/V it writes are those the whole block writes, bit for bit."""
+    ids = torch.randint(0, lm.config.vocab_size, (1, pairs + 1), generator=torch.Generator().manual_seed(pairs))
+    normed = lm.module.model.norm(lm.hidden_states(ids, lm.new_state()))
+    runner, caches = MtpRunner(lm, mtp_block(lm)), (new_mtp_cache(lm), new_mtp_cache(lm))
+    runner.extend(caches[0], normed[:, :-1], ids[:, 1:], 0)
+    assert runner.record(caches[1], normed[:, :-1], ids[:, 1:], 0) is None
+    assert caches[0].next_position == caches[1].next_position == pairs
+    for ran, recorded in zip(caches[0].entries(), caches[1].entries(), strict=True):
+        assert torch.equal(ran, recorded)
+
+
+def test_a_draft_needs_only_the_last_pairs_output(lm, prompt):
+    """MtpDrafter records a step's earlier pairs and runs the block on the last one only: the first
+    draft's logits and the cache are those of running the block on every pair (bitwise in bf16,
+    where a row's bits do not depend on the rows beside it)."""
+    ids = torch.tensor([prompt[:6]])
+    normed = lm.module.model.norm(lm.hidden_states(ids, lm.new_state()))
+    runner = MtpRunner(lm, mtp_block(lm))
+    whole = new_mtp_cache(lm)
+    expected = runner.logits(runner.extend(whole, normed[:, :-1], ids[:, 1:], 0)[:, -1:])
+    drafter = MtpDrafter(lm, mtp_block(lm))
+    drafter.cache = new_mtp_cache(lm)
+    picked = []
+    drafter.draft(normed[0, :-1], ids[0, 1:].tolist(), 0, 1, lambda logits, drafts: picked.append(logits) or (0, None))
+    atol = STATE_ATOL[lm.dtype]
+    torch.testing.assert_close(picked[0], expected[0, -1], atol=atol, rtol=0)
+    for ours, theirs in zip(drafter.cache.entries(), whole.entries(), strict=True):
+        torch.testing.assert_close(ours[:, :, :5], theirs[:, :, :5], atol=atol, rtol=0)
 
 
 def test_greedy_from_restored_state_equals_plain(lm, prompt, plain, tmp_path):
