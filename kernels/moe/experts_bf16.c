@@ -46,6 +46,7 @@
 #pragma GCC diagnostic pop
 #include "experts_avx2.h"
 #endif
+#include "block_steps.h"
 
 /* Slots (token n's s-th choice is slot n * top_k + s) grouped by expert, tokens ascending within
  * each (a counting sort): expert e's slots are order[start[e] .. start[e + 1]), start zeroed by the
@@ -72,8 +73,8 @@ static void sum_routed(const uint16_t *routed, const int64_t *experts, int64_t N
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         /* This token's slots in ascending expert order (top_k is small: insertion sort). */
-        int64_t ranked[64];
-        int64_t used = top_k < 64 ? top_k : 64;
+        int64_t ranked[MAX_TOP_K];
+        int64_t used = top_k < MAX_TOP_K ? top_k : MAX_TOP_K;
         for (int64_t s = 0; s < used; s++) {
             int64_t slot = n * top_k + s, at = s;
             while (at > 0 && experts[ranked[at - 1]] > experts[slot]) {
