@@ -243,12 +243,18 @@ def back_with_huge_pages(tensor: torch.Tensor) -> bool:
     last = (storage.data_ptr() + storage.nbytes()) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     if last <= first:
         return False
+    madvise = _madvise()
+    return madvise is not None and madvise(first, last - first, _MADV_HUGEPAGE) == 0
+
+
+@functools.cache
+def _madvise():
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
-        return False
+        return None
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return madvise(first, last - first, _MADV_HUGEPAGE) == 0
+    return madvise
 
 
 @functools.cache
