@@ -13,7 +13,8 @@ CPU runs; int4 in the AVX-512 build by its table and by pair products) and throu
 GB/s counts the bytes of the weight a call must read (quantized values and scales, or bf16), so
 it compares how close each path gets to the memory's bandwidth. By default the calls rotate over
 copies of the weight totalling at least --pool-mb, so most reads come from memory, not cache, as
-in a model whose weights far exceed the cache; --pool-mb 0 reuses one copy (cache-resident).
+in a model whose weights far exceed the cache; --pool-mb 0 reuses one copy (cache-resident). The
+copies lie in one buffer on huge pages, as the loader holds weights (DOCANALYST_HUGE_PAGES=0: 4 KB).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.linear import linear
+from kernels.native import back_with_huge_pages
 from kernels.quant import native
 from kernels.quant.formats import FP8_BLOCK_SIZE, QuantizedWeight
 from kernels.quant.reference import fp8_block, quantize_int4, quantize_int8, quantized_linear_reference
@@ -38,13 +40,22 @@ def weight_bytes(weight: torch.Tensor | QuantizedWeight) -> int:
     return weight.nbytes if isinstance(weight, QuantizedWeight) else weight.numel() * weight.element_size()
 
 
+def stacked(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` copies of `tensor` in one buffer on huge pages, as the loader holds a model's weights
+    (the experts of a layer are one stack)."""
+    stack = torch.empty((count, *tensor.shape), dtype=tensor.dtype)
+    back_with_huge_pages(stack)
+    return stack.copy_(tensor.expand(count, *tensor.shape))
+
+
 def copies(weight: torch.Tensor | QuantizedWeight, pool_bytes: int) -> list:
     """Enough copies of `weight` to total pool_bytes (at least one)."""
     count = max(1, -(-pool_bytes // weight_bytes(weight)))
     if isinstance(weight, QuantizedWeight):
-        return [weight] + [QuantizedWeight(weight.format, weight.data.clone(), weight.scale.clone(), weight.shape,
-                                           weight.group_size) for _ in range(count - 1)]
-    return [weight] + [weight.clone() for _ in range(count - 1)]
+        data, scale = stacked(weight.data, count), stacked(weight.scale, count)
+        return [QuantizedWeight(weight.format, data[i], scale[i], weight.shape, weight.group_size)
+                for i in range(count)]
+    return list(stacked(weight, count))
 
 
 def seconds_per_call(call: Callable[[object], object], weights: list, budget: float) -> float:
