@@ -162,6 +162,16 @@ def _owned(value: torch.Tensor, device) -> torch.Tensor:
     return _weight_buffer(value.shape, value.dtype, device).copy_(value)
 
 
+def _held(name: str, value, config, dtype: torch.dtype, device, weights: str | None):
+    """A checkpoint tensor in the form the model's weight of that name takes (its large linear
+    layers in ``weights``' format, the rest dense in ``dtype``), in buffers of its own: how the
+    MTP block's tensors wait for the block to be built (model.mtp)."""
+    held = convert(value, load_format(_place(name, config)[0], weights), dtype)
+    if isinstance(held, QuantizedWeight):
+        return replace(held, data=_owned(held.data, device), scale=_owned(held.scale, device))
+    return _owned(dense(held, dtype), device)
+
+
 def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part, config, device) -> None:
     """A linear layer's quantized weight, or one expert's, copied into its slot of the stacks."""
     if target.tensor is not None or (not index and target.stacks):
@@ -249,13 +259,14 @@ def _install(module: nn.Module, targets: dict[str, _Target], config: ModelConfig
             setattr(owner, leaf, value)
 
 
-def fill_module(module: nn.Module, config: ModelConfig, tensors: dict[str, torch.Tensor],
-                dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill a meta-device module from hub-named tensors (experts split per expert), checking names and shapes."""
+def fill_module(module: nn.Module, config: ModelConfig, tensors: dict[str, torch.Tensor | QuantizedWeight],
+                dtype: torch.dtype, device: torch.device | str, weights: str | None = "bf16") -> None:
+    """Fill a meta-device module from hub-named tensors (experts split per expert), checking names and
+    shapes; ``weights`` as load_model takes it (None: quantized tensors stay as they are)."""
     targets = _targets(module, config)
     for name, value in tensors.items():
-        _copy_tensor(name, value, targets, config, dtype, device)
-    _install(module, targets, config)
+        _copy_tensor(name, value, targets, config, dtype, device, weights)
+    _install(module, targets, config, weights)
 
 
 def release_freed_memory() -> None:
@@ -304,7 +315,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     targets = _targets(module, config)
     groups = TensorGroups(scheme)
     layout = CheckpointLayout(config)
-    extra: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor | QuantizedWeight] = {}
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt", device="cpu") as handle:
@@ -314,7 +325,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
                     for stored_name, stored in groups.feed(tensor_name, handle.get_tensor(tensor_name)):
                         for name, value in layout.feed(stored_name, stored):
                             if name.startswith("mtp."):
-                                extra[name] = _owned(dense(value, dtype), device)
+                                extra[name] = _held(name, value, config, dtype, device, wanted)
                             else:
                                 _copy_tensor(name, value, targets, config, dtype, device, wanted)
         except (QuantizationError, LayoutError) as exc:
@@ -331,8 +342,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     _install(module, targets, config, wanted)
     release_freed_memory()
     formats = list(weight_formats(module))
+    # The MTP block's formats too: its K/V are part of a state.
+    held = sorted({v.format if isinstance(v, QuantizedWeight) else str(v.dtype) for v in extra.values()})
     fingerprint = hashlib.sha256(
-        f"{config.digest()}|{weights_identity(shards)}|{dtype}|{wanted}|{formats}|"
+        f"{config.digest()}|{weights_identity(shards)}|{dtype}|{wanted}|{formats}|{held}|"
         f"{native_kernels.numerics_identity()}".encode()
     ).hexdigest()
     return LanguageModel(config, module, fingerprint, path=folder, extra_tensors=extra)

@@ -67,7 +67,7 @@ def quantize_checkpoint(source: Path, target: Path, weights: str, shard_bytes: i
 
 
 def _converted(name: str, value: torch.Tensor | QuantizedWeight, weights: str) -> dict[str, torch.Tensor]:
-    wanted = None if name.startswith(("mtp.", *VISION_PREFIXES)) or value.dim() != 2 else load_format(name, weights)
+    wanted = None if name.startswith(VISION_PREFIXES) or value.dim() != 2 else load_format(name, weights)
     if wanted in (None, "bf16"):
         # Kept as stored (the vision tower too, which this runtime does not run); an FP8 weight
         # that stays unquantized is written in bf16.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kernels.native import flush_denormals, keep_freed_memory
+from kernels.quant import QuantizedWeight
 
 from .config import ModelConfig
 from .few_tokens import FewTokenForward
@@ -38,7 +39,7 @@ class LanguageModel:
     """A loaded model: forward over token ids and a state, nothing about scheduling or sampling."""
 
     def __init__(self, config: ModelConfig, module: Qwen3NextForCausalLM, fingerprint: str,
-                 path: Path | None = None, extra_tensors: dict[str, torch.Tensor] | None = None):
+                 path: Path | None = None, extra_tensors: dict[str, torch.Tensor | QuantizedWeight] | None = None):
         self.config = config
         self.module = module.eval()
         self.fingerprint = fingerprint

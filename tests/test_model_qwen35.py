@@ -282,7 +282,7 @@ def test_int4_checkpoint_of_fused_experts_holds_them_per_expert(tmp_path):
     quantize_checkpoint(folder, tmp_path / "q", "int4")
     index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.language_model.layers.0.mlp.experts.7.up_proj.weight_packed" in index
-    assert "mtp.layers.0.mlp.experts.0.gate_proj.weight" in index  # the MTP block stays unquantized
+    assert "mtp.layers.0.mlp.experts.0.gate_proj.weight_packed" in index  # the MTP block's experts too
     saved = load_model(tmp_path / "q", dtype=torch.float32)
     assert isinstance(saved.module.model.layers[0].mlp.experts.gate_up_proj, QuantizedRows)
     on_load = load_model(folder, dtype=torch.float32, weights="int4")

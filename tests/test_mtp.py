@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from kernels.attention import native as attention_native
 from kernels.linear import native as linear_native
+from kernels.quant import QuantizedWeight
 from model import Generation, GenerationSettings, LoadError, ModelConfig, ModelState, SamplingParams, load_model
 from model.demo import DEMO_CONFIG, random_weights
 from model.mtp import MTP_STATE_LAYERS, MtpRunner, mtp_block, new_mtp_cache, state_mtp
@@ -275,6 +276,40 @@ def test_greedy_with_mtp_equals_plain(lm, prompt, plain, draft_tokens):
     assert_states_close(state, plain_state)
     # The MTP cache covers every pair of the sequence and keeps the last hidden for the next turn.
     assert_mtp_close(lm, state, prompt + tokens[:-1])
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_the_block_holds_its_weights_as_the_layers_do(demo_checkpoint, weights):
+    """Quantizing while loading takes the MTP block's projections and experts too (as the layers'),
+    the rest dense; drafting from it keeps greedy answers those of plain decoding."""
+    lm = load_model(demo_checkpoint, dtype=torch.bfloat16 if exact_bf16_rows() else torch.float32, weights=weights)
+    block = mtp_block(lm)
+    layer, main = block.layers[0], lm.module.model.layers[lm.config.layer_types.index("full_attention")]
+    assert layer.self_attn.q_proj.weight.format == main.self_attn.q_proj.weight.format == weights
+    experts = [layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj]
+    assert [type(e) for e in experts] == [type(e) for e in (main.mlp.experts.gate_up_proj, main.mlp.experts.down_proj)]
+    assert experts[1].format == weights
+    assert isinstance(block.fc.weight, torch.Tensor) and block.fc.weight.dtype == lm.dtype
+    prompt = lm.tokenizer.turn("user", "Summarise the contract terms, please.") + lm.tokenizer.generation_prompt()
+    expected = Generation(lm, lm.new_state(), prompt, GenerationSettings(max_new_tokens=NEW_TOKENS)).run().token_ids
+    result = speculative(lm, lm.new_state(), prompt, draft_tokens=2)
+    assert result.token_ids == expected and result.speculation.proposed > 0
+
+
+def test_a_written_int4_checkpoint_holds_the_block_as_quantizing_on_load(demo_checkpoint, tmp_path):
+    from model.quantize import quantize_checkpoint
+
+    quantize_checkpoint(demo_checkpoint, tmp_path / "q", "int4")
+    saved = load_model(tmp_path / "q", dtype=torch.float32).extra_tensors
+    on_load = load_model(demo_checkpoint, dtype=torch.float32, weights="int4").extra_tensors
+    assert saved.keys() == on_load.keys()
+    assert any(isinstance(value, QuantizedWeight) for value in saved.values())
+    for name, value in saved.items():
+        expected = on_load[name]
+        assert type(value) is type(expected), name
+        pairs = [(value.data, expected.data), (value.scale, expected.scale)] if isinstance(value, QuantizedWeight) \
+            else [(value, expected)]
+        assert all(torch.equal(ours, theirs) for ours, theirs in pairs), name
 
 
 def test_a_damaged_draft_head_only_costs_time(demo_checkpoint, lm, prompt, plain):
