@@ -409,13 +409,15 @@ def project(row: dict, published: ModelConfig, head_80b: tuple[float, int], own_
     per_layer = row["weights_bytes_per_layer"]
     hidden, vocab = published.hidden_size, published.vocab_size
     edges = (vocab * hidden + hidden) * 2 + head_bytes
-    weights = linear_layers * per_layer[LINEAR] + full * per_layer[FULL] + edges
+    # The MTP block: a full-attention layer held in the row's format, its bf16 fc [H, 2H] and norms.
+    mtp = published.mtp_num_hidden_layers * (per_layer[FULL] + 2 * hidden * hidden * 2 + 3 * hidden * 2)
+    weights = linear_layers * per_layer[LINEAR] + full * per_layer[FULL] + edges + mtp
     prefill_layer = row["prefill_s_per_layer"]
     prefill_s = (linear_layers * prefill_layer[LINEAR] + full * prefill_layer[FULL]
                  + row["prefill_outside_layers_s"] - row["head_ms"] / 1e3 + head_80b_s)
     decode_s = len(published.layer_types) * row["decode_ms_per_layer"] / 1e3 + head_80b_s
     memory = {f"memory_gb_at_{tokens}": round((weights + sum(s.values())) / 1e9, 1) for tokens, s in states.items()}
-    return {"weights_gb": round(weights / 1e9, 1), **memory,
+    return {"weights_gb": round(weights / 1e9, 1), "mtp_block_gb": round(mtp / 1e9, 2), **memory,
             "prefill_tokens_per_s": round(row["prefill_tokens"] / prefill_s, 1),
             "decode_tokens_per_s": round(1 / decode_s, 2),
             "decode_assumes_layer_mix": f"{own_types.count(LINEAR)}:{own_types.count(FULL)}"}
