@@ -254,10 +254,12 @@ def _unpacked(base: str, parts: dict[str, Tensor], group: WeightGroup) -> Quanti
                                 f"weight {[rows, columns]} packs into {[rows, words]} int32 words.")
     raw = packed.contiguous().view(torch.uint8)
     try:
+        # Views of the file's bytes where they can be (the loader copies weights into buffers of
+        # their own): the int4 bytes are the words' bytes, whole rows when the width fills them.
         if group.bits == 4:
-            return QuantizedWeight(INT4, raw[:, : -(-columns // 2)].clone(), parts["scale"], (rows, columns),
+            return QuantizedWeight(INT4, raw[:, : -(-columns // 2)].contiguous(), parts["scale"], (rows, columns),
                                    group.group_size)
-        values = (raw[:, :columns] ^ 0x80).view(torch.int8).clone()  # stored as value + 128
+        values = (raw[:, :columns] ^ 0x80).view(torch.int8)  # stored as value + 128
         return QuantizedWeight(INT8, values, parts["scale"], (rows, columns))
     except ValueError as exc:
         raise QuantizationError(f"{base}: {exc}.") from None

@@ -91,26 +91,47 @@ def test_huge_pages_can_be_switched_off(monkeypatch):
     assert not native.back_with_huge_pages(torch.empty(5 * native.HUGE_PAGE_BYTES, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("family,weights", [("qwen3_next", None), ("qwen3_next", "int4"), ("qwen3_5", "int8")])
-def test_every_weight_of_a_loaded_model_lies_in_an_advised_buffer(monkeypatch, tmp_path, family, weights):
-    import model.loader as loader
+def assert_every_weight_advised(lm, advised: set[int]) -> None:
+    """Every tensor of the model (the MTP block's before and after it is built) lies in a buffer that
+    back_with_huge_pages was asked about: the loader's own copies, not views of the file."""
     from kernels.quant import QuantizedRows, QuantizedWeight
-    from model.demo import write_demo_checkpoint
     from model.mtp import mtp_block
     from model.quantization import quantized_weights
-
-    advised = set()
-    monkeypatch.setattr(loader.native_kernels, "back_with_huge_pages",
-                        lambda tensor: advised.add(tensor.untyped_storage().data_ptr()) or True)
-    folder = write_demo_checkpoint(tmp_path / "ckpt", seed=0, family=family)
-    lm = loader.load_model(folder, weights=weights)
 
     def held(values) -> list[torch.Tensor]:
         parts = [p for v in values for p in (v.parts if isinstance(v, QuantizedRows) else (v,))]
         return [t for p in parts for t in ((p.data, p.scale) if isinstance(p, QuantizedWeight) else (p,))]
 
-    tensors = held(lm.extra_tensors.values())  # the MTP block's, until it is built
+    tensors = held(lm.extra_tensors.values())
     assert tensors
     for module in (lm.module, mtp_block(lm)):
         tensors += held([*module.parameters(), *quantized_weights(module)])
     assert all(t.untyped_storage().data_ptr() in advised for t in tensors)
+
+
+@pytest.fixture
+def advised(monkeypatch) -> set[int]:
+    import model.loader as loader
+
+    seen: set[int] = set()
+    monkeypatch.setattr(loader.native_kernels, "back_with_huge_pages",
+                        lambda tensor: seen.add(tensor.untyped_storage().data_ptr()) or True)
+    return seen
+
+
+@pytest.mark.parametrize("family,weights", [("qwen3_next", None), ("qwen3_next", "int4"), ("qwen3_5", "int8")])
+def test_every_weight_of_a_loaded_model_lies_in_an_advised_buffer(advised, tmp_path, family, weights):
+    from model import load_model
+    from model.demo import write_demo_checkpoint
+
+    folder = write_demo_checkpoint(tmp_path / "ckpt", seed=0, family=family)
+    assert_every_weight_advised(load_model(folder, weights=weights), advised)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_quantized_folder_is_copied_out_of_its_files(advised, demo_checkpoint, tmp_path, weights):
+    from model import load_model
+    from model.quantize import quantize_checkpoint
+
+    quantize_checkpoint(demo_checkpoint, tmp_path / "q", weights)
+    assert_every_weight_advised(load_model(tmp_path / "q"), advised)
