@@ -162,14 +162,17 @@ def _owned(value: torch.Tensor, device) -> torch.Tensor:
     return _weight_buffer(value.shape, value.dtype, device).copy_(value)
 
 
+def _owned_weight(weight: QuantizedWeight, device) -> QuantizedWeight:
+    """A quantized weight with its data and scales in buffers of their own (see _owned)."""
+    return replace(weight, data=_owned(weight.data, device), scale=_owned(weight.scale, device))
+
+
 def _held(name: str, value, config, dtype: torch.dtype, device, weights: str | None):
     """A checkpoint tensor in the form the model's weight of that name takes (its large linear
     layers in ``weights``' format, the rest dense in ``dtype``), in buffers of its own: how the
     MTP block's tensors wait for the block to be built (model.mtp)."""
     held = convert(value, load_format(_place(name, config)[0], weights), dtype)
-    if isinstance(held, QuantizedWeight):
-        return replace(held, data=_owned(held.data, device), scale=_owned(held.scale, device))
-    return _owned(dense(held, dtype), device)
+    return _owned_weight(held, device) if isinstance(held, QuantizedWeight) else _owned(dense(held, dtype), device)
 
 
 def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part, config, device) -> None:
@@ -181,8 +184,7 @@ def _place_quantized(name, weight: QuantizedWeight, target: _Target, index, part
             raise LoadError(
                 f"Tensor {name} has shape {list(weight.shape)} but the config implies {list(target.shape)}."
             )
-        target.quantized = QuantizedWeight(weight.format, _owned(weight.data, device), _owned(weight.scale, device),
-                                           weight.shape, weight.group_size)
+        target.quantized = _owned_weight(weight, device)
         target.filled.add(part)
         return
     expert, proj = part
@@ -227,11 +229,9 @@ def _tied_head(embedding: _Target, head_format: str | None) -> _Target:
     more (half the bf16 embedding), which decode reads instead of the bf16 embedding each token."""
     if head_format in (None, "bf16") or embedding.tensor is None:
         return embedding
+    # In weight buffers like the others' (decode reads the head at every token).
     quantized = convert(embedding.tensor, head_format, embedding.tensor.dtype)
-    # Into a weight buffer like the others' (decode reads the head at every token).
-    device = embedding.tensor.device
-    quantized = replace(quantized, data=_owned(quantized.data, device), scale=_owned(quantized.scale, device))
-    head = _Target(embedding.shape, quantized=quantized)
+    head = _Target(embedding.shape, quantized=_owned_weight(quantized, embedding.tensor.device))
     head.filled.add("whole")
     return head
 
