@@ -17,7 +17,7 @@
  * (causal_pairs.h) so that both products are outer products on the bf16 pair dot-product
  * instruction: keys as [D / 2][256] pairs along D (a lane per key), values as [128][D] pairs along
  * the keys (a lane per channel). Every score and output lane is then one sequential fp32 chain
- * (pair by pair), whatever the number of rows computed together: up to four rows (eight in a
+ * (pair by pair), whatever the number of rows computed together: up to six rows (eight in a
  * tile of few rows, which packs 32 keys at a time) share each packed load, which is where the
  * speed comes from, and a row alone runs the same chain.
  *
@@ -104,8 +104,8 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const 
                 r++;
                 continue;
             }
-            int n[4], group = 0;
-            while (group < 4 && r + group < count && rows[r + group].visible > first) {
+            int n[ROWS_PER_GROUP], group = 0;
+            while (group < ROWS_PER_GROUP && r + group < count && rows[r + group].visible > first) {
                 int64_t seen = rows[r + group].visible - first;
                 n[group++] = (int)(seen < in_block ? seen : in_block);
             }
