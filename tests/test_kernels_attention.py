@@ -95,6 +95,7 @@ NATIVE_CASES = [
     (1, 9, 16, 2, 191, 128),
     (1, 3, 8, 1, 4500, 64),  # several 2048-key chunks, split over threads
     (1, 20, 8, 2, 4090, 32),  # rows on both sides of a chunk boundary
+    (1, 4, 16, 2, 300, 256),  # the most rows the few-row tiles take (32), keys across a block boundary
 ]
 
 
