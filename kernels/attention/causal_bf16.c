@@ -17,9 +17,9 @@
  * (causal_pairs.h) so that both products are outer products on the bf16 pair dot-product
  * instruction: keys as [D / 2][256] pairs along D (a lane per key), values as [128][D] pairs along
  * the keys (a lane per channel). Every score and output lane is then one sequential fp32 chain
- * (pair by pair), whatever the number of rows computed together: up to six rows (eight in a
- * tile of few rows, which packs 32 keys at a time) share each packed load, which is where the
- * speed comes from, and a row alone runs the same chain.
+ * (pair by pair), whatever the number of rows computed together: up to six rows (twelve for the
+ * scores of a tile of few rows, which packs 32 keys at a time) share each packed load, which is
+ * where the speed comes from, and a row alone runs the same chain.
  *
  * With `amx` set (CPUs with AMX tiles, every call there; D a multiple of 32) groups of 32 rows
  * take the tile unit for both products instead, from the same packed blocks (they are the tile
