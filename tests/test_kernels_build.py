@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,25 @@ def test_every_c_source_is_bound():
 def test_variant_builds(kernel, isa):
     library = native.build(kernel.source, isa)
     assert library.exists() and kernel.function.encode() in library.read_bytes()
+
+
+# How a C parameter's type reads as a Kernel signature code (native._ARGUMENT_TYPES); any pointer is "p".
+C_TYPE_CODES = {"int64_t": "i", "int": "n", "float": "f"}
+
+
+def c_signature(kernel: native.Kernel) -> str:
+    """The signature codes of the kernel's C function, read from its definition in the source."""
+    definition = re.search(rf"^(?:void|int) {kernel.function}\(([^)]*)\)", kernel.source.read_text(), re.MULTILINE)
+    assert definition, f"no definition of {kernel.function} in {kernel.source.name}"
+    words = [parameter.replace("*", " * ").split() for parameter in definition.group(1).split(",")]
+    return "".join("p" if "*" in w else C_TYPE_CODES[w[1] if w[0] == "const" else w[0]] for w in words)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"{k.source.stem}.{k.function}")
+def test_binding_signature_is_the_c_definitions(kernel):
+    """A code that disagrees with the C type can still work by accident of the calling convention
+    (an int passed as a pointer), until a pointer argument is passed where an integer is declared."""
+    assert kernel.signature == c_signature(kernel)
 
 
 def test_avx2_is_offered_where_avx512_runs():

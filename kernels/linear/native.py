@@ -8,7 +8,7 @@ import torch
 
 from ..native import Kernel
 
-LINEAR = Kernel(Path(__file__).with_name("small_m_bf16.c"), "linear_small_m_bf16", "piipiiipiin",
+LINEAR = Kernel(Path(__file__).with_name("small_m_bf16.c"), "linear_small_m_bf16", "piipiiipinn",
                 isas=("avx512", "avx2"))
 
 
