@@ -348,6 +348,8 @@ class Kernel:
         self._returns = _ARGUMENT_TYPES[returns] if returns else None
         self._entries: dict[str, object] = {}
         self._chosen: tuple[int, str | None] = (-1, None)
+        self._running: tuple[int, object] = (-1, None)  # (choice generation, entry of isa()) for __call__
+        self._pointers = tuple(i for i, code in enumerate(signature) if code == "p")
 
     def __repr__(self) -> str:
         return f"Kernel({self.source.name}:{self.function}, isas={self.isas})"
@@ -377,12 +379,22 @@ class Kernel:
 
     def __call__(self, *args, isa: str | None = None):
         """Run the build of `isa` (default: `self.isa()`); tensors pass their data pointers."""
-        entry = self.entry(isa or self.isa())
+        # Decode makes ~10 calls a layer: the build is resolved once per ISA choice, and only the
+        # pointer arguments are looked at.
+        generation, entry = self._running
+        if isa is not None or generation != _choice_generation:
+            entry = self.entry(isa or self.isa())
+            if isa is None:
+                self._running = (_choice_generation, entry)
         if entry is None:
             raise RuntimeError(f"{self!r} cannot run on this machine")
         if len(args) != len(self.signature):
             raise TypeError(f"{self.function} takes {len(self.signature)} arguments, got {len(args)}")
-        return entry(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+        values = list(args)
+        for i in self._pointers:
+            if isinstance(values[i], torch.Tensor):
+                values[i] = values[i].data_ptr()
+        return entry(*values)
 
     def build_all(self) -> dict[str, Path]:
         """Build every variant with the system compiler, whether or not this CPU runs it (a build
