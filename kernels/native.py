@@ -378,7 +378,8 @@ class Kernel:
         return self._entries[isa]
 
     def __call__(self, *args, isa: str | None = None):
-        """Run the build of `isa` (default: `self.isa()`); tensors pass their data pointers."""
+        """Run the build of `isa` (default: `self.isa()`); tensors in pointer arguments pass their data
+        pointers."""
         # Decode makes ~10 calls a layer: the build is resolved once per ISA choice, and only the
         # pointer arguments are looked at.
         generation, entry = self._running

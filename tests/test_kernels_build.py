@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import kernels
 from kernels import native
@@ -71,6 +72,28 @@ def test_avx2_is_offered_where_avx512_runs():
         assert native.isa_order() == (("avx2",) if native.cpu_runs("avx2") else ())
         assert all(kernel.isa() in (None, "avx2") for kernel in KERNELS)
     assert native.isa_order() == order
+
+
+def test_a_call_runs_the_build_of_the_current_choice():
+    """Kernel calls keep their resolved build between calls, and take the new one when the choice
+    changes (use_isa, as DOCANALYST_ISA would for a whole process)."""
+    from kernels.quant.native import _LANES
+
+    def lanes_called() -> int:
+        value = torch.zeros(1, dtype=torch.int32)
+        _LANES(value)
+        return int(value)
+
+    runnable = [isa for isa in ("avx512", "avx2") if _LANES.entry(isa) is not None]
+    if not runnable:
+        pytest.skip("no build of the kernels runs here")
+    widths = {"avx512": 16, "avx2": 8}
+    default = lanes_called()
+    for isa in runnable:
+        with native.use_isa(isa):
+            assert lanes_called() == widths[isa] and lanes_called() == widths[isa]
+        assert lanes_called() == default
+    assert default == widths[_LANES.isa()]
 
 
 def test_unknown_isa_is_refused(monkeypatch):
