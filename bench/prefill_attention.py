@@ -28,7 +28,7 @@ import time
 import torch
 
 from kernels.attention import native
-from kernels.attention.blocked import _ungated
+from kernels.attention.blocked import pytorch_attention
 from kernels.native import cpu_runs, use_isa
 
 HEADS, KV_HEADS = 16, 2
@@ -62,11 +62,11 @@ def measure(new: int, cached: int, dim: int, isa: str, repeats: int) -> dict:
     scale = dim**-0.5
     with use_isa(isa):
         ours = native.native_causal_attention
-        difference = (ours(q, k, v, scale).float() - _ungated(q, k, v, scale).float()).abs()
+        difference = (ours(q, k, v, scale).float() - pytorch_attention(q, k, v, scale).float()).abs()
         best = {"ours": float("inf"), "pytorch": float("inf")}
         for _ in range(repeats):
             best["ours"] = min(best["ours"], seconds(ours, q, k, v, scale))
-            best["pytorch"] = min(best["pytorch"], seconds(_ungated, q, k, v, scale))
+            best["pytorch"] = min(best["pytorch"], seconds(pytorch_attention, q, k, v, scale))
     flops = products(new, cached, dim)
     return {
         "new_tokens": new, "cached": cached, "dim": dim, "isa": isa, "threads": torch.get_num_threads(),

@@ -347,8 +347,9 @@ class Kernel:
         self.source, self.function, self.signature, self.isas = Path(source), function, signature, tuple(isas)
         self._returns = _ARGUMENT_TYPES[returns] if returns else None
         self._entries: dict[str, object] = {}
-        self._chosen: tuple[int, str | None] = (-1, None)
-        self._running: tuple[int, object] = (-1, None)  # (choice generation, entry of isa()) for __call__
+        # (choice generation, the build this process runs, its bound function): resolved once per
+        # ISA choice, since decode makes ~10 calls a layer.
+        self._chosen: tuple[int, str | None, object] = (-1, None, None)
         self._pointers = tuple(i for i, code in enumerate(signature) if code == "p")
 
     def __repr__(self) -> str:
@@ -356,11 +357,13 @@ class Kernel:
 
     def isa(self) -> str | None:
         """The build this process runs (the first of `isa_order()` the source has), or None."""
-        generation, chosen = self._chosen
-        if generation != _choice_generation:
+        return self._current()[1]
+
+    def _current(self) -> tuple[int, str | None, object]:
+        if self._chosen[0] != _choice_generation:
             chosen = next((isa for isa in isa_order() if isa in self.isas and self.entry(isa) is not None), None)
-            self._chosen = (_choice_generation, chosen)
-        return chosen
+            self._chosen = (_choice_generation, chosen, self.entry(chosen) if chosen else None)
+        return self._chosen
 
     def available(self) -> bool:
         return self.isa() is not None
@@ -380,13 +383,7 @@ class Kernel:
     def __call__(self, *args, isa: str | None = None):
         """Run the build of `isa` (default: `self.isa()`); tensors in pointer arguments pass their data
         pointers."""
-        # Decode makes ~10 calls a layer: the build is resolved once per ISA choice, and only the
-        # pointer arguments are looked at.
-        generation, entry = self._running
-        if isa is not None or generation != _choice_generation:
-            entry = self.entry(isa or self.isa())
-            if isa is None:
-                self._running = (_choice_generation, entry)
+        entry = self._current()[2] if isa is None else self.entry(isa)
         if entry is None:
             raise RuntimeError(f"{self!r} cannot run on this machine")
         if len(args) != len(self.signature):

@@ -41,11 +41,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     # the kernel's dot products. Without AMX (AVX2-only CPUs among them) the kernel takes every call.
     if native.supports(q, k, v, gate) and (native.tiles_apply(q) or not tiles_pay_off(q.shape[1])):
         return native.native_causal_attention(q, k, v, scale, gate)
-    out = _ungated(q, k, v, scale)
+    out = pytorch_attention(q, k, v, scale)
     return out if gate is None else out * torch.sigmoid(gate)
 
 
-def _ungated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def pytorch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """causal_attention without a gate on PyTorch's kernels alone (its flash attention on the chunk's
+    own keys, its plain kernel on the cached ones, merged by log-sum-exp): the path taken where the
+    native kernel does not."""
     batch, length, heads, dim = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
     group = heads // kv_heads
