@@ -7,6 +7,8 @@ import importlib
 import os
 import pkgutil
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,62 @@ def test_binding_signature_is_the_c_definitions(kernel):
     """A code that disagrees with the C type can still work by accident of the calling convention
     (an int passed as a pointer), until a pointer argument is passed where an integer is declared."""
     assert kernel.signature == c_signature(kernel)
+
+
+# Legacy prefixes that may come before an instruction's opcode bytes; in 64-bit mode a first opcode
+# byte of 0x62 is the EVEX prefix, which only AVX-512 instructions have.
+LEGACY_PREFIXES = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3}
+EVEX = 0x62
+AMX_MNEMONIC = re.compile(r"(ldtilecfg|sttilecfg|tilerelease|tilezero|tileload|tilestore|tdp)")
+
+
+def beyond_avx2(library: Path) -> list[str]:
+    """The instructions of `library` that a CPU with AVX2 but without AVX-512 or AMX cannot run:
+    EVEX-encoded (AVX-512, at any vector width) and AMX tile instructions, as objdump shows them."""
+    listing = subprocess.run(["objdump", "-d", "--no-addresses", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    found = []
+    for line in listing.splitlines():
+        fields = line.split("\t")
+        if len(fields) < 3:  # labels, blank lines, the second line of a long instruction's bytes
+            continue
+        opcode = next((byte for byte in (int(word, 16) for word in fields[1].split()) if byte not in LEGACY_PREFIXES),
+                      None)
+        if opcode == EVEX or AMX_MNEMONIC.match(fields[2]):
+            found.append(fields[2].strip())
+    return found
+
+
+needs_objdump = pytest.mark.skipif(native.compiler() is None or shutil.which("objdump") is None,
+                                   reason="needs a C compiler and objdump (binutils)")
+
+
+@needs_objdump
+def test_the_instruction_scan_finds_avx512_and_amx(tmp_path):
+    source = tmp_path / "probe.c"
+    source.write_text("#include <immintrin.h>\n"
+                      "void probe(float *x) {\n"
+                      "#if defined(__AVX512F__)\n"
+                      "    _mm512_storeu_ps(x, _mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)));\n"
+                      "    _tile_release();\n"
+                      "#else\n"
+                      "    __m256 a = _mm256_loadu_ps(x);\n"
+                      "    _mm256_storeu_ps(x, _mm256_fmadd_ps(a, a, a));\n"
+                      "#endif\n"
+                      "}\n")
+    found = beyond_avx2(native.build(source, "avx512"))
+    assert any("zmm" in instruction for instruction in found) and any("tilerelease" in i for i in found)
+    assert beyond_avx2(native.build(source, "avx2")) == []
+
+
+AVX2_VARIANTS = [kernel for kernel in KERNELS if "avx2" in kernel.isas]
+
+
+@needs_objdump
+@pytest.mark.parametrize("kernel", AVX2_VARIANTS, ids=lambda k: f"{k.source.stem}.{k.function}")
+def test_avx2_builds_hold_no_avx512_or_amx_instruction(kernel):
+    """Forcing the AVX2 builds on an AVX-512 CPU would not notice one: the instruction runs there."""
+    assert beyond_avx2(native.build(kernel.source, "avx2"))[:5] == []
 
 
 def test_avx2_is_offered_where_avx512_runs():
