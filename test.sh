@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Set up everything (with test tools) and run the whole test suite.
 # The storage tests also run against a throwaway PostgreSQL when its server is installed.
+# --emulated-cpu (first argument) runs the tests on an emulated CPU without AVX-512 (see
+# scripts/emulated-cpu.sh; about ten times slower); other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
+python=(.venv/bin/python)
+if [ "${1:-}" = --emulated-cpu ]; then
+    shift
+    python=(scripts/emulated-cpu.sh)
+fi
 scripts/setup.sh dev
 scripts/browser.sh || echo "Chromium is not available: browser tests will be skipped."
 scripts/ocr.sh || echo "OCR (tesseract) is not available: scanned pages will be reported, not read."
@@ -16,4 +23,4 @@ if [ -z "${DOCANALYST_TEST_POSTGRES_URL:-}" ]; then
         echo "PostgreSQL server not installed: PostgreSQL storage tests will be skipped."
     fi
 fi
-.venv/bin/python -m pytest "$@"
+"${python[@]}" -m pytest "$@"

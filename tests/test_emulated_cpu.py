@@ -67,7 +67,10 @@ def run(folder: Path, checkpoint: Path, *, emulated: bool) -> dict:
     environment = {key: value for key, value in os.environ.items() if key not in native.AVX2_ONLY_ENVIRONMENT}
     command = [sys.executable, "-c", SCRIPT.format(root=str(ROOT), checkpoint=str(checkpoint), folder=str(folder))]
     if emulated:
-        command = [EMULATOR, "-cpu", EMULATED_CPU, *command]
+        # The interpreter's binary, named as sys.executable (so the virtual environment is found),
+        # whether sys.executable is that binary or a wrapper that already emulates one
+        # (scripts/emulated-cpu.sh): QEMU runs binaries only.
+        command = [EMULATOR, "-cpu", EMULATED_CPU, "-0", sys.executable, os.readlink("/proc/self/exe"), *command[1:]]
     else:
         environment.update(native.AVX2_ONLY_ENVIRONMENT)
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=1800)

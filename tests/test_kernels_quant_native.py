@@ -67,6 +67,21 @@ def weight_of(format_name: str, shape: tuple[int, int], scale_dtype: torch.dtype
                            quantized.group_size)
 
 
+def half_conversion_keeps_denormals() -> bool:
+    """Whether converting a denormal fp16 to fp32 keeps it with denormals-are-zero set. x86's F16C
+    conversion (VCVTPH2PS, which PyTorch's conversion uses here too) ignores that setting by definition,
+    and the fp8 products rely on it; QEMU's emulated CPUs (7.2) flush the input instead."""
+    flushing = float((torch.tensor([1e-39]) * 2).item()) == 0.0
+    torch.set_flush_denormal(True)
+    try:
+        return bool((torch.full((64,), 2.0**-24, dtype=torch.float16).float() != 0).all())
+    finally:
+        torch.set_flush_denormal(flushing)
+
+
+EMULATOR_FLUSHES_HALF_DENORMALS = not half_conversion_keeps_denormals()
+
+
 def random_x(rows: int, columns: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
@@ -74,6 +89,8 @@ def random_x(rows: int, columns: int, dtype: torch.dtype, seed: int = 1) -> torc
 def run(x: torch.Tensor, weight: QuantizedWeight, isa: str, threads: int = 1, int4_pairs: bool = False) -> torch.Tensor:
     """The kernel's fp32 output, written over NaNs so that an element it skips fails the checks
     (int4 by the table unless `int4_pairs`, whatever this CPU prefers)."""
+    if weight.format == FP8_BLOCK and EMULATOR_FLUSHES_HALF_DENORMALS:
+        pytest.skip("this CPU flushes denormal halves in the F16C conversion, which hardware never does")
     out = torch.full((x.shape[0], weight.shape[0]), float("nan"))
     result = native.quantized_linear_small_m(x, weight, out=out, isa=isa, threads=threads, int4_pairs=int4_pairs)
     assert result.data_ptr() == out.data_ptr()
