@@ -13,6 +13,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under QEMU's user-mode emulation (scripts/emulated-cpu.sh) /proc/self/maps, madvise and the
+    resident size are the emulator's, and everything runs ~10x slower than the browser tests wait."""
+    cpu = os.environ.get("DOCANALYST_EMULATED_CPU")
+    if cpu:
+        skip = pytest.mark.skip(reason=f"on an emulated CPU ({cpu}): needs the host's own process or speed")
+        for item in items:
+            if "host_process" in item.keywords or "browser" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory) -> Path:
     from model.demo import write_demo_checkpoint

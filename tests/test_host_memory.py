@@ -33,6 +33,7 @@ print(json.dumps({"kept": kept, "in_heap": {mb: low <= at < high for mb, at in a
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+@pytest.mark.host_process
 def test_blocks_up_to_32_mb_come_from_the_heap():
     result = json.loads(subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True,
                                        check=True).stdout)
@@ -68,6 +69,7 @@ def huge_pages_advisable() -> bool:
     return Path("/proc/self/smaps").exists() and Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
 
 
+@pytest.mark.host_process
 @pytest.mark.skipif(not huge_pages_advisable(), reason="needs Linux with transparent huge pages")
 def test_a_large_buffer_is_advised_over_its_whole_huge_pages(monkeypatch):
     monkeypatch.delenv("DOCANALYST_HUGE_PAGES", raising=False)

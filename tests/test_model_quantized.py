@@ -425,6 +425,7 @@ def large_folders(tmp_path_factory):
     return root
 
 
+@pytest.mark.host_process
 def test_resident_memory_of_fp8_and_int4_weights(large_folders):
     bf16_bytes = (large_folders / "bf16" / "model.safetensors").stat().st_size
     fp8_bytes = (large_folders / "fp8" / "model.safetensors").stat().st_size
