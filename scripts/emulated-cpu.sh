@@ -25,4 +25,4 @@ chmod +x "$env_dir/bin/python"
 # Tests that measure the process itself (its memory maps, its speed) skip on seeing this.
 export DOCANALYST_EMULATED_CPU=$CPU
 # QEMU warns once per process about host CPUID bits it does not model; the rest of stderr is kept.
-"$env_dir/bin/python" "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+"$env_dir/bin/python" "$@" 2> >(grep --line-buffered -v "TCG doesn't support requested feature" >&2)
