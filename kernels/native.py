@@ -5,10 +5,10 @@ name and renamed so parallel processes never load a half-written file. Anything 
 compiler, no build the CPU runs, a failed build) makes a `Kernel` unavailable and callers keep
 PyTorch's path; set DOCANALYST_NATIVE=0 to force that.
 
-A source is built for each instruction set it supports (ISAS: AVX-512 with BF16 and AMX, AVX2 +
-FMA + F16C); the process runs the first build in ISA_PREFERENCE that the CPU runs.
-DOCANALYST_ISA=avx2 makes an AVX-512 CPU run the AVX2 builds (and PyTorch's path where a kernel
-has none), to measure and test what AVX2-only CPUs get.
+A source is built for each instruction set it supports (ISAS: AVX-512 with BF16 and AMX, AVX-512
+without them, AVX2 + FMA + F16C); the process runs the first build in ISA_PREFERENCE that the CPU
+runs and the kernel has. DOCANALYST_ISA=avx512f or avx2 makes a newer CPU run those builds (and
+PyTorch's path where a kernel has none), to measure and test what older CPUs get.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ import torch  # imported before any kernel library, whose libgomp.so.1 then reso
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
          "-shared", "-fPIC"]
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+# AVX-512 as Skylake-SP has it (Cascade Lake, Ice Lake and Tiger Lake add no bf16 arithmetic): the
+# fp32 code of the AVX2 builds on 16-lane vectors and 32 registers.
+AVX512F_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-fopenmp",
+                 "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
 
 
@@ -45,13 +49,20 @@ class InstructionSet(NamedTuple):
 
 # Instruction sets a source can be built for.
 ISAS = {"avx512": InstructionSet(FLAGS, ("avx512_bf16",), "_is_avx512_bf16_supported"),
+        "avx512f": InstructionSet(AVX512F_FLAGS, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
+                                  "_is_avx512_supported"),
         "avx2": InstructionSet(AVX2_FLAGS, ("avx2", "fma", "f16c"), "_is_avx2_supported")}
 # A process's environment that makes this CPU stand for one without AVX-512: the kernels' AVX2
 # builds, and PyTorch's own kernels, oneDNN and MKL limited to AVX2 (no AVX-512, no AMX).
 AVX2_ONLY_ENVIRONMENT = {"DOCANALYST_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                          "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# A process's environment that makes this CPU stand for one with AVX-512 but no bf16 arithmetic or
+# AMX (Skylake-SP to Ice Lake): the kernels' builds for it, PyTorch's AVX-512 kernels, oneDNN and
+# MKL without their bf16 and AMX code.
+AVX512F_ONLY_ENVIRONMENT = {"DOCANALYST_ISA": "avx512f", "ATEN_CPU_CAPABILITY": "avx512",
+                            "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"}
 # The order in which a kernel's builds are tried.
-ISA_PREFERENCE = ("avx512", "avx2")
+ISA_PREFERENCE = ("avx512", "avx512f", "avx2")
 # Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
 # give a token the same bits whatever the call's size; that is what keeps speculative decoding exact.
 FEW_TOKENS = 16

@@ -66,6 +66,23 @@ VF_INLINE float vf_hsum(vf v) {
     return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 VF_INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
+VF_INLINE float vf_first(vf v) { return _mm512_cvtss_f32(v); }
+/* Lanes where a < b take x, the others y (a NaN compares false). */
+VF_INLINE vf vf_select_lt(vf a, vf b, vf x, vf y) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x); }
+/* Whether some lane of a differs from b's (NaN differs from everything). */
+VF_INLINE int vf_any_differ(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ) != 0; }
+/* 32 bf16 (one 512-bit load) to fp32 as the AVX2 build widens 16, in each 128-bit lane: `low` holds
+ * values 0-3, 8-11, 16-19, 24-27 and `high` 4-7, 12-15, 20-23, 28-31 ("split order"). */
+typedef __m512i vf_raw;
+VF_INLINE vf_raw vf_load_raw(const uint16_t *p) { return _mm512_loadu_si512(p); }
+VF_INLINE vf vf_widen_low(vf_raw bits) { return _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), bits)); }
+VF_INLINE vf vf_widen_high(vf_raw bits) { return _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), bits)); }
+/* Split order back to channel order: `first` gets channels 0-15, `second` 16-31. */
+VF_INLINE void vf_unsplit(vf low, vf high, vf *first, vf *second) {
+    const __m512i to_first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i to_second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    *first = _mm512_permutex2var_ps(low, to_first, high), *second = _mm512_permutex2var_ps(low, to_second, high);
+}
 
 #else /* AVX2 + FMA + F16C */
 #define VF_LANES 8
@@ -135,24 +152,20 @@ VF_INLINE float vf_hmax(vf v) {
     b = _mm_max_ps(b, _mm_movehl_ps(b, b));
     return _mm_cvtss_f32(_mm_max_ss(b, _mm_movehdup_ps(b)));
 }
+VF_INLINE float vf_first(vf v) { return _mm256_cvtss_f32(v); }
+VF_INLINE vf vf_select_lt(vf a, vf b, vf x, vf y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+VF_INLINE int vf_any_differ(vf a, vf b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ)) != 0; }
 /* 16 bf16 (one 256-bit load) to fp32 by interleaving them under zero halves: one shuffle per 8
  * values and no arithmetic, so the multiply-add ports only multiply-add. The lanes come out in
  * "split order": `low` holds values 0-3 and 8-11, `high` 4-7 and 12-15; a kernel keeps the other
  * operand of its products (widened with the same helpers) in the same order. */
-VF_INLINE vf vf_widen_low(__m256i bf16x16) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bf16x16)); }
-VF_INLINE vf vf_widen_high(__m256i bf16x16) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bf16x16)); }
-VF_INLINE void vf_widen_split(__m256i bf16x16, vf *low, vf *high) {
-    *low = vf_widen_low(bf16x16), *high = vf_widen_high(bf16x16);
-}
-/* Rows [n][width] bf16 (row stride ld, width a multiple of 16) -> fp32 [n][width] in split order,
- * exactly. */
-VF_INLINE void vf_widen_rows(const uint16_t *src, int64_t ld, int64_t n, int64_t width, float *dst) {
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t c = 0; c < width; c += 16) {
-            vf low, high;
-            vf_widen_split(_mm256_loadu_si256((const __m256i *)(src + j * ld + c)), &low, &high);
-            vf_store(dst + j * width + c, low), vf_store(dst + j * width + c + VF_LANES, high);
-        }
+typedef __m256i vf_raw;
+VF_INLINE vf_raw vf_load_raw(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+VF_INLINE vf vf_widen_low(vf_raw bf16x16) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bf16x16)); }
+VF_INLINE vf vf_widen_high(vf_raw bf16x16) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bf16x16)); }
+/* Split order back to channel order: `first` gets channels 0-7, `second` 8-15. */
+VF_INLINE void vf_unsplit(vf low, vf high, vf *first, vf *second) {
+    *first = _mm256_permute2f128_ps(low, high, 0x20), *second = _mm256_permute2f128_ps(low, high, 0x31);
 }
 /* 16 bf16 of which the first `count` exist, zeros after (never reading past them). */
 VF_INLINE __m256i bf16x16_load_n(const uint16_t *p, int64_t count) {
@@ -162,6 +175,22 @@ VF_INLINE __m256i bf16x16_load_n(const uint16_t *p, int64_t count) {
     return _mm256_loadu_si256((const __m256i *)padded);
 }
 #endif
+
+/* Channels one raw load widens (split order within them). */
+#define VF_SPLIT (2 * VF_LANES)
+VF_INLINE void vf_widen_split(vf_raw bits, vf *low, vf *high) {
+    *low = vf_widen_low(bits), *high = vf_widen_high(bits);
+}
+/* Rows [n][width] bf16 (row stride ld, width a multiple of VF_SPLIT) -> fp32 [n][width] in split
+ * order, exactly. */
+VF_INLINE void vf_widen_rows(const uint16_t *src, int64_t ld, int64_t n, int64_t width, float *dst) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < width; c += VF_SPLIT) {
+            vf low, high;
+            vf_widen_split(vf_load_raw(src + j * ld + c), &low, &high);
+            vf_store(dst + j * width + c, low), vf_store(dst + j * width + c + VF_LANES, high);
+        }
+}
 
 /* Lanes rounded to bf16 (nearest even, as torch) and widened back: the value a bf16 tensor would hold. */
 VF_INLINE vf vf_round_bf16(vf v) { return vf_from_bf16_bits(vf_bf16_bits(v)); }

@@ -7,7 +7,7 @@ import torch
 
 from kernels.attention import causal_attention, naive_causal_attention
 from kernels.attention import native as attention_native
-from kernels.native import FEW_TOKENS, compiler, matmul_has_amx
+from kernels.native import FEW_TOKENS, compiler, isa_order, matmul_has_amx, use_isa
 
 # The native kernel itself (the dispatcher may send prefill-sized calls to PyTorch's GEMM path).
 native_attention = attention_native.native_causal_attention
@@ -240,7 +240,21 @@ def test_every_build_compiles():
     if compiler() is None:
         pytest.skip("no C compiler")
     builds = attention_native.ATTENTION.build_all()
-    assert set(builds) == {"avx512", "avx2"} and all(path.exists() for path in builds.values())
+    assert set(builds) == {"avx512", "avx512f", "avx2"} and all(path.exists() for path in builds.values())
+
+
+@pytest.mark.parametrize("dim", [16, 48, 80])
+def test_head_dims_the_wide_fp32_build_cannot_take_run_the_avx2_one(dim):
+    """The AVX-512-without-BF16 build widens 32 channels at a time: other head dims get the AVX2
+    build's bits, every call alike."""
+    if not {"avx512f", "avx2"} <= set(isa_order()) or attention_native.kernel() is None:
+        pytest.skip("needs a CPU that runs both builds")
+    q, k, v = native_operands((1, 5, 8, 2, 70, dim))
+    with use_isa("avx512f"):
+        assert attention_native.ATTENTION.isa() == "avx512f"
+        wide = native_attention(q, k, v, dim**-0.5)
+    with use_isa("avx2"):
+        assert torch.equal(native_attention(q, k, v, dim**-0.5), wide)
 
 
 def test_native_kernel_declines_other_inputs():

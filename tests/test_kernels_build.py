@@ -94,6 +94,22 @@ needs_objdump = pytest.mark.skipif(native.compiler() is None or shutil.which("ob
                                    reason="needs a C compiler and objdump (binutils)")
 
 
+# Instructions of AVX-512 extensions newer than Skylake-SP's (F, CD, BW, DQ, VL): BF16, VNNI, VBMI
+# and VBMI2, IFMA, BITALG and VPOPCNTDQ, VP2INTERSECT.
+NEWER_AVX512_MNEMONIC = re.compile(r"(vdpbf16ps|vcvtne2ps2bf16|vcvtneps2bf16|vpdpbusd|vpdpwssd|vpermb|vpermi2b|"
+                                   r"vpermt2b|vpmultishiftqb|vpmadd52|vpopcnt|vpshufbitqmb|vpcompress[bw]|"
+                                   r"vpexpand[bw]|vpshld|vpshrd|vp2intersect)")
+
+
+def beyond_avx512f(library: Path) -> list[str]:
+    """The instructions of `library` that a CPU with AVX-512 as Skylake-SP has it cannot run: those
+    of the later AVX-512 extensions and AMX tile instructions."""
+    listing = subprocess.run(["objdump", "-d", "--no-addresses", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    return [fields[2].strip() for fields in (line.split("\t") for line in listing.splitlines())
+            if len(fields) >= 3 and (NEWER_AVX512_MNEMONIC.match(fields[2]) or AMX_MNEMONIC.match(fields[2]))]
+
+
 @needs_objdump
 def test_the_instruction_scan_finds_avx512_and_amx(tmp_path):
     source = tmp_path / "probe.c"
@@ -112,6 +128,22 @@ def test_the_instruction_scan_finds_avx512_and_amx(tmp_path):
     assert beyond_avx2(native.build(source, "avx2")) == []
 
 
+@needs_objdump
+def test_the_instruction_scan_finds_bf16_products(tmp_path):
+    source = tmp_path / "probe.c"
+    source.write_text("#include <immintrin.h>\n"
+                      "void probe(float *x) {\n"
+                      "    __m512 a = _mm512_loadu_ps(x);\n"
+                      "#if defined(__AVX512BF16__)\n"
+                      "    __m512bh b = _mm512_cvtne2ps_pbh(a, a);\n"
+                      "    a = _mm512_dpbf16_ps(a, b, b);\n"
+                      "#endif\n"
+                      "    _mm512_storeu_ps(x, _mm512_fmadd_ps(a, a, a));\n"
+                      "}\n")
+    assert {"vcvtne2ps2bf16", "vdpbf16ps"} <= {i.split()[0] for i in beyond_avx512f(native.build(source, "avx512"))}
+    assert beyond_avx512f(native.build(source, "avx512f")) == []
+
+
 # Several kernels are functions of one source, built once per instruction set.
 AVX2_SOURCES = sorted({kernel.source for kernel in KERNELS if "avx2" in kernel.isas})
 
@@ -123,10 +155,24 @@ def test_avx2_builds_hold_no_avx512_or_amx_instruction(source):
     assert beyond_avx2(native.build(source, "avx2"))[:5] == []
 
 
-def test_avx2_is_offered_where_avx512_runs():
+AVX512F_SOURCES = sorted({kernel.source for kernel in KERNELS if "avx512f" in kernel.isas})
+
+
+@needs_objdump
+@pytest.mark.parametrize("source", AVX512F_SOURCES, ids=lambda source: source.stem)
+def test_avx512f_builds_hold_no_newer_avx512_or_amx_instruction(source):
+    assert beyond_avx512f(native.build(source, "avx512f"))[:5] == []
+
+
+def test_older_builds_are_offered_where_avx512_runs():
     order = native.isa_order()
     if native.cpu_runs("avx512") and not os.environ.get("DOCANALYST_ISA"):
-        assert order[:2] == ("avx512", "avx2")
+        assert order == ("avx512", "avx512f", "avx2")
+    with native.use_isa("avx512f"):
+        assert native.isa_order() == tuple(isa for isa in ("avx512f", "avx2") if native.cpu_runs(isa))
+        # A kernel without a build for AVX-512 without BF16 runs its AVX2 one.
+        assert all(kernel.isa() in (None, "avx512f" if "avx512f" in kernel.isas else "avx2") for kernel in KERNELS)
+        assert not native.native_bf16_matmul() and not native.matmul_has_amx()
     with native.use_isa("avx2"):
         assert native.isa_order() == (("avx2",) if native.cpu_runs("avx2") else ())
         assert all(kernel.isa() in (None, "avx2") for kernel in KERNELS)
@@ -161,7 +207,7 @@ def test_unknown_isa_is_refused(monkeypatch):
         native.isa_order()
 
 
-@pytest.mark.parametrize("hidden", ["avx512", "avx2"])
+@pytest.mark.parametrize("hidden", list(native.ISAS))
 def test_a_set_cpuid_does_not_report_is_not_run(monkeypatch, hidden):
     """An emulated CPU (QEMU's -cpu Haswell) hides AVX-512 from the CPUID instruction while
     /proc/cpuinfo shows the host's flags: the kernels follow CPUID, as PyTorch's own kernels do."""

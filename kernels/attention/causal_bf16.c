@@ -28,9 +28,10 @@
  * bits still depend only on its own query and visible keys: decode and draft verification, which
  * both take this path on such CPUs, agree bit for bit.
  *
- * Built twice from this file: with AVX-512 BF16 (and AMX), the code below, and with AVX2 + FMA +
- * F16C, causal_avx2.h (fp32 products, the same guarantees for a row's bits, no tile unit); the
- * Python side runs the build the CPU has. The two builds give different bits from each other.
+ * Built three times from this file: with AVX-512 BF16 (and AMX), the code below, and with AVX-512
+ * without BF16 or AVX2 + FMA + F16C, causal_fp32.h (fp32 products, the same guarantees for a row's
+ * bits, no tile unit); the Python side runs the build the CPU has. The builds give different bits
+ * from each other.
  */
 #include <math.h>
 #include <omp.h>
@@ -260,6 +261,6 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     return failed ? -1 : 0;
 }
 
-#else /* AVX2 + FMA + F16C */
-#include "causal_avx2.h"
+#else /* AVX2 + FMA + F16C, or AVX-512 without BF16 */
+#include "causal_fp32.h"
 #endif

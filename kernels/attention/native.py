@@ -1,5 +1,5 @@
 """ctypes binding of `causal_bf16.c`: causal attention over a bf16 K/V cache on CPU, built for AVX-512
-(with the AMX tile path) and for AVX2 + FMA; the CPU's best build runs."""
+BF16 (with the AMX tile path), for AVX-512 without BF16 and for AVX2 + FMA; the CPU's best build runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from ..native import Kernel, matmul_has_amx
 MAX_HEAD_DIM = 256
 
 ATTENTION = Kernel(Path(__file__).with_name("causal_bf16.c"), "attention_causal_bf16", "piippiiiiiiifpiipiinn",
-                   isas=("avx512", "avx2"), returns="n")
+                   isas=("avx512", "avx512f", "avx2"), returns="n")
+# Head dims the AVX-512-without-BF16 build takes (it widens 32 channels at a time); others run the AVX2 build.
+WIDE_FP32_DIM = 32
 
 
 def kernel() -> Kernel | None:
@@ -52,6 +54,8 @@ def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if amx is None:
         amx = tiles_apply(q)
     batch, length, heads, dim = q.shape
+    # Decided by the shape alone, so every call over these heads (decode, verification) takes one build.
+    isa = "avx2" if ATTENTION.isa() == "avx512f" and dim % WIDE_FP32_DIM else None
     kv_heads, total = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty(batch, length, heads, dim, dtype=q.dtype)
@@ -59,7 +63,8 @@ def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     for b in range(batch):
         status = ATTENTION(q[b], q.stride(1), q.stride(2), k[b], v[b], k.stride(1), k.stride(2), length, heads,
                            kv_heads, dim, total - length, scale, out[b], out.stride(1), out.stride(2),
-                           gate[b] if gate is not None else None, *gate_strides, int(amx), torch.get_num_threads())
+                           gate[b] if gate is not None else None, *gate_strides, int(amx), torch.get_num_threads(),
+                           isa=isa)
         if status != 0:
             raise MemoryError("attention work buffers could not be allocated")
     return out

@@ -1,5 +1,6 @@
-/* The AVX2 + FMA + F16C build of causal_bf16.c (included there in place of the AVX-512 code):
- * the same function, computed in fp32 from bf16 loads with 8-lane vectors.
+/* The builds of causal_bf16.c without bf16 dot products (included there in place of the AVX-512
+ * BF16 code): the same function, computed in fp32 from bf16 loads, with 8-lane vectors (AVX2 + FMA
+ * + F16C) or 16-lane ones (AVX-512 without BF16, simd.h's VF_LANES).
  *
  * Query row (t, h) sees keys [0, past + t]. Keys go in blocks of BLOCK_KEYS and the blocks in
  * chunks of CHUNK_KEYS, both counted from key 0. Within a chunk a row keeps an online softmax
@@ -10,30 +11,40 @@
  * Both products are register-tiled outer products, as in a GEMM micro-kernel, over a block's keys
  * (and, in prefill, values) widened to fp32 once (exact) and queries transposed so that rows lie
  * in lanes:
- *  - scores: a group of up to GROUP_ROWS rows (two 8-lane vectors) against several keys at a
+ *  - scores: a group of up to GROUP_ROWS rows (two vectors) against several keys at a
  *    time, a key's channel broadcast to every row; lane r of a score is one fp32 chain over the
  *    channels in split order (below);
  *  - softmax: lane by lane; keys a row does not see get probability exactly 0 (vf_exp never
  *    returns 0, so they are masked), which adds nothing to its sum chain;
- *  - values: up to VALUE_ROWS rows by 16 channels, a row's probability broadcast; lane d of a row's
+ *  - values: up to VALUE_ROWS rows by VF_SPLIT channels, a row's probability broadcast; lane d of a row's
  *    output is one chain over the keys in order.
  * So the bits of a row never depend on the call's size, the row's place in it, how many rows share
  * a tile or the thread count, while each loaded key or value feeds many multiply-adds. The next
  * block's keys and values are requested from memory while a block is computed.
  *
- * 16 bf16 widen to fp32 with two interleaves against zero (shuffles, which leave the multiply-add
- * ports free), so keys, values, transposed queries and output accumulators are kept in "split"
- * order: per 16 channels, channels 0-3 and 8-11, then 4-7 and 12-15.
+ * VF_SPLIT bf16 widen to fp32 with two interleaves against zero (shuffles, which leave the
+ * multiply-add ports free), so keys, values, transposed queries and output accumulators are kept in
+ * simd.h's "split" order (AVX2: per 16 channels, channels 0-3 and 8-11, then 4-7 and 12-15).
  */
-#ifndef DOCANALYST_CAUSAL_AVX2_H
-#define DOCANALYST_CAUSAL_AVX2_H
+#ifndef DOCANALYST_CAUSAL_FP32_H
+#define DOCANALYST_CAUSAL_FP32_H
 
 #include "../simd.h"
 
 #define BLOCK_KEYS 64         /* keys scored, then weighted, at a time */
 #define GROUP_VECTORS 2       /* score vectors of a row group */
 #define GROUP_ROWS (GROUP_VECTORS * VF_LANES) /* rows scored together, one per lane */
-#define VALUE_ROWS 6          /* rows weighting values together (12 accumulators of 8 lanes) */
+/* Tiles as large as the vector registers allow (16 in AVX2, 32 in AVX-512): rows weighting values
+ * together (2 accumulators each), and keys scored at a time by a group of two vectors of rows or one. */
+#if VF_LANES == 16
+#define VALUE_ROWS 12
+#define PAIR_KEYS 12
+#define SINGLE_KEYS 12
+#else
+#define VALUE_ROWS 6
+#define PAIR_KEYS 6
+#define SINGLE_KEYS 8
+#endif
 #define TILE_ROWS 256         /* rows of one K/V head that share each block read from memory */
 #define ALWAYS static inline __attribute__((always_inline))
 
@@ -60,16 +71,14 @@ ALWAYS void fetch_row(const uint16_t *next, int64_t ld, int64_t D, int j) {
         for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char *)(next + j * ld + d), _MM_HINT_T1);
 }
 
-/* 16 bf16 channels as fp32 in split order (simd.h's vf_widen_split). */
-ALWAYS void widen16(const uint16_t *p, vf *low, vf *high) {
-    vf_widen_split(_mm256_loadu_si256((const __m256i *)p), low, high);
-}
+/* VF_SPLIT bf16 channels as fp32 in split order. */
+ALWAYS void widen(const uint16_t *p, vf *low, vf *high) { vf_widen_split(vf_load_raw(p), low, high); }
 
 /* scores[j + i][v] (lane l: row VF_LANES * v + l's q . k_(j+i), unscaled) for J keys from j, the
  * group's queries qt [D][GROUP_ROWS] (rows in lanes), keys fp32 [.][D], both in split order. */
 ALWAYS void score_keys(const int NV, const int J, const float *qt, const float *keys, int64_t D, int j,
                        vf (*scores)[GROUP_VECTORS]) {
-    vf acc[12][GROUP_VECTORS];
+    vf acc[PAIR_KEYS > SINGLE_KEYS ? PAIR_KEYS : SINGLE_KEYS][GROUP_VECTORS];
     for (int i = 0; i < J; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = vf_zero();
     vf_outer_tile(NV, J, qt, GROUP_ROWS, keys + j * D, D, D, acc);
@@ -95,37 +104,32 @@ ALWAYS void scores_of(const int NV, const int J, const float *qt, Block block, i
  * block's scores: row r sees its first n[r] keys. probs[j][r] = e^(score * scale - max) (0 for
  * keys it does not see), the running max and sum updated; correction[r] rescales the row's output
  * (0 for a row with no key yet). Returns whether some row's max moved. */
-static int softmax_of(int NV, const vf (*scores)[GROUP_VECTORS], int seen, const int *n, float scale, float *max,
+static int softmax_of(int NV, const vf (*scores)[GROUP_VECTORS], int seen, const float *n, float scale, float *max,
                       float *sum, float (*probs)[GROUP_ROWS], float *correction) {
     const vf minus_inf = vf_set1(-INFINITY), scale_v = vf_set1(scale);
     int moved = 0;
     for (int v = 0; v < NV; v++) {
         const int lane = v * VF_LANES;
-        __m256i visible = _mm256_loadu_si256((const __m256i *)(n + lane));
+        vf visible = vf_load(n + lane);
         vf top = minus_inf;
-        for (int j = 0; j < seen; j++) {
-            vf sees = _mm256_castsi256_ps(_mm256_cmpgt_epi32(visible, _mm256_set1_epi32(j)));
-            top = vf_max(top, _mm256_blendv_ps(minus_inf, scores[j][v], sees));
-        }
+        for (int j = 0; j < seen; j++) top = vf_max(top, vf_select_lt(vf_set1((float)j), visible, scores[j][v], minus_inf));
         vf before = vf_load(max + lane), best = vf_max(before, vf_mul(top, scale_v));
         vf neg_best = vf_sub(vf_zero(), best), total = vf_zero();
         for (int j = 0; j < seen; j++) {
-            vf sees = _mm256_castsi256_ps(_mm256_cmpgt_epi32(visible, _mm256_set1_epi32(j)));
-            vf p = _mm256_and_ps(vf_exp(vf_fma(scores[j][v], scale_v, neg_best)), sees);
+            vf p = vf_select_lt(vf_set1((float)j), visible, vf_exp(vf_fma(scores[j][v], scale_v, neg_best)), vf_zero());
             total = vf_add(total, p);
             vf_store(probs[j] + lane, p);
         }
-        vf started = _mm256_cmp_ps(before, minus_inf, _CMP_NEQ_OQ);
-        vf factor = _mm256_and_ps(vf_exp(vf_sub(before, best)), started);
+        vf factor = vf_select_lt(minus_inf, before, vf_exp(vf_sub(before, best)), vf_zero());
         vf_store(sum + lane, vf_fma(vf_load(sum + lane), factor, total));
         vf_store(max + lane, best);
         vf_store(correction + lane, factor);
-        moved |= _mm256_movemask_ps(_mm256_cmp_ps(before, best, _CMP_NEQ_UQ)) != 0;
+        moved |= vf_any_differ(before, best);
     }
     return moved;
 }
 
-/* Channels [c, c + 16) of R rows (1 to VALUE_ROWS, the group's rows from `lane`): acc_r =
+/* Channels [c, c + VF_SPLIT) of R rows (1 to VALUE_ROWS, the group's rows from `lane`): acc_r =
  * acc_r * correction[lane + r] (when rescale) + sum over keys j < seen of probs[j][lane + r] v_j,
  * the values read from the block's fp32 copy when WIDE, else widened as they are read (exact
  * either way, so the same bits). */
@@ -139,8 +143,8 @@ ALWAYS void value_steps(const int R, const int WIDE, float *const *acc, const fl
         }
     for (int j = 0; j < seen; j++) {
         vf value[2];
-        if (WIDE) value[0] = vf_load(block.values + j * D + c), value[1] = vf_load(block.values + j * D + c + 8);
-        else widen16(block.raw_values + j * block.ld + c, &value[0], &value[1]);
+        if (WIDE) value[0] = vf_load(block.values + j * D + c), value[1] = vf_load(block.values + j * D + c + VF_LANES);
+        else widen(block.raw_values + j * block.ld + c, &value[0], &value[1]);
         for (int r = 0; r < R; r++) {
             vf p = vf_set1(probs[j][lane + r]);
             for (int h = 0; h < 2; h++) out[r][h] = vf_fma(p, value[h], out[r][h]);
@@ -150,13 +154,13 @@ ALWAYS void value_steps(const int R, const int WIDE, float *const *acc, const fl
         for (int h = 0; h < 2; h++) vf_store(acc[r] + c + VF_LANES * h, out[r][h]);
 }
 
-/* All D channels, 16 at a time; the next block's values (NULL: none) requested meanwhile, an
+/* All D channels, VF_SPLIT at a time; the next block's values (NULL: none) requested meanwhile, an
  * even share of its rows after each step. */
 ALWAYS void values_of(const int R, const int WIDE, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
                       const float *correction, int rescale, Block block, int64_t D, int seen,
                       const uint16_t *next_values) {
-    int64_t steps = D / 16, share = (BLOCK_KEYS + steps - 1) / steps;
-    for (int64_t c = 0, step = 0; c < D; c += 2 * VF_LANES, step++) {
+    int64_t steps = D / VF_SPLIT, share = (BLOCK_KEYS + steps - 1) / steps;
+    for (int64_t c = 0, step = 0; c < D; c += VF_SPLIT, step++) {
         value_steps(R, WIDE, acc, probs, lane, correction, rescale, block, D, c, seen);
         for (int64_t j = step * share; j < (step + 1) * share && j < BLOCK_KEYS; j++)
             fetch_row(next_values, block.ld, D, (int)j);
@@ -171,6 +175,14 @@ static void group_values(int R, float *const *acc, const float (*probs)[GROUP_RO
                          const float *correction, int rescale, Block block, int wide, int64_t D, int seen,
                          const uint16_t *next_values) {
     switch (R) {
+#if VALUE_ROWS > 6
+    case 12: VALUES_OF(12); break;
+    case 11: VALUES_OF(11); break;
+    case 10: VALUES_OF(10); break;
+    case 9: VALUES_OF(9); break;
+    case 8: VALUES_OF(8); break;
+    case 7: VALUES_OF(7); break;
+#endif
     case 6: VALUES_OF(6); break;
     case 5: VALUES_OF(5); break;
     case 4: VALUES_OF(4); break;
@@ -189,21 +201,23 @@ static void group_block(int R, const float *qt, const int *n, Block block, int w
     float probs[BLOCK_KEYS][GROUP_ROWS] __attribute__((aligned(32)));
     float max[GROUP_ROWS] __attribute__((aligned(32))), sum[GROUP_ROWS] __attribute__((aligned(32)));
     float correction[GROUP_ROWS] __attribute__((aligned(32)));
-    int lanes[GROUP_ROWS], seen = 0;
+    float lanes[GROUP_ROWS]; /* keys each row sees, as floats for the vector compares (exact: <= BLOCK_KEYS) */
+    int seen = 0;
     for (int r = 0; r < GROUP_ROWS; r++) {
-        lanes[r] = r < R ? n[r] : 0;
-        seen = lanes[r] > seen ? lanes[r] : seen;
+        int sees = r < R ? n[r] : 0;
+        lanes[r] = (float)sees;
+        seen = sees > seen ? sees : seen;
         max[r] = r < R ? st.max[r * st.step] : -INFINITY;
         sum[r] = r < R ? st.sum[r * st.step] : 0.0f;
     }
     int vectors = R > VF_LANES ? 2 : 1;
     const uint16_t *next_keys = fetch ? block.next_keys : NULL;
-    if (vectors == 2) scores_of(2, 6, qt, block, D, seen, next_keys, scores);
-    else scores_of(1, 8, qt, block, D, seen, next_keys, scores);
+    if (vectors == 2) scores_of(2, PAIR_KEYS, qt, block, D, seen, next_keys, scores);
+    else scores_of(1, SINGLE_KEYS, qt, block, D, seen, next_keys, scores);
     int rescale = softmax_of(vectors, (const vf(*)[GROUP_VECTORS])scores, seen, lanes, scale, max, sum, probs,
                              correction);
     for (int r = 0; r < R; r++) st.max[r * st.step] = max[r], st.sum[r * st.step] = sum[r];
-    /* Rows in sets of at most VALUE_ROWS, as even as can be (16: 6 5 5; 8: 4 4), so that every set
+    /* Rows in sets of at most VALUE_ROWS, as even as can be (AVX2, 16: 6 5 5; 8: 4 4), so that every set
      * keeps enough multiply-add chains in flight. */
     int sets = (R + VALUE_ROWS - 1) / VALUE_ROWS;
     for (int set = 0, r0 = 0; set < sets; set++) {
@@ -257,7 +271,7 @@ static void fold(float *into_max, float *into_sum, float *into_acc, float max, f
                  int64_t D) {
     float best = *into_max > max ? *into_max : max;
     vf first = vf_exp(vf_set1(*into_max - best)), second = vf_exp(vf_set1(max - best));
-    *into_sum = _mm256_cvtss_f32(vf_fma(vf_set1(sum), second, vf_mul(vf_set1(*into_sum), first)));
+    *into_sum = vf_first(vf_fma(vf_set1(sum), second, vf_mul(vf_set1(*into_sum), first)));
     *into_max = best;
     for (int64_t d = 0; d < D; d += VF_LANES)
         vf_store(into_acc + d, vf_fma(vf_load(acc + d), second, vf_mul(vf_load(into_acc + d), first)));
@@ -267,17 +281,17 @@ static void fold(float *into_max, float *into_sum, float *into_acc, float max, f
  * `attn * torch.sigmoid(gate)` when gate is not NULL. */
 static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, const uint16_t *gate) {
     vf inverse = vf_set1(1.0f / sum);
-    for (int64_t m = 0; m < D; m += 16) {
-        vf low = vf_mul(vf_load(acc + m), inverse), high = vf_mul(vf_load(acc + m + 8), inverse);
-        vf ordered[2] = { _mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31) };
+    for (int64_t m = 0; m < D; m += VF_SPLIT) {
+        vf low = vf_mul(vf_load(acc + m), inverse), high = vf_mul(vf_load(acc + m + VF_LANES), inverse), ordered[2];
+        vf_unsplit(low, high, &ordered[0], &ordered[1]);
         for (int h = 0; h < 2; h++) {
             vf attn = vf_round_bf16(ordered[h]);
             if (gate) {
-                vf g = vf_load_bf16(gate + m + 8 * h);
+                vf g = vf_load_bf16(gate + m + VF_LANES * h);
                 vf sigmoid = vf_sigmoid(g);
                 attn = vf_mul(attn, vf_round_bf16(sigmoid));
             }
-            vf_store_bf16(out + m + 8 * h, attn);
+            vf_store_bf16(out + m + VF_LANES * h, attn);
         }
     }
 }
@@ -285,18 +299,18 @@ static void finish_row(const float *acc, float sum, int64_t D, uint16_t *out, co
 /* Row r's query q_r [D] bf16 into lane r % GROUP_ROWS of its group's transposed block
  * qt[r / GROUP_ROWS] ([D][GROUP_ROWS] fp32), channels in split order as the keys are widened. */
 static void transpose_query(const uint16_t *q, int r, int64_t D, float *qt) {
-    float *lane = qt + (int64_t)(r / GROUP_ROWS) * D * GROUP_ROWS + r % GROUP_ROWS, split[16];
-    for (int64_t m = 0; m < D; m += 16) {
+    float *lane = qt + (int64_t)(r / GROUP_ROWS) * D * GROUP_ROWS + r % GROUP_ROWS, split[VF_SPLIT];
+    for (int64_t m = 0; m < D; m += VF_SPLIT) {
         vf low, high;
-        widen16(q + m, &low, &high);
-        vf_store(split, low), vf_store(split + 8, high);
-        for (int i = 0; i < 16; i++) lane[(m + i) * GROUP_ROWS] = split[i];
+        widen(q + m, &low, &high);
+        vf_store(split, low), vf_store(split + VF_LANES, high);
+        for (int i = 0; i < VF_SPLIT; i++) lane[(m + i) * GROUP_ROWS] = split[i];
     }
 }
 
 /* q [T, H, D] (strides q_t, q_h), k/v [KVH, S, D] (strides kv_h, kv_s), out [T, H, D] (strides
  * out_t, out_h), gate NULL or [T, H, D] (strides gate_t, gate_h); unit stride along D; D a
- * multiple of 16. Query t sees keys 0 .. past + t. amx is ignored (no tile unit in this build).
+ * multiple of VF_SPLIT (16 in AVX2, 32 in AVX-512). Query t sees keys 0 .. past + t. amx is ignored (no tile unit in this build).
  * Returns 0, or -1 when a work buffer cannot be allocated. */
 int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uint16_t *k, const uint16_t *v,
                           int64_t kv_h, int64_t kv_s, int64_t T, int64_t H, int64_t KVH, int64_t D, int64_t past,
