@@ -61,6 +61,9 @@ AVX2_ONLY_ENVIRONMENT = {"DOCANALYST_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"
 # MKL without their bf16 and AMX code.
 AVX512F_ONLY_ENVIRONMENT = {"DOCANALYST_ISA": "avx512f", "ATEN_CPU_CAPABILITY": "avx512",
                             "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"}
+# Channels the avx512f builds widen from bf16 at a time (two 16-lane vectors): rows of other widths
+# run a kernel's AVX2 build there (Kernel.isa_for).
+WIDE_FP32_CHANNELS = 32
 # The order in which a kernel's builds are tried.
 ISA_PREFERENCE = ("avx512", "avx512f", "avx2")
 # Calls of up to this many tokens (decode, draft verification) always take the native kernels, which
@@ -378,6 +381,15 @@ class Kernel:
 
     def available(self) -> bool:
         return self.isa() is not None
+
+    def isa_for(self, *widths: int) -> str | None:
+        """The build to run over rows of these widths: `isa()`, but the AVX2 build where the avx512f
+        one would run and a width is not a multiple of WIDE_FP32_CHANNELS. Decided by the shapes
+        alone, so every call over them (decode, draft verification) takes the same build."""
+        isa = self.isa()
+        if isa == "avx512f" and any(width % WIDE_FP32_CHANNELS for width in widths):
+            return "avx2"
+        return isa
 
     def entry(self, isa: str):
         """The bound C function of the `isa` build, or None where it cannot run here."""

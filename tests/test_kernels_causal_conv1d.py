@@ -12,6 +12,8 @@ from kernels.causal_conv1d import causal_conv1d, causal_conv1d_update, conv
 from kernels.causal_conv1d import native as conv_native
 from kernels.native import compiler
 
+pytestmark = pytest.mark.native_kernels(conv_native.CONV)
+
 # fp32: prefill runs the same F.conv1d as the reference (observed bitwise equal); the step sums
 # the W products in another order: observed <= 7e-7 absolute on O(1) outputs, a few ulps.
 FP32_ATOL, FP32_RTOL = 2e-6, 1e-5

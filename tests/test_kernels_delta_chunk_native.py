@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kernels.gated_delta_rule import chunk_gated_delta_rule, gated_delta_rule, naive_gated_delta_rule
 from kernels.gated_delta_rule import native as delta_native
+from kernels.native import isa_order, use_isa
 
 requires_native = pytest.mark.skipif(
     delta_native.chunk_kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
@@ -127,3 +128,18 @@ def test_native_chunk_does_not_depend_on_the_thread_count(native_isa):
         torch.set_num_threads(threads)
     assert torch.equal(alone[0], together[0]) and torch.equal(alone[1], together[1])
 
+
+
+@requires_native
+@pytest.mark.skipif(not {"avx512", "avx512f"} <= set(isa_order()), reason="needs a CPU with AVX-512 BF16")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_avx512_builds_with_and_without_bf16_give_the_same_bits(case):
+    """The chunk's AVX-512 code needs no bf16 arithmetic: both builds compile it."""
+    q, k, v, g, beta, state = inputs(case, seed=9)
+    results = []
+    for isa in ("avx512", "avx512f"):
+        with use_isa(isa):
+            assert delta_native.CHUNK.isa() == isa
+            results.append(delta_native.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                                               chunk_size=case[-1]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -178,22 +178,23 @@ def test_step_does_not_depend_on_the_thread_count(native_isa, threads):
     assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
 
 
-@pytest.mark.skipif(not {"avx512", "avx2"} <= set(isa_order()), reason="needs a CPU that runs both builds")
+@pytest.mark.skipif(len(isa_order()) < 2, reason="needs a CPU that runs several builds")
 @requires_native
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_both_builds_give_the_same_bits(case):
-    """Every state column is the same fused multiply-add chain in both builds (no cross-lane sums)."""
+def test_every_build_gives_the_same_bits(case):
+    """Every state column is the same fused multiply-add chain in each build (no cross-lane sums)."""
     t = inputs(case, seed=17)
     results = []
-    for isa in ("avx512", "avx2"):
+    for isa in isa_order():
         with use_isa(isa):
             assert delta_native.STEP.isa() == isa
             results.append(native_path(case, t))
-    assert all(torch.equal(x, y) for x, y in zip(*results, strict=True))
+    for other in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(results[0], other, strict=True))
 
 
 def test_every_build_compiles():
     if compiler() is None:
         pytest.skip("no C compiler")
     for entry in delta_native.KERNELS:
-        assert set(entry.build_all()) == {"avx512", "avx2"}
+        assert set(entry.build_all()) == {"avx512", "avx512f", "avx2"}

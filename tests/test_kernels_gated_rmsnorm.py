@@ -14,6 +14,8 @@ from kernels.gated_rmsnorm import add_rms_norm, gated_rms_norm, norm, rms_norm
 from kernels.gated_rmsnorm import native as norm_native
 from kernels.native import compiler
 
+pytestmark = pytest.mark.native_kernels(norm_native.RMS_NORM, norm_native.GATED_RMS_NORM, norm_native.ADD_RMS_NORM)
+
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(3, 16), (2, 5, 4, 24), (1, 1, 128)]
 

@@ -17,6 +17,8 @@ from kernels import linear as linear_module
 from kernels.linear import linear, linear_reference, native, uses_native
 from kernels.native import FEW_TOKENS, compiler
 
+pytestmark = pytest.mark.native_kernels(native.LINEAR)
+
 requires_native = pytest.mark.skipif(
     native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
 )

@@ -15,14 +15,16 @@ import torch.nn.functional as F
 
 from kernels.moe import native as moe_native
 from kernels.moe import reference
-from kernels.native import FEW_TOKENS, compiler, matmul_has_amx
+from kernels.native import FEW_TOKENS, compiler, isa_order, matmul_has_amx, use_isa
 
 
 @pytest.fixture
 def block_kernel(native_isa):
-    """The sparse-MoE block's build for `native_isa` (skipped where it cannot run)."""
+    """The sparse-MoE block's build for `native_isa` (skipped where it cannot run, or has none)."""
     if moe_native.kernel() is None:
         pytest.skip("native kernel needs a C compiler")
+    if native_isa not in moe_native.SPARSE_MOE.isas:
+        pytest.skip(f"no {native_isa} build: the next one runs, tested under its own name")
     return native_isa
 
 
@@ -36,8 +38,8 @@ def experts_kernel(native_isa):
 
 @pytest.mark.skipif(compiler() is None, reason="needs a C compiler")
 def test_every_build_compiles():
-    for kernel in (moe_native.SPARSE_MOE, moe_native.EXPERTS):
-        assert set(kernel.build_all()) == {"avx512", "avx2"}
+    assert set(moe_native.SPARSE_MOE.build_all()) == {"avx512", "avx2"}
+    assert set(moe_native.EXPERTS.build_all()) == {"avx512", "avx512f", "avx2"}
 
 # tokens, hidden, experts, top-k, expert width, shared width, normalise (hidden 400: more columns than
 # one thread's piece of the block output, kernels/moe/block_steps.h)
@@ -191,6 +193,20 @@ def test_native_experts_do_not_depend_on_the_thread_count(case, amx, experts_ker
         assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down, amx=amx), alone)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", [EXPERT_CASES[1], (9, 64, 6, 2, 48)], ids=["hidden-80", "width-48"])
+def test_widths_the_wide_fp32_build_cannot_take_run_the_avx2_one(case):
+    """The AVX-512-without-BF16 build widens 32 channels at a time: other widths get the AVX2
+    build's bits, every call alike."""
+    if not {"avx512f", "avx2"} <= set(isa_order()) or moe_native.experts_kernel() is None:
+        pytest.skip("needs a CPU that runs both builds")
+    x, weights, chosen, gate_up, down = expert_operands(case, seed=5)
+    with use_isa("avx512f"):
+        assert moe_native.EXPERTS.isa() == "avx512f"
+        wide = moe_native.moe_experts(x, weights, chosen, gate_up, down)
+    with use_isa("avx2"):
+        assert torch.equal(moe_native.moe_experts(x, weights, chosen, gate_up, down), wide)
 
 
 def test_few_tokens_never_take_the_tile_path(experts_kernel):

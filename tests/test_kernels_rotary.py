@@ -11,6 +11,8 @@ from kernels.native import compiler
 from kernels.rotary import apply_rotary, apply_rotary_reference
 from kernels.rotary import native as rotary_native
 
+pytestmark = pytest.mark.native_kernels(rotary_native.ROTARY)
+
 requires_native = pytest.mark.skipif(
     rotary_native.kernel() is None, reason="native kernel needs a C compiler and a CPU with AVX-512 BF16 or AVX2"
 )

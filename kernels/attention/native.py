@@ -13,8 +13,6 @@ MAX_HEAD_DIM = 256
 
 ATTENTION = Kernel(Path(__file__).with_name("causal_bf16.c"), "attention_causal_bf16", "piippiiiiiiifpiipiinn",
                    isas=("avx512", "avx512f", "avx2"), returns="n")
-# Head dims the AVX-512-without-BF16 build takes (it widens 32 channels at a time); others run the AVX2 build.
-WIDE_FP32_DIM = 32
 
 
 def kernel() -> Kernel | None:
@@ -54,8 +52,7 @@ def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if amx is None:
         amx = tiles_apply(q)
     batch, length, heads, dim = q.shape
-    # Decided by the shape alone, so every call over these heads (decode, verification) takes one build.
-    isa = "avx2" if ATTENTION.isa() == "avx512f" and dim % WIDE_FP32_DIM else None
+    isa = ATTENTION.isa_for(dim)
     kv_heads, total = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty(batch, length, heads, dim, dtype=q.dtype)

@@ -14,9 +14,10 @@
  * utils.prepare_qk. Heads are independent and shared out over OpenMP threads; each head's chunks
  * run in order on one thread, so the bits do not depend on the thread count.
  *
- * Built twice: with AVX-512 and with AVX2 + FMA + F16C. The vector steps (products, decay masks,
- * forward substitution, norms, bf16 stores) have a version per build; the two builds give
- * different bits from each other (lane count, exp), each always the same ones.
+ * Built three times: with AVX-512 (with BF16, or without it as Skylake-SP to Ice Lake have it: the
+ * same code, which needs none) and with AVX2 + FMA + F16C. The vector steps (products, decay masks,
+ * forward substitution, norms, bf16 stores) have a version per vector width; the AVX-512 and AVX2
+ * builds give different bits from each other (lane count, exp), each always the same ones.
  */
 #include <math.h>
 #include <omp.h>
@@ -43,7 +44,7 @@ typedef struct {
 
 #include "../simd.h"
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__) /* no bf16 arithmetic: the builds with and without BF16 share it */
 
 /* C[4 rows][16 * SLICES columns] (+)= sign * A[4 rows][inner] . B[inner][same columns]. */
 static inline __attribute__((always_inline)) void gemm_tile(int64_t inner, const float *a, int64_t lda,

@@ -1,7 +1,7 @@
 """ctypes bindings of the native gated delta rule: `delta_step_bf16.c` (conv update, gates and delta
 rule for a few bf16 tokens), `split_bf16.c` (the checkpoint's grouped projections split apart) and
-`chunk_bf16.c` (the chunked form for prefill). Each is built for AVX-512 and for AVX2 + FMA + F16C;
-the CPU's best build runs (kernels.native.Kernel)."""
+`chunk_bf16.c` (the chunked form for prefill). Each is built for AVX-512 with and without BF16 and
+for AVX2 + FMA + F16C; the CPU's best build runs (kernels.native.Kernel)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from ..native import FEW_TOKENS, Kernel
 
 HERE = Path(__file__).parent
-ISAS = ("avx512", "avx2")
+ISAS = ("avx512", "avx512f", "avx2")
 # The C kernels step through the key and value dims this many floats at a time (one AVX-512
 # vector, two AVX2 ones), so K and V must be multiples of it.
 DIM_MULTIPLE = 16

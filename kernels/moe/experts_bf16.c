@@ -24,8 +24,8 @@
  * roundings go through the conversion instruction (fp32 denormals to zero), so the last bits can
  * differ from the chains above.
  *
- * The AVX2 + FMA + F16C build (no bf16 dot products, no tiles) runs the same steps on fp32 sums,
- * as outer products with an expert's tokens in lanes (experts_avx2.h). Each output is one fixed
+ * The AVX2 + FMA + F16C build and the AVX-512 one without BF16 (no bf16 dot products, no tiles) run
+ * the same steps on fp32 sums, as outer products with an expert's tokens in lanes (experts_fp32.h). Each output is one fixed
  * chain of fused multiply-adds, so few-token calls give a token the same bits whatever the call's
  * size; the bits differ from the AVX-512 build's.
  */
@@ -44,7 +44,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include "../bf16_simd.h"
 #pragma GCC diagnostic pop
-#include "experts_avx2.h"
+#include "experts_fp32.h"
 #endif
 #include "block_steps.h"
 

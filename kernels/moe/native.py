@@ -1,4 +1,5 @@
-"""ctypes bindings of the MoE kernels, each built for AVX-512 (BF16, AMX) and for AVX2 + FMA + F16C:
+"""ctypes bindings of the MoE kernels, each built for AVX-512 (BF16, AMX) and for AVX2 + FMA + F16C (and
+the routed experts for AVX-512 without BF16 too):
 `sparse_moe_bf16.c`, the whole sparse MoE block for a few bf16 tokens, and `experts_bf16.c`, the
 routed experts for many tokens, over bf16 weights or quantized ones (dequantized exactly as the
 kernel reaches them)."""
@@ -17,8 +18,9 @@ HERE = Path(__file__).parent
 
 SPARSE_MOE = Kernel(HERE / "sparse_moe_bf16.c", "sparse_moe_bf16", "piipiinppipppippn", isas=("avx512", "avx2"),
                     returns="n")
-EXPERTS = Kernel(HERE / "experts_bf16.c", "moe_experts_bf16", "piippiippipnn", isas=("avx512", "avx2"), returns="n")
-QUANTIZED_EXPERTS = Kernel(HERE / "experts_bf16.c", "moe_experts_quant", "piippiipipnn", isas=("avx512", "avx2"),
+EXPERTS_ISAS = ("avx512", "avx512f", "avx2")
+EXPERTS = Kernel(HERE / "experts_bf16.c", "moe_experts_bf16", "piippiippipnn", isas=EXPERTS_ISAS, returns="n")
+QUANTIZED_EXPERTS = Kernel(HERE / "experts_bf16.c", "moe_experts_quant", "piippiipipnn", isas=EXPERTS_ISAS,
                            returns="n")
 
 
@@ -128,7 +130,7 @@ def _routed(kernel: Kernel, x: torch.Tensor, weights: torch.Tensor, experts: tor
     tokens, hidden = x.shape
     out = torch.empty_like(x)
     status = kernel(x, tokens, hidden, weights, experts, weights.shape[1], count, *weight_arguments, width, out,
-                    int(amx), torch.get_num_threads())
+                    int(amx), torch.get_num_threads(), isa=kernel.isa_for(hidden, width))
     if status != 0:
         raise MemoryError("MoE work buffers could not be allocated")
     return out

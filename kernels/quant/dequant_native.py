@@ -13,7 +13,7 @@ from .formats import INT4_GROUP_SIZE, QuantizedWeight
 from .native import FORMAT_CODES
 
 DEQUANTIZE = Kernel(Path(__file__).with_name("dequant_tiles.c"), "dequantize_rows", "npiipniiipiiiipniin",
-                    isas=("avx512", "avx2"))
+                    isas=("avx512", "avx512f", "avx2"))
 _TILE_DTYPES = (torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -1,5 +1,6 @@
 """Binding of `small_m_quant.c` (the linear layer over a quantized weight for up to 16 rows), built for
-AVX-512 and for AVX2 + FMA + F16C; the build of `SMALL_M.isa()` runs (see kernels.native)."""
+AVX-512 with and without BF16 and for AVX2 + FMA + F16C; the build of `SMALL_M.isa()` runs (see
+kernels.native)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .formats import FP8_BLOCK, INT4, INT4_GROUP_SIZE, INT8, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("small_m_quant.c")
 # Builds in order of preference (keys of kernels.native.ISAS).
-VARIANTS = ("avx512", "avx2")
+VARIANTS = ("avx512", "avx512f", "avx2")
 # Rows of x the kernel takes; above, the reference's matrix products are the faster path.
 MAX_ROWS = FEW_TOKENS
 # An int4 group must hold whole steps of the kernel's widest build (16 bytes, 32 columns).

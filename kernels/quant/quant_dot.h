@@ -20,7 +20,7 @@
  * weight rows (all rows of a block share them).
  *
  * int4 by pair dot products. Where the caller asks for it (`int4_pairs`: x exact in bf16, groups of
- * a multiple of 64 columns, the AVX-512 build), int4 weights go through the bf16 pair dot product
+ * a multiple of 64 columns, the AVX-512 BF16 build), int4 weights go through the bf16 pair dot product
  * (vdpbf16ps) instead: nibbles become the bf16 values -8..7 by one word permute, each instruction
  * adds two exact products x * (nibble - 8) into a lane's chain, and a group's sums go into the row's
  * totals times the group's scale (as in the AVX2 build). Half the conversions per weight and two
@@ -34,8 +34,9 @@
  * fp32 once (prepare_row), padded with zeros (so a partial last step of weights, zero-filled past
  * K, adds 0 * 0) and, for int4, reordered so that nibbles need no interleaving.
  *
- * Compiled with AVX-512 (16 lanes) or with AVX2 + FMA + F16C (8 lanes): the two builds give
- * different bits from each other (lane count), each always the same ones.
+ * Compiled with AVX-512 (16 lanes; with BF16, or without it as Skylake-SP to Ice Lake have it, which
+ * lacks only the pair products: outside them both give the same bits) or with AVX2 + FMA + F16C (8
+ * lanes): the 16- and 8-lane builds give different bits from each other, each always the same ones.
  */
 #ifndef DOCANALYST_QUANT_DOT_H
 #define DOCANALYST_QUANT_DOT_H
@@ -148,6 +149,7 @@ ALWAYS void int4_to_vecs(__m128i bytes, group_scale table, vec *even, vec *odd) 
 #define INT4_GROUP_END
 #define INT4_SUM(m, r) acc[m][r]
 
+#if defined(__AVX512BF16__)
 /* int4 by pair dot products: PAIR_STEP bytes (2 * PAIR_STEP columns) a step. A byte widened to a
  * word indexes the 32-entry table by its low 5 bits, so the table holds -8..7 twice and the low
  * nibble needs no mask; the high nibble is the word shifted right by 4. */
@@ -168,6 +170,7 @@ ALWAYS void int4_to_pairs(const uint8_t *p, int64_t count, pair_table table, __m
     *odd = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(wide, 4), table);
 }
 ALWAYS __m512bh load_pairs(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+#endif /* AVX-512 without BF16 (Skylake-SP to Ice Lake) builds the rest: the table, F16C, masks */
 
 #else /* AVX2 + FMA + F16C */
 #define LANES 8

@@ -1,43 +1,51 @@
-/* The AVX2 + FMA + F16C build of experts_bf16.c's run_experts (included there in place of the
- * AVX-512 code): the same steps and bf16 roundings, on fp32 sums (no bf16 dot products, no tiles).
+/* The builds of experts_bf16.c's run_experts without bf16 dot products (included there in place of
+ * the AVX-512 BF16 code): the same steps and bf16 roundings, on fp32 sums (no tiles), with 8-lane
+ * vectors (AVX2 + FMA + F16C) or 16-lane ones (AVX-512 without BF16, simd.h's VF_LANES).
  *
  * Each projection is a register-tiled outer product, as in a GEMM micro-kernel. An expert's tokens
  * (up to CHUNK_TOKENS at a time) are transposed so that they lie in lanes, GROUP_TOKENS to a group
  * (two vectors, zeros past the last token); its weights are widened to fp32 (exact) BLOCK_ROWS_WIDE
  * rows by BLOCK_INPUTS inputs at a time, and each weight is broadcast to a group's tokens: a tile is one
- * group by up to 6 weight rows (12 sums of 8 lanes), or 8 tokens by up to 12 rows.
+ * group by up to PAIR_ROWS weight rows, or one vector of tokens by up to SINGLE_ROWS rows (AVX2: 6 and
+ * 12, 12 sums of 8 lanes; AVX-512, with twice the registers: 12 and 12).
  *
  * Bits. Lane t of a row's sum is one fp32 chain of fused multiply-adds over the inputs in a fixed
- * order (widening's split order: per 16 inputs, 0-3, 8-11, 4-7, 12-15), carried in memory from one
+ * order (widening's split order, simd.h; AVX2: per 16 inputs, 0-3, 8-11, 4-7, 12-15), carried in memory from one
  * block of inputs to the next. A token's outputs never depend on the other tokens, how many there
  * are, the tile they share or the thread, so few-token calls give a token the same bits whatever
  * the call's size. They differ from the AVX-512 build's and from the few-token block kernel's
  * (dots_avx2.h, whose chains run over inputs in lanes).
  */
-#ifndef DOCANALYST_EXPERTS_AVX2_H
-#define DOCANALYST_EXPERTS_AVX2_H
+#ifndef DOCANALYST_EXPERTS_FP32_H
+#define DOCANALYST_EXPERTS_FP32_H
 
 #include "block_steps.h"
 
 #define CHUNK_TOKENS 96 /* an expert's tokens taken at a time: its weights are widened once per chunk */
-#define GROUP_TOKENS 16 /* tokens in the lanes of a tile (two vectors) */
+#define GROUP_TOKENS (2 * VF_LANES) /* tokens in the lanes of a tile (two vectors) */
+#if VF_LANES == 16
+#define PAIR_ROWS 12
+#else
+#define PAIR_ROWS 6
+#endif
+#define SINGLE_ROWS 12
 #define BLOCK_ROWS_WIDE 48 /* weight rows widened together */
-#define BLOCK_INPUTS 256   /* inputs widened together (a multiple of 16) */
+#define BLOCK_INPUTS 256   /* inputs widened together (a multiple of VF_SPLIT) */
 #define AHEAD_SPAN 32      /* inputs between requests for the next block (one 64-byte line of bf16) */
 #define EXPERTS_INLINE static inline __attribute__((always_inline))
 
 /* Rows x_r [K] bf16 (r < m, at rows[r]) into lanes: group g of xt is [K][GROUP_TOKENS] fp32 holding
- * rows 16g .. 16g + 15, inputs in split order, zeros in the lanes past m. */
+ * rows GROUP_TOKENS * g onwards, inputs in split order, zeros in the lanes past m. */
 static void transpose_tokens(const uint16_t *const *rows, int64_t m, int64_t K, float *xt) {
     int64_t groups = (m + GROUP_TOKENS - 1) / GROUP_TOKENS;
     memset(xt + (groups - 1) * K * GROUP_TOKENS, 0, sizeof(float) * (size_t)(K * GROUP_TOKENS));
     for (int64_t r = 0; r < m; r++) {
-        float *lane = xt + (r / GROUP_TOKENS) * K * GROUP_TOKENS + r % GROUP_TOKENS, split[16];
-        for (int64_t c = 0; c < K; c += 16) {
+        float *lane = xt + (r / GROUP_TOKENS) * K * GROUP_TOKENS + r % GROUP_TOKENS, split[VF_SPLIT];
+        for (int64_t c = 0; c < K; c += VF_SPLIT) {
             vf low, high;
-            vf_widen_split(_mm256_loadu_si256((const __m256i *)(rows[r] + c)), &low, &high);
+            vf_widen_split(vf_load_raw(rows[r] + c), &low, &high);
             vf_store(split, low), vf_store(split + VF_LANES, high);
-            for (int i = 0; i < 16; i++) lane[(c + i) * GROUP_TOKENS] = split[i];
+            for (int i = 0; i < VF_SPLIT; i++) lane[(c + i) * GROUP_TOKENS] = split[i];
         }
     }
 }
@@ -103,8 +111,8 @@ static void products(const float *xt, int64_t m, int64_t K, const uint16_t *w, i
                 float *o = out + g * GROUP_TOKENS * ldo + n0;
                 int64_t live = m - g * GROUP_TOKENS < GROUP_TOKENS ? m - g * GROUP_TOKENS : GROUP_TOKENS;
                 const uint16_t *ahead = g == 0 ? next : NULL;
-                if (live > VF_LANES) group_rows(2, 6, a, wide, n, rows, first, last, c, o, ldo, live, ahead, K);
-                else group_rows(1, 12, a, wide, n, rows, first, last, c, o, ldo, live, ahead, K);
+                if (live > VF_LANES) group_rows(2, PAIR_ROWS, a, wide, n, rows, first, last, c, o, ldo, live, ahead, K);
+                else group_rows(1, SINGLE_ROWS, a, wide, n, rows, first, last, c, o, ldo, live, ahead, K);
             }
         }
     }
