@@ -2,6 +2,7 @@
 
     python bench/peers.py                         # bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_K_M
     python bench/peers.py --isa avx2              # both sides limited to AVX2 + FMA
+    python bench/peers.py --isa avx512f           # both sides limited to Skylake-SP's AVX-512
     python bench/peers.py --formats bf16 fp32 --repeats 5
 
 The bench model (../shared/reference/bench-config.json, random weights) is written once as a
@@ -16,7 +17,9 @@ It is built for the CPU's instruction sets without AMX: llama.cpp's AMX matrix m
 on this model's quantized tensors (segfault in ggml_backend_amx_mul_mat at 0c1e570), and its
 AVX-512 paths are what it runs without AMX. --isa avx2 builds it for AVX2 + FMA + F16C only and
 runs this runtime as on a CPU without AVX-512 (kernels.native.AVX2_ONLY_ENVIRONMENT: its kernels'
-AVX2 builds, and PyTorch, oneDNN and MKL limited to AVX2).
+AVX2 builds, and PyTorch, oneDNN and MKL limited to AVX2). --isa avx512f does the same for AVX-512
+as Skylake-SP has it, without VNNI, VBMI or BF16 (AVX512F_ONLY_ENVIRONMENT); Cascade Lake and Ice
+Lake add VNNI, which llama.cpp's quantized products use and this runtime's do not.
 
 Measured, for each pair: prefill of --prompt tokens (llama-bench -p, tokens/s) and decode after
 --prompt tokens (llama-bench -n with -d, tokens/s; this runtime: greedy steps after a prefill of
@@ -48,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.native import AVX2_ONLY_ENVIRONMENT, int4_pairs_preferred  # noqa: E402
+from kernels.native import AVX2_ONLY_ENVIRONMENT, AVX512F_ONLY_ENVIRONMENT, int4_pairs_preferred  # noqa: E402
 
 BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendored llama.cpp is 0c1e570, which knows qwen3next
@@ -60,9 +63,12 @@ PAIRS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
 SWITCH_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
                 "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
                 "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni"}
-ISA_SWITCHES = {"avx2": list(SWITCH_FLAGS)[:5], "avx512": list(SWITCH_FLAGS)}
+ISA_SWITCHES = {"avx2": list(SWITCH_FLAGS)[:5], "avx512f": list(SWITCH_FLAGS)[:6], "avx512": list(SWITCH_FLAGS)}
 # What each --isa needs at least (this runtime's AVX-512 kernels need bf16 dot products).
-ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "avx2": {"avx2", "fma", "f16c"}}
+ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+                 "avx512f": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx2": {"avx2", "fma", "f16c"}}
+# The environment this runtime's side runs in for each --isa.
+ISA_ENVIRONMENT = {"avx2": AVX2_ONLY_ENVIRONMENT, "avx512f": AVX512F_ONLY_ENVIRONMENT, "avx512": {}}
 
 
 def llama_cpp_switches(isa: str, cpu_flags: set[str]) -> list[str]:
@@ -184,7 +190,7 @@ for _ in sys.stdin:
 def compare(checkpoint: Path, weights: str, binaries: Path, model: Path, args: argparse.Namespace) -> dict:
     """Both sides' rates, one run of each in turn, --repeats times (so that a slower spell of a shared
     host falls on both): tokens/s, the best and every run of each side."""
-    environment = {**os.environ, **(AVX2_ONLY_ENVIRONMENT if args.isa == "avx2" else {})}
+    environment = {**os.environ, **ISA_ENVIRONMENT[args.isa]}
     script = OURS_SCRIPT.format(root=str(ROOT), threads=args.threads, weights=weights, checkpoint=str(checkpoint),
                                 prompt=args.prompt, steps=args.decode_steps)
     runs: dict[str, dict[str, list[float]]] = {side: {"prefill": [], "decode": []} for side in ("ours", "llama_cpp")}
@@ -218,7 +224,8 @@ def main() -> int:
     parser.add_argument("--formats", nargs="+", choices=sorted(PAIRS), default=["bf16", "int8", "int4"],
                         help="this runtime's weight formats, each against llama.cpp's of the same precision")
     parser.add_argument("--isa", choices=sorted(ISA_SWITCHES), default="avx512",
-                        help="instruction sets both sides may use (avx2: this runtime with DOCANALYST_ISA=avx2)")
+                        help="instruction sets both sides may use (avx2, avx512f: this runtime with DOCANALYST_ISA "
+                             "set so)")
     parser.add_argument("--prompt", type=int, default=4096, help="prefill length, and the context decode runs after")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -21,3 +21,9 @@ def test_avx512_build_has_only_what_the_cpu_runs(flags, expected):
 @pytest.mark.parametrize("flags", [pytest.param(ZEN4, id="zen4"), pytest.param(SAPPHIRE_RAPIDS, id="xeon")])
 def test_avx2_build_leaves_out_every_avx512_extension(flags):
     assert llama_cpp_switches("avx2", flags) == ["GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"]
+
+
+@pytest.mark.parametrize("flags", [pytest.param(ZEN4, id="zen4"), pytest.param(SAPPHIRE_RAPIDS, id="xeon")])
+def test_avx512f_build_is_skylake_sps_set(flags):
+    assert llama_cpp_switches("avx512f", flags) == ["GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2",
+                                                    "GGML_AVX512"]
