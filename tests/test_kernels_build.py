@@ -73,20 +73,24 @@ EVEX = 0x62
 AMX_MNEMONIC = re.compile(r"(ldtilecfg|sttilecfg|tilerelease|tilezero|tileload|tilestore|tdp)")
 
 
+def disassembly(library: Path) -> list[tuple[str, str]]:
+    """(encoding bytes in hex, instruction) for each instruction of `library`, as objdump lists them
+    (labels, blank lines and the second line of a long instruction's bytes left out)."""
+    listing = subprocess.run(["objdump", "-d", "--no-addresses", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    return [(fields[1], fields[2]) for fields in (line.split("\t") for line in listing.splitlines())
+            if len(fields) >= 3]
+
+
 def beyond_avx2(library: Path) -> list[str]:
     """The instructions of `library` that a CPU with AVX2 but without AVX-512 or AMX cannot run:
     EVEX-encoded (AVX-512, at any vector width) and AMX tile instructions, as objdump shows them."""
-    listing = subprocess.run(["objdump", "-d", "--no-addresses", str(library)], capture_output=True, text=True,
-                             check=True).stdout
     found = []
-    for line in listing.splitlines():
-        fields = line.split("\t")
-        if len(fields) < 3:  # labels, blank lines, the second line of a long instruction's bytes
-            continue
-        opcode = next((byte for byte in (int(word, 16) for word in fields[1].split()) if byte not in LEGACY_PREFIXES),
+    for encoding, instruction in disassembly(library):
+        opcode = next((byte for byte in (int(word, 16) for word in encoding.split()) if byte not in LEGACY_PREFIXES),
                       None)
-        if opcode == EVEX or AMX_MNEMONIC.match(fields[2]):
-            found.append(fields[2].strip())
+        if opcode == EVEX or AMX_MNEMONIC.match(instruction):
+            found.append(instruction.strip())
     return found
 
 
@@ -104,10 +108,8 @@ NEWER_AVX512_MNEMONIC = re.compile(r"(vdpbf16ps|vcvtne2ps2bf16|vcvtneps2bf16|vpd
 def beyond_avx512f(library: Path) -> list[str]:
     """The instructions of `library` that a CPU with AVX-512 as Skylake-SP has it cannot run: those
     of the later AVX-512 extensions and AMX tile instructions."""
-    listing = subprocess.run(["objdump", "-d", "--no-addresses", str(library)], capture_output=True, text=True,
-                             check=True).stdout
-    return [fields[2].strip() for fields in (line.split("\t") for line in listing.splitlines())
-            if len(fields) >= 3 and (NEWER_AVX512_MNEMONIC.match(fields[2]) or AMX_MNEMONIC.match(fields[2]))]
+    return [instruction.strip() for _, instruction in disassembly(library)
+            if NEWER_AVX512_MNEMONIC.match(instruction) or AMX_MNEMONIC.match(instruction)]
 
 
 @needs_objdump

@@ -17,14 +17,15 @@ from kernels.moe import native as moe_native
 from kernels.moe import reference
 from kernels.native import FEW_TOKENS, compiler, isa_order, matmul_has_amx, use_isa
 
+# The block's tests: sets it has no build for are skipped (conftest's native_isa).
+block_tests = pytest.mark.native_kernels(moe_native.SPARSE_MOE)
+
 
 @pytest.fixture
 def block_kernel(native_isa):
-    """The sparse-MoE block's build for `native_isa` (skipped where it cannot run, or has none)."""
+    """The sparse-MoE block's build for `native_isa` (skipped where it cannot run)."""
     if moe_native.kernel() is None:
         pytest.skip("native kernel needs a C compiler")
-    if native_isa not in moe_native.SPARSE_MOE.isas:
-        pytest.skip(f"no {native_isa} build of these kernels: the next set's runs, tested under its name")
     return native_isa
 
 
@@ -80,6 +81,7 @@ def native_path(x, w, top_k, normalize):
                                  w["shared_up_proj"], w["shared_down"], w["shared_gate"])
 
 
+@block_tests
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_native_block_matches_pytorch_path(case, block_kernel):
     x, w, top_k, normalize = block(case, seed=sum(case))
@@ -91,6 +93,7 @@ def test_native_block_matches_pytorch_path(case, block_kernel):
     torch.testing.assert_close(ours.float(), expected.float(), atol=tolerance, rtol=0)
 
 
+@block_tests
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_tokens_do_not_depend_on_the_batch_or_threads(case, block_kernel):
     x, w, top_k, normalize = block(case, seed=7)
@@ -105,6 +108,7 @@ def test_tokens_do_not_depend_on_the_batch_or_threads(case, block_kernel):
         torch.set_num_threads(threads)
 
 
+@block_tests
 def test_a_nan_token_gives_nan_in_its_row_only(block_kernel):
     """A NaN in one token's x makes every router probability of it NaN: its routing must still name
     real experts (the lowest ids), so its row comes out NaN and the others' rows are untouched."""
@@ -115,6 +119,7 @@ def test_a_nan_token_gives_nan_in_its_row_only(block_kernel):
     assert torch.equal(out[[0, 2]], native_path(x[[0, 2]], w, top_k, normalize))
 
 
+@block_tests
 def test_native_block_declines_other_inputs(block_kernel):
     x, w, top_k, _ = block(CASES[0], seed=1)
     assert not moe_native.supports(x.float(), *w.values(), top_k=top_k)

@@ -25,9 +25,9 @@
  * differ from the chains above.
  *
  * The AVX2 + FMA + F16C build and the AVX-512 one without BF16 (no bf16 dot products, no tiles) run
- * the same steps on fp32 sums, as outer products with an expert's tokens in lanes (experts_fp32.h). Each output is one fixed
- * chain of fused multiply-adds, so few-token calls give a token the same bits whatever the call's
- * size; the bits differ from the AVX-512 build's.
+ * the same steps on fp32 sums, as outer products with an expert's tokens in lanes (experts_fp32.h).
+ * Each output is one fixed chain of fused multiply-adds, so few-token calls give a token the same
+ * bits whatever the call's size; the bits differ from the AVX-512 BF16 build's.
  */
 #include <omp.h>
 #include <stdlib.h>

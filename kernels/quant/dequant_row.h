@@ -191,16 +191,8 @@ VF_INLINE void int4_bf16_by_table(const uint8_t *pairs, int4_table table, uint16
 VF_INLINE void store_converted(uint16_t *out, vf low, vf high) {
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(high, low));
 }
-#else /* AVX-512 without BF16: bf16_bits' rounding without its NaN case, which these products never meet */
-VF_INLINE __m256i bf16_of_number(vf v) {
-    vi bits = vf_as_vi(v);
-    vi odd = vi_and(_mm512_srli_epi32(bits, 16), vi_set1(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(vi_add(bits, vi_add(odd, vi_set1(0x7FFF))), 16));
-}
-VF_INLINE void store_converted(uint16_t *out, vf low, vf high) {
-    _mm256_storeu_si256((__m256i *)out, bf16_of_number(low));
-    _mm256_storeu_si256((__m256i *)(out + 16), bf16_of_number(high));
-}
+#else /* AVX-512 without BF16: store_bf16's rounding (the same bits for these products, never NaN) */
+VF_INLINE void store_converted(uint16_t *out, vf low, vf high) { store_bf16(out, low), store_bf16(out + 16, high); }
 #endif
 VF_INLINE void int8_products_bf16(const uint8_t *bytes, vf scale, uint16_t *out) {
     vf low = vf_mul(vi_to_vf(bytes_i32(bytes)), scale), high = vf_mul(vi_to_vf(bytes_i32(bytes + VF_LANES)), scale);
