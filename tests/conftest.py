@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# What tests of the decode-exact paths need, for their skip messages.
+NATIVE_KERNELS = "the native kernels (a C compiler, a CPU with AVX2 or AVX-512, DOCANALYST_NATIVE not 0)"
+
 
 def pytest_collection_modifyitems(config, items):
     """Under QEMU's user-mode emulation (scripts/emulated-cpu.sh) /proc/self/maps, madvise and the

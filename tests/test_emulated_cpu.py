@@ -6,6 +6,11 @@ a model must give the bits this CPU gives with its AVX2 builds forced (AVX2_ONLY
 The few-token forward (decode, and a prompt fed 16 tokens at a time) runs only this runtime's kernels,
 so its logits must match bit for bit; a 40-token prefill also runs PyTorch's fp32 GEMMs (MKL), whose
 AVX2 code may differ between CPU vendors, so its logits are compared within bf16 rounding.
+
+A CPU with AVX but not AVX2 (Sandy and Ivy Bridge servers) runs no kernel build: there a model
+loads in fp32 and answers through PyTorch, as this machine does with DOCANALYST_NATIVE=0. QEMU
+executes AVX2 instructions whatever CPU it is told to emulate, so that run checks the choice made
+from CPUID, not the instructions; the objdump scans in test_kernels_build.py check those.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = shutil.which("qemu-x86_64")
 # A CPU model QEMU's TCG emulates (AVX2 since QEMU 7.2): Intel's first with AVX2, FMA and F16C.
 EMULATED_CPU = "Haswell"
+# Intel's first with AVX (2011), without AVX2, FMA or F16C.
+NO_AVX2_CPU = "SandyBridge"
 
 pytestmark = [
     pytest.mark.slow,  # about two minutes: the emulated process runs ~10-50x slower
     pytest.mark.skipif(platform.machine() != "x86_64" or EMULATOR is None,
                        reason="needs an x86_64 machine with qemu-x86_64 (scripts/emulator.sh installs it)"),
-    pytest.mark.skipif(native.compiler() is None or not native.cpu_runs("avx2"),
-                       reason="the AVX2 builds do not run on this machine"),
+    pytest.mark.skipif(not native.kernels_run() or not native.cpu_runs("avx2"),
+                       reason="the AVX2 builds do not run on this machine (or DOCANALYST_NATIVE=0)"),
 ]
 
 SCRIPT = """
@@ -93,3 +100,38 @@ def test_a_cpu_without_avx512_runs_the_avx2_builds_with_the_same_bits(demo_check
         # One bf16 rounding step either way where MKL's fp32 sums differ in order.
         torch.testing.assert_close(emulated["prefill"][weights].float(), forced["prefill"][weights].float(),
                                    rtol=2 ** -7, atol=1e-3)
+
+
+NO_KERNELS_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from kernels import native
+from model import load_model, prefill
+
+torch.set_num_threads(2)
+lm = load_model({checkpoint!r}, dtype={dtype})
+ids = torch.randint(0, 151000, (24,), generator=torch.Generator().manual_seed(0))
+torch.save(prefill(lm, lm.new_state(), ids), {logits!r})
+print(json.dumps({{"isa": list(native.isa_order()), "kernels": native.kernels_run(), "dtype": str(lm.dtype)}}))
+"""
+
+
+def test_a_cpu_without_avx2_loads_fp32_and_answers_through_pytorch(demo_checkpoint, tmp_path):
+    def run_script(logits: Path, prefix: list[str], environment: dict, dtype: str) -> dict:
+        script = NO_KERNELS_SCRIPT.format(root=str(ROOT), checkpoint=str(demo_checkpoint), logits=str(logits),
+                                          dtype=dtype)
+        done = subprocess.run([*prefix, "-c", script], env=environment, capture_output=True, text=True, timeout=1800)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    clean = {key: value for key, value in os.environ.items() if key not in native.AVX2_ONLY_ENVIRONMENT}
+    # This CPU's answer without the kernels, in fp32 (its default is bf16: it has bf16 matmuls).
+    run_script(tmp_path / "host.pt", [sys.executable], {**clean, "DOCANALYST_NATIVE": "0"}, "torch.float32")
+    emulated = run_script(tmp_path / "emulated.pt", [EMULATOR, "-cpu", NO_AVX2_CPU, "-0", sys.executable,
+                                                     os.readlink("/proc/self/exe")], clean, "None")
+    # Chosen from CPUID by the kernels themselves: no build runs, so the weights load in fp32.
+    assert emulated == {"isa": [], "kernels": False, "dtype": "torch.float32"}
+    # The same fp32 model through PyTorch's kernels for either CPU: sums in other orders only (~4e-7
+    # apart on logits up to ~1; a bf16 rounding anywhere would be ~1e-3).
+    torch.testing.assert_close(torch.load(tmp_path / "emulated.pt"), torch.load(tmp_path / "host.pt"),
+                               rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import torch
 from model import load_model, prefill
 from model.demo import write_demo_checkpoint
 from model.few_tokens import MAX_TOKENS, FewTokenForward
+from tests.conftest import NATIVE_KERNELS
 from tests.oracle import write_oracle_checkpoint
 
 CHECKPOINTS = {
@@ -32,7 +33,7 @@ def lm(request, tmp_path_factory):
     CHECKPOINTS[request.param](folder)
     model = load_model(folder, dtype=torch.bfloat16)
     if model.few_tokens is None:
-        pytest.skip("the few-token forward needs the native kernels (C compiler, AVX-512 BF16)")
+        pytest.skip(f"the few-token forward needs {NATIVE_KERNELS}")
     return model
 
 

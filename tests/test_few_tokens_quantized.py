@@ -21,6 +21,7 @@ from model import load_model, prefill
 from model.demo import write_demo_checkpoint
 from model.few_tokens import MAX_TOKENS, FewTokenForward
 from model.layers import SparseMoE
+from tests.conftest import NATIVE_KERNELS
 from tests.test_few_tokens import assert_same_bits, ids, run
 
 # Expert widths 72 and 136: partial 128-row fp8 blocks and int4 groups, odd kernel tails.
@@ -45,7 +46,7 @@ def lm(request, tmp_path_factory):
         model = load_model(folder, dtype=torch.bfloat16, weights=weights)
     assert FORMAT_NAMES[weights] in model.weight_formats
     if model.few_tokens is None:
-        pytest.skip("the few-token forward needs the native kernels (a C compiler, AVX-512 BF16 or AVX2)")
+        pytest.skip(f"the few-token forward needs {NATIVE_KERNELS}")
     return model
 
 
@@ -103,7 +104,7 @@ def test_a_weight_the_kernels_cannot_read_leaves_the_model_on_the_module_path(tm
     write_demo_checkpoint(tmp_path, seed=3)
     model = load_model(tmp_path, dtype=torch.bfloat16, weights="int8")
     if model.few_tokens is None:
-        pytest.skip("the few-token forward needs the native kernels")
+        pytest.skip(f"the few-token forward needs {NATIVE_KERNELS}")
     projection = model.module.model.layers[0].linear_attn.out_proj
     weight, half = projection.weight, projection.weight.shape[0] // 2
     projection.weight = QuantizedRows(tuple(

@@ -24,6 +24,7 @@ from model.speculative import (
     residual_distribution,
     verify_sampled,
 )
+from tests.conftest import NATIVE_KERNELS
 
 NEW_TOKENS = 8
 # In fp32 the verification forward rounds differently from one-token steps (~1e-7 relative);
@@ -49,7 +50,7 @@ def one_thread():
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def lm(demo_checkpoint, request):
     if request.param == torch.bfloat16 and not exact_bf16_rows():
-        pytest.skip("bf16 decode-exact verification needs the native kernels (C compiler, AVX-512 BF16)")
+        pytest.skip(f"bf16 decode-exact verification needs {NATIVE_KERNELS}")
     return load_model(demo_checkpoint, dtype=request.param)
 
 

@@ -13,6 +13,7 @@ from model.demo import write_demo_checkpoint
 from model.layers import SparseMoE, SwiGLU
 from model.mtp import mtp_block
 from model.speculative import SpeculativeGeneration
+from tests.conftest import NATIVE_KERNELS
 from tests.test_mtp import ScriptedDrafter, assert_mtp_close, assert_states_close, exact_bf16_rows
 
 NEW_TOKENS = 8
@@ -50,7 +51,7 @@ def checkpoint(request, qwen35_demo_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def lm(checkpoint, request):
     if request.param == torch.bfloat16 and not exact_bf16_rows():
-        pytest.skip("bf16 decode-exact verification needs the native kernels (C compiler, AVX-512 BF16)")
+        pytest.skip(f"bf16 decode-exact verification needs {NATIVE_KERNELS}")
     return load_model(checkpoint[1], dtype=request.param)
 
 

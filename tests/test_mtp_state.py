@@ -9,6 +9,7 @@ import torch
 from model import Generation, GenerationSettings, load_model, prefill
 from model.mtp import mtp_block, state_mtp
 from model.speculative import MtpDrafter, SpeculativeGeneration
+from tests.conftest import NATIVE_KERNELS
 from tests.test_mtp import (
     NEW_TOKENS,
     assert_mtp_close,
@@ -21,7 +22,7 @@ from tests.test_mtp import (
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def lm(demo_checkpoint, request):
     if request.param == torch.bfloat16 and not exact_bf16_rows():
-        pytest.skip("bf16 decode-exact verification needs the native kernels (C compiler, AVX-512 BF16)")
+        pytest.skip(f"bf16 decode-exact verification needs {NATIVE_KERNELS}")
     return load_model(demo_checkpoint, dtype=request.param)
 
 

@@ -20,6 +20,7 @@ from kernels.quant import INT4, INT8, QuantizedWeight, quantize_int8
 from model import Generation, GenerationSettings, load_model
 from model.quantization import OUTPUT_LAYER_FORMAT
 from model.speculative import SpeculativeGeneration
+from tests.conftest import NATIVE_KERNELS
 from tests.test_kernels_quant_prefill import bits, exact_bf16_copy
 from tests.test_mtp import NEW_TOKENS, ScriptedDrafter, assert_states_close, exact_bf16_rows
 
@@ -116,7 +117,7 @@ def test_speculative_decoding_over_an_int4_model_is_plain_decoding(int4_lm, wron
     """Drafts verified in one call through the int8 head give plain greedy decoding's tokens and
     state, bit for bit, whether they are accepted or rolled back."""
     if not exact_bf16_rows():
-        pytest.skip("decode-exact verification needs the native kernels (C compiler, AVX-512 BF16 or AVX2)")
+        pytest.skip(f"decode-exact verification needs {NATIVE_KERNELS}")
     tok = int4_lm.tokenizer
     prompt = tok.turn("user", "Summarise the contract terms, please.") + tok.generation_prompt()
     tokens, plain_state = generate(int4_lm, prompt)
