@@ -13,7 +13,8 @@
  * in lanes:
  *  - scores: a group of up to GROUP_ROWS rows (two vectors) against several keys at a
  *    time, a key's channel broadcast to every row; lane r of a score is one fp32 chain over the
- *    channels in split order (below);
+ *    channels in split order (below); in the 16-lane build a group of at most 8 rows (decode)
+ *    scores two keys a vector ("twins"), the same chains;
  *  - softmax: lane by lane; keys a row does not see get probability exactly 0 (vf_exp never
  *    returns 0, so they are masked), which adds nothing to its sum chain;
  *  - values: up to VALUE_ROWS rows by VF_SPLIT channels, a row's probability broadcast; lane d of a row's
@@ -59,6 +60,7 @@ typedef struct {
  * split order. */
 typedef struct {
     float *keys, *values;
+    int twins;                               /* keys widened in twins (below), not rows */
     const uint16_t *raw_values;              /* the block's values as stored (row stride ld) */
     const uint16_t *next_keys, *next_values; /* the next block's, requested meanwhile, or NULL */
     int64_t ld;
@@ -99,6 +101,83 @@ ALWAYS void scores_of(const int NV, const int J, const float *qt, Block block, i
     for (; j + 4 <= seen; j += 4) score_keys(NV, 4, qt, block.keys, D, j, scores);
     for (; j < seen; j++) score_keys(NV, 1, qt, block.keys, D, j, scores);
 }
+
+#if VF_LANES == 16
+/* Decode's few rows (one token: 8 query heads per K/V head in Qwen3-Next) fill half a 16-lane score
+ * vector, so a group of at most TWIN_ROWS rows scores two keys a vector: keys 2p and 2p + 1 widened
+ * into one row of "twins" [D][2] (split order), the queries duplicated into lane pairs, so that lane
+ * 2r + s is row r against key 2p + s, the same fp32 chain over the same channels as lane r of the
+ * one-key tiles above: the same bits for half the multiply-adds. */
+#define TWIN_ROWS (VF_LANES / 2)
+#define TWIN_TILE 16 /* twins scored at a time: 16 accumulators */
+
+/* Keys [n][D] bf16 (row stride ld) -> twins [(n + 1) / 2][D][2] fp32, channels in split order; the
+ * last twin of an odd n gets zeros for its second key. */
+ALWAYS void widen_twins(const uint16_t *src, int64_t ld, int n, int64_t D, float *dst) {
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int j = 0; j < n; j += 2) {
+        const uint16_t *a = src + j * ld, *b = j + 1 < n ? a + ld : NULL;
+        float *out = dst + j * D;
+        for (int64_t c = 0; c < D; c += VF_SPLIT) {
+            vf a_low, a_high, b_low = vf_zero(), b_high = vf_zero();
+            widen(a + c, &a_low, &a_high);
+            if (b) widen(b + c, &b_low, &b_high);
+            vf_store(out + 2 * c, _mm512_permutex2var_ps(a_low, first, b_low));
+            vf_store(out + 2 * c + VF_LANES, _mm512_permutex2var_ps(a_low, second, b_low));
+            vf_store(out + 2 * c + 2 * VF_LANES, _mm512_permutex2var_ps(a_high, first, b_high));
+            vf_store(out + 2 * c + 3 * VF_LANES, _mm512_permutex2var_ps(a_high, second, b_high));
+        }
+    }
+}
+
+/* scores[2p + s] (lane r: row r's q . k_(2p+s), r < TWIN_ROWS) for P twins from p0. D is a
+ * constant where the caller specializes it, so each twin's row is one displacement from one
+ * pointer (a key pointer per accumulator would not fit the general registers). */
+ALWAYS void score_twins(const int P, const float *qt, const float *twins, const int64_t D, int p0,
+                        vf (*scores)[GROUP_VECTORS]) {
+    const __m512i doubled = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    vf acc[TWIN_TILE];
+    for (int i = 0; i < P; i++) acc[i] = vf_zero();
+    const float *base = twins + p0 * 2 * D;
+    for (int64_t c = 0; c < D; c++) {
+        vf rows = _mm512_permutexvar_ps(doubled, vf_load(qt + c * GROUP_ROWS));
+        for (int i = 0; i < P; i++) {
+            double both;
+            memcpy(&both, base + i * 2 * D + 2 * c, sizeof both);
+            acc[i] = vf_fma(rows, _mm512_castpd_ps(_mm512_set1_pd(both)), acc[i]);
+        }
+    }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int i = 0; i < P; i++) {
+        scores[2 * (p0 + i)][0] = _mm512_permutexvar_ps(even, acc[i]);
+        scores[2 * (p0 + i) + 1][0] = _mm512_permutexvar_ps(odd, acc[i]);
+    }
+}
+
+ALWAYS void twin_scores_at(const int64_t D, const float *qt, Block block, int seen, const uint16_t *next_keys,
+                           vf (*scores)[GROUP_VECTORS]) {
+    int twins = (seen + 1) / 2, p = 0;
+    for (; p + TWIN_TILE <= twins; p += TWIN_TILE) {
+        for (int j = 2 * p; j < 2 * (p + TWIN_TILE); j++) fetch_row(next_keys, block.ld, D, j);
+        score_twins(TWIN_TILE, qt, block.keys, D, p, scores);
+    }
+    for (int j = 2 * p; j < BLOCK_KEYS; j++) fetch_row(next_keys, block.ld, D, j);
+    for (; p + 4 <= twins; p += 4) score_twins(4, qt, block.keys, D, p, scores);
+    for (; p < twins; p++) score_twins(1, qt, block.keys, D, p, scores);
+}
+
+/* scores[j] for keys j < seen (and j = seen when seen is odd, its twin's other half) from twins. */
+static void twin_scores_of(const float *qt, Block block, int64_t D, int seen, const uint16_t *next_keys,
+                           vf (*scores)[GROUP_VECTORS]) {
+    switch (D) {
+    case 128: twin_scores_at(128, qt, block, seen, next_keys, scores); break;
+    case 256: twin_scores_at(256, qt, block, seen, next_keys, scores); break;
+    default: twin_scores_at(D, qt, block, seen, next_keys, scores); break;
+    }
+}
+#endif
 
 /* The online-softmax step of a group's rows (lane l of vector v: row VF_LANES * v + l) over the
  * block's scores: row r sees its first n[r] keys. probs[j][r] = e^(score * scale - max) (0 for
@@ -212,6 +291,10 @@ static void group_block(int R, const float *qt, const int *n, Block block, int w
     }
     int vectors = R > VF_LANES ? 2 : 1;
     const uint16_t *next_keys = fetch ? block.next_keys : NULL;
+#if VF_LANES == 16
+    if (block.twins) twin_scores_of(qt, block, D, seen, next_keys, scores);
+    else
+#endif
     if (vectors == 2) scores_of(2, PAIR_KEYS, qt, block, D, seen, next_keys, scores);
     else scores_of(1, SINGLE_KEYS, qt, block, D, seen, next_keys, scores);
     int rescale = softmax_of(vectors, (const vf(*)[GROUP_VECTORS])scores, seen, lanes, scale, max, sum, probs,
@@ -246,6 +329,11 @@ static void attend_chunk(const float *qt, const int64_t *visible, int count, int
         int in_block = (int)(end - first < BLOCK_KEYS ? end - first : BLOCK_KEYS);
         /* Values are widened once where more than one group shares them (prefill), else as read. */
         int wide = count > GROUP_ROWS;
+#if VF_LANES == 16
+        block.twins = count <= TWIN_ROWS;
+        if (block.twins) widen_twins(k + first * ld, ld, in_block, D, block.keys);
+        else
+#endif
         vf_widen_rows(k + first * ld, ld, in_block, D, block.keys);
         if (wide) vf_widen_rows(v + first * ld, ld, in_block, D, block.values);
         int more = first + BLOCK_KEYS < end;
