@@ -60,7 +60,6 @@ typedef struct {
  * split order. */
 typedef struct {
     float *keys, *values;
-    int twins;                               /* keys widened in twins (below), not rows */
     const uint16_t *raw_values;              /* the block's values as stored (row stride ld) */
     const uint16_t *next_keys, *next_values; /* the next block's, requested meanwhile, or NULL */
     int64_t ld;
@@ -292,7 +291,8 @@ static void group_block(int R, const float *qt, const int *n, Block block, int w
     int vectors = R > VF_LANES ? 2 : 1;
     const uint16_t *next_keys = fetch ? block.next_keys : NULL;
 #if VF_LANES == 16
-    if (block.twins) twin_scores_of(qt, block, D, seen, next_keys, scores);
+    /* A call of at most TWIN_ROWS rows is one group, the block's first (attend_chunk widened twins). */
+    if (fetch && R <= TWIN_ROWS) twin_scores_of(qt, block, D, seen, next_keys, scores);
     else
 #endif
     if (vectors == 2) scores_of(2, PAIR_KEYS, qt, block, D, seen, next_keys, scores);
@@ -330,8 +330,7 @@ static void attend_chunk(const float *qt, const int64_t *visible, int count, int
         /* Values are widened once where more than one group shares them (prefill), else as read. */
         int wide = count > GROUP_ROWS;
 #if VF_LANES == 16
-        block.twins = count <= TWIN_ROWS;
-        if (block.twins) widen_twins(k + first * ld, ld, in_block, D, block.keys);
+        if (count <= TWIN_ROWS) widen_twins(k + first * ld, ld, in_block, D, block.keys);
         else
 #endif
         vf_widen_rows(k + first * ld, ld, in_block, D, block.keys);
