@@ -39,8 +39,6 @@ pytestmark = [
     pytest.mark.slow,  # about two minutes: the emulated process runs ~10-50x slower
     pytest.mark.skipif(platform.machine() != "x86_64" or EMULATOR is None,
                        reason="needs an x86_64 machine with qemu-x86_64 (scripts/emulator.sh installs it)"),
-    pytest.mark.skipif(not native.kernels_run() or not native.cpu_runs("avx2"),
-                       reason="the AVX2 builds do not run on this machine (or DOCANALYST_NATIVE=0)"),
 ]
 
 SCRIPT = """
@@ -87,6 +85,8 @@ def run(folder: Path, checkpoint: Path, *, emulated: bool) -> dict:
     return report
 
 
+@pytest.mark.skipif(not native.kernels_run() or not native.cpu_runs("avx2"),
+                    reason="the AVX2 builds do not run on this machine (or DOCANALYST_NATIVE=0)")
 def test_a_cpu_without_avx512_runs_the_avx2_builds_with_the_same_bits(demo_checkpoint, tmp_path):
     forced = run(tmp_path / "forced", demo_checkpoint, emulated=False)
     emulated = run(tmp_path / "emulated", demo_checkpoint, emulated=True)
