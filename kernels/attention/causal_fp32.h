@@ -14,7 +14,7 @@
  *  - scores: a group of up to GROUP_ROWS rows (two vectors) against several keys at a
  *    time, a key's channel broadcast to every row; lane r of a score is one fp32 chain over the
  *    channels in split order (below); in the 16-lane build a group of at most 8 rows (decode)
- *    scores two keys a vector ("twins"), the same chains;
+ *    scores two keys a vector ("twins"), one of at most 4 rows four ("quads"), the same chains;
  *  - softmax: lane by lane; keys a row does not see get probability exactly 0 (vf_exp never
  *    returns 0, so they are masked), which adds nothing to its sum chain;
  *  - values: up to VALUE_ROWS rows by VF_SPLIT channels, a row's probability broadcast; lane d of a row's
@@ -176,6 +176,82 @@ static void twin_scores_of(const float *qt, Block block, int64_t D, int seen, co
     default: twin_scores_at(D, qt, block, seen, next_keys, scores); break;
     }
 }
+
+/* Qwen3.5's dense models have 4 query rows per K/V head: a group of at most QUAD_ROWS rows scores
+ * four keys a vector the same way ("quads" [D][4], lane 4r + s: row r against key 4p + s). */
+#define QUAD_ROWS (VF_LANES / 4)
+
+/* Keys [n][D] bf16 (row stride ld) -> quads [ceil(n / 4)][D][4] fp32, channels in split order; keys
+ * past n in the last quad are zeros. */
+ALWAYS void widen_quads(const uint16_t *src, int64_t ld, int n, int64_t D, float *dst) {
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i first_pairs = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+    const __m512i second_pairs = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+    for (int j = 0; j < n; j += 4) {
+        float *out = dst + j * D;
+        for (int64_t c = 0; c < D; c += VF_SPLIT) {
+            vf half[2][4];
+            for (int s = 0; s < 4; s++) {
+                half[0][s] = half[1][s] = vf_zero();
+                if (j + s < n) widen(src + (j + s) * ld + c, &half[0][s], &half[1][s]);
+            }
+            for (int h = 0; h < 2; h++) {
+                /* a0 b0 a1 b1 .., then (a0 b0) (c0 d0) (a1 b1) (c1 d1) .. */
+                __m512d ab_first = _mm512_castps_pd(_mm512_permutex2var_ps(half[h][0], first, half[h][1]));
+                __m512d ab_second = _mm512_castps_pd(_mm512_permutex2var_ps(half[h][0], second, half[h][1]));
+                __m512d cd_first = _mm512_castps_pd(_mm512_permutex2var_ps(half[h][2], first, half[h][3]));
+                __m512d cd_second = _mm512_castps_pd(_mm512_permutex2var_ps(half[h][2], second, half[h][3]));
+                float *at = out + 4 * (c + h * VF_LANES);
+                vf_store(at, _mm512_castpd_ps(_mm512_permutex2var_pd(ab_first, first_pairs, cd_first)));
+                vf_store(at + VF_LANES, _mm512_castpd_ps(_mm512_permutex2var_pd(ab_first, second_pairs, cd_first)));
+                vf_store(at + 2 * VF_LANES, _mm512_castpd_ps(_mm512_permutex2var_pd(ab_second, first_pairs, cd_second)));
+                vf_store(at + 3 * VF_LANES, _mm512_castpd_ps(_mm512_permutex2var_pd(ab_second, second_pairs, cd_second)));
+            }
+        }
+    }
+}
+
+/* scores[4p + s] (lane r: row r's q . k_(4p+s), r < QUAD_ROWS) for P quads from p0 (D as above). */
+ALWAYS void score_quads(const int P, const float *qt, const float *quads, const int64_t D, int p0,
+                        vf (*scores)[GROUP_VECTORS]) {
+    const __m512i repeated = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    vf acc[TWIN_TILE];
+    for (int i = 0; i < P; i++) acc[i] = vf_zero();
+    const float *base = quads + p0 * 4 * D;
+    for (int64_t c = 0; c < D; c++) {
+        vf rows = _mm512_permutexvar_ps(repeated, vf_load(qt + c * GROUP_ROWS));
+        for (int i = 0; i < P; i++)
+            acc[i] = vf_fma(rows, _mm512_broadcast_f32x4(_mm_loadu_ps(base + i * 4 * D + 4 * c)), acc[i]);
+    }
+    for (int s = 0; s < 4; s++) {
+        const __m512i pick = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12),
+                                              _mm512_set1_epi32(s));
+        for (int i = 0; i < P; i++) scores[4 * (p0 + i) + s][0] = _mm512_permutexvar_ps(pick, acc[i]);
+    }
+}
+
+ALWAYS void quad_scores_at(const int64_t D, const float *qt, Block block, int seen, const uint16_t *next_keys,
+                           vf (*scores)[GROUP_VECTORS]) {
+    int quads = (seen + 3) / 4, p = 0;
+    for (; p + TWIN_TILE <= quads; p += TWIN_TILE) {
+        for (int j = 4 * p; j < 4 * (p + TWIN_TILE); j++) fetch_row(next_keys, block.ld, D, j);
+        score_quads(TWIN_TILE, qt, block.keys, D, p, scores);
+    }
+    for (int j = 4 * p; j < BLOCK_KEYS; j++) fetch_row(next_keys, block.ld, D, j);
+    for (; p + 4 <= quads; p += 4) score_quads(4, qt, block.keys, D, p, scores);
+    for (; p < quads; p++) score_quads(1, qt, block.keys, D, p, scores);
+}
+
+/* scores[j] for keys j < seen (and up to the end of the last quad) from quads. */
+static void quad_scores_of(const float *qt, Block block, int64_t D, int seen, const uint16_t *next_keys,
+                           vf (*scores)[GROUP_VECTORS]) {
+    switch (D) {
+    case 128: quad_scores_at(128, qt, block, seen, next_keys, scores); break;
+    case 256: quad_scores_at(256, qt, block, seen, next_keys, scores); break;
+    default: quad_scores_at(D, qt, block, seen, next_keys, scores); break;
+    }
+}
 #endif
 
 /* The online-softmax step of a group's rows (lane l of vector v: row VF_LANES * v + l) over the
@@ -292,7 +368,8 @@ static void group_block(int R, const float *qt, const int *n, Block block, int w
     const uint16_t *next_keys = fetch ? block.next_keys : NULL;
 #if VF_LANES == 16
     /* A call of at most TWIN_ROWS rows is one group, the block's first (attend_chunk widened twins). */
-    if (fetch && R <= TWIN_ROWS) twin_scores_of(qt, block, D, seen, next_keys, scores);
+    if (fetch && R <= QUAD_ROWS) quad_scores_of(qt, block, D, seen, next_keys, scores);
+    else if (fetch && R <= TWIN_ROWS) twin_scores_of(qt, block, D, seen, next_keys, scores);
     else
 #endif
     if (vectors == 2) scores_of(2, PAIR_KEYS, qt, block, D, seen, next_keys, scores);
@@ -330,7 +407,8 @@ static void attend_chunk(const float *qt, const int64_t *visible, int count, int
         /* Values are widened once where more than one group shares them (prefill), else as read. */
         int wide = count > GROUP_ROWS;
 #if VF_LANES == 16
-        if (count <= TWIN_ROWS) widen_twins(k + first * ld, ld, in_block, D, block.keys);
+        if (count <= QUAD_ROWS) widen_quads(k + first * ld, ld, in_block, D, block.keys);
+        else if (count <= TWIN_ROWS) widen_twins(k + first * ld, ld, in_block, D, block.keys);
         else
 #endif
         vf_widen_rows(k + first * ld, ld, in_block, D, block.keys);
