@@ -203,11 +203,12 @@ def test_native_gated_rows_equal_one_token_calls(native_build):
         assert torch.equal(alone, together[:, t : t + 1]), f"query {t}"
 
 
-@pytest.mark.parametrize("case", [(1, 1, 16, 2, 5000, 64), (1, 5, 8, 1, 4500, 32), (1, 16, 4, 1, 2100, 16)],
+@pytest.mark.parametrize("case", [(1, 1, 16, 2, 5000, 64), (1, 5, 8, 1, 4500, 32), (1, 16, 4, 1, 2100, 16),
+                                  (1, 2, 8, 1, 70000, 16)],  # runs of 4 and 2 chunks a work item, a shorter last one
                          ids=case_id)
 def test_native_bits_do_not_depend_on_threads(case, native_build):
-    """Few rows over a long cache: with more threads than K/V heads the AVX2 build splits the keys
-    between threads; the bits stay those of one thread."""
+    """Few rows over a long cache: with more threads than K/V heads the keys are split between
+    threads by chunk (in runs of chunks where there are many); the bits stay those of one thread."""
     q, k, v = native_operands(case)
     scale = q.shape[-1] ** -0.5
     threads = torch.get_num_threads()

@@ -12,8 +12,8 @@
  * `attn * torch.sigmoid(gate)`.
  *
  * Work items are (K/V head, tile of up to 512 query rows), or, when there are fewer of those than
- * threads (decode: one item per K/V head), (K/V head, tile, chunk) with the chunks' states kept
- * apart and folded afterwards; an item walks its key blocks once. Each block is repacked
+ * threads (decode: one item per K/V head), (K/V head, tile, run of chunks) with the chunks' states
+ * kept apart and folded afterwards; an item walks its key blocks once. Each block is repacked
  * (causal_pairs.h) so that both products are outer products on the bf16 pair dot-product
  * instruction: keys as [D / 2][256] pairs along D (a lane per key), values as [128][D] pairs along
  * the keys (a lane per channel). Every score and output lane is then one sequential fp32 chain
@@ -58,6 +58,15 @@ static int split_by_chunk(int64_t items, int threads, int64_t chunks, int64_t st
 #include "causal_pairs.h"
 #include "causal_amx.h"
 
+/* Chunks of keys per work item when a call is split by chunk: an item walks its chunks one after
+ * another, requesting the next chunk's first keys and values while it ends one, and each thread still
+ * gets about ITEMS_PER_THREAD items to balance the threads with. */
+#define ITEMS_PER_THREAD 4
+static int64_t chunks_per_item(int64_t items, int threads, int64_t chunks) {
+    int64_t span = items * chunks / ((int64_t)threads * ITEMS_PER_THREAD);
+    return span < 1 ? 1 : span;
+}
+
 /* A softmax state over no keys: folding another into it gives that one's bits. */
 static void clear_state(float *max, float *sum, float *acc, int64_t D) {
     *max = -INFINITY;
@@ -66,11 +75,13 @@ static void clear_state(float *max, float *sum, float *acc, int64_t D) {
 }
 
 /* The softmax states of `count` rows of one K/V head (visible non-decreasing) over keys [start, end),
- * from a fresh start, each block streamed once; rows that see none of them are left untouched. */
-static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const uint16_t *k, const uint16_t *v,
-                        int64_t ld, int64_t D, float log2_scale, uint32_t *packed_keys, uint32_t *packed_values,
-                        const uint16_t *queries, float *acc, TileGroup groups[2]) {
+ * from a fresh start, each block streamed once; rows that see none of them are left untouched. Keys
+ * up to `reach` (at least end) are read next, so they may be requested from memory meanwhile. */
+static void attend_keys(Row *rows, int count, int64_t start, int64_t end, int64_t reach, const uint16_t *k,
+                        const uint16_t *v, int64_t ld, int64_t D, float log2_scale, uint32_t *packed_keys,
+                        uint32_t *packed_values, const uint16_t *queries, float *acc, TileGroup groups[2]) {
     if (end > rows[count - 1].visible) end = rows[count - 1].visible;
+    if (reach > rows[count - 1].visible) reach = rows[count - 1].visible;
     for (int r = 0; r < count; r++)
         if (rows[r].visible > start) clear_state(&rows[r].max, rows[r].sum, rows[r].acc, D);
     for (int64_t first = start; first < end; first += KEYS_PER_BLOCK) {
@@ -81,13 +92,6 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const 
             amx_block(rows, count, first, in_block, queries, acc, packed_keys, packed_values, D, log2_scale, groups);
             continue;
         }
-        /* The next block, one line of its keys and one of its values per step of the products: with 8
-         * query rows a K/V head (decode of Qwen3-Next) that is all of it, with one about half (the
-         * packing requests the rest). Decode over 4K-32K keys ran 16-20% faster, prefill as before. */
-        int64_t next = first + KEYS_PER_BLOCK < end ? first + KEYS_PER_BLOCK : end;
-        int64_t next_end = next + KEYS_PER_BLOCK < end ? next + KEYS_PER_BLOCK : end;
-        Ahead ahead = { { (const char *)(k + next * ld), (const char *)(v + next * ld) },
-                        { (const char *)(k + next_end * ld), (const char *)(v + next_end * ld) } };
         if (count <= FEW_ROWS) {
             int r0 = 0, n[FEW_ROWS];
             while (rows[r0].visible <= first) r0++;
@@ -95,10 +99,19 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, const 
                 int64_t seen = rows[r].visible - first;
                 n[r - r0] = (int)(seen < in_block ? seen : in_block);
             }
-            few_rows_block(rows + r0, count - r0, n, k + first * ld, v + first * ld, ld, D, in_block, log2_scale,
-                           packed_keys, packed_values, &ahead);
+            /* The keys and values one sub-block on, over a block's worth of them: a whole block on (as
+             * below) measured 12-17% slower for decode over 4K-262K keys. */
+            int64_t ahead = reach - first < KEYS_PER_BLOCK + SUB_KEYS ? reach - first : KEYS_PER_BLOCK + SUB_KEYS;
+            few_rows_block(rows + r0, count - r0, n, k + first * ld, v + first * ld, ld, D, in_block, ahead,
+                           log2_scale, packed_keys, packed_values);
             continue;
         }
+        /* The next block, one line of its keys and one of its values per step of the products (the
+         * packing requests the rest). */
+        int64_t next = first + KEYS_PER_BLOCK < end ? first + KEYS_PER_BLOCK : end;
+        int64_t next_end = next + KEYS_PER_BLOCK < end ? next + KEYS_PER_BLOCK : end;
+        Ahead ahead = { { (const char *)(k + next * ld), (const char *)(v + next * ld) },
+                        { (const char *)(k + next_end * ld), (const char *)(v + next_end * ld) } };
         pack_block(k + first * ld, v + first * ld, ld, D, in_block, packed_keys, packed_values);
         for (int r = 0; r < count;) {
             if (rows[r].visible <= first) {
@@ -164,7 +177,8 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
     int64_t group = H / KVH, per_head = T * group, rows_total = KVH * per_head;
     int64_t tiles = (per_head + ROWS_PER_TILE - 1) / ROWS_PER_TILE, chunks = (past + T + CHUNK_KEYS - 1) / CHUNK_KEYS;
     int split = split_by_chunk(KVH * tiles, threads, chunks, rows_total * chunks * (D + 17) * 4);
-    int64_t items = KVH * tiles * (split ? chunks : 1), tile_rows = per_head < ROWS_PER_TILE ? per_head : ROWS_PER_TILE;
+    int64_t span = split ? chunks_per_item(KVH * tiles, threads, chunks) : chunks, spans = (chunks + span - 1) / span;
+    int64_t items = KVH * tiles * (split ? spans : 1), tile_rows = per_head < ROWS_PER_TILE ? per_head : ROWS_PER_TILE;
     Parts parts = { NULL, NULL, NULL };
     if (split) {
         parts.max = malloc(sizeof(float) * (size_t)(rows_total * chunks));
@@ -197,8 +211,8 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
             if (!usable) continue;
-            int64_t per_item_chunks = split ? chunks : 1;
-            int64_t head = item / (tiles * per_item_chunks), first = item / per_item_chunks % tiles * ROWS_PER_TILE;
+            int64_t per_tile = split ? spans : 1;
+            int64_t head = item / (tiles * per_tile), first = item / per_tile % tiles * ROWS_PER_TILE;
             int count = (int)(per_head - first < ROWS_PER_TILE ? per_head - first : ROWS_PER_TILE);
             for (int r = 0; r < count; r++) {
                 int64_t t = (first + r) / group, h = head * group + (first + r) % group;
@@ -209,24 +223,26 @@ int attention_causal_bf16(const uint16_t *q, int64_t q_t, int64_t q_h, const uin
             }
             const uint16_t *keys = k + head * kv_h, *values = v + head * kv_h;
             if (split) {
-                int64_t chunk = item % chunks, start = chunk * CHUNK_KEYS;
-                if (rows[count - 1].visible <= start) continue;
-                attend_keys(rows, count, start, start + CHUNK_KEYS, keys, values, kv_s, D, log2_scale, packed_keys,
-                            packed_values, queries, acc, groups);
-                for (int r = 0; r < count; r++) {
-                    if (rows[r].visible <= start) continue;
-                    int64_t at = (head * per_head + first + r) * chunks + chunk;
-                    parts.max[at] = rows[r].max;
-                    __builtin_memcpy(parts.sum + at * 16, rows[r].sum, sizeof(float) * 16);
-                    __builtin_memcpy(parts.acc + at * D, rows[r].acc, sizeof(float) * (size_t)D);
+                int64_t from = item % spans * span, to = from + span < chunks ? from + span : chunks;
+                for (int64_t chunk = from; chunk < to && rows[count - 1].visible > chunk * CHUNK_KEYS; chunk++) {
+                    int64_t start = chunk * CHUNK_KEYS;
+                    attend_keys(rows, count, start, start + CHUNK_KEYS, to * CHUNK_KEYS, keys, values, kv_s, D,
+                                log2_scale, packed_keys, packed_values, queries, acc, groups);
+                    for (int r = 0; r < count; r++) {
+                        if (rows[r].visible <= start) continue;
+                        int64_t at = (head * per_head + first + r) * chunks + chunk;
+                        parts.max[at] = rows[r].max;
+                        __builtin_memcpy(parts.sum + at * 16, rows[r].sum, sizeof(float) * 16);
+                        __builtin_memcpy(parts.acc + at * D, rows[r].acc, sizeof(float) * (size_t)D);
+                    }
                 }
                 continue;
             }
             float *total_acc = total, *total_sum = total + count * D, *total_max = total_sum + count * 16;
             for (int r = 0; r < count; r++) clear_state(&total_max[r], total_sum + r * 16, total_acc + r * D, D);
             for (int64_t start = 0; start < rows[count - 1].visible; start += CHUNK_KEYS) {
-                attend_keys(rows, count, start, start + CHUNK_KEYS, keys, values, kv_s, D, log2_scale, packed_keys,
-                            packed_values, queries, acc, groups);
+                attend_keys(rows, count, start, start + CHUNK_KEYS, rows[count - 1].visible, keys, values, kv_s, D,
+                            log2_scale, packed_keys, packed_values, queries, acc, groups);
                 for (int r = 0; r < count; r++)
                     if (rows[r].visible > start)
                         fold(&total_max[r], total_sum + r * 16, total_acc + r * D, rows[r].max, rows[r].sum,

@@ -36,17 +36,19 @@ typedef struct {
     float sum[16];         /* running sum of the probabilities, lane by lane */
 } Row;
 
-/* The next block's keys and values, requested from memory a line at a time while a block is
- * computed, so that reading them overlaps the products (decode is otherwise memory, then compute). */
+/* Keys and values requested from memory while a block is computed, a few lines at each step of the
+ * products, so that reading them overlaps the products (decode is otherwise memory, then compute):
+ * each of two streams requests LINES lines from `at` a step (a constant where the products are
+ * compiled: a count read at run time slowed prefill 2-3%), until it reaches its end. */
 typedef struct {
     const char *at[2], *end[2];
 } Ahead;
 
-static inline __attribute__((always_inline)) void request_ahead(Ahead *ahead) {
+static inline __attribute__((always_inline)) void request_ahead(Ahead *ahead, const int LINES) {
     for (int s = 0; s < 2; s++)
         if (ahead->at[s] < ahead->end[s]) {
-            _mm_prefetch(ahead->at[s], _MM_HINT_T1);
-            ahead->at[s] += 64;
+            for (int i = 0; i < LINES; i++) _mm_prefetch(ahead->at[s] + 64 * i, _MM_HINT_T1);
+            ahead->at[s] += 64 * LINES;
         }
 }
 
@@ -128,7 +130,8 @@ static void pack_block(const uint16_t *keys, const uint16_t *values, int64_t ld,
 static inline __attribute__((always_inline)) void group_scores(Row *rows, const int R, const int V,
                                                               const uint32_t *keys, int64_t width, int64_t pairs,
                                                               int seen, const int *n, float scores[][KEYS_PER_BLOCK],
-                                                              int at, __m512 *top, Ahead *ahead) {
+                                                              int at, __m512 *top, Ahead *ahead,
+                                                              const int LINES) {
     const pair_t *query[SCORE_ROWS];
     for (int r = 0; r < R; r++) query[r] = (const pair_t *)rows[r].query;
     for (int j0 = 0; j0 < seen; j0 += 16 * V) {
@@ -136,7 +139,7 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
         for (int r = 0; r < R; r++)
             for (int c = 0; c < V; c++) acc[r][c] = _mm512_setzero_ps();
         for (int64_t p = 0; p < pairs; p++) {
-            request_ahead(ahead);
+            request_ahead(ahead, LINES);
             const uint32_t *k = keys + p * width + j0;
             __m512bh key[4];
             for (int c = 0; c < V; c++) key[c] = (__m512bh)_mm512_loadu_si512(k + 16 * c);
@@ -161,7 +164,8 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
 static inline __attribute__((always_inline)) void group_values(Row *rows, const int R, const __m512 *correction,
                                                               const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
                                                               const uint32_t *values, int64_t D, int64_t offset,
-                                                              int pairs, const int CH, int rescale, Ahead *ahead) {
+                                                              int pairs, const int CH, int rescale, Ahead *ahead,
+                                                              const int LINES) {
     __m512 acc[ROWS_PER_GROUP][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < CH; c++) {
@@ -169,7 +173,7 @@ static inline __attribute__((always_inline)) void group_values(Row *rows, const 
             if (rescale) acc[r][c] = _mm512_mul_ps(acc[r][c], correction[r]);
         }
     for (int j = 0; j < pairs; j++) {
-        request_ahead(ahead);
+        request_ahead(ahead, LINES);
         const uint32_t *v = values + j * D + offset;
         __m512bh slice[4];
         for (int c = 0; c < CH; c++) slice[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
@@ -245,12 +249,12 @@ static int softmax_rows(Row *rows, int R, float scores[][KEYS_PER_BLOCK], const 
 static inline __attribute__((always_inline)) void values_all(Row *rows, const int R, const __m512 *correction,
                                                             const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
                                                             const uint32_t *values, int64_t D, int pairs, int rescale,
-                                                            Ahead *ahead) {
+                                                            Ahead *ahead, const int LINES) {
     int64_t offset = 0;
     for (; offset + 64 <= D; offset += 64)
-        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 4, rescale, ahead);
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 4, rescale, ahead, LINES);
     for (; offset < D; offset += 16)
-        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 1, rescale, ahead);
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 1, rescale, ahead, LINES);
 }
 
 /* R rows (1 to ROWS_PER_GROUP) against one packed block, row r seeing its first n[r] >= 1 keys. */
@@ -266,9 +270,9 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
     for (int r = 1; r < R; r++) seen = n[r] > seen ? n[r] : seen;
     __m512 top[ROWS_PER_GROUP];
     for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-INFINITY);
-    group_scores(rows, R, 4, keys, KEYS_PER_BLOCK, D / 2, (seen + 63) / 64 * 64, n, scores, 0, top, ahead);
+    group_scores(rows, R, 4, keys, KEYS_PER_BLOCK, D / 2, (seen + 63) / 64 * 64, n, scores, 0, top, ahead, 1);
     int rescale = softmax_rows(rows, R, scores, n, seen, top, log2_scale, probs, correction);
-    values_all(rows, R, correction, probs, 0, values, D, (seen + 1) / 2, rescale, ahead);
+    values_all(rows, R, correction, probs, 0, values, D, (seen + 1) / 2, rescale, ahead, 1);
 }
 
 static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, const uint32_t *values, int64_t D,
@@ -286,7 +290,8 @@ static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, con
 /* Scores of R rows (1 to SCORE_ROWS) against SUB_KEYS packed keys, into columns [at, at + SUB_KEYS). */
 static void sub_scores(Row *rows, int R, const uint32_t *keys, int64_t pairs, const int *n,
                        float scores[][KEYS_PER_BLOCK], int at, __m512 *top, Ahead *ahead) {
-#define SUB_SCORES(R) group_scores(rows, R, SUB_KEYS / 16, keys, SUB_KEYS, pairs, SUB_KEYS, n, scores, at, top, ahead)
+#define SUB_SCORES(R) \
+    group_scores(rows, R, SUB_KEYS / 16, keys, SUB_KEYS, pairs, SUB_KEYS, n, scores, at, top, ahead, 2)
     switch (R) {
     case 12: SUB_SCORES(12); break;
     case 11: SUB_SCORES(11); break;
@@ -304,17 +309,21 @@ static void sub_scores(Row *rows, int R, const uint32_t *keys, int64_t pairs, co
 #undef SUB_SCORES
 }
 
-/* values_all for R rows (1 to ROWS_PER_GROUP). */
+/* values_all for R rows (1 to ROWS_PER_GROUP), `lines` (2 or 4) of the ahead stream requested a step. */
 static void sub_values(Row *rows, int R, const __m512 *correction, const uint32_t probs[][KEYS_PER_BLOCK / 2],
-                       int from, const uint32_t *values, int64_t D, int pairs, int rescale, Ahead *ahead) {
+                       int from, const uint32_t *values, int64_t D, int pairs, int rescale, Ahead *ahead, int lines) {
+#define SUB_VALUES(R)                                                                                         \
+    (lines == 4 ? values_all(rows, R, correction, probs, from, values, D, pairs, rescale, ahead, 4)           \
+                : values_all(rows, R, correction, probs, from, values, D, pairs, rescale, ahead, 2))
     switch (R) {
-    case 6: values_all(rows, 6, correction, probs, from, values, D, pairs, rescale, ahead); break;
-    case 5: values_all(rows, 5, correction, probs, from, values, D, pairs, rescale, ahead); break;
-    case 4: values_all(rows, 4, correction, probs, from, values, D, pairs, rescale, ahead); break;
-    case 3: values_all(rows, 3, correction, probs, from, values, D, pairs, rescale, ahead); break;
-    case 2: values_all(rows, 2, correction, probs, from, values, D, pairs, rescale, ahead); break;
-    default: values_all(rows, 1, correction, probs, from, values, D, pairs, rescale, ahead); break;
+    case 6: SUB_VALUES(6); break;
+    case 5: SUB_VALUES(5); break;
+    case 4: SUB_VALUES(4); break;
+    case 3: SUB_VALUES(3); break;
+    case 2: SUB_VALUES(2); break;
+    default: SUB_VALUES(1); break;
     }
+#undef SUB_VALUES
 }
 
 /* The size of the next of the fewest sets of at most `most` rows that `left` rows make, as even as can
@@ -330,10 +339,12 @@ static inline int next_set(int left, int most) {
  * few, its packed copy streaming through L2; here SUB_KEYS keys at a time are packed and used by
  * every row while still in L1, up to SCORE_ROWS rows a group for the scores and ROWS_PER_GROUP for
  * the outputs. Each score and output lane is the same chain as in group_block, so the bits are the
- * same. */
+ * same. Keys [SUB_KEYS, ahead) from the block's first are requested from memory while the scores
+ * are computed, and their values while the outputs are weighted, each sub-block's products
+ * requesting the next sub-block. */
 static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k, const uint16_t *v, int64_t ld,
-                           int64_t D, int in_block, float log2_scale, uint32_t *packed_keys,
-                           uint32_t *packed_values, Ahead *ahead) {
+                           int64_t D, int in_block, int64_t ahead, float log2_scale, uint32_t *packed_keys,
+                           uint32_t *packed_values) {
     float scores[FEW_ROWS][KEYS_PER_BLOCK];
     uint32_t probs[FEW_ROWS][KEYS_PER_BLOCK / 2];
     __m512 top[FEW_ROWS], correction[FEW_ROWS];
@@ -342,13 +353,20 @@ static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k
         seen = n[r] > seen ? n[r] : seen;
         top[r] = _mm512_set1_ps(-INFINITY);
     }
+    /* A sub-block's keys or values fill D lines; its products take D / 2 steps for each group of
+     * rows' scores and D / 4 for each group's outputs (64 channels a step), so 2 lines a step keep
+     * pace for the keys, and for the values where the rows make more than one group, else 4. */
+    int64_t from = SUB_KEYS < ahead ? SUB_KEYS : ahead;
+    Ahead keys_ahead = { { (const char *)(k + from * ld) }, { (const char *)(k + ahead * ld) } };
+    Ahead values_ahead = { { (const char *)(v + from * ld) }, { (const char *)(v + ahead * ld) } };
+    int value_lines = count <= ROWS_PER_GROUP ? 4 : 2;
     for (int at = 0; at < seen; at += SUB_KEYS) {
         int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS;
         pack_keys(k + at * ld, ld, D, here, SUB_KEYS, packed_keys, SUB_KEYS);
         for (int r = 0; r < count; r++) from_here[r] = n[r] - at;
         for (int r = 0, size; r < count; r += size) {
             size = next_set(count - r, SCORE_ROWS);
-            sub_scores(rows + r, size, packed_keys, D / 2, from_here + r, scores + r, at, top + r, ahead);
+            sub_scores(rows + r, size, packed_keys, D / 2, from_here + r, scores + r, at, top + r, &keys_ahead);
         }
     }
     int rescale = softmax_rows(rows, count, scores, n, seen, top, log2_scale, probs, correction);
@@ -358,7 +376,7 @@ static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k
         for (int r = 0, size; r < count; r += size) {
             size = next_set(count - r, ROWS_PER_GROUP);
             sub_values(rows + r, size, correction + r, probs + r, at / 2, packed_values, D,
-                       pairs < SUB_KEYS / 2 ? pairs : SUB_KEYS / 2, rescale && at == 0, ahead);
+                       pairs < SUB_KEYS / 2 ? pairs : SUB_KEYS / 2, rescale && at == 0, &values_ahead, value_lines);
         }
     }
 }
