@@ -76,13 +76,26 @@ ALWAYS void fetch_row(const uint16_t *next, int64_t ld, int64_t D, int j) {
 ALWAYS void widen(const uint16_t *p, vf *low, vf *high) { vf_widen_split(vf_load_raw(p), low, high); }
 
 /* scores[j + i][v] (lane l: row VF_LANES * v + l's q . k_(j+i), unscaled) for J keys from j, the
- * group's queries qt [D][GROUP_ROWS] (rows in lanes), keys fp32 [.][D], both in split order. */
+ * group's queries qt [D][GROUP_ROWS] (rows in lanes), keys fp32 [.][D], both in split order. Rows
+ * [j, j + J) of the next block's keys (next; NULL: none) are requested one before each Jth of the
+ * channels: all at once, they stalled the products while the memory took them (the same chains,
+ * channel after channel, so the same bits). */
 ALWAYS void score_keys(const int NV, const int J, const float *qt, const float *keys, int64_t D, int j,
-                       vf (*scores)[GROUP_VECTORS]) {
+                       vf (*scores)[GROUP_VECTORS], const uint16_t *next, int64_t ld) {
     vf acc[PAIR_KEYS > SINGLE_KEYS ? PAIR_KEYS : SINGLE_KEYS][GROUP_VECTORS];
     for (int i = 0; i < J; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = vf_zero();
-    vf_outer_tile(NV, J, qt, GROUP_ROWS, keys + j * D, D, D, acc);
+    int64_t part = D / J;
+    if (!next || !part) {
+        for (int i = 0; i < J; i++) fetch_row(next, ld, D, j + i);
+        vf_outer_tile(NV, J, qt, GROUP_ROWS, keys + j * D, D, D, acc);
+    } else {
+        for (int i = 0; i < J; i++) {
+            int64_t c = i * part, n = i == J - 1 ? D - c : part;
+            fetch_row(next, ld, D, j + i);
+            vf_outer_tile(NV, J, qt + c * GROUP_ROWS, GROUP_ROWS, keys + j * D + c, D, n, acc);
+        }
+    }
     for (int i = 0; i < J; i++)
         for (int v = 0; v < NV; v++) scores[j + i][v] = acc[i][v];
 }
@@ -92,13 +105,10 @@ ALWAYS void score_keys(const int NV, const int J, const float *qt, const float *
 ALWAYS void scores_of(const int NV, const int J, const float *qt, Block block, int64_t D, int seen,
                       const uint16_t *next_keys, vf (*scores)[GROUP_VECTORS]) {
     int j = 0;
-    for (; j + J <= seen; j += J) {
-        for (int i = 0; i < J; i++) fetch_row(next_keys, block.ld, D, j + i);
-        score_keys(NV, J, qt, block.keys, D, j, scores);
-    }
+    for (; j + J <= seen; j += J) score_keys(NV, J, qt, block.keys, D, j, scores, next_keys, block.ld);
     for (int i = j; i < BLOCK_KEYS; i++) fetch_row(next_keys, block.ld, D, i);
-    for (; j + 4 <= seen; j += 4) score_keys(NV, 4, qt, block.keys, D, j, scores);
-    for (; j < seen; j++) score_keys(NV, 1, qt, block.keys, D, j, scores);
+    for (; j + 4 <= seen; j += 4) score_keys(NV, 4, qt, block.keys, D, j, scores, NULL, 0);
+    for (; j < seen; j++) score_keys(NV, 1, qt, block.keys, D, j, scores, NULL, 0);
 }
 
 #if VF_LANES == 16
@@ -130,16 +140,33 @@ ALWAYS void widen_twins(const uint16_t *src, int64_t ld, int n, int64_t D, float
     }
 }
 
-/* scores[2p + s] (lane r: row r's q . k_(2p+s), r < TWIN_ROWS) for P twins from p0. D is a
- * constant where the caller specializes it, so each twin's row is one displacement from one
- * pointer (a key pointer per accumulator would not fit the general registers). */
+/* The next block's rows [first, first + count) of keys (next; NULL: none) requested one every
+ * `every` channels of a tile's products (a row for the head dims too small for that, where every is
+ * 0, requested before). */
+ALWAYS int64_t fetch_every(const uint16_t *next, int64_t ld, int64_t D, int first, int count) {
+    int64_t every = next ? D / count : 0;
+    if (next && !every)
+        for (int j = first; j < first + count; j++) fetch_row(next, ld, D, j);
+    return every;
+}
+
+ALWAYS void fetch_at(const uint16_t *next, int64_t ld, int64_t D, int first, int count, int64_t every, int64_t c) {
+    if (every && c % every == 0 && c / every < count) fetch_row(next, ld, D, first + (int)(c / every));
+}
+
+/* scores[2p + s] (lane r: row r's q . k_(2p+s), r < TWIN_ROWS) for P twins from p0, their keys' rows
+ * of the next block (next) requested along the way. D is a constant where the caller specializes
+ * it, so each twin's row is one displacement from one pointer (a key pointer per accumulator would
+ * not fit the general registers). */
 ALWAYS void score_twins(const int P, const float *qt, const float *twins, const int64_t D, int p0,
-                        vf (*scores)[GROUP_VECTORS]) {
+                        vf (*scores)[GROUP_VECTORS], const uint16_t *next, int64_t ld) {
+    int64_t every = fetch_every(next, ld, D, 2 * p0, 2 * P);
     const __m512i doubled = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     vf acc[TWIN_TILE];
     for (int i = 0; i < P; i++) acc[i] = vf_zero();
     const float *base = twins + p0 * 2 * D;
     for (int64_t c = 0; c < D; c++) {
+        fetch_at(next, ld, D, 2 * p0, 2 * P, every, c);
         vf rows = _mm512_permutexvar_ps(doubled, vf_load(qt + c * GROUP_ROWS));
         for (int i = 0; i < P; i++) {
             double both;
@@ -158,13 +185,11 @@ ALWAYS void score_twins(const int P, const float *qt, const float *twins, const 
 ALWAYS void twin_scores_at(const int64_t D, const float *qt, Block block, int seen, const uint16_t *next_keys,
                            vf (*scores)[GROUP_VECTORS]) {
     int twins = (seen + 1) / 2, p = 0;
-    for (; p + TWIN_TILE <= twins; p += TWIN_TILE) {
-        for (int j = 2 * p; j < 2 * (p + TWIN_TILE); j++) fetch_row(next_keys, block.ld, D, j);
-        score_twins(TWIN_TILE, qt, block.keys, D, p, scores);
-    }
+    for (; p + TWIN_TILE <= twins; p += TWIN_TILE)
+        score_twins(TWIN_TILE, qt, block.keys, D, p, scores, next_keys, block.ld);
     for (int j = 2 * p; j < BLOCK_KEYS; j++) fetch_row(next_keys, block.ld, D, j);
-    for (; p + 4 <= twins; p += 4) score_twins(4, qt, block.keys, D, p, scores);
-    for (; p < twins; p++) score_twins(1, qt, block.keys, D, p, scores);
+    for (; p + 4 <= twins; p += 4) score_twins(4, qt, block.keys, D, p, scores, NULL, 0);
+    for (; p < twins; p++) score_twins(1, qt, block.keys, D, p, scores, NULL, 0);
 }
 
 /* scores[j] for keys j < seen (and j = seen when seen is odd, its twin's other half) from twins. */
@@ -213,14 +238,17 @@ ALWAYS void widen_quads(const uint16_t *src, int64_t ld, int n, int64_t D, float
     }
 }
 
-/* scores[4p + s] (lane r: row r's q . k_(4p+s), r < QUAD_ROWS) for P quads from p0 (D as above). */
+/* scores[4p + s] (lane r: row r's q . k_(4p+s), r < QUAD_ROWS) for P quads from p0 (next and D as
+ * above). */
 ALWAYS void score_quads(const int P, const float *qt, const float *quads, const int64_t D, int p0,
-                        vf (*scores)[GROUP_VECTORS]) {
+                        vf (*scores)[GROUP_VECTORS], const uint16_t *next, int64_t ld) {
+    int64_t every = fetch_every(next, ld, D, 4 * p0, 4 * P);
     const __m512i repeated = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     vf acc[TWIN_TILE];
     for (int i = 0; i < P; i++) acc[i] = vf_zero();
     const float *base = quads + p0 * 4 * D;
     for (int64_t c = 0; c < D; c++) {
+        fetch_at(next, ld, D, 4 * p0, 4 * P, every, c);
         vf rows = _mm512_permutexvar_ps(repeated, vf_load(qt + c * GROUP_ROWS));
         for (int i = 0; i < P; i++)
             acc[i] = vf_fma(rows, _mm512_broadcast_f32x4(_mm_loadu_ps(base + i * 4 * D + 4 * c)), acc[i]);
@@ -235,13 +263,11 @@ ALWAYS void score_quads(const int P, const float *qt, const float *quads, const 
 ALWAYS void quad_scores_at(const int64_t D, const float *qt, Block block, int seen, const uint16_t *next_keys,
                            vf (*scores)[GROUP_VECTORS]) {
     int quads = (seen + 3) / 4, p = 0;
-    for (; p + TWIN_TILE <= quads; p += TWIN_TILE) {
-        for (int j = 4 * p; j < 4 * (p + TWIN_TILE); j++) fetch_row(next_keys, block.ld, D, j);
-        score_quads(TWIN_TILE, qt, block.keys, D, p, scores);
-    }
+    for (; p + TWIN_TILE <= quads; p += TWIN_TILE)
+        score_quads(TWIN_TILE, qt, block.keys, D, p, scores, next_keys, block.ld);
     for (int j = 4 * p; j < BLOCK_KEYS; j++) fetch_row(next_keys, block.ld, D, j);
-    for (; p + 4 <= quads; p += 4) score_quads(4, qt, block.keys, D, p, scores);
-    for (; p < quads; p++) score_quads(1, qt, block.keys, D, p, scores);
+    for (; p + 4 <= quads; p += 4) score_quads(4, qt, block.keys, D, p, scores, NULL, 0);
+    for (; p < quads; p++) score_quads(1, qt, block.keys, D, p, scores, NULL, 0);
 }
 
 /* scores[j] for keys j < seen (and up to the end of the last quad) from quads. */
@@ -287,9 +313,11 @@ static int softmax_of(int NV, const vf (*scores)[GROUP_VECTORS], int seen, const
 /* Channels [c, c + VF_SPLIT) of R rows (1 to VALUE_ROWS, the group's rows from `lane`): acc_r =
  * acc_r * correction[lane + r] (when rescale) + sum over keys j < seen of probs[j][lane + r] v_j,
  * the values read from the block's fp32 copy when WIDE, else widened as they are read (exact
- * either way, so the same bits). */
+ * either way, so the same bits). The first `lines` lines from `ahead` are requested from memory
+ * meanwhile, one a key. */
 ALWAYS void value_steps(const int R, const int WIDE, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
-                        const float *correction, int rescale, Block block, int64_t D, int64_t c, int seen) {
+                        const float *correction, int rescale, Block block, int64_t D, int64_t c, int seen,
+                        const char *ahead, int lines) {
     vf out[VALUE_ROWS][2];
     for (int r = 0; r < R; r++)
         for (int h = 0; h < 2; h++) {
@@ -297,6 +325,7 @@ ALWAYS void value_steps(const int R, const int WIDE, float *const *acc, const fl
             if (rescale) out[r][h] = vf_mul(out[r][h], vf_set1(correction[lane + r]));
         }
     for (int j = 0; j < seen; j++) {
+        if (j < lines) _mm_prefetch(ahead + 64 * j, _MM_HINT_T1);
         vf value[2];
         if (WIDE) value[0] = vf_load(block.values + j * D + c), value[1] = vf_load(block.values + j * D + c + VF_LANES);
         else widen(block.raw_values + j * block.ld + c, &value[0], &value[1]);
@@ -310,15 +339,20 @@ ALWAYS void value_steps(const int R, const int WIDE, float *const *acc, const fl
 }
 
 /* All D channels, VF_SPLIT at a time; the next block's values (NULL: none) requested meanwhile, an
- * even share of its rows after each step. */
+ * even share of its rows during each step where they lie one after another in memory (a line a
+ * key: all at once, they stalled the products), else after it. */
 ALWAYS void values_of(const int R, const int WIDE, float *const *acc, const float (*probs)[GROUP_ROWS], int lane,
                       const float *correction, int rescale, Block block, int64_t D, int seen,
                       const uint16_t *next_values) {
     int64_t steps = D / VF_SPLIT, share = (BLOCK_KEYS + steps - 1) / steps;
+    int along = next_values && block.ld == D;
     for (int64_t c = 0, step = 0; c < D; c += VF_SPLIT, step++) {
-        value_steps(R, WIDE, acc, probs, lane, correction, rescale, block, D, c, seen);
-        for (int64_t j = step * share; j < (step + 1) * share && j < BLOCK_KEYS; j++)
-            fetch_row(next_values, block.ld, D, (int)j);
+        int64_t first = step * share, last = first + share < BLOCK_KEYS ? first + share : BLOCK_KEYS;
+        const char *ahead = along ? (const char *)(next_values + first * D) : NULL;
+        int lines = along && first < last ? (int)((last - first) * D / 32) : 0;
+        value_steps(R, WIDE, acc, probs, lane, correction, rescale, block, D, c, seen, ahead, lines);
+        if (!along)
+            for (int64_t j = first; j < last; j++) fetch_row(next_values, block.ld, D, (int)j);
     }
 }
 
