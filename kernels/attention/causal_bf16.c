@@ -103,7 +103,7 @@ static void attend_keys(Row *rows, int count, int64_t start, int64_t end, int64_
              * below) measured 12-17% slower for decode over 4K-262K keys. */
             int64_t ahead = reach - first < KEYS_PER_BLOCK + SUB_KEYS ? reach - first : KEYS_PER_BLOCK + SUB_KEYS;
             few_rows_block(rows + r0, count - r0, n, k + first * ld, v + first * ld, ld, D, in_block, ahead,
-                           log2_scale, packed_keys, packed_values);
+                           log2_scale, packed_keys);
             continue;
         }
         /* The next block, one line of its keys and one of its values per step of the products (the

@@ -87,14 +87,16 @@ static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block,
 
 /* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16 for the
  * pairs the block's keys fill (zero past its last key). */
+/* Indices of the first (half 0) or second (half 1) 32 words of an interleave of a and b (32 words
+ * each) by _mm512_permutex2var_epi16: a[i], b[i], a[i + 1], b[i + 1], ... from i = 16 * half. */
+static inline __m512i interleave_half(int half) {
+    uint16_t index[32];
+    for (int i = 0; i < 32; i++) index[i] = (uint16_t)(i / 2 + (i % 2) * 32 + 16 * half);
+    return _mm512_loadu_si512(index);
+}
+
 static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
-    /* Word i of the first / second half of an interleave of a and b: a[i], b[i], a[i + 1], ... */
-    __m512i first_half = _mm512_setzero_si512(), second_half = _mm512_setzero_si512();
-    {
-        uint16_t low[32], high[32];
-        for (int i = 0; i < 32; i++) low[i] = (uint16_t)(i / 2 + (i % 2) * 32), high[i] = (uint16_t)(low[i] + 16);
-        first_half = _mm512_loadu_si512(low), second_half = _mm512_loadu_si512(high);
-    }
+    const __m512i first_half = interleave_half(0), second_half = interleave_half(1);
     for (int j = 0; 2 * j < in_block; j++) {
         const uint16_t *first = values + 2 * j * ld, *second = first + ld;
         int has_second = 2 * j + 1 < in_block;
@@ -309,21 +311,81 @@ static void sub_scores(Row *rows, int R, const uint32_t *keys, int64_t pairs, co
 #undef SUB_SCORES
 }
 
-/* values_all for R rows (1 to ROWS_PER_GROUP), `lines` (2 or 4) of the ahead stream requested a step. */
-static void sub_values(Row *rows, int R, const __m512 *correction, const uint32_t probs[][KEYS_PER_BLOCK / 2],
-                       int from, const uint32_t *values, int64_t D, int pairs, int rescale, Ahead *ahead, int lines) {
-#define SUB_VALUES(R)                                                                                         \
-    (lines == 4 ? values_all(rows, R, correction, probs, from, values, D, pairs, rescale, ahead, 4)           \
-                : values_all(rows, R, correction, probs, from, values, D, pairs, rescale, ahead, 2))
-    switch (R) {
-    case 6: SUB_VALUES(6); break;
-    case 5: SUB_VALUES(5); break;
-    case 4: SUB_VALUES(4); break;
-    case 3: SUB_VALUES(3); break;
-    case 2: SUB_VALUES(2); break;
-    default: SUB_VALUES(1); break;
+/* Rows of a few-row tile whose outputs are weighted together, straight from the values as stored. */
+#define RAW_VALUE_ROWS 8
+
+/* group_values for W slices of 16 channels from `offset` (R rows, up to RAW_VALUE_ROWS), the pairs
+ * of keys' values (the sub-block's from `values`, row stride ld, `here` keys) interleaved in
+ * registers as they are loaded, exactly as pack_values lays them out: the same operands in the same
+ * order, so the same bits, without a packed copy to write and read back (-6% for decode over 32K
+ * keys). LINES lines of the ahead stream are requested a step. */
+static inline __attribute__((always_inline)) void raw_values(Row *rows, const int R, const __m512 *correction,
+                                                            const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
+                                                            const uint16_t *values, int64_t ld, int here,
+                                                            int64_t offset, int pairs, const int W, int rescale,
+                                                            Ahead *ahead, const int LINES) {
+    const __m512i first_half = interleave_half(0), second_half = interleave_half(1);
+    __m512 acc[RAW_VALUE_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < W; c++) {
+            acc[r][c] = _mm512_loadu_ps(rows[r].acc + offset + 16 * c);
+            if (rescale) acc[r][c] = _mm512_mul_ps(acc[r][c], correction[r]);
+        }
+    for (int j = 0; j < pairs; j++) {
+        request_ahead(ahead, LINES);
+        const uint16_t *first = values + 2 * j * ld + offset, *second = first + ld;
+        __mmask32 has_second = 2 * j + 1 < here ? ~(__mmask32)0 : 0; /* else zeros, as packed */
+        __m512bh slice[4];
+        for (int c = 0; c + 1 < W; c += 2) {
+            __m512i a = _mm512_loadu_si512(first + 16 * c), b = _mm512_maskz_loadu_epi16(has_second, second + 16 * c);
+            slice[c] = (__m512bh)_mm512_permutex2var_epi16(a, first_half, b);
+            slice[c + 1] = (__m512bh)_mm512_permutex2var_epi16(a, second_half, b);
+        }
+        if (W % 2) {
+            __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + 16 * (W - 1))));
+            __m512i high =
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)has_second, second + 16 * (W - 1)));
+            slice[W - 1] = (__m512bh)_mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+        }
+        for (int r = 0; r < R; r++) {
+            __m512bh p = (__m512bh)_mm512_set1_epi32((int)probs[r][from + j]);
+            for (int c = 0; c < W; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, slice[c]);
+        }
     }
-#undef SUB_VALUES
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < W; c++) _mm512_storeu_ps(rows[r].acc + offset + 16 * c, acc[r][c]);
+}
+
+/* raw_values over all D channels: 64 at a time for up to 4 rows, 32 for more (the accumulators fill
+ * 16 registers either way), then 16. A sub-block's values fill D lines and these take D / 4 or D / 2
+ * steps: 4 or 2 lines a step keep pace. */
+static inline __attribute__((always_inline)) void raw_values_all(Row *rows, const int R, const __m512 *correction,
+                                                                const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
+                                                                const uint16_t *values, int64_t ld, int here,
+                                                                int64_t D, int pairs, int rescale, Ahead *ahead) {
+    const int W = R <= 4 ? 4 : 2;
+    int64_t offset = 0;
+    for (; offset + 16 * W <= D; offset += 16 * W)
+        raw_values(rows, R, correction, probs, from, values, ld, here, offset, pairs, W, rescale, ahead, W);
+    for (; offset < D; offset += 16)
+        raw_values(rows, R, correction, probs, from, values, ld, here, offset, pairs, 1, rescale, ahead, 1);
+}
+
+static void few_values(Row *rows, int R, const __m512 *correction, const uint32_t probs[][KEYS_PER_BLOCK / 2],
+                       int from, const uint16_t *values, int64_t ld, int here, int64_t D, int pairs, int rescale,
+                       Ahead *ahead) {
+#define FEW_VALUES(R) raw_values_all(rows, R, correction, probs, from, values, ld, here, D, pairs, rescale, ahead)
+    switch (R) {
+    case 8: FEW_VALUES(8); break;
+    case 7: FEW_VALUES(7); break;
+    case 6: FEW_VALUES(6); break;
+    case 5: FEW_VALUES(5); break;
+    case 4: FEW_VALUES(4); break;
+    case 3: FEW_VALUES(3); break;
+    case 2: FEW_VALUES(2); break;
+    default: FEW_VALUES(1); break;
+    }
+#undef FEW_VALUES
 }
 
 /* The size of the next of the fewest sets of at most `most` rows that `left` rows make, as even as can
@@ -336,15 +398,14 @@ static inline int next_set(int left, int most) {
 /* A tile of at most FEW_ROWS rows (decode, short draft verification) against one block of keys k
  * and values v (in_block of them), row r seeing its first n[r] >= 1. A block packed whole and then
  * read once per group of rows (group_block) spends as long packing as multiplying when the rows are
- * few, its packed copy streaming through L2; here SUB_KEYS keys at a time are packed and used by
- * every row while still in L1, up to SCORE_ROWS rows a group for the scores and ROWS_PER_GROUP for
- * the outputs. Each score and output lane is the same chain as in group_block, so the bits are the
- * same. Keys [SUB_KEYS, ahead) from the block's first are requested from memory while the scores
- * are computed, and their values while the outputs are weighted, each sub-block's products
- * requesting the next sub-block. */
+ * few, its packed copy streaming through L2; here SUB_KEYS keys at a time are packed and scored by
+ * every row while still in L1 (up to SCORE_ROWS rows a group), and the outputs weighted straight
+ * from the values (up to RAW_VALUE_ROWS rows a group). Each score and output lane is the same chain
+ * as in group_block, so the bits are the same. Keys [SUB_KEYS, ahead) from the block's first are
+ * requested from memory while the scores are computed, and their values while the outputs are
+ * weighted, each sub-block's products requesting the next sub-block. */
 static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k, const uint16_t *v, int64_t ld,
-                           int64_t D, int in_block, int64_t ahead, float log2_scale, uint32_t *packed_keys,
-                           uint32_t *packed_values) {
+                           int64_t D, int in_block, int64_t ahead, float log2_scale, uint32_t *packed_keys) {
     float scores[FEW_ROWS][KEYS_PER_BLOCK];
     uint32_t probs[FEW_ROWS][KEYS_PER_BLOCK / 2];
     __m512 top[FEW_ROWS], correction[FEW_ROWS];
@@ -353,13 +414,11 @@ static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k
         seen = n[r] > seen ? n[r] : seen;
         top[r] = _mm512_set1_ps(-INFINITY);
     }
-    /* A sub-block's keys or values fill D lines; its products take D / 2 steps for each group of
-     * rows' scores and D / 4 for each group's outputs (64 channels a step), so 2 lines a step keep
-     * pace for the keys, and for the values where the rows make more than one group, else 4. */
+    /* A sub-block's keys fill D lines and a group of rows scores them in D / 2 steps: 2 lines a step
+     * keep pace (the values: raw_values_all). */
     int64_t from = SUB_KEYS < ahead ? SUB_KEYS : ahead;
     Ahead keys_ahead = { { (const char *)(k + from * ld) }, { (const char *)(k + ahead * ld) } };
     Ahead values_ahead = { { (const char *)(v + from * ld) }, { (const char *)(v + ahead * ld) } };
-    int value_lines = count <= ROWS_PER_GROUP ? 4 : 2;
     for (int at = 0; at < seen; at += SUB_KEYS) {
         int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS;
         pack_keys(k + at * ld, ld, D, here, SUB_KEYS, packed_keys, SUB_KEYS);
@@ -372,11 +431,10 @@ static void few_rows_block(Row *rows, int count, const int *n, const uint16_t *k
     int rescale = softmax_rows(rows, count, scores, n, seen, top, log2_scale, probs, correction);
     for (int at = 0; at < seen; at += SUB_KEYS) {
         int here = in_block - at < SUB_KEYS ? in_block - at : SUB_KEYS, pairs = (seen - at + 1) / 2;
-        pack_values(v + at * ld, ld, D, here, packed_values);
         for (int r = 0, size; r < count; r += size) {
-            size = next_set(count - r, ROWS_PER_GROUP);
-            sub_values(rows + r, size, correction + r, probs + r, at / 2, packed_values, D,
-                       pairs < SUB_KEYS / 2 ? pairs : SUB_KEYS / 2, rescale && at == 0, &values_ahead, value_lines);
+            size = next_set(count - r, RAW_VALUE_ROWS);
+            few_values(rows + r, size, correction + r, probs + r, at / 2, v + at * ld, ld, here, D,
+                       pairs < SUB_KEYS / 2 ? pairs : SUB_KEYS / 2, rescale && at == 0, &values_ahead);
         }
     }
 }
