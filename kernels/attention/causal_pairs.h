@@ -85,8 +85,6 @@ static void pack_keys(const uint16_t *keys, int64_t ld, int64_t D, int in_block,
     }
 }
 
-/* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16 for the
- * pairs the block's keys fill (zero past its last key). */
 /* Indices of the first (half 0) or second (half 1) 32 words of an interleave of a and b (32 words
  * each) by _mm512_permutex2var_epi16: a[i], b[i], a[i + 1], b[i + 1], ... from i = 16 * half. */
 static inline __m512i interleave_half(int half) {
@@ -95,6 +93,8 @@ static inline __m512i interleave_half(int half) {
     return _mm512_loadu_si512(index);
 }
 
+/* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16 for the
+ * pairs the block's keys fill (zero past its last key). */
 static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
     const __m512i first_half = interleave_half(0), second_half = interleave_half(1);
     for (int j = 0; 2 * j < in_block; j++) {
@@ -166,8 +166,7 @@ static inline __attribute__((always_inline)) void group_scores(Row *rows, const 
 static inline __attribute__((always_inline)) void group_values(Row *rows, const int R, const __m512 *correction,
                                                               const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
                                                               const uint32_t *values, int64_t D, int64_t offset,
-                                                              int pairs, const int CH, int rescale, Ahead *ahead,
-                                                              const int LINES) {
+                                                              int pairs, const int CH, int rescale, Ahead *ahead) {
     __m512 acc[ROWS_PER_GROUP][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < CH; c++) {
@@ -175,7 +174,7 @@ static inline __attribute__((always_inline)) void group_values(Row *rows, const 
             if (rescale) acc[r][c] = _mm512_mul_ps(acc[r][c], correction[r]);
         }
     for (int j = 0; j < pairs; j++) {
-        request_ahead(ahead, LINES);
+        request_ahead(ahead, 1);
         const uint32_t *v = values + j * D + offset;
         __m512bh slice[4];
         for (int c = 0; c < CH; c++) slice[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
@@ -251,12 +250,12 @@ static int softmax_rows(Row *rows, int R, float scores[][KEYS_PER_BLOCK], const 
 static inline __attribute__((always_inline)) void values_all(Row *rows, const int R, const __m512 *correction,
                                                             const uint32_t probs[][KEYS_PER_BLOCK / 2], int from,
                                                             const uint32_t *values, int64_t D, int pairs, int rescale,
-                                                            Ahead *ahead, const int LINES) {
+                                                            Ahead *ahead) {
     int64_t offset = 0;
     for (; offset + 64 <= D; offset += 64)
-        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 4, rescale, ahead, LINES);
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 4, rescale, ahead);
     for (; offset < D; offset += 16)
-        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 1, rescale, ahead, LINES);
+        group_values(rows, R, correction, probs, from, values, D, offset, pairs, 1, rescale, ahead);
 }
 
 /* R rows (1 to ROWS_PER_GROUP) against one packed block, row r seeing its first n[r] >= 1 keys. */
@@ -274,7 +273,7 @@ static inline __attribute__((always_inline)) void group_block(Row *rows, const i
     for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-INFINITY);
     group_scores(rows, R, 4, keys, KEYS_PER_BLOCK, D / 2, (seen + 63) / 64 * 64, n, scores, 0, top, ahead, 1);
     int rescale = softmax_rows(rows, R, scores, n, seen, top, log2_scale, probs, correction);
-    values_all(rows, R, correction, probs, 0, values, D, (seen + 1) / 2, rescale, ahead, 1);
+    values_all(rows, R, correction, probs, 0, values, D, (seen + 1) / 2, rescale, ahead);
 }
 
 static void rows_block(Row *rows, int R, const int *n, const uint32_t *keys, const uint32_t *values, int64_t D,
