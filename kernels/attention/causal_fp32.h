@@ -85,11 +85,10 @@ ALWAYS void score_keys(const int NV, const int J, const float *qt, const float *
     vf acc[PAIR_KEYS > SINGLE_KEYS ? PAIR_KEYS : SINGLE_KEYS][GROUP_VECTORS];
     for (int i = 0; i < J; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = vf_zero();
-    int64_t part = D / J;
-    if (!next || !part) {
-        for (int i = 0; i < J; i++) fetch_row(next, ld, D, j + i);
+    if (!next) {
         vf_outer_tile(NV, J, qt, GROUP_ROWS, keys + j * D, D, D, acc);
     } else {
+        int64_t part = D / J; /* >= 1: D is a multiple of VF_SPLIT, more than any J */
         for (int i = 0; i < J; i++) {
             int64_t c = i * part, n = i == J - 1 ? D - c : part;
             fetch_row(next, ld, D, j + i);

@@ -93,28 +93,42 @@ static inline __m512i interleave_half(int half) {
     return _mm512_loadu_si512(index);
 }
 
+/* A key pair's values as bf16 pairs, 16 channels a vector (lane i: first[i] | second[i] << 16; second
+ * read only where its mask is set, else zeros): 32 channels into two vectors (half: interleave_half's
+ * indices), or 16 into one. The layout both value products read, packed or straight from the cache. */
+static inline __attribute__((always_inline)) void value_pairs32(const uint16_t *first, const uint16_t *second,
+                                                               __mmask32 has_second, const __m512i half[2],
+                                                               __m512i out[2]) {
+    __m512i a = _mm512_loadu_si512(first), b = _mm512_maskz_loadu_epi16(has_second, second);
+    out[0] = _mm512_permutex2var_epi16(a, half[0], b);
+    out[1] = _mm512_permutex2var_epi16(a, half[1], b);
+}
+
+static inline __attribute__((always_inline)) __m512i value_pairs16(const uint16_t *first, const uint16_t *second,
+                                                                  __mmask16 has_second) {
+    __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)first));
+    __m512i high = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(has_second, second));
+    return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+}
+
 /* Values of one block as bf16 pairs: packed[j * D + d] = V[2j][d] | V[2j + 1][d] << 16 for the
  * pairs the block's keys fill (zero past its last key). */
 static void pack_values(const uint16_t *values, int64_t ld, int64_t D, int in_block, uint32_t *packed) {
-    const __m512i first_half = interleave_half(0), second_half = interleave_half(1);
+    const __m512i half[2] = { interleave_half(0), interleave_half(1) };
     for (int j = 0; 2 * j < in_block; j++) {
         const uint16_t *first = values + 2 * j * ld, *second = first + ld;
-        int has_second = 2 * j + 1 < in_block;
+        __mmask32 has_second = 2 * j + 1 < in_block ? ~(__mmask32)0 : 0;
         int64_t d = 0;
         for (; d + 32 <= D; d += 32) {
             _mm_prefetch((const char *)(first + PREFETCH_KEYS * ld + d), _MM_HINT_T1);
             _mm_prefetch((const char *)(second + PREFETCH_KEYS * ld + d), _MM_HINT_T1);
-            __m512i a = _mm512_loadu_si512(first + d);
-            __m512i b = has_second ? _mm512_loadu_si512(second + d) : _mm512_setzero_si512();
-            _mm512_storeu_si512(packed + j * D + d, _mm512_permutex2var_epi16(a, first_half, b));
-            _mm512_storeu_si512(packed + j * D + d + 16, _mm512_permutex2var_epi16(a, second_half, b));
+            __m512i pairs[2];
+            value_pairs32(first + d, second + d, has_second, half, pairs);
+            _mm512_storeu_si512(packed + j * D + d, pairs[0]);
+            _mm512_storeu_si512(packed + j * D + d + 16, pairs[1]);
         }
-        if (d < D) {
-            __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + d)));
-            __m512i high = has_second ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(second + d)))
-                                      : _mm512_setzero_si512();
-            _mm512_storeu_si512(packed + j * D + d, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
-        }
+        if (d < D)
+            _mm512_storeu_si512(packed + j * D + d, value_pairs16(first + d, second + d, (__mmask16)has_second));
     }
 }
 
@@ -323,7 +337,7 @@ static inline __attribute__((always_inline)) void raw_values(Row *rows, const in
                                                             const uint16_t *values, int64_t ld, int here,
                                                             int64_t offset, int pairs, const int W, int rescale,
                                                             Ahead *ahead, const int LINES) {
-    const __m512i first_half = interleave_half(0), second_half = interleave_half(1);
+    const __m512i half[2] = { interleave_half(0), interleave_half(1) };
     __m512 acc[RAW_VALUE_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < W; c++) {
@@ -333,22 +347,13 @@ static inline __attribute__((always_inline)) void raw_values(Row *rows, const in
     for (int j = 0; j < pairs; j++) {
         request_ahead(ahead, LINES);
         const uint16_t *first = values + 2 * j * ld + offset, *second = first + ld;
-        __mmask32 has_second = 2 * j + 1 < here ? ~(__mmask32)0 : 0; /* else zeros, as packed */
-        __m512bh slice[4];
-        for (int c = 0; c + 1 < W; c += 2) {
-            __m512i a = _mm512_loadu_si512(first + 16 * c), b = _mm512_maskz_loadu_epi16(has_second, second + 16 * c);
-            slice[c] = (__m512bh)_mm512_permutex2var_epi16(a, first_half, b);
-            slice[c + 1] = (__m512bh)_mm512_permutex2var_epi16(a, second_half, b);
-        }
-        if (W % 2) {
-            __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(first + 16 * (W - 1))));
-            __m512i high =
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)has_second, second + 16 * (W - 1)));
-            slice[W - 1] = (__m512bh)_mm512_or_si512(low, _mm512_slli_epi32(high, 16));
-        }
+        __mmask32 has_second = 2 * j + 1 < here ? ~(__mmask32)0 : 0;
+        __m512i slice[4];
+        for (int c = 0; c + 1 < W; c += 2) value_pairs32(first + 16 * c, second + 16 * c, has_second, half, slice + c);
+        if (W % 2) slice[W - 1] = value_pairs16(first + 16 * (W - 1), second + 16 * (W - 1), (__mmask16)has_second);
         for (int r = 0; r < R; r++) {
             __m512bh p = (__m512bh)_mm512_set1_epi32((int)probs[r][from + j]);
-            for (int c = 0; c < W; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, slice[c]);
+            for (int c = 0; c < W; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, (__m512bh)slice[c]);
         }
     }
     for (int r = 0; r < R; r++)
