@@ -1,9 +1,10 @@
 """This runtime against llama.cpp on the CPU, on the same weights, in one run.
 
-    python bench/peers.py                         # bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_K_M
+    python bench/peers.py                         # bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_K_M, all this CPU has
     python bench/peers.py --isa avx2              # both sides limited to AVX2 + FMA
     python bench/peers.py --isa avx512f           # both sides limited to Skylake-SP's AVX-512
     python bench/peers.py --formats bf16 fp32 --repeats 5
+    python bench/peers.py --formats bf16 --prompt 32768 --phases decode   # decode deep in a long context
 
 The bench model (../shared/reference/bench-config.json, random weights) is written once as a
 checkpoint; llama.cpp's own converter (convert_hf_to_gguf.py, from its source package) turns it
@@ -13,7 +14,8 @@ same checkpoint as the app would: bf16 / fp32 dense, int8 / int4 quantized while
 llama.cpp is built here from the source of the `llama-cpp-python` package on the registry (the
 version pinned below; `pip download` fetches it), with CMake, into the per-user cache, once per
 version and set of extensions: about 4 minutes on a 2-core Xeon or Zen 4 (llama-bench and llama-quantize only).
-It is built for the CPU's instruction sets without AMX: llama.cpp's AMX matrix multiply crashes
+By default (--isa native) both sides use every x86 extension the CPU has, AVX-VNNI of an AVX2-only
+Intel CPU included, except AMX for llama.cpp: llama.cpp's AMX matrix multiply crashes
 on this model's quantized tensors (segfault in ggml_backend_amx_mul_mat at 0c1e570), and its
 AVX-512 paths are what it runs without AMX. --isa avx2 builds it for AVX2 + FMA + F16C only and
 runs this runtime as on a CPU without AVX-512 (kernels.native.AVX2_ONLY_ENVIRONMENT: its kernels'
@@ -26,7 +28,9 @@ Measured, for each pair: prefill of --prompt tokens (llama-bench -p, tokens/s) a
 the same length, as bench/runtime.py does). The two sides take turns, one run each, --repeats
 times (this runtime's model loaded once per format, in its own process), so that a slower spell
 of a shared host touches both; each side's best run is compared, every run is listed. Prints JSON
-with both sides, the ratios (this runtime / llama.cpp; above 1 is faster) and the CPU.
+with both sides, the ratios (this runtime / llama.cpp; above 1 is faster) and the CPU. --phases
+decode leaves the prefill timings out: at long prompts each side's decode run still fills its
+context first (untimed), so a 32K decode comparison takes about half as long as both phases.
 
 Both sides prefill the same layers: llama-bench runs the model's trunk, and loads the checkpoint's
 MTP block only for a draft context, which it does not make; this runtime's compared prefill uses a
@@ -56,19 +60,21 @@ from kernels.native import AVX2_ONLY_ENVIRONMENT, AVX512F_ONLY_ENVIRONMENT, int4
 BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendored llama.cpp is 0c1e570, which knows qwen3next
 # This runtime's weight format -> llama.cpp's file type of the same precision.
+PHASES = ("prefill", "decode")
 PAIRS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
 # llama.cpp's CMake switches for x86 extensions -> the /proc/cpuinfo flag each needs. --isa avx2 uses
-# the first five; --isa avx512 all that the CPU has (Zen 4, for one, has AVX-512 VNNI but not AVX-VNNI,
-# whose instructions would stop llama.cpp there). GGML_NATIVE is off: AMX stays off, see the docstring.
+# the first five; --isa native and avx512 all that the CPU has (Zen 4, for one, has AVX-512 VNNI but not
+# AVX-VNNI, whose instructions would stop llama.cpp there). GGML_NATIVE is off: AMX stays off, see the docstring.
 SWITCH_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
                 "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
                 "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni"}
-ISA_SWITCHES = {"avx2": list(SWITCH_FLAGS)[:5], "avx512f": list(SWITCH_FLAGS)[:6], "avx512": list(SWITCH_FLAGS)}
+ISA_SWITCHES = {"avx2": list(SWITCH_FLAGS)[:5], "avx512f": list(SWITCH_FLAGS)[:6], "avx512": list(SWITCH_FLAGS),
+                "native": list(SWITCH_FLAGS)}
 # What each --isa needs at least (this runtime's AVX-512 kernels need bf16 dot products).
-ISA_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+ISA_CPU_FLAGS = {"native": set(), "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
                  "avx512f": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx2": {"avx2", "fma", "f16c"}}
 # The environment this runtime's side runs in for each --isa.
-ISA_ENVIRONMENT = {"avx2": AVX2_ONLY_ENVIRONMENT, "avx512f": AVX512F_ONLY_ENVIRONMENT, "avx512": {}}
+ISA_ENVIRONMENT = {"avx2": AVX2_ONLY_ENVIRONMENT, "avx512f": AVX512F_ONLY_ENVIRONMENT, "avx512": {}, "native": {}}
 
 
 def llama_cpp_switches(isa: str, cpu_flags: set[str]) -> list[str]:
@@ -153,12 +159,12 @@ def write_gguf_files(checkpoint: Path, folder: Path, binaries: Path, kinds: list
     return files
 
 
-def llama_bench(binaries: Path, model: Path, prompt: int, steps: int, threads: int) -> dict:
-    """One run of llama.cpp's prefill and decode-after-prompt (tokens/s), and its build."""
+def llama_bench(binaries: Path, model: Path, prompt: int, steps: int, threads: int, phases: list[str]) -> dict:
+    """One run of each of llama.cpp's `phases`, prefill and decode-after-prompt (tokens/s), and its build."""
     common = [str(binaries / "llama-bench"), "-m", str(model), "-t", str(threads), "-r", "1", "-o", "json"]
     run = {}
-    for name, extra in (("prefill", ["-p", str(prompt), "-n", "0"]),
-                        ("decode", ["-p", "0", "-n", str(steps), "-d", str(prompt)])):
+    arguments = {"prefill": ["-p", str(prompt), "-n", "0"], "decode": ["-p", "0", "-n", str(steps), "-d", str(prompt)]}
+    for name, extra in ((phase, arguments[phase]) for phase in phases):
         row = json.loads(subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout)[0]
         run[name] = round(row["avg_ts"], 1)
     run["build"] = row.get("build_commit")
@@ -180,10 +186,13 @@ ids = torch.randint(0, 151000, (1, {prompt}), generator=generator)
 ours_prefill(lm, ids[:, :512], 4096)
 print(json.dumps({{"weight_formats": list(lm.weight_formats)}}), flush=True)
 for _ in sys.stdin:
-    prefill = round({prompt} / ours_prefill(lm, ids, 4096, mtp=False)[0], 1)
-    with_mtp = round({prompt} / ours_prefill(lm, ids, 4096)[0], 1)
-    decode = round(ours_decode(lm, ids, {steps}), 1)
-    print(json.dumps({{"prefill": prefill, "prefill_with_mtp": with_mtp, "decode": decode}}), flush=True)
+    run = {{}}
+    if "prefill" in {phases!r}:
+        run["prefill"] = round({prompt} / ours_prefill(lm, ids, 4096, mtp=False)[0], 1)
+        run["prefill_with_mtp"] = round({prompt} / ours_prefill(lm, ids, 4096)[0], 1)
+    if "decode" in {phases!r}:
+        run["decode"] = round(ours_decode(lm, ids, {steps}), 1)
+    print(json.dumps(run), flush=True)
 """
 
 
@@ -192,27 +201,29 @@ def compare(checkpoint: Path, weights: str, binaries: Path, model: Path, args: a
     host falls on both): tokens/s, the best and every run of each side."""
     environment = {**os.environ, **ISA_ENVIRONMENT[args.isa]}
     script = OURS_SCRIPT.format(root=str(ROOT), threads=args.threads, weights=weights, checkpoint=str(checkpoint),
-                                prompt=args.prompt, steps=args.decode_steps)
+                                prompt=args.prompt, steps=args.decode_steps, phases=args.phases)
     runs: dict[str, dict[str, list[float]]] = {side: {"prefill": [], "decode": []} for side in ("ours", "llama_cpp")}
     with_mtp: list[float] = []
     with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                           env=environment) as ours:
         formats = json.loads(ours.stdout.readline())["weight_formats"]
         for _ in range(args.repeats):
-            peer = llama_bench(binaries, model, args.prompt, args.decode_steps, args.threads)
+            peer = llama_bench(binaries, model, args.prompt, args.decode_steps, args.threads, args.phases)
             ours.stdin.write("run\n")
             ours.stdin.flush()
             mine = json.loads(ours.stdout.readline())
-            for phase in ("prefill", "decode"):
+            for phase in args.phases:
                 runs["llama_cpp"][phase].append(peer[phase])
                 runs["ours"][phase].append(mine[phase])
-            with_mtp.append(mine["prefill_with_mtp"])
+            if "prefill_with_mtp" in mine:
+                with_mtp.append(mine["prefill_with_mtp"])
         ours.stdin.close()
     if ours.returncode:
         raise RuntimeError(f"this runtime's side ended with status {ours.returncode}")
-    result = {"ours_weight_formats": formats, "llama_cpp_build": peer["build"],
-              "ours_prefill_with_mtp": {"tokens_per_s": max(with_mtp), "runs": with_mtp}}
-    for phase in ("prefill", "decode"):
+    result = {"ours_weight_formats": formats, "llama_cpp_build": peer["build"]}
+    if with_mtp:
+        result["ours_prefill_with_mtp"] = {"tokens_per_s": max(with_mtp), "runs": with_mtp}
+    for phase in args.phases:
         best = {side: max(runs[side][phase]) for side in runs}
         result[phase] = {side: {"tokens_per_s": best[side], "runs": runs[side][phase]} for side in runs}
         result[phase]["ratio"] = round(best["ours"] / best["llama_cpp"], 2)
@@ -223,11 +234,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", choices=sorted(PAIRS), default=["bf16", "int8", "int4"],
                         help="this runtime's weight formats, each against llama.cpp's of the same precision")
-    parser.add_argument("--isa", choices=sorted(ISA_SWITCHES), default="avx512",
-                        help="instruction sets both sides may use (avx2, avx512f: this runtime with DOCANALYST_ISA "
-                             "set so)")
+    parser.add_argument("--isa", choices=sorted(ISA_SWITCHES), default="native",
+                        help="instruction sets both sides may use (native: all this CPU has; avx2, avx512f: this "
+                             "runtime with DOCANALYST_ISA set so)")
     parser.add_argument("--prompt", type=int, default=4096, help="prefill length, and the context decode runs after")
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="what to time: prefill of --prompt tokens, decode after --prompt tokens")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="keep the checkpoint and GGUF files in this folder")
@@ -241,10 +254,11 @@ def main() -> int:
     switches = llama_cpp_switches(args.isa, set(cpu.get("flags", [])))
     binaries, build_s = build_llama_cpp(switches)
     results = {"cpu": cpu, "isa": args.isa, "llama_cpp_switches": switches, "threads": args.threads,
-               "prompt_tokens": args.prompt, "decode_steps": args.decode_steps, "llama_cpp_python": LLAMA_CPP_PYTHON,
+               "prompt_tokens": args.prompt, "decode_steps": args.decode_steps, "phases": args.phases,
+               "llama_cpp_python": LLAMA_CPP_PYTHON,
                "llama_cpp_build_s": round(build_s, 1),
                # Whether our int4 decode multiplies by bf16 pair products (kernels.native.int4_pairs_preferred).
-               "ours_int4_pairs": args.isa == "avx512" and int4_pairs_preferred(), "pairs": []}
+               "ours_int4_pairs": args.isa in ("native", "avx512") and int4_pairs_preferred(), "pairs": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
