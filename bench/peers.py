@@ -60,11 +60,11 @@ from kernels.native import AVX2_ONLY_ENVIRONMENT, AVX512F_ONLY_ENVIRONMENT, int4
 
 BENCH_CONFIG = ROOT.parent / "shared" / "reference" / "bench-config.json"
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendored llama.cpp is 0c1e570, which knows qwen3next
-# This runtime's weight format -> llama.cpp's file type of the same precision.
 PHASES = ("prefill", "decode")
 # llama.cpp's flash attention, both ways in each run: off decoded 10% faster at 32K on a Zen 5
 # (its default, auto, turns it on), on prefills faster at long prompts.
 LLAMA_FLASH_ATTENTION = ("on", "off")
+# This runtime's weight format -> llama.cpp's file type of the same precision.
 PAIRS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
 # llama.cpp's CMake switches for x86 extensions -> the /proc/cpuinfo flag each needs. --isa avx2 uses
 # the first five; --isa native and avx512 all that the CPU has (Zen 4, for one, has AVX-512 VNNI but not
