@@ -170,8 +170,8 @@ def llama_bench(binaries: Path, model: Path, prompt: int, steps: int, threads: i
               "-fa", ",".join(LLAMA_FLASH_ATTENTION)]
     run = {}
     arguments = {"prefill": ["-p", str(prompt), "-n", "0"], "decode": ["-p", "0", "-n", str(steps), "-d", str(prompt)]}
-    for name, extra in ((phase, arguments[phase]) for phase in phases):
-        rows = json.loads(subprocess.run(common + extra, check=True, capture_output=True, text=True).stdout)
+    for name in phases:
+        rows = json.loads(subprocess.run(common + arguments[name], check=True, capture_output=True, text=True).stdout)
         best = max(rows, key=lambda row: row["avg_ts"])
         run[name] = round(best["avg_ts"], 1)
         run[f"{name}_flash_attention"] = "on" if best["flash_attn"] == 1 else "off"
@@ -210,7 +210,8 @@ def compare(checkpoint: Path, weights: str, binaries: Path, model: Path, args: a
     environment = {**os.environ, **ISA_ENVIRONMENT[args.isa]}
     script = OURS_SCRIPT.format(root=str(ROOT), threads=args.threads, weights=weights, checkpoint=str(checkpoint),
                                 prompt=args.prompt, steps=args.decode_steps, phases=args.phases)
-    runs: dict[str, dict[str, list[float]]] = {side: {"prefill": [], "decode": []} for side in ("ours", "llama_cpp")}
+    runs: dict[str, dict[str, list[float]]] = {side: {phase: [] for phase in args.phases}
+                                             for side in ("ours", "llama_cpp")}
     with_mtp: list[float] = []
     flash_attention: dict[str, list[str]] = {phase: [] for phase in args.phases}
     with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
