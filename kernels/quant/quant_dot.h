@@ -70,6 +70,9 @@
 #define X_GROUP 4
 #define R_ONE 8
 #define R_MANY 4
+/* A thread's rows in one stretch, each line requesting the next block's into L2 (see TILE_SETUP). */
+#define STREAMS 1
+#define AHEAD_HINT _MM_HINT_T1
 typedef __m512 vec;
 ALWAYS vec vzero(void) { return _mm512_setzero_ps(); }
 ALWAYS vec vset1(float v) { return _mm512_set1_ps(v); }
@@ -176,8 +179,14 @@ ALWAYS __m512bh load_pairs(const uint16_t *p) { return (__m512bh)_mm512_loadu_si
 #define LANES 8
 /* 16 registers: 8 accumulators at most (4 x 2 beat 2 x 4 here: fewer passes over the weights). */
 #define X_GROUP 4
-#define R_ONE 8
+#define R_ONE 4
 #define R_MANY 2
+/* A thread's rows in R_ONE stretches, a tile's chains one row of each, each line requesting the
+ * line AHEAD_BYTES on in its stretch into L1: a Zen 3 streamed eight rows interleaved at a row's
+ * distance at 16-23 GB/s, four sequential stretches at 27-29 (its sequential read rate). */
+#define STREAMS R_ONE
+#define AHEAD_HINT _MM_HINT_T0
+#define AHEAD_BYTES 8192
 typedef __m256 vec;
 ALWAYS vec vzero(void) { return _mm256_setzero_ps(); }
 ALWAYS vec vset1(float v) { return _mm256_set1_ps(v); }
@@ -360,7 +369,19 @@ typedef struct {
     int y_bf16;
     int pairs;             /* int4 by pair products, x prepared by prepare_pairs (takes_pairs) */
     const float *const *x_sums; /* set by run_blocks where int4_tile needs them (int4_sum_x) */
+    /* Set by run_blocks: the weight rows [first, end) it runs, as `streams` stretches of `stretch`
+     * rows, tiles going through them in "walk" order: walk position v (from first) is row
+     * first + (v % streams) * stretch + v / streams, positions to walk_end (past `end`: no row).
+     * One stretch is the rows in order. `ahead`: rows between a row and the one its lines request. */
+    int64_t first, end, stretch, walk_end, ahead;
+    int streams;
 } problem;
+
+/* The weight row at walk position v, or -1 where it has none. */
+static inline int64_t walk_row(const problem *p, int64_t v) {
+    int64_t i = (v - p->first) / p->streams, row = p->first + (v - p->first) % p->streams * p->stretch + i;
+    return i < p->stretch && row < p->end ? row : -1;
+}
 
 /* y[m][n] = sum + bias[n], rounded to y's dtype. */
 static inline void put(const problem *p, int64_t m, int64_t n, float sum) {
@@ -369,26 +390,29 @@ static inline void put(const problem *p, int64_t m, int64_t n, float sum) {
     else ((float *)p->y[m])[n] = sum;
 }
 
-/* x rows m0 .. m0 + MB - 1 (of the rows `x`) times weight rows n0 .. n0 + R - 1; past N, row N - 1
- * again, not stored.
+/* x rows m0 .. m0 + MB - 1 (of the rows `x`) times the weight rows at walk positions n0 .. n0 + R - 1;
+ * a position without a row computes the walk's last row again, not stored (`kept`).
  *
- * The weight streams from memory once: each 64-byte line of a row requests the same line of the
- * next block's row (`ahead`; the row itself past the last block) into L2 (rows of a few KB are too
- * short for the hardware prefetcher to ramp up). One request per line: more cost more than they
+ * The weight streams from memory once: each 64-byte line of a row requests the same line of the row
+ * `ahead` further on (the row itself past the end), as AHEAD_HINT says: rows of a few KB are too
+ * short for the hardware prefetcher to ramp up. One request per line: more cost more than they
  * bring. */
 #define TILE_SETUP                                                                              \
     const float *xs[X_GROUP];                                                                   \
     const uint8_t *wr[ROW_BLOCK], *ahead[ROW_BLOCK];                                            \
     int64_t rows[ROW_BLOCK];                                                                    \
+    int kept[ROW_BLOCK];                                                                        \
     vec acc[X_GROUP][ROW_BLOCK];                                                                \
     _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) xs[m] = x[m0 + m];                     \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                       \
-        rows[r] = n0 + r < p->N ? n0 + r : p->N - 1;                                            \
+        rows[r] = walk_row(p, n0 + r);                                                          \
+        kept[r] = rows[r] >= 0;                                                                 \
+        if (!kept[r]) rows[r] = p->end - 1;                                                     \
         wr[r] = p->w + rows[r] * p->ldw;                                                        \
-        ahead[r] = rows[r] + ROW_BLOCK < p->N ? wr[r] + ROW_BLOCK * p->ldw : wr[r];             \
+        ahead[r] = rows[r] + p->ahead < p->N ? wr[r] + p->ahead * p->ldw : wr[r];               \
         _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) acc[m][r] = vzero();               \
     }
-#define PREFETCH(r, offset) _mm_prefetch((const char *)(ahead[r] + (offset)), _MM_HINT_T1)
+#define PREFETCH(r, offset) _mm_prefetch((const char *)(ahead[r] + (offset)), AHEAD_HINT)
 
 /* One step of every row of the tile at byte k (count bytes left in a row): the step's x is loaded
  * once for all R weight rows. */
@@ -430,10 +454,10 @@ ALWAYS void fp8_tile(const problem *p, const float *const *x, int64_t m0, const 
         for (; k < p->K; k += FP8_STEP) FP8_STEP_TILE(k, p->K - k)
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        if (n0 + r >= p->N) break;
+        if (!kept[r]) continue;
         if (CHECK) nan[r] = nan_found(seen[r]);
         _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++)
-            put(p, m0 + m, n0 + r, nan[r] ? NAN : hsum(acc[m][r]));
+            put(p, m0 + m, rows[r], nan[r] ? NAN : hsum(acc[m][r]));
     }
 }
 
@@ -458,9 +482,9 @@ ALWAYS void int8_tile(const problem *p, const float *const *x, int64_t m0, const
     }
     for (; k < p->K; k += LANES) INT8_STEP_TILE(k, p->K - k)
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        if (n0 + r >= p->N) break;
+        if (!kept[r]) continue;
         float scale = value_at(p->scale, rows[r] * p->lds, p->scale_bf16);
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]) * scale);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, rows[r], hsum(acc[m][r]) * scale);
     }
 }
 
@@ -486,8 +510,8 @@ ALWAYS void bf16_tile(const problem *p, const float *const *x, int64_t m0, const
     }
     for (; k < p->K; k += LANES) BF16_STEP_TILE(k, p->K - k)
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        if (n0 + r >= p->N) break;
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(acc[m][r]));
+        if (!kept[r]) continue;
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, rows[r], hsum(acc[m][r]));
     }
 }
 
@@ -532,8 +556,8 @@ ALWAYS void int4_tile(const problem *p, const float *const *x, int64_t m0, const
         INT4_GROUP_END
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        if (n0 + r >= p->N) break;
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(INT4_SUM(m, r)));
+        if (!kept[r]) continue;
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, rows[r], hsum(INT4_SUM(m, r)));
     }
 }
 
@@ -582,18 +606,18 @@ ALWAYS void int4_pairs_tile(const problem *p, const float *const *x, int64_t m0,
         }
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        if (n0 + r >= p->N) break;
-        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, n0 + r, hsum(total[m][r]));
+        if (!kept[r]) continue;
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) put(p, m0 + m, rows[r], hsum(total[m][r]));
     }
 }
 /* Accumulators and totals for 4 x 4 tiles would overflow the registers. */
 #define R_MANY_PAIRS 2
 #endif
 
-/* One block of ROW_BLOCK weight rows for all rows of x, in groups of up to X_GROUP rows, each in
+/* One block of ROW_BLOCK walk positions for all rows of x, in groups of up to X_GROUP rows, each in
  * tiles of R_ONE or R_MANY weight rows. Which tile a row goes through changes no bits. */
 #define RUN_TILES(tile, mb, r, check)                                                           \
-    for (int sub = 0; sub < ROW_BLOCK && n0 + sub < p->N; sub += (r))                           \
+    for (int sub = 0; sub < ROW_BLOCK && n0 + sub < p->walk_end; sub += (r))                    \
         tile(p, x, m0, mb, n0 + sub, r, check, nan + sub);
 /* Every group size up to X_GROUP (at most 8) has its own case: a tile's MB is a constant. */
 #define GROUP_CASE(tile, mb, many, check)                                                       \
@@ -657,6 +681,16 @@ static inline int needs_scratch(const problem *p) {
 static void run_blocks(const problem *given, int64_t first_block, int64_t end_block, float *scratch) {
     problem own = *given;
     const problem *p = &own;
+    own.first = first_block * ROW_BLOCK;
+    own.end = end_block * ROW_BLOCK < p->N ? end_block * ROW_BLOCK : p->N;
+    /* fp8 keeps the rows in order: a block's rows share one band of scales (fp8_scale_x). */
+    own.streams = p->format == FORMAT_FP8_BLOCK ? 1 : STREAMS;
+    own.stretch = (p->end - p->first + p->streams - 1) / p->streams;
+    own.walk_end = p->first + p->streams * p->stretch;
+    own.ahead = ROW_BLOCK;
+#ifdef AHEAD_BYTES
+    if (p->streams > 1) own.ahead = p->ldw < AHEAD_BYTES ? AHEAD_BYTES / p->ldw : 1;
+#endif
     const float *const *x = p->x;
     float *rows_of_scratch[QUANT_MAX_ROWS];
     int64_t band = -1;
@@ -669,7 +703,7 @@ static void run_blocks(const problem *given, int64_t first_block, int64_t end_bl
         own.x_sums = (const float *const *)rows_of_scratch;
     }
 #endif
-    for (int64_t block = first_block; block < end_block; block++) {
+    for (int64_t block = first_block; block * ROW_BLOCK < p->walk_end; block++) {
         int64_t n0 = block * ROW_BLOCK;
         /* NaN weights (fp8 only) are found in the first pass and make their outputs NaN, as dequantize's would. */
         int nan[ROW_BLOCK] = { 0 };
