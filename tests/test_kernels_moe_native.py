@@ -102,8 +102,10 @@ def test_tokens_do_not_depend_on_the_batch_or_threads(case, block_kernel):
         assert torch.equal(native_path(x[token : token + 1], w, top_k, normalize), together[token : token + 1])
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert torch.equal(native_path(x, w, top_k, normalize), together)
+        for count in (1, 3):  # one thread, and an uneven split of the rows
+            torch.set_num_threads(count)
+            assert torch.equal(native_path(x, w, top_k, normalize), together)
+            assert torch.equal(native_path(x[:1], w, top_k, normalize), together[:1])
     finally:
         torch.set_num_threads(threads)
 

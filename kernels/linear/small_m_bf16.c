@@ -96,18 +96,17 @@ void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16
  * lanes (the step's widened low and high halves, below), then the lanes summed by simd.h's fixed
  * tree. Which tile an element goes through, and beside which rows, changes none of it.
  *
- * M <= 16 makes this bound by the weight's bytes, each read from memory once. A thread's weight rows
- * are cut into `streams` stretches, and a tile's chains (independent accumulators) take one row of
- * each, so every chain reads its stretch front to back and requests the bytes AHEAD_BYTES on into L1:
- * a few sequential streams, which a Zen 3 fills 25-40% faster than eight rows interleaved at a row's
- * distance. Each group of up to X_GROUP rows of x, whose accumulators fit the 16 vector registers,
- * reuses the tile's weights from cache. x is widened to fp32 once per call, in the weights' widened
+ * M <= 16 makes this bound by the weight's bytes, each read from memory once, in streaming.h's walk:
+ * a thread's weight rows are cut into stretches, and a tile's chains (independent accumulators)
+ * take one row of each. Each group of up to X_GROUP rows of x, whose accumulators fit the 16 vector
+ * registers, reuses the tile's weights from cache. x is widened to fp32 once per call, in the weights' widened
  * order and padded with zeros past K (a partial last step of weights is zero-filled: it adds 0 * 0). */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 
 #include "../simd.h"
+#include "../streaming.h"
 /* The scalar bf16 rounding; the header's AVX-512 helpers go unused here, where GCC would warn
  * about their ABI. */
 #pragma GCC diagnostic push
@@ -120,9 +119,8 @@ void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16
 #define X_GROUP 4
 /* Chains a tile runs (stretches a thread's rows are cut into): for one row of x, and for groups of 2
  * to X_GROUP rows, which hold STREAMS_MANY accumulators per row. */
-#define STREAMS_ONE 4
+#define STREAMS_ONE STREAM_CHAINS
 #define STREAMS_MANY 2
-#define AHEAD_BYTES 8192
 
 /* x [M, K] bf16 -> [M, ldx] fp32 in the weights' split order (simd.h), zeros past K. */
 static void prepare_x(const uint16_t *x, int64_t ldx_in, int64_t M, int64_t K, float *out, int64_t ldx) {
@@ -170,7 +168,7 @@ VF_INLINE void tile(const problem *p, int64_t m0, const int MB, const int64_t *r
     int64_t k = 0;
     for (; k + 2 * STEP <= p->K; k += 2 * STEP) {
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-            _mm_prefetch((const char *)(wr[r] + k) + AHEAD_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)(wr[r] + k) + STREAM_AHEAD_BYTES, _MM_HINT_T0);
         TILE_STEP(k, STEP)
         TILE_STEP(k + STEP, STEP)
     }

@@ -20,6 +20,7 @@
 #ifndef DOCANALYST_DOTS_AVX2_H
 #define DOCANALYST_DOTS_AVX2_H
 
+#include "../streaming.h"
 #include "block_steps.h"
 
 #define STEP 16         /* k values per step: one 256-bit load of bf16 */
@@ -109,6 +110,32 @@ static void run_tile(const float *const *x, const uint16_t *w, int64_t ldw, int6
         TILE_CASE(1, 1) TILE_CASE(2, 1) TILE_CASE(3, 1) TILE_CASE(4, 1) TILE_CASE(5, 1) TILE_CASE(6, 1)
     }
 #undef TILE_CASE
+}
+
+/* out[r][0] = x[r] . w[r] for R <= STREAM_CHAINS rows of K values, each with its own x (one token's
+ * rows of several products): the 1 x 1 tile's chain for each, side by side, each requesting the line
+ * STREAM_AHEAD_BYTES on into L1; the caller walks stretches of rows (streaming.h). */
+DOTS_INLINE void one_token_dots(const float *const *x, const uint16_t *const *w, int64_t K, float *const *out,
+                                const int R) {
+    vf acc[STREAM_CHAINS];
+    for (int r = 0; r < R; r++) acc[r] = vf_zero();
+    int64_t k = 0;
+    for (; k + STEP <= K; k += STEP) {
+        if ((k & 31) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + k) + STREAM_AHEAD_BYTES, _MM_HINT_T0);
+        for (int r = 0; r < R; r++) {
+            __m256i raw = bf16x16_load_n(w[r] + k, STEP);
+            acc[r] = vf_fma(vf_widen_low(raw), vf_load(x[r] + k), acc[r]);
+            acc[r] = vf_fma(vf_widen_high(raw), vf_load(x[r] + k + VF_LANES), acc[r]);
+        }
+    }
+    if (k < K)
+        for (int r = 0; r < R; r++) {
+            __m256i raw = bf16x16_load_n(w[r] + k, K - k);
+            acc[r] = vf_fma(vf_widen_low(raw), vf_load(x[r] + k), acc[r]);
+            acc[r] = vf_fma(vf_widen_high(raw), vf_load(x[r] + k + VF_LANES), acc[r]);
+        }
+    for (int r = 0; r < R; r++) out[r][0] = vf_hsum(acc[r]);
 }
 
 /* out[g][col + n] = x[g] . w[n] in fp32 for g < M, n < N: x[g] widened by widen_row from K values,

@@ -141,18 +141,60 @@ static void number_blocks(const Product *products, int64_t count, int64_t *first
     for (int64_t i = 0; i < count; i++) first[i + 1] = first[i] + (products[i].N + WORK_ROWS - 1) / WORK_ROWS;
 }
 
+/* The product holding row block `block` (numbered by number_blocks). */
+static int64_t product_of(const int64_t *first, int64_t count, int64_t block) {
+    int64_t low = 0, high = count - 1;
+    while (low < high) {
+        int64_t middle = (low + high + 1) / 2;
+        if (first[middle] <= block) low = middle;
+        else high = middle - 1;
+    }
+    return low;
+}
+
+/* team_products for one token: the thread's contiguous run of row blocks cut into STREAM_CHAINS
+ * stretches (streaming.h), one row of each computed side by side (one_token_dots) where their K agree, else one at a time. */
+static void one_token_products(const Product *products, int64_t count, const int64_t *first) {
+    int threads = omp_get_num_threads(), index = omp_get_thread_num();
+    int64_t blocks = first[count], per = (blocks + threads - 1) / threads;
+    int64_t lo = index * per * WORK_ROWS, hi = ((index + 1) * per < blocks ? (index + 1) * per : blocks) * WORK_ROWS;
+    int64_t stretch = hi > lo ? (hi - lo + STREAM_CHAINS - 1) / STREAM_CHAINS : 0;
+    for (int64_t i = 0; i < stretch; i++) {
+        const float *xs[STREAM_CHAINS];
+        const uint16_t *ws[STREAM_CHAINS];
+        float *outs[STREAM_CHAINS];
+        int64_t depth[STREAM_CHAINS];
+        int n = 0;
+        for (int s = 0; s < STREAM_CHAINS; s++) {
+            int64_t at = lo + s * stretch + i;
+            if (at >= hi) continue;
+            int64_t which = product_of(first, count, at / WORK_ROWS), row = at - first[which] * WORK_ROWS;
+            const Product *p = &products[which];
+            if (row >= p->N) continue; /* past the product's last row, in its last block */
+            xs[n] = p->x[0], ws[n] = p->w + row * p->K, outs[n] = p->out[0] + row, depth[n++] = p->K;
+        }
+        int same = n == STREAM_CHAINS;
+        for (int r = 1; r < n; r++) same = same && depth[r] == depth[0];
+        if (same) one_token_dots(xs, ws, depth[0], outs, STREAM_CHAINS);
+        else
+            for (int r = 0; r < n; r++) one_token_dots(xs + r, ws + r, depth[r], outs + r, 1);
+    }
+#pragma omp barrier
+}
+
 /* The products' row blocks (numbered by number_blocks), in order, split over the team in
  * contiguous runs; ends with a barrier. */
 static void team_products(const Product *products, int64_t count, const int64_t *first) {
+    int one_token = 1;
+    for (int64_t i = 0; i < count; i++) one_token = one_token && products[i].M == 1;
+    if (one_token) {
+        one_token_products(products, count, first);
+        return;
+    }
     float scratch[DOT_SCRATCH];
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < first[count]; block++) {
-        int64_t low = 0, high = count - 1; /* the product holding this block */
-        while (low < high) {
-            int64_t middle = (low + high + 1) / 2;
-            if (first[middle] <= block) low = middle;
-            else high = middle - 1;
-        }
+        int64_t low = product_of(first, count, block);
         const Product *p = &products[low];
         int64_t n0 = (block - first[low]) * WORK_ROWS, rows = p->N - n0 < WORK_ROWS ? p->N - n0 : WORK_ROWS;
         dot_products(p->x, p->M, p->w + n0 * p->K, p->K, rows, p->K, p->out, n0, scratch);

@@ -54,6 +54,7 @@
 #include "../bf16_simd.h"
 #pragma GCC diagnostic pop
 
+#include "../streaming.h"
 #include "formats.h"
 
 /* Weight rows a thread takes at a time (16, or a 16-row sweep, measured slower). */
@@ -179,14 +180,12 @@ ALWAYS __m512bh load_pairs(const uint16_t *p) { return (__m512bh)_mm512_loadu_si
 #define LANES 8
 /* 16 registers: 8 accumulators at most (4 x 2 beat 2 x 4 here: fewer passes over the weights). */
 #define X_GROUP 4
-#define R_ONE 4
+#define R_ONE STREAM_CHAINS
 #define R_MANY 2
-/* A thread's rows in R_ONE stretches, a tile's chains one row of each, each line requesting the
- * line AHEAD_BYTES on in its stretch into L1: a Zen 3 streamed eight rows interleaved at a row's
- * distance at 16-23 GB/s, four sequential stretches at 27-29 (its sequential read rate). */
+/* streaming.h's walk: a thread's rows in R_ONE stretches, a tile's chains one row of each. */
 #define STREAMS R_ONE
 #define AHEAD_HINT _MM_HINT_T0
-#define AHEAD_BYTES 8192
+#define AHEAD_BYTES STREAM_AHEAD_BYTES
 typedef __m256 vec;
 ALWAYS vec vzero(void) { return _mm256_setzero_ps(); }
 ALWAYS vec vset1(float v) { return _mm256_set1_ps(v); }
