@@ -99,8 +99,9 @@ void linear_small_m_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16
  * M <= 16 makes this bound by the weight's bytes, each read from memory once, in streaming.h's walk:
  * a thread's weight rows are cut into stretches, and a tile's chains (independent accumulators)
  * take one row of each. Each group of up to X_GROUP rows of x, whose accumulators fit the 16 vector
- * registers, reuses the tile's weights from cache. x is widened to fp32 once per call, in the weights' widened
- * order and padded with zeros past K (a partial last step of weights is zero-filled: it adds 0 * 0). */
+ * registers, reuses the tile's weights from cache. x is widened to fp32 once per call, in the
+ * weights' widened order and padded with zeros past K (a partial last step of weights is
+ * zero-filled: it adds 0 * 0). */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -199,7 +200,10 @@ static void run_rows(const problem *p, int64_t first, int64_t end) {
         }
         for (int64_t m0 = 0; m0 < p->M; m0 += X_GROUP) {
             switch (p->M - m0 < X_GROUP ? p->M - m0 : X_GROUP) {
-            case 1: if (R == STREAMS_ONE) tile(p, m0, 1, rows, STREAMS_ONE); else tile(p, m0, 1, rows, STREAMS_MANY); break;
+            case 1:
+                if (R == STREAMS_ONE) tile(p, m0, 1, rows, STREAMS_ONE);
+                else tile(p, m0, 1, rows, STREAMS_MANY);
+                break;
             case 2: tile(p, m0, 2, rows, STREAMS_MANY); break;
             case 3: tile(p, m0, 3, rows, STREAMS_MANY); break;
             default: tile(p, m0, 4, rows, STREAMS_MANY); break;

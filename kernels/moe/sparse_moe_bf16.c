@@ -153,7 +153,8 @@ static int64_t product_of(const int64_t *first, int64_t count, int64_t block) {
 }
 
 /* team_products for one token: the thread's contiguous run of row blocks cut into STREAM_CHAINS
- * stretches (streaming.h), one row of each computed side by side (one_token_dots) where their K agree, else one at a time. */
+ * stretches (streaming.h), one row of each computed side by side (one_token_dots) where their depths
+ * agree, else one at a time. */
 static void one_token_products(const Product *products, int64_t count, const int64_t *first) {
     int threads = omp_get_num_threads(), index = omp_get_thread_num();
     int64_t blocks = first[count], per = (blocks + threads - 1) / threads;
