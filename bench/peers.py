@@ -13,7 +13,7 @@ same checkpoint as the app would: bf16 / fp32 dense, int8 / int4 quantized while
 
 llama.cpp is built here from the source of the `llama-cpp-python` package on the registry (the
 version pinned below; `pip download` fetches it), with CMake, into the per-user cache, once per
-version and set of extensions: about 4 minutes on a 2-core Xeon or Zen 4 (llama-bench and llama-quantize only).
+version and set of extensions: about 4 minutes on a 2-core Xeon, Zen 3 or Zen 4 (llama-bench and llama-quantize only).
 By default (--isa native) both sides use every x86 extension the CPU has, AVX-VNNI of an AVX2-only
 Intel CPU included, except AMX for llama.cpp: llama.cpp's AMX matrix multiply crashes
 on this model's quantized tensors (segfault in ggml_backend_amx_mul_mat at 0c1e570), and its
