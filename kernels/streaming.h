@@ -6,7 +6,20 @@
 #ifndef DOCANALYST_STREAMING_H
 #define DOCANALYST_STREAMING_H
 
+#include <stdint.h>
+
 #define STREAM_CHAINS 4
 #define STREAM_AHEAD_BYTES 8192
+
+/* Rows [first, end) cut into `streams` stretches of this many rows (the last may be shorter). */
+static inline int64_t stretch_length(int64_t first, int64_t end, int64_t streams) {
+    return end > first ? (end - first + streams - 1) / streams : 0;
+}
+
+/* Row i of stretch s of [first, end), or -1 where that stretch has run out. */
+static inline int64_t stretch_row(int64_t first, int64_t end, int64_t stretch, int64_t s, int64_t i) {
+    int64_t row = first + s * stretch + i;
+    return row < end ? row : -1;
+}
 
 #endif

@@ -190,14 +190,11 @@ VF_INLINE void tile(const problem *p, int64_t m0, const int MB, const int64_t *r
 _Static_assert(X_GROUP == 4 && STREAMS_MANY <= STREAMS_ONE, "one case per group size");
 static void run_rows(const problem *p, int64_t first, int64_t end) {
     const int R = p->M == 1 ? STREAMS_ONE : STREAMS_MANY;
-    int64_t stretch = (end - first + R - 1) / R;
+    int64_t stretch = stretch_length(first, end, R);
     for (int64_t i = 0; i < stretch; i++) {
         /* Stretch 0 is never shorter than the others, so rows[0] always exists. */
         int64_t rows[STREAMS_ONE];
-        for (int r = 0; r < R; r++) {
-            int64_t row = first + r * stretch + i;
-            rows[r] = row < end ? row : -1;
-        }
+        for (int r = 0; r < R; r++) rows[r] = stretch_row(first, end, stretch, r, i);
         for (int64_t m0 = 0; m0 < p->M; m0 += X_GROUP) {
             switch (p->M - m0 < X_GROUP ? p->M - m0 : X_GROUP) {
             case 1:

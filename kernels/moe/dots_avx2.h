@@ -119,22 +119,15 @@ DOTS_INLINE void one_token_dots(const float *const *x, const uint16_t *const *w,
                                 const int R) {
     vf acc[STREAM_CHAINS];
     for (int r = 0; r < R; r++) acc[r] = vf_zero();
-    int64_t k = 0;
-    for (; k + STEP <= K; k += STEP) {
+    for (int64_t k = 0; k < K; k += STEP) {
         if ((k & 31) == 0)
             for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + k) + STREAM_AHEAD_BYTES, _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
-            __m256i raw = bf16x16_load_n(w[r] + k, STEP);
+            __m256i raw = bf16x16_load_n(w[r] + k, K - k); /* x is padded with zeros to whole steps */
             acc[r] = vf_fma(vf_widen_low(raw), vf_load(x[r] + k), acc[r]);
             acc[r] = vf_fma(vf_widen_high(raw), vf_load(x[r] + k + VF_LANES), acc[r]);
         }
     }
-    if (k < K)
-        for (int r = 0; r < R; r++) {
-            __m256i raw = bf16x16_load_n(w[r] + k, K - k);
-            acc[r] = vf_fma(vf_widen_low(raw), vf_load(x[r] + k), acc[r]);
-            acc[r] = vf_fma(vf_widen_high(raw), vf_load(x[r] + k + VF_LANES), acc[r]);
-        }
     for (int r = 0; r < R; r++) out[r][0] = vf_hsum(acc[r]);
 }
 

@@ -159,7 +159,7 @@ static void one_token_products(const Product *products, int64_t count, const int
     int threads = omp_get_num_threads(), index = omp_get_thread_num();
     int64_t blocks = first[count], per = (blocks + threads - 1) / threads;
     int64_t lo = index * per * WORK_ROWS, hi = ((index + 1) * per < blocks ? (index + 1) * per : blocks) * WORK_ROWS;
-    int64_t stretch = hi > lo ? (hi - lo + STREAM_CHAINS - 1) / STREAM_CHAINS : 0;
+    int64_t stretch = stretch_length(lo, hi, STREAM_CHAINS);
     for (int64_t i = 0; i < stretch; i++) {
         const float *xs[STREAM_CHAINS];
         const uint16_t *ws[STREAM_CHAINS];
@@ -167,8 +167,8 @@ static void one_token_products(const Product *products, int64_t count, const int
         int64_t depth[STREAM_CHAINS];
         int n = 0;
         for (int s = 0; s < STREAM_CHAINS; s++) {
-            int64_t at = lo + s * stretch + i;
-            if (at >= hi) continue;
+            int64_t at = stretch_row(lo, hi, stretch, s, i);
+            if (at < 0) continue;
             int64_t which = product_of(first, count, at / WORK_ROWS), row = at - first[which] * WORK_ROWS;
             const Product *p = &products[which];
             if (row >= p->N) continue; /* past the product's last row, in its last block */

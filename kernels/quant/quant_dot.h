@@ -378,8 +378,7 @@ typedef struct {
 
 /* The weight row at walk position v, or -1 where it has none. */
 static inline int64_t walk_row(const problem *p, int64_t v) {
-    int64_t i = (v - p->first) / p->streams, row = p->first + (v - p->first) % p->streams * p->stretch + i;
-    return i < p->stretch && row < p->end ? row : -1;
+    return stretch_row(p->first, p->end, p->stretch, (v - p->first) % p->streams, (v - p->first) / p->streams);
 }
 
 /* y[m][n] = sum + bias[n], rounded to y's dtype. */
@@ -684,7 +683,7 @@ static void run_blocks(const problem *given, int64_t first_block, int64_t end_bl
     own.end = end_block * ROW_BLOCK < p->N ? end_block * ROW_BLOCK : p->N;
     /* fp8 keeps the rows in order: a block's rows share one band of scales (fp8_scale_x). */
     own.streams = p->format == FORMAT_FP8_BLOCK ? 1 : STREAMS;
-    own.stretch = (p->end - p->first + p->streams - 1) / p->streams;
+    own.stretch = stretch_length(p->first, p->end, p->streams);
     own.walk_end = p->first + p->streams * p->stretch;
     own.ahead = ROW_BLOCK;
 #ifdef AHEAD_BYTES
